@@ -1,0 +1,187 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""`SLAConfig`: every knob of Sparse-Linear Attention in one dataclass.
+
+The config has two groups of fields:
+
+* the *operator* (`topk`, `blkq`, `blkk`, `feature_map`, `tie_feature_map_qk`, `linear_scope`): what SLA computes.
+  A backbone fine-tuned with SLA must be served with the same operator fields, so these are stored in
+  `sla_attention.safetensors` and compared on load.
+* the *routing policy* (`cross_attention`, `masked_attention`, `min_kv_blocks`): which attention calls of a diffusers
+  model the processor sends to SLA and which it leaves dense. See `diffusers_sla/processor.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+ALLOWED_BLOCK_SIZES = (32, 64, 128)
+ALLOWED_FEATURE_MAPS = ("softmax", "elu", "relu")
+ALLOWED_LINEAR_SCOPES = ("rest", "all")
+ALLOWED_ROUTES = ("sla", "dense")
+
+# Fields that change what the operator computes; the rest only decide which calls use it.
+OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope")
+
+
+@dataclass
+class SLAConfig:
+    """Configuration of Sparse-Linear Attention.
+
+    Args:
+        topk (`float`, *optional*, defaults to `0.2`):
+            Fraction of key blocks each query block attends to exactly (the "critical" blocks), in (0, 1]. The number
+            of kept blocks is `int(topk * n_key_blocks)`, at least 1 and at most all blocks.
+        blkq (`int`, *optional*, defaults to `64`):
+            Query block size, one of 32, 64, 128.
+        blkk (`int`, *optional*, defaults to `64`):
+            Key block size, one of 32, 64, 128.
+        feature_map (`str`, *optional*, defaults to `"softmax"`):
+            Feature map phi of the linear branch: `"softmax"` (over the head dim), `"elu"` (elu(x) + 1) or `"relu"`.
+        tie_feature_map_qk (`bool`, *optional*, defaults to `True`):
+            Use the same feature map for queries and keys. The three feature maps have no parameters, so tied and
+            untied maps compute the same function; the field is kept for compatibility with existing SLA configs.
+        linear_scope (`str`, *optional*, defaults to `"rest"`):
+            `"rest"`: the linear branch covers the key blocks not selected for the sparse branch (the paper's design).
+            `"all"`: the linear branch covers every key block (the reference implementation's main branch).
+        cross_attention (`str`, *optional*, defaults to `"dense"`):
+            Route for cross-attention calls (keys from another sequence than the queries, e.g. text): `"dense"` keeps
+            the model's own attention, `"sla"` uses SLA.
+        masked_attention (`str`, *optional*, defaults to `"sla"`):
+            Route for calls with a key padding mask (QwenImage, HunyuanVideo text padding): `"sla"` runs SLA over the
+            unmasked keys only, `"dense"` keeps the model's own attention. Masks that are not key padding masks always
+            run dense.
+        min_kv_blocks (`int`, *optional*, defaults to `4`):
+            Calls whose key sequence has fewer than this many key blocks run dense: SLA gains nothing there.
+    """
+
+    topk: float = field(default=0.2, metadata={"help": "Fraction of key blocks kept for exact attention, in (0, 1]."})
+    blkq: int = field(default=64, metadata={"help": "Query block size: 32, 64 or 128."})
+    blkk: int = field(default=64, metadata={"help": "Key block size: 32, 64 or 128."})
+    feature_map: str = field(default="softmax", metadata={"help": "Linear-branch feature map: softmax, elu or relu."})
+    tie_feature_map_qk: bool = field(default=True, metadata={"help": "Same feature map for queries and keys."})
+    linear_scope: str = field(
+        default="rest", metadata={"help": "Key blocks of the linear branch: 'rest' (not selected) or 'all'."}
+    )
+    cross_attention: str = field(default="dense", metadata={"help": "Route for cross-attention: 'dense' or 'sla'."})
+    masked_attention: str = field(
+        default="sla", metadata={"help": "Route for calls with a key padding mask: 'sla' or 'dense'."}
+    )
+    min_kv_blocks: int = field(default=4, metadata={"help": "Calls with fewer key blocks than this run dense."})
+
+    def __post_init__(self):
+        # JSON and CLI users hand us ints for floats and strings in any case; normalise before checking.
+        if isinstance(self.topk, bool) or not isinstance(self.topk, (int, float)):
+            raise ValueError(f"`topk` must be a number in (0, 1], got {self.topk!r}.")
+        self.topk = float(self.topk)
+        if not 0.0 < self.topk <= 1.0:
+            raise ValueError(f"`topk` must be in (0, 1], got {self.topk}.")
+        for name in ("blkq", "blkk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in ALLOWED_BLOCK_SIZES:
+                raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCK_SIZES)}, got {value!r}.")
+            setattr(self, name, int(value))
+        for name, allowed in (
+            ("feature_map", ALLOWED_FEATURE_MAPS),
+            ("linear_scope", ALLOWED_LINEAR_SCOPES),
+            ("cross_attention", ALLOWED_ROUTES),
+            ("masked_attention", ALLOWED_ROUTES),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value.lower() not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+            setattr(self, name, value.lower())
+        if not isinstance(self.tie_feature_map_qk, bool):
+            raise ValueError(f"`tie_feature_map_qk` must be true or false, got {self.tie_feature_map_qk!r}.")
+        if isinstance(self.min_kv_blocks, bool) or not isinstance(self.min_kv_blocks, int) or self.min_kv_blocks < 0:
+            raise ValueError(f"`min_kv_blocks` must be a non-negative integer, got {self.min_kv_blocks!r}.")
+
+    # ----- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, allow_unknown: bool = False) -> "SLAConfig":
+        """Build a config from a dict. Unknown keys are an error (a typo must not be ignored), unless
+        `allow_unknown=True`, used for files written by a newer version: those keys are dropped with a warning."""
+        if not isinstance(values, dict):
+            raise TypeError(f"SLAConfig.from_dict expects a dict, got {type(values).__name__}.")
+        known = cls.field_names()
+        unknown = sorted(set(values) - set(known) - {"diffusers_sla_version"})
+        if unknown:
+            message = f"Unknown SLAConfig keys {unknown}; known keys are {known}."
+            if not allow_unknown:
+                raise ValueError(message)
+            warnings.warn(message + " They were ignored (file written by a newer diffusers-sla?).", stacklevel=2)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike, *, allow_unknown: bool = False) -> "SLAConfig":
+        """Build a config from a JSON string (`'{"topk": 0.15}'`) or from the path of a JSON file."""
+        text = os.fspath(source)
+        if not text.lstrip().startswith("{"):
+            if not os.path.isfile(text):
+                raise ValueError(f"SLAConfig.from_json expects a JSON object or a path to a .json file, got {text!r}.")
+            with open(text, encoding="utf-8") as handle:
+                text = handle.read()
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"SLAConfig.from_json could not parse JSON: {err}.") from err
+        return cls.from_dict(values, allow_unknown=allow_unknown)
+
+    @classmethod
+    def coerce(cls, config: "SLAConfig | dict | str | os.PathLike | None" = None, **overrides) -> "SLAConfig":
+        """The one entry point that turns whatever a user passed (None, a config, a dict, JSON text or a JSON file)
+        plus keyword overrides into a validated `SLAConfig`."""
+        if config is None:
+            base = cls()
+        elif isinstance(config, cls):
+            base = config
+        elif isinstance(config, dict):
+            base = cls.from_dict(config)
+        elif isinstance(config, (str, os.PathLike)):
+            base = cls.from_json(config)
+        else:
+            raise TypeError(
+                f"`config` must be an SLAConfig, a dict, a JSON string or a path, got {type(config).__name__}."
+            )
+        if not overrides:
+            return base
+        unknown = sorted(set(overrides) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"Unknown SLAConfig keys {unknown}; known keys are {cls.field_names()}.")
+        return dataclasses.replace(base, **overrides)
+
+    # ----- serialisation ------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON to `path` (a file)."""
+        from . import __version__
+
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({**self.to_dict(), "diffusers_sla_version": __version__}, handle, indent=2, sort_keys=True)
+
+    def operator_dict(self) -> dict[str, Any]:
+        """The fields that change what SLA computes (see module docstring)."""
+        return {name: getattr(self, name) for name in OPERATOR_FIELDS}
+
+    def operator_differences(self, other: "SLAConfig") -> dict[str, tuple[Any, Any]]:
+        """`{field: (self_value, other_value)}` for every operator field that differs."""
+        return {
+            name: (getattr(self, name), getattr(other, name))
+            for name in OPERATOR_FIELDS
+            if getattr(self, name) != getattr(other, name)
+        }

@@ -1,0 +1,71 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""`SparseLinearAttention`: the SLA operator as an `nn.Module` owning its learnable projection `proj_l`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import SLAConfig
+from .ops.api import sparse_linear_attention
+
+
+class SparseLinearAttention(nn.Module):
+    """Sparse-Linear Attention over (batch, heads, seq, head_dim) tensors.
+
+    Args:
+        head_dim (`int`): size of each attention head.
+        config (`SLAConfig`, `dict` or JSON, *optional*): operator settings; keyword overrides win
+            (`SparseLinearAttention(128, topk=0.15)`).
+        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"torch"` or `"triton"`.
+
+    `proj_l` is an `nn.Linear(head_dim, head_dim)` initialised to zero, so a freshly installed SLA layer adds nothing
+    to the sparse branch until it is trained. It stays float32 whatever dtype the model is moved to: mixed-precision
+    training keeps its small updates (see `_apply`).
+    """
+
+    # Parameters that belong to SLA (what `sla_attention.safetensors` stores for each layer).
+    sla_parameter_names = ("proj_l.weight", "proj_l.bias")
+
+    def __init__(self, head_dim: int, config: SLAConfig | dict | str | None = None, backend: str = "auto", **overrides):
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
+            raise ValueError(f"`head_dim` must be a positive integer, got {head_dim!r}.")
+        self.head_dim = head_dim
+        self.config = SLAConfig.coerce(config, **overrides)
+        self.backend = backend
+        self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        nn.init.zeros_(self.proj_l.weight)
+        nn.init.zeros_(self.proj_l.bias)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"This layer was built for head_dim={self.head_dim}, got q of shape {tuple(q.shape)}.")
+        return sparse_linear_attention(
+            q, k, v, self.proj_l.weight, self.proj_l.bias,
+            config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
+        )
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)`, `.half()` and friends reach every parameter through `_apply`: let them move
+        # `proj_l` across devices, then put its dtype back to float32. Parameter objects are kept, so optimizers that
+        # already hold them stay valid.
+        super()._apply(fn, recurse=recurse)
+        for param in self.proj_l.parameters():
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+                if param.grad is not None:
+                    param.grad.data = param.grad.data.float()
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"head_dim={self.head_dim}, topk={c.topk}, blkq={c.blkq}, blkk={c.blkk}, "
+                f"feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, backend={self.backend!r}")
