@@ -4,7 +4,7 @@
 __version__ = "0.1.0"
 
 from .config import SLAConfig
-from .layer import SparseLinearAttention
+from .layer import SparseLinearAttention, iter_sla_layers
 from .ops import sparse_linear_attention
 
-__all__ = ["SLAConfig", "SparseLinearAttention", "__version__", "sparse_linear_attention"]
+__all__ = ["SLAConfig", "SparseLinearAttention", "__version__", "iter_sla_layers", "sparse_linear_attention"]

@@ -69,3 +69,14 @@ class SparseLinearAttention(nn.Module):
         c = self.config
         return (f"head_dim={self.head_dim}, topk={c.topk}, blkq={c.blkq}, blkk={c.blkk}, "
                 f"feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, backend={self.backend!r}")
+
+
+def iter_sla_layers(model: nn.Module):
+    """Yield `(path, attention_module, sla_layer)` for every attention module of `model` that holds its own
+    `SparseLinearAttention` (as the child `constants.SLA_MODULE_NAME`), in `named_modules()` order."""
+    from .constants import SLA_MODULE_NAME
+
+    for path, module in model.named_modules():
+        layer = module._modules.get(SLA_MODULE_NAME)
+        if isinstance(layer, SparseLinearAttention):
+            yield path, module, layer
