@@ -1,0 +1,86 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+import json
+
+import pytest
+
+from diffusers_sla import SLAConfig
+
+
+def test_defaults_are_what_users_know():
+    cfg = SLAConfig()
+    assert (cfg.topk, cfg.blkq, cfg.blkk, cfg.feature_map, cfg.tie_feature_map_qk, cfg.linear_scope) == (
+        0.2, 64, 64, "softmax", True, "rest")
+
+
+def test_from_json_string_with_booleans():
+    cfg = SLAConfig.from_json('{"topk":0.15,"blkq":32,"tie_feature_map_qk":false}')
+    assert cfg.topk == 0.15 and cfg.blkq == 32 and cfg.tie_feature_map_qk is False and cfg.blkk == 64
+
+
+@pytest.mark.parametrize("source", ["dict", "json", "file", "config"])
+def test_round_trip(tmp_path, source):
+    original = SLAConfig(topk=0.1, blkq=128, blkk=32, feature_map="elu", tie_feature_map_qk=False,
+                         linear_scope="all", cross_attention="sla", masked_attention="dense", min_kv_blocks=2)
+    if source == "dict":
+        loaded = SLAConfig.coerce(original.to_dict())
+    elif source == "json":
+        loaded = SLAConfig.coerce(original.to_json())
+    elif source == "file":
+        path = tmp_path / "sla_config.json"
+        original.save_pretrained(path)
+        assert "diffusers_sla_version" in json.loads(path.read_text())
+        loaded = SLAConfig.coerce(str(path))
+    else:
+        loaded = SLAConfig.coerce(original)
+    assert loaded == original
+
+
+def test_overrides_win_and_are_validated():
+    assert SLAConfig.coerce({"topk": 0.3}, topk=0.5).topk == 0.5
+    with pytest.raises(ValueError, match="`blkk` must be one of \\[32, 64, 128\\], got 48"):
+        SLAConfig.coerce(None, blkk=48)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"topk": 0.0}, "`topk` must be in \\(0, 1\\], got 0.0"),
+        ({"topk": 1.5}, "`topk` must be in \\(0, 1\\], got 1.5"),
+        ({"topk": "0.2"}, "`topk` must be a number"),
+        ({"blkq": 96}, "`blkq` must be one of \\[32, 64, 128\\], got 96"),
+        ({"blkk": True}, "`blkk` must be one of"),
+        ({"feature_map": "hedgehog"}, "`feature_map` must be one of \\['softmax', 'elu', 'relu'\\], got 'hedgehog'"),
+        ({"linear_scope": "none"}, "`linear_scope` must be one of \\['rest', 'all'\\]"),
+        ({"cross_attention": "maybe"}, "`cross_attention` must be one of \\['sla', 'dense'\\]"),
+        ({"masked_attention": 1}, "`masked_attention` must be one of"),
+        ({"tie_feature_map_qk": "yes"}, "`tie_feature_map_qk` must be true or false"),
+        ({"min_kv_blocks": -1}, "`min_kv_blocks` must be a non-negative integer"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SLAConfig(**kwargs)
+
+
+def test_unknown_keys_are_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown SLAConfig keys \\['top_k'\\]; known keys are \\['topk'"):
+        SLAConfig.from_json('{"top_k": 0.1}')
+    with pytest.warns(UserWarning, match="newer diffusers-sla"):
+        cfg = SLAConfig.from_dict({"topk": 0.1, "future_field": 1}, allow_unknown=True)
+    assert cfg.topk == 0.1
+
+
+def test_bad_json_and_bad_types():
+    with pytest.raises(ValueError, match="could not parse JSON"):
+        SLAConfig.from_json("{topk: 0.1}")
+    with pytest.raises(ValueError, match="path to a .json file"):
+        SLAConfig.from_json("/no/such/file.json")
+    with pytest.raises(TypeError, match="`config` must be an SLAConfig"):
+        SLAConfig.coerce(0.2)
+
+
+def test_case_is_normalised_and_operator_differences():
+    cfg = SLAConfig(feature_map="ELU")
+    assert cfg.feature_map == "elu"
+    diff = SLAConfig(topk=0.1).operator_differences(SLAConfig(topk=0.2, cross_attention="sla"))
+    assert diff == {"topk": (0.1, 0.2)}

@@ -1,0 +1,95 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""The functional entry point `sparse_linear_attention` (`ops/api.py`): checks, backends, key padding masks."""
+
+import pytest
+import torch
+
+from diffusers_sla import SLAConfig, sparse_linear_attention
+from diffusers_sla.ops import resolve_backend, sla_reference
+
+from testing_utils import rel_err
+
+
+def make(B=2, H=2, Lq=160, Lk=160, D=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g) for L in (Lq, Lk, Lk)]
+
+
+def test_defaults_use_identity_projection_and_config_overrides():
+    q, k, v = make()
+    out = sparse_linear_attention(q, k, v, config=SLAConfig(blkq=32, blkk=32), topk=0.5)
+    expected = sla_reference(q, k, v, torch.eye(32), torch.zeros(32), topk=0.5, blkq=32, blkk=32,
+                             feature_map="softmax", linear_scope="rest")
+    assert torch.equal(out, expected)
+
+
+def test_accepts_non_contiguous_inputs():
+    # diffusers hands attention (B, L, H, D) tensors transposed to (B, H, L, D)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in make())
+    assert not q.is_contiguous()
+    out = sparse_linear_attention(q, k, v, blkq=32, blkk=32)
+    assert rel_err(out, sparse_linear_attention(q.contiguous(), k.contiguous(), v.contiguous(), blkq=32,
+                                                blkk=32)) == 0
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        (lambda q, k, v: (q[0], k, v), {}, "`q` must have 4 dims"),
+        (lambda q, k, v: (q, k, v[..., :16]), {}, "`k` and `v` must have the same shape"),
+        (lambda q, k, v: (q[:, :1], k, v), {}, "must agree in batch, heads and head_dim"),
+        (lambda q, k, v: (q.double(), k, v), {}, "must share one dtype"),
+        (lambda q, k, v: (q[:, :, :0], k, v), {}, "Sequences must not be empty"),
+        (lambda q, k, v: (q, k, v, torch.zeros(16, 16)), {}, "`proj_weight` must have shape \\(32, 32\\)"),
+        (lambda q, k, v: (q, k, v), {"backend": "cuda"}, "`backend` must be one of \\['auto', 'torch', 'triton'\\]"),
+        (lambda q, k, v: (q, k, v), {"topk": 2}, "`topk` must be in \\(0, 1\\]"),
+        (lambda q, k, v: (q, k, v), {"key_padding_mask": torch.ones(2, 160)}, "`key_padding_mask` must be a bool"),
+    ],
+)
+def test_bad_input_names_the_parameter(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sparse_linear_attention(*args(*make()), **kwargs)
+
+
+def test_backend_resolution_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises((ValueError, RuntimeError), match="backend='triton'"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+def test_key_padding_mask_equals_attention_over_kept_keys():
+    q, k, v = make(B=3, Lq=150, Lk=200, seed=4)
+    weight, bias = torch.randn(32, 32) / 6, torch.randn(32)
+    keep = torch.ones(3, 200, dtype=torch.bool)
+    keep[0, 180:] = False  # text padding at the end
+    keep[2, :30] = False  # and at the start
+    out = sparse_linear_attention(q, k, v, weight, bias, key_padding_mask=keep, blkq=32, blkk=32, topk=0.3)
+    for b in range(3):
+        idx = keep[b].nonzero().squeeze(-1)
+        expected = sla_reference(q[b:b + 1], k[b:b + 1, :, idx], v[b:b + 1, :, idx], weight, bias, topk=0.3,
+                                 blkq=32, blkk=32, feature_map="softmax", linear_scope="rest")
+        assert rel_err(out[b:b + 1], expected) < 1e-6
+    # Masked keys are really ignored: changing them changes nothing.
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 180:] += 100.0
+    v2[0, :, 180:] -= 50.0
+    out2 = sparse_linear_attention(q, k2, v2, weight, bias, key_padding_mask=keep, blkq=32, blkk=32, topk=0.3)
+    assert torch.equal(out, out2)
+
+
+def test_shared_key_padding_mask_runs_one_batched_call():
+    q, k, v = make(B=2, Lq=100, Lk=130, seed=5)
+    keep = torch.ones(2, 130, dtype=torch.bool)
+    keep[:, 100:] = False
+    out = sparse_linear_attention(q, k, v, key_padding_mask=keep, blkq=32, blkk=32)
+    expected = sparse_linear_attention(q, k[:, :, :100], v[:, :, :100], blkq=32, blkk=32)
+    assert torch.equal(out, expected)
+
+
+def test_fully_masked_sample_gives_finite_output():
+    q, k, v = make(B=2, Lq=64, Lk=64, seed=6)
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    keep[1] = False
+    out = sparse_linear_attention(q, k, v, key_padding_mask=keep, blkq=32, blkk=32)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
