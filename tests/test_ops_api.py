@@ -93,3 +93,12 @@ def test_fully_masked_sample_gives_finite_output():
     keep[1] = False
     out = sparse_linear_attention(q, k, v, key_padding_mask=keep, blkq=32, blkk=32)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0
+
+
+def test_enclosing_autocast_does_not_recast_the_operator():
+    q, k, v = (x.to(torch.bfloat16) for x in make(seed=8))
+    weight, bias = torch.randn(32, 32), torch.randn(32)
+    plain = sparse_linear_attention(q, k, v, weight, bias, blkq=32, blkk=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sparse_linear_attention(q, k, v, weight, bias, blkq=32, blkk=32)
+    assert inside.dtype == torch.bfloat16 and torch.equal(inside, plain)

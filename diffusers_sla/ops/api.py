@@ -11,6 +11,7 @@ are handled here, once, for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -148,7 +149,21 @@ def sparse_linear_attention(
         proj_weight = torch.eye(head_dim, device=q.device, dtype=torch.float32)
     if proj_bias is None:
         proj_bias = torch.zeros(head_dim, device=q.device, dtype=proj_weight.dtype)
-    fn = _load_backend(resolve_backend(backend, q.device))
+    with _autocast_disabled(q.device):
+        return _run(_load_backend(resolve_backend(backend, q.device)), q, k, v, proj_weight, proj_bias, cfg, scale,
+                    key_padding_mask)
+
+
+def _autocast_disabled(device: torch.device):
+    # SLA controls its own precision (float32 statistics, float32 proj_l); an enclosing autocast region must not
+    # recast its internals. The output still comes back in the caller's dtype.
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask):
     kwargs = dict(
         topk=cfg.topk, blkq=cfg.blkq, blkk=cfg.blkk, feature_map=cfg.feature_map,
         linear_scope=cfg.linear_scope, scale=scale,
