@@ -1,0 +1,314 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""Interception of the attention call inside a diffusers processor, and the routing policy of `SLAAttnProcessor`.
+
+With the default (native) attention backend, every diffusers processor ends its attention in
+`torch.nn.functional.scaled_dot_product_attention` (SDPA), either directly (`F.scaled_dot_product_attention` in the
+`Attention`-class processors) or through `dispatch_attention_fn` -> `_native_attention`. Both look the function up
+on `torch.nn.functional` at call time, so we install one thin wrapper there, once, the first time an
+`SLAAttnProcessor` runs. Outside an SLA processor call the wrapper reads one thread-local attribute and calls the
+original SDPA: other models, other threads and our own dense fallbacks are untouched. Inside an SLA processor call
+(`routing_scope`) the wrapper decides, per SDPA call, between SLA and the original SDPA (`route_attention_call`).
+
+Why a thread-local scope rather than swapping `F.scaled_dot_product_attention` for the duration of each call:
+a swap is undone by whichever thread finishes first, so a second thread could silently run dense; the scope is
+per thread and costs the same.
+
+Routing policy, decided by the small `*_reason` functions below (the first that applies wins):
+
+1. not a (batch, heads, seq, head_dim) or (batch, seq, head_dim) call, values with another head_dim than the keys,
+   key/value heads that do not divide the query heads, or batch broadcasting -> dense, reason `"unsupported_shape"`;
+   key/value heads that divide the query heads (GQA) are expanded and run SLA.
+2. `dropout_p > 0` -> dense `"dropout"`; `is_causal=True` -> dense `"causal"`.
+3. cross-attention (keys from another sequence: `Lq != Lk`, or a module marked `is_cross_attention`) ->
+   `config.cross_attention` (`"dense"` by default, reason `"cross_attention"`).
+4. fewer than `config.min_kv_blocks * config.blkk` keys -> dense `"short_sequence"`.
+5. a mask: a key padding mask (bool, or additive with only 0 and <= -1e4, the same for every head and query) ->
+   `config.masked_attention` (`"sla"` by default: SLA over the unmasked keys; `"dense"`: reason
+   `"key_padding_mask"`); any other mask -> dense `"attention_mask"`.
+6. everything else (self-attention, joint text+image attention) -> SLA, with the SDPA call's `scale`.
+
+A processor call that makes no SDPA call at all is counted by `SLAAttnProcessor` as `"attention_backend"` (a
+non-native backend set with `set_attention_backend`), `"linear_attention"` (Sana's linear self-attention) or
+`"no_sdpa_call"`. Dense calls run the original SDPA with the original arguments, so they are exactly what the model computed before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SLAConfig
+from .constants import SLA_MODULE_NAME
+from .ops.selection import num_blocks, num_kept_blocks
+
+# Additive masks hold 0 for kept keys and a large negative number for masked ones (-10000, -inf, finfo.min).
+_ADDITIVE_MASKED_MAX = -1e4
+
+DENSE_REASONS = (
+    "unsupported_shape",
+    "dropout",
+    "causal",
+    "cross_attention",
+    "short_sequence",
+    "key_padding_mask",
+    "attention_mask",
+    "attention_backend",
+    "no_sdpa_call",
+    "linear_attention",
+)
+
+
+@dataclass
+class LayerStats:
+    """What one attention module did since the last reset: SDPA calls sent to SLA, dense calls by reason, and the
+    summed density (kept key blocks / all key blocks) of its SLA calls."""
+
+    sla_calls: int = 0
+    dense_calls: Counter = field(default_factory=Counter)
+    density_sum: float = 0.0
+
+    @property
+    def mean_density(self) -> float | None:
+        return self.density_sum / self.sla_calls if self.sla_calls else None
+
+    @property
+    def total_dense_calls(self) -> int:
+        return sum(self.dense_calls.values())
+
+    def reset(self) -> None:
+        self.sla_calls = 0
+        self.dense_calls.clear()
+        self.density_sum = 0.0
+
+
+@dataclass
+class RoutingScope:
+    """The state of one SLA processor call: which module, which processor, how many SDPA calls it intercepted."""
+
+    attn: torch.nn.Module
+    processor: object  # SLAAttnProcessor; typed loosely to avoid an import cycle
+    intercepted: int = 0
+
+
+# ===== The SDPA wrapper =====
+
+_local = threading.local()
+_install_lock = threading.Lock()
+_original_sdpa = None
+
+
+def _active_scope() -> RoutingScope | None:
+    return getattr(_local, "scope", None)
+
+
+def _sla_sdpa(*args, **kwargs):
+    scope = getattr(_local, "scope", None)
+    if scope is None:
+        return _original_sdpa(*args, **kwargs)
+    return _route_in_scope(scope, args, kwargs)
+
+
+def install_sdpa_router() -> None:
+    """Install the SDPA wrapper on `torch.nn.functional` (idempotent; re-installs if someone replaced it)."""
+    global _original_sdpa
+    if torch.nn.functional.scaled_dot_product_attention is _sla_sdpa:
+        return
+    with _install_lock:
+        current = torch.nn.functional.scaled_dot_product_attention
+        if current is not _sla_sdpa:
+            _original_sdpa = current
+            torch.nn.functional.scaled_dot_product_attention = _sla_sdpa
+
+
+def original_sdpa():
+    """The SDPA function that dense calls run (torch's own unless something else wrapped it before us)."""
+    return _original_sdpa or torch.nn.functional.scaled_dot_product_attention
+
+
+@contextmanager
+def routing_scope(attn: torch.nn.Module, processor):
+    """Route the SDPA calls made by this thread inside the block through `processor`'s policy for module `attn`."""
+    install_sdpa_router()
+    scope = RoutingScope(attn, processor)
+    previous = getattr(_local, "scope", None)
+    _local.scope = scope
+    try:
+        yield scope
+    finally:
+        _local.scope = previous
+
+
+@contextmanager
+def _no_routing():
+    # While SLA or a dense fallback runs, SDPA calls must not be routed again.
+    previous = getattr(_local, "scope", None)
+    _local.scope = None
+    try:
+        yield
+    finally:
+        _local.scope = previous
+
+
+_SDPA_ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def _bind_sdpa_args(args: tuple, kwargs: dict) -> dict:
+    bound = dict(_SDPA_DEFAULTS)
+    bound.update(zip(_SDPA_ARG_NAMES, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _route_in_scope(scope: RoutingScope, args: tuple, kwargs: dict):
+    scope.intercepted += 1
+    call = _bind_sdpa_args(args, kwargs)
+    processor, attn = scope.processor, scope.attn
+    decision = route_attention_call(attn, processor.config, call)
+    stats = layer_stats(attn)
+    if decision.reason is not None:
+        stats.dense_calls[decision.reason] += 1
+        processor._log_dense_once(decision.reason, attn, call)
+        with _no_routing():
+            return _original_sdpa(*args, **kwargs)
+    with _no_routing():
+        out, density = _run_sla(attn, processor, call, decision.key_padding_mask)
+    stats.sla_calls += 1
+    stats.density_sum += density
+    return out
+
+
+def layer_stats(attn: torch.nn.Module) -> LayerStats:
+    stats = attn.__dict__.get("_sla_stats")
+    if stats is None:
+        stats = attn.__dict__["_sla_stats"] = LayerStats()
+    return stats
+
+
+# ===== Routing decisions =====
+
+
+@dataclass
+class RouteDecision:
+    reason: str | None  # None: run SLA; else the dense reason (one of DENSE_REASONS)
+    key_padding_mask: torch.Tensor | None = None  # (B, Lk) bool keep-mask for SLA, None when every key is kept
+
+
+def _as_4d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(1) if x.ndim == 3 else x
+
+
+def shape_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Dense unless q, k, v are (B, H, L, D) or (B, L, D) with one batch size, v's head_dim equal to k's, and
+    key/value heads dividing the query heads."""
+    if query.ndim not in (3, 4) or key.ndim != query.ndim or value.ndim != query.ndim:
+        return "unsupported_shape"
+    q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        return "unsupported_shape"
+    if q.shape[1] % k.shape[1] != 0 or q.shape[2] == 0 or k.shape[2] == 0:
+        return "unsupported_shape"
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        return "unsupported_shape"
+    return None
+
+
+def is_cross_attention_call(attn: torch.nn.Module, query_len: int, key_len: int) -> bool:
+    """Keys come from another sequence than the queries: the lengths differ, or the module is declared a
+    cross-attention module (`attn.is_cross_attention`, set by diffusers when it projects keys from the text).
+    Joint attention (Flux, SD3, QwenImage, HunyuanVideo, CogVideoX) concatenates text and image tokens into both
+    queries and keys, so it is self-attention here."""
+    return query_len != key_len or bool(getattr(attn, "is_cross_attention", False))
+
+
+def key_padding_mask_from_attn_mask(
+    attn_mask: torch.Tensor, batch: int, heads: int, query_len: int, key_len: int, query_ndim: int = 4
+) -> torch.Tensor | None:
+    """The (batch, key_len) bool keep-mask equivalent to an SDPA `attn_mask`, or None when the mask is not a key
+    padding mask (it varies over heads or queries, or holds additive values other than 0 and large negatives).
+
+    SDPA broadcasts the mask from the right against (B, H, Lq, Lk) (or (B, Lq, Lk) for 3-D queries)."""
+    mask = attn_mask
+    if mask.ndim > query_ndim or mask.ndim == 0:
+        return None
+    mask = mask.reshape((1,) * (query_ndim - mask.ndim) + tuple(mask.shape))
+    if query_ndim == 3:
+        mask = mask.unsqueeze(1)
+    b, h, lq, lk = mask.shape
+    if b not in (1, batch) or h not in (1, heads) or lq not in (1, query_len) or lk != key_len:
+        return None
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.is_floating_point():
+        keep = mask == 0
+        if not bool((keep | (mask <= _ADDITIVE_MASKED_MAX)).all()):
+            return None
+    else:
+        return None
+    first = keep[:, :1, :1, :]
+    if (h > 1 or lq > 1) and not bool((keep == first).all()):
+        return None
+    return first[:, 0, 0, :].expand(batch, key_len)
+
+
+def route_attention_call(attn: torch.nn.Module, config: SLAConfig, call: dict) -> RouteDecision:
+    """Apply the module docstring's policy to one SDPA call (`call`: SDPA's arguments by name)."""
+    query, key, value = call["query"], call["key"], call["value"]
+    reason = shape_reason(query, key, value)
+    if reason is not None:
+        return RouteDecision(reason)
+    if call["dropout_p"]:
+        return RouteDecision("dropout")
+    if call["is_causal"]:
+        return RouteDecision("causal")
+    q, k = _as_4d(query), _as_4d(key)
+    batch, heads, query_len, key_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if is_cross_attention_call(attn, query_len, key_len) and config.cross_attention == "dense":
+        return RouteDecision("cross_attention")
+    if key_len < config.min_kv_blocks * config.blkk:
+        return RouteDecision("short_sequence")
+    attn_mask = call["attn_mask"]
+    if attn_mask is None:
+        return RouteDecision(None)
+    keep = key_padding_mask_from_attn_mask(attn_mask, batch, heads, query_len, key_len, query.ndim)
+    if keep is None:
+        return RouteDecision("attention_mask")
+    if config.masked_attention == "dense":
+        return RouteDecision("key_padding_mask")
+    return RouteDecision(None, None if bool(keep.all()) else keep)
+
+
+# ===== Running SLA =====
+
+
+def _density(config: SLAConfig, key_lengths: list[int]) -> float:
+    """Kept key blocks / all key blocks, averaged over the samples (each keeps the same count per query block)."""
+    values = []
+    for length in key_lengths:
+        n = num_blocks(length, config.blkk)
+        values.append(num_kept_blocks(config.topk, n) / n if n else 0.0)
+    return sum(values) / len(values)
+
+
+def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: torch.Tensor | None):
+    query, key, value = call["query"], call["key"], call["value"]
+    q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
+    if k.shape[1] != q.shape[1]:
+        # Grouped key/value heads (GQA): query head h reads key/value head h // group, as SDPA's enable_gqa does.
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    layer = processor._sla_layer_for(attn, q)
+    out = layer(q, k, v, scale=call["scale"], key_padding_mask=key_padding_mask)
+    if key_padding_mask is None:
+        density = _density(layer.config, [k.shape[2]])
+    else:
+        density = _density(layer.config, key_padding_mask.sum(dim=1).tolist())
+    return (out.squeeze(1) if query.ndim == 3 else out), density
+
+
+def sla_layer_of(attn: torch.nn.Module):
+    return attn._modules.get(SLA_MODULE_NAME)

@@ -1,0 +1,589 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""`SLAAttnProcessor`, `enable_sla`, `disable_sla`, `sla_summary`: SLA on every attention module of a diffusers model.
+
+How it fits into diffusers:
+
+* `SLAAttnProcessor` does not re-implement any model's attention. Each attention module keeps the processor it had
+  (Flux's, SD3's joint one, QwenImage's, ...): importing this module wraps `set_processor` of diffusers' `Attention`
+  and `AttentionModuleMixin` so that, when an `SLAAttnProcessor` replaces another processor, the module remembers
+  that processor (`attn._sla_inner_processor`). `SLAAttnProcessor.__call__` runs it, and only its attention call
+  (`F.scaled_dot_product_attention`, directly or through `dispatch_attention_fn`) is routed to SLA
+  (`diffusers_sla/dispatch.py`, which also documents the routing policy). RoPE, QK-norm, joint tokens, masks,
+  image-prompt branches and returned tuples are the model's own.
+* One processor instance serves every module (that is what `set_attn_processor` does), but every module owns its
+  SLA state: `attn.sla`, a `SparseLinearAttention` with its own float32 `proj_l`, so its parameters are parameters
+  of the model. `enable_sla` creates them up front; `set_attn_processor(SLAAttnProcessor())` creates them at first
+  use.
+* While a module runs SLA, setting another processor on it (`set_attn_processor(...)`, `load_ip_adapter`, SD3's
+  `fuse_qkv_projections`) replaces the processor that SLA wraps; SLA stays on. `disable_sla` turns it off.
+* Module classes filter keyword arguments by `inspect.signature(self.processor.__call__)`. `SLAAttnProcessor`
+  advertises the union of the parameter names of every processor it wraps (`__call__.__signature__`), and passes
+  each wrapped processor exactly the names it accepts, so nothing (`image_rotary_emb`, `rotary_emb`,
+  `encoder_hidden_states_mask`, `temb`, ...) is dropped on the way.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import SLAConfig
+from .constants import SLA_MODULE_NAME
+from .dispatch import DENSE_REASONS, LayerStats, layer_stats, routing_scope
+from .layer import SparseLinearAttention
+from .ops.api import BACKEND_NAMES
+
+logger = logging.getLogger(__name__)
+
+INNER_PROCESSOR_ATTR = "_sla_inner_processor"
+# Keyword arguments diffusers itself passes to processors without warning when they are not accepted.
+_QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
+# Dense reasons that follow the configured policy (logged at INFO); the others mean SLA did not run where a user
+# probably expected it (logged at WARNING).
+_POLICY_REASONS = frozenset({"cross_attention", "short_sequence", "key_padding_mask", "linear_attention"})
+
+_logged_once: set = set()
+_logged_once_lock = threading.Lock()
+
+
+def _log_once(key, level: int, message: str) -> None:
+    with _logged_once_lock:
+        if key in _logged_once:
+            return
+        _logged_once.add(key)
+    logger.log(level, message)
+
+
+def _is_linear_attention_processor(processor) -> bool:
+    # Sana's self-attention is ReLU linear attention: there is no softmax attention for SLA to replace.
+    return "LinearAttn" in type(processor).__name__
+
+
+# ===== The processor =====
+
+
+class SLAAttnProcessor:
+    """Attention processor that runs each module's own processor with its attention core replaced by SLA.
+
+    Args:
+        config (`SLAConfig`, `dict`, JSON string or path, *optional*): operator and routing settings; keyword
+            overrides win (`SLAAttnProcessor(topk=0.15)`).
+        backend (`str`, *optional*, defaults to `"auto"`): SLA backend, `"auto"`, `"torch"` or `"triton"`.
+
+    Install it with `model.set_attn_processor(SLAAttnProcessor())` (per-layer state is created at first use) or
+    with `enable_sla(model)` (state created up front). Which attention calls run SLA is documented in
+    `diffusers_sla.dispatch`; `sla_summary(model)` reports per layer what ran.
+    """
+
+    # Read by diffusers' `set_attention_backend`. SLA needs the native backend: a module whose attention call does
+    # not reach torch SDPA is counted as a dense call (reason "attention_backend") and logged once.
+    _attention_backend = None
+
+    # Parameter names advertised to module classes that filter keyword arguments by our signature; grows with every
+    # processor we wrap (see `_advertise_parameters`).
+    _advertised_names: dict[str, None] = dict.fromkeys(
+        ("hidden_states", "encoder_hidden_states", "attention_mask", "temb", "image_rotary_emb", "rotary_emb",
+         "encoder_hidden_states_mask", "encoder_hidden_states_img")
+    )
+
+    def __init__(self, config: SLAConfig | dict | str | None = None, backend: str = "auto", **overrides):
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
+        self.config = SLAConfig.coerce(config, **overrides)
+        self.backend = backend
+        self._logged_reasons: set[str] = set()
+        self._inner_parameters_cache: dict[type, tuple[frozenset, bool]] = {}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"SLAAttnProcessor(topk={c.topk}, blkq={c.blkq}, blkk={c.blkk}, cross_attention={c.cross_attention!r}, "
+                f"masked_attention={c.masked_attention!r}, min_kv_blocks={c.min_kv_blocks}, backend={self.backend!r})")
+
+    def __call__(self, attn: nn.Module, *args, **kwargs):
+        inner = getattr(attn, INNER_PROCESSOR_ATTR, None)
+        if inner is None:
+            raise RuntimeError(
+                f"{type(attn).__name__} has no processor of its own for SLAAttnProcessor to wrap (it was built with "
+                "SLAAttnProcessor, or `diffusers_sla` was imported after `set_attn_processor`). Build the model with "
+                "its own processors, import diffusers_sla, then call `enable_sla(model)`."
+            )
+        kwargs = self._kwargs_for(inner, kwargs)
+        with routing_scope(attn, self) as scope:
+            output = inner(attn, *args, **kwargs)
+        if scope.intercepted == 0:
+            self._record_uncaught_call(attn, inner)
+        return output
+
+    # ----- keyword arguments ------------------------------------------------------------------------------------
+
+    def _inner_parameters(self, inner) -> tuple[frozenset, bool]:
+        """(names the inner processor accepts by keyword, whether it takes **kwargs), cached per class."""
+        cached = self._inner_parameters_cache.get(type(inner))
+        if cached is None:
+            cached = _call_parameters(inner)
+            self._inner_parameters_cache[type(inner)] = cached
+        return cached
+
+    def _kwargs_for(self, inner, kwargs: dict) -> dict:
+        names, takes_var_kwargs = self._inner_parameters(inner)
+        if takes_var_kwargs or not kwargs:
+            return kwargs
+        dropped = [k for k in kwargs if k not in names]
+        if not dropped:
+            return kwargs
+        loud = sorted(set(dropped) - _QUIET_KWARGS)
+        if loud:
+            # The same warning diffusers gives when a processor does not take an argument, once per class and names.
+            _log_once(
+                ("unused_kwargs", type(inner), tuple(loud)), logging.WARNING,
+                f"Arguments {loud} are not expected by {type(inner).__name__} and will be ignored.",
+            )
+        return {k: v for k, v in kwargs.items() if k in names}
+
+    @classmethod
+    def _advertise_parameters(cls, inner) -> None:
+        """Add the inner processor's parameter names to `__call__`'s advertised signature."""
+        names, _ = _call_parameters(inner)
+        new = [name for name in sorted(names) if name not in cls._advertised_names]
+        if not new:
+            return
+        cls._advertised_names.update(dict.fromkeys(new))
+        cls.__call__.__signature__ = _advertised_signature(cls._advertised_names)
+
+    # ----- SLA state ----------------------------------------------------------------------------------------------
+
+    def _sla_layer_for(self, attn: nn.Module, q: torch.Tensor) -> SparseLinearAttention:
+        """The module's own SLA layer, created at first use when `enable_sla` did not create it."""
+        layer = attn._modules.get(SLA_MODULE_NAME)
+        if layer is None:
+            _log_once(
+                "lazy_layers", logging.INFO,
+                "SLAAttnProcessor created the SLA layers (`attn.sla`, with their `proj_l`) at first use. Call "
+                "`diffusers_sla.enable_sla(model)` to create them before building an optimizer or wrapping the model.",
+            )
+            with torch.inference_mode(False):
+                layer = SparseLinearAttention(q.shape[-1], config=self.config, backend=self.backend).to(q.device)
+            attn.add_module(SLA_MODULE_NAME, layer)
+        elif layer.config is not self.config:
+            layer.config = self.config
+        return layer
+
+    # ----- reporting --------------------------------------------------------------------------------------------
+
+    def _record_uncaught_call(self, attn: nn.Module, inner) -> None:
+        """The inner processor ran without calling torch SDPA: SLA did not run there. Count it and say why once."""
+        backend = getattr(inner, "_attention_backend", None) or self._attention_backend
+        if backend is None:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            backend = _AttentionBackendRegistry._active_backend
+        backend_name = getattr(backend, "value", backend)
+        if _is_linear_attention_processor(inner):
+            reason = "linear_attention"
+        elif backend_name not in (None, "native") and not str(backend_name).startswith("_native"):
+            reason = "attention_backend"
+        else:
+            reason = "no_sdpa_call"
+        layer_stats(attn).dense_calls[reason] += 1
+        self._log_dense_once(reason, attn, None, inner=inner, backend_name=backend_name)
+
+    def _log_dense_once(self, reason: str, attn: nn.Module, call: dict | None, inner=None, backend_name=None):
+        if reason in self._logged_reasons:
+            return
+        self._logged_reasons.add(reason)
+        c = self.config
+        messages = {
+            "unsupported_shape": "attention calls whose tensors are not (batch, heads, seq, head_dim) with matching "
+            "key/value shapes run dense",
+            "dropout": "attention calls with dropout_p > 0 run dense",
+            "causal": "causal attention calls (is_causal=True) run dense",
+            "cross_attention": f"cross-attention calls run dense (SLAConfig.cross_attention={c.cross_attention!r}; "
+            "set it to 'sla' to run SLA there)",
+            "short_sequence": f"attention calls with fewer than min_kv_blocks * blkk = {c.min_kv_blocks * c.blkk} keys "
+            "run dense",
+            "key_padding_mask": "attention calls with a key padding mask run dense "
+            f"(SLAConfig.masked_attention={c.masked_attention!r}; set it to 'sla' to run SLA there)",
+            "attention_mask": "attention calls with a mask that is not a key padding mask run dense",
+            "attention_backend": f"{type(inner).__name__} uses the attention backend {backend_name!r}, which SLA cannot "
+            "intercept: those layers run that backend, not SLA. Call `model.reset_attention_backend()` to use SLA",
+            "no_sdpa_call": f"{type(inner).__name__} ran without calling torch's scaled_dot_product_attention, so SLA "
+            "did not run there",
+            "linear_attention": f"{type(inner).__name__} is linear attention (no softmax attention to replace): it "
+            "runs unchanged",
+        }
+        level = logging.INFO if reason in _POLICY_REASONS else logging.WARNING
+        logger.log(level, "SLA: %s (first seen in %s; counted per layer in `sla_summary(model)`).",
+                   messages[reason], type(attn).__name__)
+
+
+def _call_parameters(processor) -> tuple[frozenset, bool]:
+    """Keyword names of `processor.__call__` after the module argument, and whether it takes **kwargs."""
+    try:
+        params = list(inspect.signature(processor.__call__).parameters.values())
+    except (TypeError, ValueError):
+        return frozenset(), True
+    takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    named = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return frozenset(p.name for p in named[1:]), takes_var_kwargs
+
+
+def _advertised_signature(names) -> inspect.Signature:
+    P = inspect.Parameter
+    return inspect.Signature(
+        [P("self", P.POSITIONAL_OR_KEYWORD), P("attn", P.POSITIONAL_OR_KEYWORD), P("args", P.VAR_POSITIONAL)]
+        + [P(name, P.KEYWORD_ONLY, default=None) for name in names]
+        + [P("kwargs", P.VAR_KEYWORD)]
+    )
+
+
+SLAAttnProcessor.__call__.__signature__ = _advertised_signature(SLAAttnProcessor._advertised_names)
+
+
+# ===== Remembering each module's own processor =====
+
+_disabling = threading.local()
+
+
+def _set_inner_processor(attn: nn.Module, processor) -> None:
+    if INNER_PROCESSOR_ATTR in attn._modules:
+        del attn._modules[INNER_PROCESSOR_ATTR]
+    attn.__dict__.pop(INNER_PROCESSOR_ATTR, None)
+    if processor is None:
+        return
+    # A processor that is an nn.Module (IP-adapter processors) stays a child module so `.to()` still reaches it.
+    setattr(attn, INNER_PROCESSOR_ATTR, processor)
+    SLAAttnProcessor._advertise_parameters(processor)
+
+
+def _wrap_set_processor(cls) -> None:
+    original = cls.__dict__["set_processor"]
+    if getattr(original, "_sla_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def set_processor(self, processor):
+        current = getattr(self, "processor", None)
+        if isinstance(processor, SLAAttnProcessor):
+            if not isinstance(current, SLAAttnProcessor):
+                _set_inner_processor(self, current)
+            layer = self._modules.get(SLA_MODULE_NAME)
+            if isinstance(layer, SparseLinearAttention):
+                layer.config, layer.backend = processor.config, processor.backend
+            return original(self, processor)
+        if isinstance(current, SLAAttnProcessor) and not getattr(_disabling, "active", False):
+            # SLA stays on: the new processor is the one SLA wraps from now on (fuse_qkv_projections, IP-adapters).
+            _set_inner_processor(self, processor)
+            _log_once(
+                ("replaced_inner", type(processor)), logging.WARNING,
+                f"{type(self).__name__}.set_processor({type(processor).__name__}) on a module running SLA: SLA stays "
+                f"on and now wraps {type(processor).__name__}. Call `diffusers_sla.disable_sla(model)` to turn SLA off.",
+            )
+            return None
+        return original(self, processor)
+
+    set_processor._sla_original = original
+    cls.set_processor = set_processor
+
+
+def _install_set_processor_hooks() -> None:
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    for cls in (Attention, AttentionModuleMixin):
+        if "set_processor" in cls.__dict__:
+            _wrap_set_processor(cls)
+
+
+def _original_set_processor(attn: nn.Module):
+    method = type(attn).set_processor
+    return getattr(method, "_sla_original", method)
+
+
+_install_set_processor_hooks()
+
+
+# ===== enable / disable =====
+
+
+def _is_attention_module(module: nn.Module) -> bool:
+    return callable(getattr(module, "set_processor", None)) and hasattr(module, "processor")
+
+
+def _target_models(pipe_or_model) -> list[tuple[str, nn.Module]]:
+    """(prefix, model) pairs: the model itself, or a pipeline's denoisers (`transformer*`, `unet*` components)."""
+    if isinstance(pipe_or_model, nn.Module):
+        return [("", pipe_or_model)]
+    components = getattr(pipe_or_model, "components", None)
+    if isinstance(components, dict):
+        models = [
+            (name, component) for name, component in components.items()
+            if isinstance(component, nn.Module) and name.startswith(("transformer", "unet"))
+        ]
+        if not models:
+            raise ValueError(
+                f"`pipe_or_model`: {type(pipe_or_model).__name__} has no `transformer*` or `unet*` component, "
+                f"its components are {sorted(components)}."
+            )
+        return models
+    raise ValueError(
+        f"`pipe_or_model` must be a diffusers pipeline or a torch.nn.Module, got {type(pipe_or_model).__name__}."
+    )
+
+
+def _join(prefix: str, path: str) -> str:
+    return ".".join(part for part in (prefix, path) if part)
+
+
+def _infer_head_dim(attn: nn.Module) -> int | None:
+    head_dim = getattr(attn, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    inner_dim, heads = getattr(attn, "inner_dim", None), getattr(attn, "heads", None)
+    if isinstance(inner_dim, int) and isinstance(heads, int) and heads > 0 and inner_dim % heads == 0:
+        return inner_dim // heads
+    return None
+
+
+def _declared_cross_attention(attn: nn.Module) -> bool:
+    declared = getattr(attn, "is_cross_attention", None)
+    if isinstance(declared, bool):
+        return declared
+    cross_dim, query_dim = getattr(attn, "cross_attention_dim", None), getattr(attn, "query_dim", None)
+    return isinstance(cross_dim, int) and isinstance(query_dim, int) and cross_dim != query_dim
+
+
+def _expects_sla(attn: nn.Module, config: SLAConfig) -> bool:
+    """Whether `enable_sla` gives this module an SLA layer up front: it has a softmax-attention processor and is not
+    a cross-attention module that the policy keeps dense."""
+    inner = getattr(attn, INNER_PROCESSOR_ATTR, None)
+    if inner is None or _is_linear_attention_processor(inner):
+        return False
+    return not (_declared_cross_attention(attn) and config.cross_attention == "dense")
+
+
+def _module_device(attn: nn.Module) -> torch.device:
+    for param in attn.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def enable_sla(
+    pipe_or_model,
+    config: SLAConfig | dict | str | None = None,
+    *,
+    backend: str = "auto",
+    sla_layers: dict[str, SparseLinearAttention] | None = None,
+    **overrides,
+) -> SLAAttnProcessor:
+    """Run SLA in every attention module of a model, or of a pipeline's denoiser(s).
+
+    Args:
+        pipe_or_model: a diffusers pipeline (its `transformer*` / `unet*` components are converted) or any
+            `nn.Module`; every submodule with `set_processor` (diffusers `Attention` and `AttentionModuleMixin`
+            modules) gets the processor, whether or not the model has `set_attn_processor`.
+        config (`SLAConfig`, `dict`, JSON string or path, *optional*): SLA settings; keyword overrides win
+            (`enable_sla(pipe, topk=0.15)`).
+        backend (`str`, *optional*, defaults to `"auto"`): SLA backend, `"auto"`, `"torch"` or `"triton"`.
+        sla_layers (`dict`, *optional*): layers returned by `disable_sla`, re-attached instead of fresh ones, so
+            trained `proj_l` weights survive a disable/enable round trip.
+
+    Every module that will run SLA (softmax attention, not a cross-attention module kept dense by the policy) gets
+    its own `attn.sla` up front (float32, on the module's device). Calling `enable_sla` again changes the config and
+    keeps the existing layers and their weights. Finally `sla_attention.safetensors` found at the model's load
+    location is replayed (`diffusers_sla.serialization.on_sla_enabled`).
+
+    Returns:
+        the `SLAAttnProcessor` installed.
+    """
+    from .serialization import on_sla_enabled
+
+    processor = SLAAttnProcessor(config, backend=backend, **overrides)
+    sla_layers = dict(sla_layers or {})
+    for prefix, model in _target_models(pipe_or_model):
+        modules = [(path, m) for path, m in model.named_modules() if _is_attention_module(m)]
+        if not modules:
+            raise ValueError(
+                f"`pipe_or_model`: {type(model).__name__} has no attention module with `set_processor` "
+                "(diffusers `Attention` or `AttentionModuleMixin`) to run SLA in."
+            )
+        for path, attn in modules:
+            attn.set_processor(processor)
+            full_path = _join(prefix, path)
+            existing = attn._modules.get(SLA_MODULE_NAME)
+            reused = sla_layers.pop(full_path, None)
+            if reused is not None:
+                attn.add_module(SLA_MODULE_NAME, reused.to(_module_device(attn)))
+                existing = reused
+            if isinstance(existing, SparseLinearAttention):
+                existing.config, existing.backend = processor.config, backend
+                continue
+            if not _expects_sla(attn, processor.config):
+                continue
+            head_dim = _infer_head_dim(attn)
+            if head_dim is None:
+                _log_once(
+                    ("no_head_dim", type(attn)), logging.INFO,
+                    f"{type(attn).__name__} does not expose its head size; its SLA layer is created at first use.",
+                )
+                continue
+            layer = SparseLinearAttention(head_dim, config=processor.config, backend=backend)
+            attn.add_module(SLA_MODULE_NAME, layer.to(_module_device(attn)))
+        on_sla_enabled(model)
+    if sla_layers:
+        raise ValueError(f"`sla_layers`: no attention module at {sorted(sla_layers)} in this model.")
+    return processor
+
+
+def disable_sla(pipe_or_model) -> dict[str, SparseLinearAttention]:
+    """Restore every module's own processor and remove the SLA layers.
+
+    Returns:
+        `{path: SparseLinearAttention}` of the removed layers (trained `proj_l` included); pass it to
+        `enable_sla(..., sla_layers=...)` to turn SLA back on without losing them.
+    """
+    from .serialization import on_sla_disabled
+
+    removed: dict[str, SparseLinearAttention] = {}
+    for prefix, model in _target_models(pipe_or_model):
+        for path, attn in list(model.named_modules()):
+            if not _is_attention_module(attn):
+                continue
+            if isinstance(getattr(attn, "processor", None), SLAAttnProcessor):
+                inner = getattr(attn, INNER_PROCESSOR_ATTR, None)
+                if inner is None:
+                    raise RuntimeError(
+                        f"`disable_sla`: {_join(prefix, path)} runs SLA without a recorded processor to restore."
+                    )
+                _disabling.active = True
+                try:
+                    attn.set_processor(inner)
+                finally:
+                    _disabling.active = False
+            _set_inner_processor(attn, None)
+            attn.__dict__.pop("_sla_stats", None)
+            layer = attn._modules.pop(SLA_MODULE_NAME, None)
+            if layer is not None:
+                removed[_join(prefix, path)] = layer
+        on_sla_disabled(model)
+    return removed
+
+
+# ===== Reporting =====
+
+
+@dataclass
+class LayerSummary:
+    path: str
+    module_type: str
+    sla_calls: int
+    dense_calls: dict[str, int]
+    mean_density: float | None
+    has_sla_layer: bool
+
+    @property
+    def total_calls(self) -> int:
+        return self.sla_calls + sum(self.dense_calls.values())
+
+
+@dataclass
+class SLASummary:
+    """Per-layer report of what `SLAAttnProcessor` did since the last `reset_sla_stats`. `str(summary)` and
+    `summary.table()` give a readable table; `summary.to_dict()` a JSON-friendly form."""
+
+    layers: list[LayerSummary] = field(default_factory=list)
+
+    @property
+    def sla_calls(self) -> int:
+        return sum(layer.sla_calls for layer in self.layers)
+
+    @property
+    def dense_calls(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for layer in self.layers:
+            for reason, count in layer.dense_calls.items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    @property
+    def mean_density(self) -> float | None:
+        weighted = [(layer.mean_density, layer.sla_calls) for layer in self.layers if layer.sla_calls]
+        calls = sum(n for _, n in weighted)
+        return sum(d * n for d, n in weighted) / calls if calls else None
+
+    def __getitem__(self, path: str) -> LayerSummary:
+        for layer in self.layers:
+            if layer.path == path:
+                return layer
+        raise KeyError(path)
+
+    def to_dict(self) -> dict:
+        return {
+            "sla_calls": self.sla_calls, "dense_calls": self.dense_calls, "mean_density": self.mean_density,
+            "layers": [
+                {"path": l.path, "module_type": l.module_type, "sla_calls": l.sla_calls,
+                 "dense_calls": dict(l.dense_calls), "mean_density": l.mean_density, "has_sla_layer": l.has_sla_layer}
+                for l in self.layers
+            ],
+        }
+
+    def table(self) -> str:
+        header = ("layer", "SLA calls", "dense calls (reason: n)", "density")
+        rows = [
+            (
+                layer.path,
+                str(layer.sla_calls),
+                ", ".join(f"{reason}: {n}" for reason, n in sorted(layer.dense_calls.items())) or "-",
+                "-" if layer.mean_density is None else f"{layer.mean_density:.3f}",
+            )
+            for layer in self.layers
+        ]
+        density = self.mean_density
+        rows.append((
+            f"total ({len(self.layers)} layers)", str(self.sla_calls),
+            ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dense_calls.items())) or "-",
+            "-" if density is None else f"{density:.3f}",
+        ))
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.insert(len(lines) - 1, lines[1])
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _sla_modules(pipe_or_model):
+    for prefix, model in _target_models(pipe_or_model):
+        for path, attn in model.named_modules():
+            if not _is_attention_module(attn):
+                continue
+            if isinstance(getattr(attn, "processor", None), SLAAttnProcessor) or SLA_MODULE_NAME in attn._modules:
+                yield _join(prefix, path), attn
+
+
+def sla_summary(pipe_or_model) -> SLASummary:
+    """Per layer: SDPA calls routed to SLA, dense calls by reason (see `diffusers_sla.dispatch`), and the mean
+    density (kept key blocks / all key blocks) of its SLA calls. Layers are the attention modules running
+    `SLAAttnProcessor`, in module order."""
+    layers = []
+    for path, attn in _sla_modules(pipe_or_model):
+        stats: LayerStats = attn.__dict__.get("_sla_stats") or LayerStats()
+        layers.append(LayerSummary(
+            path=path, module_type=type(attn).__name__, sla_calls=stats.sla_calls,
+            dense_calls={reason: stats.dense_calls[reason] for reason in DENSE_REASONS if stats.dense_calls[reason]},
+            mean_density=stats.mean_density, has_sla_layer=SLA_MODULE_NAME in attn._modules,
+        ))
+    return SLASummary(layers)
+
+
+def reset_sla_stats(pipe_or_model) -> None:
+    """Zero the per-layer counters that `sla_summary` reports."""
+    for _, attn in _sla_modules(pipe_or_model):
+        layer_stats(attn).reset()
