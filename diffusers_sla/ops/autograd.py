@@ -1,0 +1,142 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""`sla_triton`: the Triton SLA backend (registered as "triton" in `ops/api.py`), with its autograd Function.
+
+Same contract as `reference.sla_reference`: same block selection (`selection.select_blocks`), linear denominator
+`+ LINEAR_EPS`, proj_l in float32, output in q's dtype, gradients for q, k, v, proj_weight and proj_bias.
+
+Precision policy for float32 (and float64) inputs, set with `set_fp32_compute` or the environment variable
+`DIFFUSERS_SLA_TRITON_FP32` (read at import):
+
+* `"bf16"` (default on CUDA): q, k, v are cast to bfloat16 and the kernels run on the bf16 tensor cores;
+* `"tf32"`: the kernels run on float32 tensors with tf32 matrix products;
+* `"ieee"`: full float32 products (slow on the GPU; what the Triton interpreter always does on the CPU).
+
+float16 and bfloat16 inputs always run in their own dtype. Block selection always sees the caller's tensors, so the
+block map is the reference's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .reference import sla_reference
+from .selection import select_blocks
+
+logger = logging.getLogger(__name__)
+
+FP32_COMPUTE_MODES = ("bf16", "tf32", "ieee")
+ALLOWED_BLOCKS = (32, 64, 128)
+MAX_HEAD_DIM = 128
+
+_fp32_compute = os.environ.get("DIFFUSERS_SLA_TRITON_FP32", "bf16")
+if _fp32_compute not in FP32_COMPUTE_MODES:
+    raise ValueError(f"`DIFFUSERS_SLA_TRITON_FP32` must be one of {list(FP32_COMPUTE_MODES)}, got {_fp32_compute!r}.")
+_warned_fallback = False
+
+
+def set_fp32_compute(mode: str) -> None:
+    """How the Triton backend computes float32/float64 inputs on the GPU: "bf16" (default), "tf32" or "ieee"."""
+    global _fp32_compute
+    if mode not in FP32_COMPUTE_MODES:
+        raise ValueError(f"`mode` must be one of {list(FP32_COMPUTE_MODES)}, got {mode!r}.")
+    _fp32_compute = mode
+
+
+def get_fp32_compute() -> str:
+    return _fp32_compute
+
+
+def _compute_dtype_and_precision(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
+    if dtype in (torch.float16, torch.bfloat16):
+        return dtype, "tf32"  # the precision flag only matters for float32 operands
+    if device.type != "cuda":
+        return torch.float32, "ieee"  # Triton interpreter: bf16 products are not emulated faithfully there
+    if _fp32_compute == "bf16":
+        return torch.bfloat16, "tf32"
+    return torch.float32, _fp32_compute
+
+
+class _SLATriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
+                dot_precision):
+        store_bwd = any(ctx.needs_input_grad[:5])
+        o, lse, den, o_l, rb, zb, ht, zt = torch.ops.diffusers_sla.sla_fwd(
+            q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd,
+            dot_precision)
+        if store_bwd:
+            ctx.save_for_backward(q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut)
+            ctx.args = (scale, feature_map, linear_scope, blkq, blkk, dot_precision)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
+        dq, dk, dv, dw, db = torch.ops.diffusers_sla.sla_bwd(
+            do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *ctx.args)
+        return dq, dk, dv, dw, db, None, None, None, None, None, None, None
+
+
+def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
+    for name, value in (("blkq", blkq), ("blkk", blkk)):
+        if value not in ALLOWED_BLOCKS:
+            raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCKS)} for backend='triton', got {value!r}.")
+    if feature_map not in ("softmax", "elu", "relu"):
+        raise ValueError(f"`feature_map` must be one of ['softmax', 'elu', 'relu'], got {feature_map!r}.")
+    if linear_scope not in ("rest", "all"):
+        raise ValueError(f"`linear_scope` must be one of ['rest', 'all'], got {linear_scope!r}.")
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)) or not 0.0 < topk <= 1.0:
+        raise ValueError(f"`topk` must be a number in (0, 1], got {topk!r}.")
+    if q.ndim != 4:
+        raise ValueError(f"`q` must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(q.shape)}.")
+
+
+def sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale=None):
+    """`sla_triton` with a given block map `lut` (int32 (B, H, n_q, kept), ascending rows): tests and benchmarks
+    share one map with the reference through this."""
+    from . import custom_ops  # noqa: F401  (registers torch.ops.diffusers_sla.*)
+
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)
+    qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
+    w = proj_weight.to(torch.float32).contiguous()
+    b = proj_bias.to(torch.float32).contiguous()
+    o = _SLATriton.apply(qc, kc, vc, w, b, lut.to(torch.int32).contiguous(), float(scale), feature_map,
+                         linear_scope, blkq, blkk, dot_precision)
+    return o.to(q.dtype)
+
+
+def sla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    *,
+    topk: float,
+    blkq: int,
+    blkk: int,
+    feature_map: str,
+    linear_scope: str,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SLA on the Triton kernels: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
+
+    head_dim up to 128 (any size: non-powers of two run padded inside the kernels); larger heads fall back to the
+    PyTorch operator with a warning."""
+    global _warned_fallback
+    _check_args(q, topk, blkq, blkk, feature_map, linear_scope)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        if not _warned_fallback:
+            logger.warning("backend='triton' supports head_dim <= %d; head_dim=%d runs on the PyTorch operator.",
+                           MAX_HEAD_DIM, q.shape[-1])
+            _warned_fallback = True
+        return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
+                             feature_map=feature_map, linear_scope=linear_scope, scale=scale)
+    lut = select_blocks(q, k, topk, blkq, blkk)
+    return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, blkq=blkq, blkk=blkk, feature_map=feature_map,
+                               linear_scope=linear_scope, scale=scale)

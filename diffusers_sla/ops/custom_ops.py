@@ -1,0 +1,211 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""`torch.library` ops around the Triton kernels: `diffusers_sla::sla_fwd` and `diffusers_sla::sla_bwd`.
+
+Opaque to `torch.compile` (no graph break), each with a `register_fake` twin that only allocates correctly shaped
+outputs. Inputs are dense (B, H, L, D) tensors of one dtype (any strides); `lut` is the int32 (B, H, n_q, kept)
+ascending block map from `selection.select_blocks`. Everything here runs on the device without host
+synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .selection import num_blocks
+from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
+from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _linear_state, is_cuda
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _has_linear(linear_scope: str, kept: int, n_kblk: int) -> bool:
+    # "rest" with every key block selected leaves the linear branch empty: o_l = 0 exactly (reference: 0 / eps).
+    return not (linear_scope == "rest" and kept == n_kblk)
+
+
+def _proj_precision(dot_precision: str) -> str:
+    # proj_l is float32; on the GPU its D x D product runs as tf32 unless full float32 ("ieee") was asked for.
+    return "ieee" if (dot_precision == "ieee" or not is_cuda()) else "tf32"
+
+
+def _split(n_items: int, programs_per_split: int) -> int:
+    # enough programs to fill the GPU; few under the interpreter
+    target = 264 if is_cuda() else 2
+    return max(1, min(n_items, -(-target // max(1, programs_per_split))))
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):
+    B, H, Lq, D = q.shape
+    if not (store_bwd and has_linear):
+        return (0,), (0,), (0,), (0,)
+    if rest:
+        return (B, H, Lq), (B, H, Lq, D), (B, H, n_qblk, block_d, block_d), (B, H, n_qblk, block_d)
+    return (B, H, Lq), (B, H, Lq, D), (0,), (0,)
+
+
+def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision):
+    """Per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and Z = sum phi(k) (B, H, BLOCK_D), float32."""
+    B, H, Lk, D = k.shape
+    n_kblk = num_blocks(Lk, blkk)
+    split = _split(n_kblk, B * H)
+    hs = torch.empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
+    zs = torch.empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
+    _linear_state[(split, B * H)](
+        k, v, hs, zs, *_strides(k), *_strides(v), H, Lk, n_kblk, split,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], DOT_PREC=dot_precision,
+        num_warps=4 if block_d <= 64 else 8, num_stages=2 if is_cuda() else 1,
+    )
+    return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d)
+
+
+@torch.library.custom_op("diffusers_sla::sla_fwd", mutates_args=())
+def sla_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+    lut: torch.Tensor, scale: float, feature_map: str, linear_scope: str, blkq: int, blkk: int, store_bwd: bool,
+    dot_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """-> o (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 in log2 units, and what backward needs: the linear
+    denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block ("rest"), the
+    per-head totals H and Z. Unused side outputs are empty."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
+    kept = lut.shape[-1]
+    block_d = _block_d(D)
+    rest = linear_scope == "rest"
+    has_linear = _has_linear(linear_scope, kept, n_kblk)
+    ht, zt = _linear_totals(k, v, blkk, block_d, feature_map, dot_precision)
+    o = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
+    den = torch.empty(s_den, device=q.device, dtype=torch.float32)
+    o_l = torch.empty(s_ol, device=q.device, dtype=q.dtype)
+    rb = torch.empty(s_rb, device=q.device, dtype=q.dtype)
+    zb = torch.empty(s_zb, device=q.device, dtype=torch.float32)
+    _attn_fwd[(n_qblk, B * H)](
+        q, k, v, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        scale, H, Lq, Lk, n_qblk, kept,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
+        REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
+        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
+    )
+    return o, lse, den, o_l, rb, zb, ht, zt
+
+
+@sla_fwd.register_fake
+def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision):
+    B, H, Lq, D = q.shape
+    n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(k.shape[2], blkk)
+    block_d = _block_d(D)
+    has_linear = _has_linear(linear_scope, lut.shape[-1], n_kblk)
+    s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, linear_scope == "rest", has_linear)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (q.new_empty(B, H, Lq, D), torch.empty(B, H, Lq, **f32), torch.empty(s_den, **f32), q.new_empty(s_ol),
+            q.new_empty(s_rb), torch.empty(s_zb, **f32), torch.empty(B, H, block_d, block_d, **f32),
+            torch.empty(B, H, block_d, **f32))
+
+
+def column_lut(lut: torch.Tensor, n_kblk: int):
+    """For each key block, the query blocks that selected it: (col_q (B*H, n_q*kept), offsets and counts
+    (B*H, n_kblk)), all int32, built with a sort on the device (no host synchronisation). The query blocks of key
+    block j are col_q[bh, offsets[bh, j] : offsets[bh, j] + counts[bh, j]], ascending."""
+    B, H, n_qblk, kept = lut.shape
+    flat = lut.reshape(B * H, n_qblk * kept).long()
+    qblk = torch.arange(n_qblk, device=lut.device).repeat_interleave(kept)
+    keys = (flat * n_qblk + qblk).sort(dim=-1).values
+    col_q = (keys % n_qblk).to(torch.int32)
+    counts = torch.zeros(B * H, n_kblk, device=lut.device, dtype=torch.int32)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts).contiguous()
+    return col_q.contiguous(), offsets, counts
+
+
+@torch.library.custom_op("diffusers_sla::sla_bwd", mutates_args=())
+def sla_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, den: torch.Tensor, o_l: torch.Tensor,
+    rb: torch.Tensor, zb: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor, lut: torch.Tensor, scale: float,
+    feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv (in q's dtype, contiguous), d proj_weight (D, D) and d proj_bias (D,) in float32."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
+    kept = lut.shape[-1]
+    block_d = _block_d(D)
+    rest = linear_scope == "rest"
+    has_linear = _has_linear(linear_scope, kept, n_kblk)
+    fm = FEATURE_MAPS[feature_map]
+    dev = q.device
+    warps = 4 if block_d <= 64 and blkq <= 64 else 8
+    stages = 1 if not is_cuda() else 2
+
+    # -- preprocess: delta, dN, dd, dR_i, dz_i ----
+    delta = torch.empty(B, H, Lq, device=dev, dtype=torch.float32)
+    # dN = g / d can be large where d is small: keep float32 unless the compute dtype has float32's range
+    dn = torch.empty(B, H, Lq, D, device=dev, dtype=q.dtype if q.dtype == torch.bfloat16 else torch.float32) \
+        if has_linear else torch.empty(0, device=dev, dtype=q.dtype)
+    dd = torch.empty(B, H, Lq, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
+    drb = torch.empty(B, H, n_qblk, block_d, block_d, device=dev, dtype=q.dtype) if has_linear \
+        else q.new_empty(0)
+    dzb = torch.empty(B, H, n_qblk, block_d, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
+    _attn_bwd_preprocess[(n_qblk, B * H)](
+        o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb,
+        *_strides(o), *_strides(do), *_strides(q), H, Lq, n_qblk,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, FEATURE_MAP=fm,
+        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), num_warps=warps, num_stages=1,
+    )
+
+    # -- proj_l gradients: dW = sum dO^T o_l, db = sum dO ----
+    if has_linear:
+        n_tiles = n_qblk
+        split = _split(B * H * n_tiles, 8)
+        dwp = torch.empty(split, block_d, block_d, device=dev, dtype=torch.float32)
+        dbp = torch.empty(split, block_d, device=dev, dtype=torch.float32)
+        _proj_grad[(split,)](
+            do, o_l, dwp, dbp, *_strides(do), H, Lq, n_tiles, B * H * n_tiles, split,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision, num_warps=warps,
+            num_stages=stages,
+        )
+        dw = dwp.sum(0)[:D, :D].contiguous()
+        db = dbp.sum(0)[:D].contiguous()
+        dht = drb.view(B * H, n_qblk, block_d, block_d).sum(1, dtype=torch.float32)
+        dzt = dzb.view(B * H, n_qblk, block_d).sum(1)
+    else:
+        dw = torch.zeros(D, D, device=dev, dtype=torch.float32)
+        db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
+        dht, dzt = ht, zt  # unused
+
+    # -- main kernel: dK, dV over the column LUT, dQ over the LUT ----
+    col_q, col_off, col_cnt = column_lut(lut, n_kblk)
+    dq = torch.empty(B, H, Lq, D, device=dev, dtype=q.dtype)
+    dk = torch.empty(B, H, Lk, D, device=dev, dtype=q.dtype)
+    dv = torch.empty(B, H, Lk, D, device=dev, dtype=q.dtype)
+    _attn_bwd[(n_kblk + n_qblk, B * H)](
+        q, k, v, do, lse, delta, dn, dd, lut, col_q, col_off, col_cnt,
+        rb, zb, ht, zt, drb, dzb, dht, dzt,
+        dq, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        scale, H, Lq, Lk, n_qblk, n_kblk, kept,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
+        REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=fm, DOT_PREC=dot_precision,
+    )
+    return dq, dk, dv, dw, db
+
+
+@sla_bwd.register_fake
+def _(do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, scale, feature_map, linear_scope,
+      blkq, blkk, dot_precision):
+    D = q.shape[-1]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape), torch.empty(D, D, **f32),
+            torch.empty(D, **f32))

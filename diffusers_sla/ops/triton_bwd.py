@@ -1,0 +1,263 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""Block-sparse SLA backward in Triton.
+
+Sparse-Linear Attention: Zhang et al., arXiv 2509.24006; the sparse branch's backward is the flash-attention backward
+(Dao, arXiv 2307.08691) restricted to selected blocks, laid out as in the Triton fused-attention tutorial.
+
+With o = o_s + o_l W^T + b, o_l = N / d, N = phi(q) R_i, d = phi(q) . z_i + eps, and g = dO W:
+
+    dN = g / d,   dd = -(g . o_l) / d,   delta = rowsum(dO * o) - g . o_l - dO . b   (= rowsum(dO * o_s))
+    dR_i = phi(q_i)^T dN_i,  dz_i = sum_rows dd phi(q_i)                              (one D x D per query block)
+    dh_j = dH - sum_{i that selected j} dR_i   ("rest"),   dh_j = dH ("all"),   dH = sum_i dR_i
+    dv_j += phi(k_j) dh_j,   dphi(k_j) = v_j dh_j^T + dz_j,   dphi(q_i) = dN_i R_i^T + dd z_i^T
+
+`_attn_bwd` runs two kinds of programs in one launch: key-block programs (dK, dV) walk a column-wise look-up table,
+i.e. only the query blocks that selected their key block; query-block programs (dQ) walk the forward's LUT. Nothing
+scans all blocks.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_fwd import _feature_map, _feature_map_bwd, is_cuda
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
+                         stride_oz, stride_oh, stride_om, stride_ok,  #
+                         stride_doz, stride_doh, stride_dom, stride_dok,  #
+                         stride_qz, stride_qh, stride_qm, stride_qk,  #
+                         H, N_CTX_Q, N_QBLK,  #
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,  #
+                         HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                         PROJ_PREC: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX_Q
+    d_ok = offs_k < HEAD_DIM
+    mask = m_ok[:, None] & d_ok[None, :]
+    o = tl.load(O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om +
+                offs_k[None, :] * stride_ok, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh +
+                 offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
+    delta = tl.sum(do * (o - bias[None, :]), 1)
+    row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
+    if HAS_LINEAR:
+        ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        den = tl.load(Den + row, mask=m_ok, other=1.0)
+        w = tl.load(W + offs_k[:, None] * HEAD_DIM + offs_k[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+        # -- d o_l = dO W (float32 projection) ----
+        g = tl.dot(do, w, input_precision=PROJ_PREC)
+        gol = tl.sum(g * ol, 1)
+        delta -= gol
+        dn = g / den[:, None]
+        dd = -gol / den
+        tl.store(DD + row, dd, mask=m_ok)
+        tl.store(DN + row[:, None] * HEAD_DIM + offs_k[None, :], dn.to(DN.dtype.element_ty), mask=mask)
+        # -- per query block: dR_i = phi(q)^T dN, dz_i = sum dd phi(q) ----
+        q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh +
+                    offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=mask, other=0.0)
+        phiq = tl.where(m_ok[:, None], _feature_map(q.to(tl.float32), d_ok, FEATURE_MAP), 0.0)
+        dr = tl.dot(tl.trans(phiq.to(q.dtype)), dn.to(q.dtype), input_precision=DOT_PREC)
+        blk = off_hz.to(tl.int64) * N_QBLK + start_m
+        tl.store(DRB + blk * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :],
+                 dr.to(DRB.dtype.element_ty))
+        tl.store(DZB + blk * BLOCK_D + offs_k, tl.sum(dd[:, None] * phiq, 0))
+    tl.store(Delta + row, delta, mask=m_ok)
+
+
+@triton.jit
+def _proj_grad(DO, OL, DWP, DBP,  #
+               stride_doz, stride_doh, stride_dom, stride_dok,  #
+               H, N_CTX_Q, N_TILES, TOTAL_TILES, SPLIT,  #
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Partial dW = sum dO^T o_l and db = sum dO over row tiles split, split + SPLIT, ...
+    split = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_D)
+    d_ok = offs_k < HEAD_DIM
+    dw = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t in range(split, TOTAL_TILES, SPLIT):
+        off_hz = t // N_TILES
+        off_z = off_hz // H
+        off_h = off_hz % H
+        offs_m = (t % N_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N_CTX_Q
+        mask = m_ok[:, None] & d_ok[None, :]
+        do = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh +
+                     offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
+        row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
+        ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0)
+        dw = tl.dot(tl.trans(do), ol.to(do.dtype), dw, input_precision=DOT_PREC)
+        db += tl.sum(do.to(tl.float32), 0)
+    tl.store(DWP + split * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], dw)
+    tl.store(DBP + split * BLOCK_D + offs_k, db)
+
+
+@triton.jit
+def _attn_bwd_dkdv(dk, dv, dhs, dzs,  #
+                   k, v, Q, DO, M, D, DRB, DZB, COLQ, count, qblk_base,  #
+                   stride_qm, stride_qk, stride_dom, stride_dok,  #
+                   qk_scale, N_CTX_Q, row_base,  #
+                   offs_k, d_ok,  #
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, REST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # visit only the query blocks that selected this key block (column-wise LUT)
+    offs_m = tl.arange(0, BLOCK_M)
+    for it in range(0, count):
+        qb = tl.load(COLQ + it)
+        rows = qb * BLOCK_M + offs_m
+        m_ok = rows < N_CTX_Q
+        maskT = d_ok[:, None] & m_ok[None, :]
+        qT = tl.load(Q + rows[None, :] * stride_qm + offs_k[:, None] * stride_qk, mask=maskT, other=0.0)
+        m = tl.load(M + row_base + rows, mask=m_ok, other=float("inf"))
+        qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+        pT = tl.math.exp2(qkT * qk_scale - m[None, :])
+        do = tl.load(DO + rows[:, None] * stride_dom + offs_k[None, :] * stride_dok,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        # -- compute dV ----
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        Di = tl.load(D + row_base + rows, mask=m_ok, other=0.0)
+        # -- compute dP and dS ----
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - Di[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        # -- this query block's linear gradient does not reach this key block ----
+        if REST:
+            blk = qblk_base + qb
+            dhs += tl.load(DRB + blk * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :]).to(tl.float32)
+            dzs += tl.load(DZB + blk * BLOCK_D + offs_k)
+    return dk, dv, dhs, dzs
+
+
+@triton.jit
+def _attn_bwd_dq(dq, q, do, m, Di, K, V, LUT,  #
+                 stride_kn, stride_kk, stride_vn, stride_vk,  #
+                 qk_scale, N_CTX_KV, KEPT,  #
+                 offs_k, d_ok,  #
+                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for it in range(0, KEPT):
+        cols = tl.load(LUT + it) * BLOCK_N + offs_n
+        maskT = d_ok[:, None] & (cols < N_CTX_KV)[None, :]
+        kT = tl.load(K + cols[None, :] * stride_kn + offs_k[:, None] * stride_kk, mask=maskT, other=0.0)
+        vT = tl.load(V + cols[None, :] * stride_vn + offs_k[:, None] * stride_vk, mask=maskT, other=0.0)
+        qk = tl.dot(q, kT, input_precision=DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale - m[:, None])
+        # -- compute dP and dS ----
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - Di[:, None])
+        # -- compute dQ (padded keys are zero rows of K: they add nothing) ----
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+    return dq
+
+
+def _bwd_configs():
+    if not is_cuda():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in [4, 8] for s in [2, 3]]
+
+
+def keep(conf):
+    return True
+
+
+configs = [c for c in _bwd_configs() if keep(c)]
+
+
+@triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
+                               "HAS_LINEAR", "FEATURE_MAP"])
+@triton.jit
+def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
+              RB, ZB, HT, ZT, DRB, DZB, DHT, DZT,  #
+              DQ, DK, DV,  #
+              stride_qz, stride_qh, stride_qm, stride_qk,  #
+              stride_kz, stride_kh, stride_kn, stride_kk,  #
+              stride_vz, stride_vh, stride_vn, stride_vk,  #
+              stride_doz, stride_doh, stride_dom, stride_dok,  #
+              sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+              REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_k = tl.arange(0, BLOCK_D)
+    d_ok = offs_k < HEAD_DIM
+    Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    DO += off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    row_base = off_hz.to(tl.int64) * N_CTX_Q
+    qk_scale = sm_scale * 1.44269504  # 1/log(2)
+    hz = off_hz.to(tl.int64)
+    dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
+    if pid < N_KBLK:
+        # ---- key-block program: dK, dV ----
+        start_n = pid
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_CTX_KV
+        mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dhs = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        dzs = tl.zeros([BLOCK_D], dtype=tl.float32)
+        col = hz * N_KBLK + start_n
+        count = tl.load(CCNT + col)
+        COLQ += hz * N_QBLK * KEPT + tl.load(COFF + col)
+        dk, dv, dhs, dzs = _attn_bwd_dkdv(dk, dv, dhs, dzs, k, v, Q, DO, M, D, DRB, DZB, COLQ, count, hz * N_QBLK,
+                                          stride_qm, stride_qk, stride_dom, stride_dok,
+                                          qk_scale, N_CTX_Q, row_base, offs_k, d_ok,
+                                          BLOCK_M, BLOCK_D, REST and HAS_LINEAR, DOT_PREC)
+        dk *= sm_scale
+        if HAS_LINEAR:
+            dh = tl.load(DHT + hz * BLOCK_D * BLOCK_D + dd_offs)
+            dz = tl.load(DZT + hz * BLOCK_D + offs_k)
+            if REST:
+                dh = dh - dhs
+                dz = dz - dzs
+            kf = k.to(tl.float32)
+            phik = tl.where(n_ok[:, None], _feature_map(kf, d_ok, FEATURE_MAP), 0.0)
+            dv = tl.dot(phik.to(v.dtype), dh.to(v.dtype), dv, input_precision=DOT_PREC)
+            dphik = tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=DOT_PREC) + dz[None, :]
+            dk += _feature_map_bwd(kf, phik, dphik, FEATURE_MAP)
+        out = (hz * N_CTX_KV + offs_n)[:, None] * HEAD_DIM + offs_k[None, :]
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
+    else:
+        # ---- query-block program: dQ ----
+        start_m = pid - N_KBLK
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N_CTX_Q
+        mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
+        m = tl.load(M + row_base + offs_m, mask=m_ok, other=0.0)
+        Di = tl.load(D + row_base + offs_m, mask=m_ok, other=0.0)
+        blk = hz * N_QBLK + start_m
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq = _attn_bwd_dq(dq, q, do, m, Di, K, V, LUT + blk * KEPT,
+                          stride_kn, stride_kk, stride_vn, stride_vk,
+                          qk_scale, N_CTX_KV, KEPT, offs_k, d_ok, BLOCK_N, DOT_PREC)
+        dq *= sm_scale
+        if HAS_LINEAR:
+            if REST:
+                r = tl.load(RB + blk * BLOCK_D * BLOCK_D + dd_offs)
+                z = tl.load(ZB + blk * BLOCK_D + offs_k)
+            else:
+                r = tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
+                z = tl.load(ZT + hz * BLOCK_D + offs_k)
+            dn = tl.load(DN + (row_base + offs_m)[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0)
+            dd = tl.load(DD + row_base + offs_m, mask=m_ok, other=0.0)
+            dphiq = tl.dot(dn.to(q.dtype), tl.trans(r.to(q.dtype)), input_precision=DOT_PREC) + \
+                dd[:, None] * z[None, :]
+            qf = q.to(tl.float32)
+            dq += _feature_map_bwd(qf, _feature_map(qf, d_ok, FEATURE_MAP), dphiq, FEATURE_MAP)
+        tl.store(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_k[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=mask)

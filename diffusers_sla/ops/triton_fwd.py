@@ -1,0 +1,217 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""Fused SLA forward in Triton.
+
+Sparse-Linear Attention: Zhang et al., "SLA: Beyond Sparsity in Diffusion Transformers via Fine-Tunable Sparse-Linear
+Attention", arXiv 2509.24006. The sparse branch is flash attention (Dao et al., arXiv 2205.14135 / 2307.08691) over
+the key blocks a query block selected; the layout follows the Triton fused-attention tutorial.
+
+One program per (query block, batch*head). While it runs flash attention over its selected key blocks it also sums
+h_j = phi(k_j)^T v_j and z_j = sum phi(k_j) for those same blocks on the tensor cores, so that the linear branch over
+the *other* blocks ("rest") is phi(q) (H - sum h_j) / (phi(q) . (Z - sum z_j) + eps), with H, Z the per-head totals
+(`_linear_state`). No D x D matrix per key block is ever read from memory. `proj_l` is applied in the epilogue.
+
+Feature maps are constexpr ids: 0 = softmax over head_dim, 1 = elu + 1, 2 = relu. Head dims that are not a power of
+two run in a padded BLOCK_D with masked columns (padded columns are 0 after every feature map).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+LINEAR_EPS = 1e-5  # same constant as reference.LINEAR_EPS
+FEATURE_MAPS = {"softmax": 0, "elu": 1, "relu": 2}
+
+
+def is_hip():
+    return triton.runtime.driver.active.get_current_target().backend == "hip"
+
+
+def is_cuda():
+    return os.environ.get("TRITON_INTERPRET") != "1" and triton.runtime.driver.active.get_current_target().backend == "cuda"
+
+
+@triton.jit
+def _feature_map(x, d_ok, FEATURE_MAP: tl.constexpr):
+    # x: fp32 (rows, BLOCK_D); d_ok: (BLOCK_D,) real head-dim columns. Padded columns come out as 0.
+    if FEATURE_MAP == 0:
+        x = tl.where(d_ok[None, :], x, float("-inf"))
+        e = tl.exp(x - tl.max(x, 1)[:, None])
+        phi = e / tl.sum(e, 1)[:, None]
+    elif FEATURE_MAP == 1:
+        phi = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+        phi = tl.where(d_ok[None, :], phi, 0.0)
+    else:
+        phi = tl.maximum(x, 0.0)
+    return phi
+
+
+@triton.jit
+def _feature_map_bwd(x, phi, dphi, FEATURE_MAP: tl.constexpr):
+    # d phi / d x applied to dphi; phi is the fp32 feature value of x (0 on padded columns).
+    if FEATURE_MAP == 0:
+        dx = phi * (dphi - tl.sum(dphi * phi, 1)[:, None])
+    elif FEATURE_MAP == 1:
+        dx = tl.where(x > 0, dphi, dphi * phi)
+    else:
+        dx = tl.where(x > 0, dphi, 0.0)
+    return dx
+
+
+@triton.jit
+def _linear_state(K, V, HS, ZS,  #
+                  stride_kz, stride_kh, stride_kn, stride_kk,  #
+                  stride_vz, stride_vh, stride_vn, stride_vk,  #
+                  H, N_KV, N_KBLK, SPLIT,  #
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  #
+                  FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Partial per-head totals H = sum phi(k)^T v and Z = sum phi(k) over key blocks split, split + SPLIT, ...
+    # The same phi(k) rounding as _attn_fwd_inner, so that "rest" = total - selected cancels exactly per block.
+    split = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_D)
+    d_ok = offs_k < HEAD_DIM
+    K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    h = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    z = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for blk in range(split, N_KBLK, SPLIT):
+        cols = blk * BLOCK_N + offs_n
+        n_ok = cols < N_KV
+        mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=mask, other=0.0)
+        phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
+        h = tl.dot(tl.trans(phik), v, h, input_precision=DOT_PREC)
+        z += tl.sum(phik.to(tl.float32), 0)
+    base = off_hz.to(tl.int64) * SPLIT + split
+    tl.store(HS + base * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], h)
+    tl.store(ZS + base * BLOCK_D + offs_k, z)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, hs, zs,  #
+                    q, K_ptrs, V_ptrs, LUT, stride_kn, stride_vn,  #
+                    qk_scale, N_KV, KEPT,  #
+                    offs_n, d_ok,  #
+                    BLOCK_N: tl.constexpr, REST: tl.constexpr, FEATURE_MAP: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    # loop over the selected key blocks only (ascending LUT row)
+    for it in range(0, KEPT):
+        start_n = tl.load(LUT + it) * BLOCK_N
+        n_ok = (start_n + offs_n) < N_KV
+        mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_ptrs + start_n * stride_kn, mask=mask, other=0.0)
+        # -- compute qk ----
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        # -- update m_i and l_i ----
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- update output accumulator ----
+        v = tl.load(V_ptrs + start_n * stride_vn, mask=mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_ij
+        # -- linear state of this block, to be taken out of the per-head total ----
+        if REST:
+            phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
+            hs = tl.dot(tl.trans(phik), v, hs, input_precision=DOT_PREC)
+            zs += tl.sum(phik.to(tl.float32), 0)
+    return acc, l_i, m_i, hs, zs
+
+
+def _fwd_configs():
+    # BLOCK_M/BLOCK_N are fixed by blkq/blkk; only warps and pipelining depth are tuned.
+    if not is_cuda():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in [4, 8] for s in [2, 3]]
+
+
+def keep(conf):
+    # a 128-row tile with a D x D linear accumulator needs 8 warps to stay in registers
+    return True
+
+
+configs = [c for c in _fwd_configs() if keep(c)]
+
+
+@triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
+                               "FEATURE_MAP", "STORE_BWD"])
+@triton.jit
+def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
+              stride_qz, stride_qh, stride_qm, stride_qk,  #
+              stride_kz, stride_kh, stride_kn, stride_kk,  #
+              stride_vz, stride_vh, stride_vn, stride_vk,  #
+              stride_oz, stride_oh, stride_om, stride_ok,  #
+              sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT,  #
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+              REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
+              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX_Q
+    d_ok = offs_k < HEAD_DIM
+    q_mask = m_ok[:, None] & d_ok[None, :]
+
+    Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
+    K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
+    V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=q_mask, other=0.0)
+    K_ptrs = K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk
+    V_ptrs = V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk
+    blk = off_hz.to(tl.int64) * N_QBLK + start_m  # this query block's row in (B*H*n_q, ...) side tensors
+    LUT += blk * KEPT
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hs = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    zs = tl.zeros([BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.44269504  # 1/log(2)
+    acc, l_i, m_i, hs, zs = _attn_fwd_inner(acc, l_i, m_i, hs, zs, q, K_ptrs, V_ptrs, LUT, stride_kn, stride_vn,
+                                            qk_scale, N_CTX_KV, KEPT, offs_n, d_ok,
+                                            BLOCK_N, REST and HAS_LINEAR, FEATURE_MAP, DOT_PREC)
+    m_i += tl.math.log2(l_i)
+    acc = acc / l_i[:, None]
+    row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
+    tl.store(M + row, m_i, mask=m_ok)
+
+    # -- linear branch: phi(q) R / (phi(q) . z + eps), then proj_l in float32 ----
+    w_mask = d_ok[:, None] & d_ok[None, :]
+    bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
+    if HAS_LINEAR:
+        hz = off_z * H + off_h
+        r = tl.load(HT + hz.to(tl.int64) * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :])
+        z = tl.load(ZT + hz.to(tl.int64) * BLOCK_D + offs_k)
+        if REST:
+            r = r - hs
+            z = z - zs
+        phiq = _feature_map(q.to(tl.float32), d_ok, FEATURE_MAP)
+        num = tl.dot(phiq.to(q.dtype), r.to(q.dtype), input_precision=DOT_PREC)
+        den = tl.sum(phiq * z[None, :], 1) + EPS
+        o_l = num / den[:, None]
+        # o_l @ W^T: W[n, k] loaded transposed
+        wT = tl.load(W + offs_k[None, :] * HEAD_DIM + offs_k[:, None], mask=w_mask, other=0.0)
+        acc += tl.dot(o_l, wT, input_precision=PROJ_PREC)
+        if STORE_BWD:
+            tl.store(Den + row, den, mask=m_ok)
+            tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
+            if REST:
+                tl.store(RB + blk * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :],
+                         r.to(RB.dtype.element_ty))
+                tl.store(ZB + blk * BLOCK_D + offs_k, z)
+    acc += bias[None, :]
+    O_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + \
+        offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+    tl.store(O_ptrs, acc.to(Out.dtype.element_ty), mask=q_mask)
