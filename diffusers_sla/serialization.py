@@ -51,6 +51,8 @@ METADATA_MODEL_CLASS_KEY = "model_class"
 _LOAD_SOURCE_ATTR = "_sla_load_source"
 # Set on throw-away skeletons (converters) so that `on_sla_enabled` does not try to replay anything into them.
 _NO_REPLAY_ATTR = "_sla_no_replay"
+# Set on SLA layers once loaded (or once the replay found nothing to load).
+_REPLAYED_ATTR = "_sla_replayed"
 _ZERO_INIT_NOTE = "SLA starts from zero-initialised projections (`proj_l`), as if it had never been trained"
 
 
@@ -305,10 +307,17 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     return pairs, result
 
 
-def _apply_plan(pairs) -> None:
+def _apply_plan(model: nn.Module, pairs) -> None:
     with torch.no_grad():
         for param, tensor in pairs:
             param.copy_(tensor)
+    _mark_replayed(model)
+
+
+def _mark_replayed(model: nn.Module) -> None:
+    # Loaded layers hold trained weights: a later enable_sla must not replay the file over them.
+    for _, _, layer in iter_sla_layers(model):
+        setattr(layer, _REPLAYED_ATTR, True)
 
 
 def load_sla_state_dict(
@@ -319,7 +328,7 @@ def load_sla_state_dict(
     if not isinstance(weights, SLAWeightsFile):
         weights = read_sla_file(weights)
     pairs, result = _plan_load(model, weights, strict)
-    _apply_plan(pairs)
+    _apply_plan(model, pairs)
     return result
 
 
@@ -472,7 +481,7 @@ def load_sla(
     # Everything was checked: now copy.
     results = []
     for model, pairs, result in plans:
-        _apply_plan(pairs)
+        _apply_plan(model, pairs)
         logger.info(f"Loaded SLA weights of {len(result.loaded_layers)} layers from {result.source}.")
         results.append(result)
     return results
@@ -505,9 +514,19 @@ def on_sla_enabled(model_or_pipe: Any, *, strict: bool = True) -> list[SLALoadRe
     for _, model in _sla_components(model_or_pipe):
         if getattr(model, _NO_REPLAY_ATTR, False) or _on_meta_device(model):
             continue
+        layers = [layer for _, _, layer in iter_sla_layers(model)]
+        fresh = [layer for layer in layers if not getattr(layer, _REPLAYED_ATTR, False)]
+        if len(fresh) < len(layers):
+            # Calling enable_sla again (new config, re-attached layers) must not overwrite trained weights with
+            # the file: replay only into a model whose SLA layers are all new.
+            if fresh:
+                logger.info(f"{len(fresh)} new SLA layers of {type(model).__name__} start from zero (no replay).")
+            _mark_replayed(model)
+            continue
         location = _load_location(model)
         if location is None or not location.get("path"):
             logger.info(f"{type(model).__name__} was not loaded from a folder or repo: no SLA weights to replay.")
+            _mark_replayed(model)
             continue
         try:
             filename, where = resolve_sla_file(
@@ -525,9 +544,11 @@ def on_sla_enabled(model_or_pipe: Any, *, strict: bool = True) -> list[SLALoadRe
                 UserWarning,
                 stacklevel=3,
             )
+            _mark_replayed(model)
             continue
         if filename is None:
             _missing_file_warning(model, where, stacklevel=3)
+            _mark_replayed(model)
             continue
         result = load_sla_state_dict(model, filename, strict=strict)
         logger.warning(
