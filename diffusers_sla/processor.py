@@ -28,6 +28,7 @@ import functools
 import inspect
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -81,10 +82,6 @@ class SLAAttnProcessor:
     `diffusers_sla.dispatch`; `sla_summary(model)` reports per layer what ran.
     """
 
-    # Read by diffusers' `set_attention_backend`. SLA needs the native backend: a module whose attention call does
-    # not reach torch SDPA is counted as a dense call (reason "attention_backend") and logged once.
-    _attention_backend = None
-
     # Parameter names advertised to module classes that filter keyword arguments by our signature; grows with every
     # processor we wrap (see `_advertise_parameters`).
     _advertised_names: dict[str, None] = dict.fromkeys(
@@ -99,10 +96,29 @@ class SLAAttnProcessor:
         self.backend = backend
         self._logged_reasons: set[str] = set()
         self._inner_parameters_cache: dict[type, tuple[frozenset, bool]] = {}
+        self._attached_modules = weakref.WeakSet()  # modules this instance was set on, for `_attention_backend`
+        self._backend_setting = None
+
+    # diffusers' `set_attention_backend` / `reset_attention_backend` set `processor._attention_backend` on each
+    # module's processor, which is this shared instance: pass the setting on to the processors SLA wraps, since they
+    # make the attention call. SLA needs the native backend: a module whose attention call does not reach torch SDPA
+    # is counted as a dense call (reason "attention_backend") and logged once.
+    @property
+    def _attention_backend(self):
+        return self._backend_setting
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self._backend_setting = backend
+        for attn in list(self._attached_modules):
+            inner = getattr(attn, INNER_PROCESSOR_ATTR, None)
+            if getattr(attn, "processor", None) is self and inner is not None and hasattr(inner, "_attention_backend"):
+                inner._attention_backend = backend
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"SLAAttnProcessor(topk={c.topk}, blkq={c.blkq}, blkk={c.blkk}, cross_attention={c.cross_attention!r}, "
+        return (f"SLAAttnProcessor(topk={c.topk}, blkq={c.blkq}, blkk={c.blkk}, "
+                f"cross_attention={c.cross_attention!r}, "
                 f"masked_attention={c.masked_attention!r}, min_kv_blocks={c.min_kv_blocks}, backend={self.backend!r})")
 
     def __call__(self, attn: nn.Module, *args, **kwargs):
@@ -205,13 +221,14 @@ class SLAAttnProcessor:
             "causal": "causal attention calls (is_causal=True) run dense",
             "cross_attention": f"cross-attention calls run dense (SLAConfig.cross_attention={c.cross_attention!r}; "
             "set it to 'sla' to run SLA there)",
-            "short_sequence": f"attention calls with fewer than min_kv_blocks * blkk = {c.min_kv_blocks * c.blkk} keys "
-            "run dense",
+            "short_sequence": "attention calls with fewer than min_kv_blocks * blkk = "
+            f"{c.min_kv_blocks * c.blkk} keys run dense",
             "key_padding_mask": "attention calls with a key padding mask run dense "
             f"(SLAConfig.masked_attention={c.masked_attention!r}; set it to 'sla' to run SLA there)",
             "attention_mask": "attention calls with a mask that is not a key padding mask run dense",
-            "attention_backend": f"{type(inner).__name__} uses the attention backend {backend_name!r}, which SLA cannot "
-            "intercept: those layers run that backend, not SLA. Call `model.reset_attention_backend()` to use SLA",
+            "attention_backend": f"{type(inner).__name__} uses the attention backend {backend_name!r}, which SLA "
+            "cannot intercept: those layers run that backend, not SLA. Call "
+            "`model.set_attention_backend('native')` to run SLA",
             "no_sdpa_call": f"{type(inner).__name__} ran without calling torch's scaled_dot_product_attention, so SLA "
             "did not run there",
             "linear_attention": f"{type(inner).__name__} is linear attention (no softmax attention to replace): it "
@@ -275,6 +292,7 @@ def _wrap_set_processor(cls) -> None:
             layer = self._modules.get(SLA_MODULE_NAME)
             if isinstance(layer, SparseLinearAttention):
                 layer.config, layer.backend = processor.config, processor.backend
+            processor._attached_modules.add(self)
             return original(self, processor)
         if isinstance(current, SLAAttnProcessor) and not getattr(_disabling, "active", False):
             # SLA stays on: the new processor is the one SLA wraps from now on (fuse_qkv_projections, IP-adapters).
@@ -282,7 +300,8 @@ def _wrap_set_processor(cls) -> None:
             _log_once(
                 ("replaced_inner", type(processor)), logging.WARNING,
                 f"{type(self).__name__}.set_processor({type(processor).__name__}) on a module running SLA: SLA stays "
-                f"on and now wraps {type(processor).__name__}. Call `diffusers_sla.disable_sla(model)` to turn SLA off.",
+                f"on and now wraps {type(processor).__name__}. Call `diffusers_sla.disable_sla(model)` to turn SLA "
+                "off.",
             )
             return None
         return original(self, processor)
@@ -526,9 +545,10 @@ class SLASummary:
         return {
             "sla_calls": self.sla_calls, "dense_calls": self.dense_calls, "mean_density": self.mean_density,
             "layers": [
-                {"path": l.path, "module_type": l.module_type, "sla_calls": l.sla_calls,
-                 "dense_calls": dict(l.dense_calls), "mean_density": l.mean_density, "has_sla_layer": l.has_sla_layer}
-                for l in self.layers
+                {"path": layer.path, "module_type": layer.module_type, "sla_calls": layer.sla_calls,
+                 "dense_calls": dict(layer.dense_calls), "mean_density": layer.mean_density,
+                 "has_sla_layer": layer.has_sla_layer}
+                for layer in self.layers
             ],
         }
 
