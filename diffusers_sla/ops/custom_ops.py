@@ -17,6 +17,18 @@ from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _linear_state, is_cuda
 
 
+# Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
+# wrote shows up in the result.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, device, dtype):
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -55,8 +67,8 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision):
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
     split = _split(n_kblk, B * H)
-    hs = torch.empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
-    zs = torch.empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
+    hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
+    zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
     _linear_state[(split, B * H)](
         k, v, hs, zs, *_strides(k), *_strides(v), H, Lk, n_kblk, split,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], DOT_PREC=dot_precision,
@@ -83,13 +95,13 @@ def sla_fwd(
     rest = linear_scope == "rest"
     has_linear = _has_linear(linear_scope, kept, n_kblk)
     ht, zt = _linear_totals(k, v, blkk, block_d, feature_map, dot_precision)
-    o = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
     s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
-    den = torch.empty(s_den, device=q.device, dtype=torch.float32)
-    o_l = torch.empty(s_ol, device=q.device, dtype=q.dtype)
-    rb = torch.empty(s_rb, device=q.device, dtype=q.dtype)
-    zb = torch.empty(s_zb, device=q.device, dtype=torch.float32)
+    den = _empty(s_den, device=q.device, dtype=torch.float32)
+    o_l = _empty(s_ol, device=q.device, dtype=q.dtype)
+    rb = _empty(s_rb, device=q.device, dtype=q.dtype)
+    zb = _empty(s_zb, device=q.device, dtype=torch.float32)
     _attn_fwd[(n_qblk, B * H)](
         q, k, v, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -150,14 +162,14 @@ def sla_bwd(
     stages = 1 if not is_cuda() else 2
 
     # -- preprocess: delta, dN, dd, dR_i, dz_i ----
-    delta = torch.empty(B, H, Lq, device=dev, dtype=torch.float32)
+    delta = _empty(B, H, Lq, device=dev, dtype=torch.float32)
     # dN = g / d can be large where d is small: keep float32 unless the compute dtype has float32's range
-    dn = torch.empty(B, H, Lq, D, device=dev, dtype=q.dtype if q.dtype == torch.bfloat16 else torch.float32) \
-        if has_linear else torch.empty(0, device=dev, dtype=q.dtype)
-    dd = torch.empty(B, H, Lq, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
-    drb = torch.empty(B, H, n_qblk, block_d, block_d, device=dev, dtype=q.dtype) if has_linear \
+    dn = _empty(B, H, Lq, D, device=dev, dtype=q.dtype if q.dtype == torch.bfloat16 else torch.float32) \
+        if has_linear else _empty(0, device=dev, dtype=q.dtype)
+    dd = _empty(B, H, Lq, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
+    drb = _empty(B, H, n_qblk, block_d, block_d, device=dev, dtype=q.dtype) if has_linear \
         else q.new_empty(0)
-    dzb = torch.empty(B, H, n_qblk, block_d, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
+    dzb = _empty(B, H, n_qblk, block_d, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
     _attn_bwd_preprocess[(n_qblk, B * H)](
         o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb,
         *_strides(o), *_strides(do), *_strides(q), H, Lq, n_qblk,
@@ -169,8 +181,8 @@ def sla_bwd(
     if has_linear:
         n_tiles = n_qblk
         split = _split(B * H * n_tiles, 8)
-        dwp = torch.empty(split, block_d, block_d, device=dev, dtype=torch.float32)
-        dbp = torch.empty(split, block_d, device=dev, dtype=torch.float32)
+        dwp = _empty(split, block_d, block_d, device=dev, dtype=torch.float32)
+        dbp = _empty(split, block_d, device=dev, dtype=torch.float32)
         _proj_grad[(split,)](
             do, o_l, dwp, dbp, *_strides(do), H, Lq, n_tiles, B * H * n_tiles, split,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision, num_warps=warps,
@@ -187,9 +199,9 @@ def sla_bwd(
 
     # -- main kernel: dK, dV over the column LUT, dQ over the LUT ----
     col_q, col_off, col_cnt = column_lut(lut, n_kblk)
-    dq = torch.empty(B, H, Lq, D, device=dev, dtype=q.dtype)
-    dk = torch.empty(B, H, Lk, D, device=dev, dtype=q.dtype)
-    dv = torch.empty(B, H, Lk, D, device=dev, dtype=q.dtype)
+    dq = _empty(B, H, Lq, D, device=dev, dtype=q.dtype)
+    dk = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
+    dv = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
     _attn_bwd[(n_kblk + n_qblk, B * H)](
         q, k, v, do, lse, delta, dn, dd, lut, col_q, col_off, col_cnt,
         rb, zb, ht, zt, drb, dzb, dht, dzt,

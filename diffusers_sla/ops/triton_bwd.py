@@ -19,7 +19,7 @@ scans all blocks.
 import triton
 import triton.language as tl
 
-from .triton_fwd import _feature_map, _feature_map_bwd, is_cuda
+from .triton_fwd import _feature_map, _feature_map_bwd, is_cuda, prune_configs
 
 
 @triton.jit
@@ -170,7 +170,7 @@ configs = [c for c in _bwd_configs() if keep(c)]
 
 
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
-                               "HAS_LINEAR", "FEATURE_MAP"])
+                               "HAS_LINEAR", "FEATURE_MAP"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
               RB, ZB, HT, ZT, DRB, DZB, DHT, DZT,  #

@@ -134,15 +134,31 @@ def _fwd_configs():
 
 
 def keep(conf):
-    # a 128-row tile with a D x D linear accumulator needs 8 warps to stay in registers
     return True
 
 
 configs = [c for c in _fwd_configs() if keep(c)]
 
 
+def heuristic_warps(block_m, block_n, block_d):
+    # a 128-row tile (or a 128 x 128 linear accumulator) needs 8 warps to stay in registers
+    return 8 if max(block_m, block_n) * block_d >= 128 * 128 else 4
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Autotuning is opt-in (DIFFUSERS_SLA_AUTOTUNE=1): by default one config chosen from the block shapes, so that a
+    new shape costs one compile, not a benchmark of every config."""
+    if len(configs) == 1 or os.environ.get("DIFFUSERS_SLA_AUTOTUNE") == "1":
+        return configs
+    args = {**named_args, **kwargs}
+    warps = heuristic_warps(args["BLOCK_M"], args.get("BLOCK_N", 0), args["BLOCK_D"])
+    stages = int(os.environ.get("DIFFUSERS_SLA_STAGES", "2"))
+    picked = [c for c in configs if c.num_warps == warps and c.num_stages == stages]
+    return picked[:1] or configs[:1]
+
+
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
-                               "FEATURE_MAP", "STORE_BWD"])
+                               "FEATURE_MAP", "STORE_BWD"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #

@@ -1,0 +1,338 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""GPU validation and benchmark of the Triton SLA backend (`diffusers_sla.ops.autograd.sla_triton`).
+
+    python benchmarks/kernel.py check            # bf16 vs a float32 restatement and the golden files, poisoned outputs
+    python benchmarks/kernel.py bench            # Wan2.1-1.3B layer: SDPA flash / cuDNN, ours, public reference
+    python benchmarks/kernel.py sweep            # L in 4K..64K x topk in {0.05, 0.1, 0.2}
+    python benchmarks/kernel.py all --out DIR    # all three; logs and JSON under DIR
+
+The public SLA reference (thu-ml/SLA) is optional: it is imported from $SLA_REFERENCE_PATH or `.device/sla_ref` when
+present. Timings are medians of `triton.testing.do_bench` (CUDA events) after warm-up; "bwd" is the backward alone
+(the graph is kept between repetitions), "fwd" runs without autograd (inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusers_sla.ops import custom_ops  # noqa: E402
+from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut  # noqa: E402
+from diffusers_sla.ops.reference import sla_reference  # noqa: E402
+from diffusers_sla.ops.selection import lut_to_block_map, select_blocks  # noqa: E402
+
+LOG = []
+
+
+def log(*args):
+    line = " ".join(str(a) for a in args)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def load_public_reference():
+    path = os.environ.get("SLA_REFERENCE_PATH", str(REPO / ".device" / "sla_ref"))
+    if not Path(path, "sparse_linear_attention").is_dir():
+        return None
+    sys.path.insert(0, path)
+    try:
+        from sparse_linear_attention import SparseLinearAttention as PublicSLA
+    except Exception as exc:  # optional comparison only
+        log(f"public reference not importable: {exc!r}")
+        return None
+    return PublicSLA
+
+
+def env_line():
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    return (f"GPU {p.name} ({p.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}, "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+
+
+# ===== Correctness =====
+
+
+def _inputs(B, H, Lq, Lk, D, dtype, seed, transposed=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def make(L):
+        if transposed:  # diffusers' (B, L, H, D) viewed as (B, H, L, D)
+            return torch.randn(B, L, H, D, generator=g, device="cuda").to(dtype).transpose(1, 2)
+        return torch.randn(B, H, L, D, generator=g, device="cuda").to(dtype)
+
+    q, k, v = make(Lq), make(Lk), make(Lk)
+    w = torch.randn(D, D, generator=g, device="cuda") / D**0.5
+    b = torch.randn(D, generator=g, device="cuda")
+    do = torch.randn(B, H, Lq, D, generator=g, device="cuda").to(dtype)
+    return q, k, v, w, b, do
+
+
+def _run_ours(q, k, v, w, b, do, lut=None, **kw):
+    ins = [x.detach().clone().requires_grad_(True) for x in (q, k, v, w, b)]
+    if lut is None:
+        o = sla_triton(*ins, **kw)
+    else:
+        kw = {key: val for key, val in kw.items() if key != "topk"}
+        o = sla_triton_with_lut(*ins, lut, **kw)
+    o.backward(do)
+    return [o.detach()] + [x.grad for x in ins]
+
+
+def check(args):
+    names = ["o", "dq", "dk", "dv", "dW", "db"]
+    custom_ops.POISON_OUTPUTS = True
+    failures = 0
+    cases = [
+        # B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, scope, dtype, transposed
+        (2, 3, 1000, 777, 128, 128, 64, 0.2, "softmax", "rest", torch.bfloat16, False),
+        (1, 2, 513, 513, 64, 64, 32, 0.3, "elu", "all", torch.bfloat16, False),
+        (1, 2, 300, 450, 96, 32, 128, 0.25, "relu", "rest", torch.bfloat16, False),
+        (1, 4, 700, 700, 72, 64, 64, 0.15, "softmax", "all", torch.bfloat16, True),
+        (1, 2, 640, 900, 112, 128, 128, 0.4, "elu", "rest", torch.float16, False),
+        (1, 2, 4096, 4096, 128, 128, 64, 0.05, "softmax", "rest", torch.bfloat16, True),
+        (1, 2, 333, 333, 128, 128, 64, 0.5, "softmax", "rest", torch.float32, False),  # fp32 computed in bf16
+        (1, 1, 256, 256, 64, 64, 64, 1.0, "softmax", "rest", torch.bfloat16, False),  # empty linear branch
+    ]
+    for i, (B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, tr) in enumerate(cases):
+        q, k, v, w, b, do = _inputs(B, H, Lq, Lk, D, dtype, seed=100 + i, transposed=tr)
+        kw = dict(topk=topk, blkq=blkq, blkk=blkk, feature_map=fm, linear_scope=scope, scale=0.9 * D**-0.5)
+        ours = _run_ours(q, k, v, w, b, do, **kw)
+        again = _run_ours(q, k, v, w, b, do, **kw)
+        lut = select_blocks(q, k, topk, blkq, blkk)
+        ref = _run_ref(q, k, v, w, b, do, lut, **kw)
+        errs = []
+        ok = True
+        for name, a, r in zip(names, ours, ref):
+            finite = bool(torch.isfinite(a).all())
+            e = rel_err(a, r) if r.norm() > 0 else float(a.abs().max())
+            errs.append(f"{name}={e:.1e}")
+            ok &= finite and e <= 2e-2
+        same = all(torch.equal(a, c) for a, c in zip(ours, again))
+        ok &= same
+        failures += not ok
+        log(f"[check {'ok' if ok else 'FAIL'}] B{B} H{H} Lq{Lq} Lk{Lk} D{D} {blkq}x{blkk} top{topk} {fm} {scope} "
+            f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same}")
+
+    golden = Path(os.environ.get("DIFFUSERS_SLA_GOLDEN_DIR", REPO / ".device" / "golden"))
+    if (golden / "index.json").is_file():
+        from safetensors.torch import load_file
+
+        for case, cfg in sorted(json.loads((golden / "index.json").read_text()).items()):
+            t = {key: val.cuda() for key, val in load_file(golden / f"{case}.safetensors").items()}
+            scope = {"main": "all", "sla1": "rest"}[cfg["variant"]]
+            kw = dict(topk=cfg["topk"], blkq=cfg["blkq"], blkk=cfg["blkk"], feature_map=cfg["feature_map"],
+                      linear_scope=scope)
+            lut = select_blocks(t["q"], t["k"], cfg["topk"], cfg["blkq"], cfg["blkk"])
+            same_map = torch.equal(lut_to_block_map(lut, t["block_map"].shape[-1]), t["block_map"].bool())
+            ours = _run_ours(t["q"], t["k"], t["v"], t["proj_l.weight"], t["proj_l.bias"], t["do"], **kw)
+            errs, ok = [], same_map
+            for name, a, key in zip(names, ours, ["o", "dq", "dk", "dv", "d_proj_l.weight", "d_proj_l.bias"]):
+                e = rel_err(a, t[key])
+                errs.append(f"{name}={e:.1e}")
+                ok &= bool(torch.isfinite(a).all()) and e <= 2e-2
+            failures += not ok
+            log(f"[golden {'ok' if ok else 'FAIL'}] {case}: block_map_equal={same_map} {' '.join(errs)}")
+    else:
+        log(f"[golden skipped] no golden files at {golden}")
+    custom_ops.POISON_OUTPUTS = False
+    log(f"check: {failures} failure(s)")
+    return failures
+
+
+def _run_ref(q, k, v, w, b, do, lut, **kw):
+    ins = [x.detach().float().requires_grad_(True) for x in (q, k, v, w, b)]
+    o = sla_reference(*ins, lut=lut, **kw)
+    o.backward(do.float())
+    return [o.detach()] + [x.grad for x in ins]
+
+
+# ===== Timing =====
+
+
+def bench_ms(fn, warmup=25, rep=100):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def time_provider(make_fwd, inputs, do):
+    """-> (fwd ms without autograd, bwd ms alone). The backward returns its gradients instead of accumulating them
+    into `.grad`, so that no provider pays for extra additions."""
+    with torch.no_grad():
+        fwd = bench_ms(lambda: make_fwd(*inputs))
+    out = make_fwd(*inputs)
+    bwd = bench_ms(lambda: torch.autograd.grad(out, inputs, do, retain_graph=True, allow_unused=True))
+    del out
+    return fwd, bwd
+
+
+def providers(D, topk, blkq, blkk, feature_map, PublicSLA):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def fn(q, k, v, w, b):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return fn
+
+    def ours(scope):
+        def fn(q, k, v, w, b):
+            return sla_triton(q, k, v, w, b, topk=topk, blkq=blkq, blkk=blkk, feature_map=feature_map,
+                              linear_scope=scope)
+        return fn
+
+    rows = [("SDPA flash", sdpa(SDPBackend.FLASH_ATTENTION)), ("SDPA cuDNN", sdpa(SDPBackend.CUDNN_ATTENTION)),
+            ("SLA ours (rest)", ours("rest")), ("SLA ours (all)", ours("all"))]
+    if PublicSLA is not None:
+        module = PublicSLA(head_dim=D, topk=topk, feature_map=feature_map, BLKQ=blkq, BLKK=blkk).cuda()
+        with torch.no_grad():  # non-zero proj_l so that its cost is the trained one
+            module.proj_l.weight.normal_(0, D**-0.5)
+
+        def public(q, k, v, w, b):
+            return module(q, k, v)
+        rows.append(("SLA public reference (all)", public))
+    return rows
+
+
+def wan_inputs(B, H, L, D, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+               for _ in range(3))
+    w = (torch.randn(D, D, generator=g, device="cuda") * D**-0.5).requires_grad_(True)
+    b = torch.randn(D, generator=g, device="cuda").requires_grad_(True)
+    do = torch.randn(B, H, L, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    return (q, k, v, w, b), do
+
+
+def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
+    (q, k, v, w, b), do = wan_inputs(B, H, L, D, seed=1)
+    lut = select_blocks(q, k, topk, blkq, blkk)
+    scale = D**-0.5
+    ops = torch.ops.diffusers_sla
+    parts = {"select_blocks": bench_ms(lambda: select_blocks(q, k, topk, blkq, blkk))}
+    parts["linear totals H,Z"] = bench_ms(lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32"))
+    parts["sla_fwd (inference)"] = bench_ms(
+        lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
+    saved = ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32")
+    parts["sla_fwd (training, stores)"] = bench_ms(
+        lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32"))
+    parts["column LUT"] = bench_ms(lambda: custom_ops.column_lut(lut, -(-L // blkk)))
+    parts["sla_bwd (all kernels)"] = bench_ms(
+        lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
+    for name, ms in parts.items():
+        log(f"  {name:<28s} {ms:8.3f} ms")
+    return parts
+
+
+def bench(args, PublicSLA):
+    B, H, L, D, topk, blkq, blkk, fm = 1, 12, 32760, 128, 0.05, 128, 64, "softmax"
+    log(f"== Wan2.1-1.3B self-attention layer: B={B} H={H} L={L} D={D} bf16 topk={topk} blocks {blkq}x{blkk} "
+        f"feature_map={fm} ==")
+    inputs, do = wan_inputs(B, H, L, D)
+    results = {}
+    for name, fn in providers(D, topk, blkq, blkk, fm, PublicSLA):
+        try:
+            results[name] = time_provider(fn, inputs, do)
+        except Exception as exc:  # a backend missing on this build: report, go on
+            log(f"{name}: failed: {exc!r}"[:300])
+    ours = results.get("SLA ours (rest)")
+    cudnn = results.get("SDPA cuDNN")
+    public = results.get("SLA public reference (all)")
+    ours_all = results.get("SLA ours (all)")
+    log(f"{'provider':<28s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'cuDNN/x fwd':>11s} {'cuDNN/x bwd':>11s}")
+    for name, (f, bw) in results.items():
+        rf = cudnn[0] / f if cudnn else float("nan")
+        rb = cudnn[1] / bw if cudnn else float("nan")
+        log(f"{name:<28s} {f:8.3f} {bw:8.3f} {f + bw:8.3f} {rf:11.2f} {rb:11.2f}")
+    if public and ours:
+        log(f"public reference / ours(rest): fwd {public[0] / ours[0]:.2f}x, bwd {public[1] / ours[1]:.2f}x")
+    if public and ours_all:
+        log(f"public reference / ours(all):  fwd {public[0] / ours_all[0]:.2f}x, bwd {public[1] / ours_all[1]:.2f}x")
+    del inputs, do
+    torch.cuda.empty_cache()
+    log("breakdown, ours (rest):")
+    parts = breakdown(B, H, L, D, topk, blkq, blkk, fm, "rest")
+    log("breakdown, ours (all):")
+    parts_all = breakdown(B, H, L, D, topk, blkq, blkk, fm, "all")
+    configs = {}
+    from diffusers_sla.ops.triton_bwd import _attn_bwd
+    from diffusers_sla.ops.triton_fwd import _attn_fwd
+
+    for kernel in (_attn_fwd, _attn_bwd):
+        best = getattr(kernel, "best_config", None)
+        configs[kernel.fn.__name__] = str(best)
+        log(f"config {kernel.fn.__name__}: {best}")
+    return {"results": results, "breakdown_rest": parts, "breakdown_all": parts_all, "configs": configs}
+
+
+def sweep(args, PublicSLA):
+    B, H, D, blkq, blkk, fm = 1, 12, 128, 128, 64, "softmax"
+    rows = []
+    log(f"== sweep: B={B} H={H} D={D} bf16 blocks {blkq}x{blkk} {fm}; ms (fwd / bwd) and cuDNN/ours ==")
+    log(f"{'L':>6s} {'topk':>5s} {'cuDNN fwd':>9s} {'cuDNN bwd':>9s} {'ours fwd':>8s} {'ours bwd':>8s} "
+        f"{'x fwd':>6s} {'x bwd':>6s} {'pub fwd':>8s} {'pub bwd':>8s} {'pub/ours f':>10s} {'pub/ours b':>10s}")
+    for L in args.lengths:
+        inputs, do = wan_inputs(B, H, L, D, seed=L)
+        sdpa_rows = providers(D, 0.05, blkq, blkk, fm, None)
+        cudnn = time_provider(sdpa_rows[1][1], inputs, do)
+        for topk in args.topks:
+            provs = dict(providers(D, topk, blkq, blkk, fm, PublicSLA))
+            ours = time_provider(provs["SLA ours (rest)"], inputs, do)
+            pub = time_provider(provs["SLA public reference (all)"], inputs, do) if PublicSLA else (float("nan"),) * 2
+            rows.append(dict(L=L, topk=topk, cudnn=cudnn, ours=ours, public=pub))
+            log(f"{L:6d} {topk:5.2f} {cudnn[0]:9.3f} {cudnn[1]:9.3f} {ours[0]:8.3f} {ours[1]:8.3f} "
+                f"{cudnn[0] / ours[0]:6.1f} {cudnn[1] / ours[1]:6.1f} {pub[0]:8.3f} {pub[1]:8.3f} "
+                f"{pub[0] / ours[0]:10.2f} {pub[1] / ours[1]:10.2f}")
+        del inputs, do
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["check", "bench", "sweep", "all"])
+    parser.add_argument("--out", default=None, help="folder for log.txt and results.json")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32760, 65536])
+    parser.add_argument("--topks", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernel.py needs a CUDA GPU.")
+    log(env_line())
+    PublicSLA = load_public_reference()
+    log(f"public SLA reference: {'found' if PublicSLA else 'not installed'}")
+    out = {}
+    t0 = time.time()
+    failures = 0
+    if args.what in ("check", "all"):
+        failures = check(args)
+    if args.what in ("bench", "all"):
+        out["bench"] = bench(args, PublicSLA)
+    if args.what in ("sweep", "all"):
+        out["sweep"] = sweep(args, PublicSLA)
+    log(f"total {time.time() - t0:.0f} s")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "log.txt").write_text("\n".join(LOG) + "\n")
+        Path(args.out, "results.json").write_text(json.dumps(out, indent=1, default=str))
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
