@@ -214,7 +214,9 @@ def convert_simpletuner_sla(
     for key, entry in data["state"].items():
         head, _, dtype = str(key).partition(":")
         if not head.strip().isdigit() or not isinstance(entry, dict):
-            raise ValueError(f"Unexpected `state` entry {key!r} in {os.fspath(source)}: expected '<head_dim>:<dtype>'.")
+            raise ValueError(
+                f"Unexpected `state` entry {key!r} in {os.fspath(source)}: expected '<head_dim>:<dtype>'."
+            )
         if source_dtype is not None and dtype.replace("torch.", "") != source_dtype.replace("torch.", ""):
             continue
         by_head_dim.setdefault(int(head), []).append((str(key), entry))
@@ -287,10 +289,13 @@ def convert_turbodiffusion_wan(
     if not found:
         raise ValueError(
             f"No `blocks.<i>.self_attn.attn_op.local_attn.proj_l.*` entries in {os.fspath(source)}"
-            f"{f' under prefix {key_prefix!r}' if key_prefix is not None else ''}: not a TurboDiffusion Wan checkpoint."
+            f"{f' under prefix {key_prefix!r}' if key_prefix is not None else ''}: not a TurboDiffusion Wan "
+            "checkpoint."
         )
     if len(found) > 1:
-        raise ValueError(f"The checkpoint holds SLA weights under several prefixes {sorted(found)}: pass `key_prefix=`.")
+        raise ValueError(
+            f"The checkpoint holds SLA weights under several prefixes {sorted(found)}: pass `key_prefix=`."
+        )
     blocks = next(iter(found.values()))
 
     target = None if model is None else _resolve_target(model, sla_config, subfolder)
@@ -342,4 +347,4 @@ def _finish(tensors, sla_config, target, matched, unmatched, output, source_kind
     return ConversionResult(path, tensors, sla_config, matched, unmatched)
 
 
-__all__ = ["ConversionResult", "LEGACY_CONFIG_DEFAULTS", "convert_simpletuner_sla", "convert_turbodiffusion_wan"]
+__all__ = ["LEGACY_CONFIG_DEFAULTS", "ConversionResult", "convert_simpletuner_sla", "convert_turbodiffusion_wan"]

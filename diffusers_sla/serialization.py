@@ -109,7 +109,10 @@ def _sla_file_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     if not layers:
         raise ValueError(f"{type(model).__name__} has no SLA layers to save: call `enable_sla` first.")
     # Own, contiguous CPU copies: safetensors refuses shared or non-contiguous storage.
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in get_sla_state_dict(model).items()}
+    tensors = {
+        key: value.detach().to("cpu", torch.float32).contiguous().clone()
+        for key, value in get_sla_state_dict(model).items()
+    }
     common = layers[0][2].config
     layer_configs = {
         path: layer.config.operator_dict() for path, _, layer in layers if layer.config.operator_differences(common)
@@ -396,7 +399,8 @@ def resolve_sla_file(
         if snapshot is not None:
             # Pipelines download only the files diffusers needs: the SLA file lives in the same repo and commit.
             cache_root, repo_id, commit, sub = snapshot
-            return _hub_download(repo_id, weight_name, sub, **{**hub_kwargs, "revision": commit, "cache_dir": cache_root})
+            hub_kwargs.update(revision=commit, cache_dir=cache_root)
+            return _hub_download(repo_id, weight_name, sub, **hub_kwargs)
         return None, candidate
     if _looks_like_local_path(text):
         raise FileNotFoundError(f"No such file or directory: {text!r} (looking for SLA weights `{weight_name}`).")
@@ -564,7 +568,9 @@ def on_sla_disabled(model_or_pipe: Any) -> None:
     so that the processor does not change when something is."""
 
 
-def peek_sla_config(path_or_repo_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> SLAConfig | None:
+def peek_sla_config(
+    path_or_repo_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs
+) -> SLAConfig | None:
     """The `SLAConfig` stored in the SLA weights at `path_or_repo_id` (see `resolve_sla_file`), or `None` when there
     is no such file. Lets `enable_sla` default to the config the weights were trained with."""
     filename, _ = resolve_sla_file(path_or_repo_id, subfolder, **hub_kwargs)

@@ -4,11 +4,13 @@ push_to_hub, the replay in `enable_sla`, bad files (message + model untouched) a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, build_tiny_pipeline, forward_output
 
-import diffusers_sla.serialization as serialization
+from diffusers_sla import serialization
 from diffusers_sla.constants import SLA_WEIGHTS_NAME
 from diffusers_sla.converters import convert_simpletuner_sla, convert_turbodiffusion_wan
 from diffusers_sla.layer import iter_sla_layers
@@ -43,8 +45,8 @@ def sla_snapshot(model) -> dict[str, torch.Tensor]:
 
 def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
 
 
 def enabled_tiny(family: str, seed: int = 0, sla_seed: int | None = None, **overrides):
@@ -202,7 +204,7 @@ def test_metadata(tmp_path):
     assert meta["model_class"] == "WanTransformer3DModel"
     weights = read_sla_file(path)
     assert weights.config.topk == 0.5 and weights.config.blkk == TEST_SLA_OVERRIDES["blkk"]
-    assert set(eval(meta["head_dims"]).values()) == {16}  # noqa: S307 - our own JSON dict of ints
+    assert set(json.loads(meta["head_dims"]).values()) == {16}
 
 
 # ===== Hub: push_to_hub and loading by repo id =====
@@ -252,9 +254,9 @@ def intercepted_hub(monkeypatch):
         base = {rel: safetensors_keys(full) for rel, full in files.items() if rel.endswith(BASE_WEIGHTS)}
         uploads.append({"repo_id": repo_id, "files": sorted(files), "sla": sla, "base_keys": base})
 
-    import diffusers.models.modeling_utils as modeling_utils
-    import diffusers.pipelines.pipeline_utils as pipeline_utils
-    import diffusers.utils.hub_utils as hub_utils
+    from diffusers.models import modeling_utils
+    from diffusers.pipelines import pipeline_utils
+    from diffusers.utils import hub_utils
 
     for module in (modeling_utils, pipeline_utils, hub_utils):
         if hasattr(module, "create_repo"):
@@ -315,6 +317,28 @@ def test_replay_from_offline_cache_with_subfolder(offline_hub_cache):
     loaded = type(source.model).from_pretrained("user/tiny-wan-sla", subfolder="transformer")
     enable_sla(loaded, **TEST_SLA_OVERRIDES)
     assert_same_state(sla_snapshot(loaded), sla_snapshot(source.model))
+
+
+def test_pipeline_from_offline_cache_replays(offline_hub_cache):
+    pipe, _ = build_tiny_pipeline("flux", seed=0)
+    enable_sla(pipe, **TEST_SLA_OVERRIDES)
+    randomize_sla(pipe.transformer, 14)
+    pipe.save_pretrained(populate_cache(offline_hub_cache, "user/tiny-flux-pipe"))
+
+    absent = {name: None for name, component in pipe.components.items() if component is None}
+    loaded = type(pipe).from_pretrained("user/tiny-flux-pipe", local_files_only=True, **absent)
+    enable_sla(loaded, **TEST_SLA_OVERRIDES)
+    assert_same_state(sla_snapshot(loaded.transformer), sla_snapshot(pipe.transformer))
+
+
+def test_hf_cache_paths_lead_back_to_the_repo(tmp_path):
+    # Pipelines load components from cache snapshots without downloading the SLA file: the snapshot folder says
+    # which repo, commit and subfolder to fetch it from.
+    folder = tmp_path / "hub" / "models--user--tiny-wan" / "snapshots" / ("b" * 40) / "transformer"
+    assert serialization._parse_hf_cache_path(str(folder)) == (
+        str(tmp_path / "hub"), "user/tiny-wan", "b" * 40, "transformer"
+    )
+    assert serialization._parse_hf_cache_path(str(tmp_path / "plain" / "transformer")) is None
 
 
 def test_missing_file_in_offline_cache_warns(offline_hub_cache):
@@ -383,7 +407,7 @@ def _expect_error(model, before, path, match, strict=True, error=ValueError):
 
 def test_bad_truncated_file(bad_file_setup):
     model, before, good, tmp = bad_file_setup
-    data = open(good, "rb").read()
+    data = Path(good).read_bytes()
     for cut in (len(data) // 2, 6):
         bad = tmp / f"truncated_{cut}.safetensors"
         bad.write_bytes(data[:cut])
@@ -423,7 +447,9 @@ def test_bad_extra_layer(bad_file_setup):
     model, before, good, tmp = bad_file_setup
     extra = {"transformer_blocks.7.attn.proj_l.weight": torch.randn(16, 16)}
     rewrite(good, tmp / "extra.safetensors", add=extra)
-    _expect_error(model, before, tmp / "extra.safetensors", r"extra entries .*'transformer_blocks.7.attn.proj_l.weight'")
+    _expect_error(
+        model, before, tmp / "extra.safetensors", r"extra entries .*'transformer_blocks.7.attn.proj_l.weight'"
+    )
     with pytest.warns(UserWarning, match="extra entries"):
         load_sla(model, tmp / "extra.safetensors", strict=False)
     assert_same_state(sla_snapshot(model), read_sla_file(good).tensors)
@@ -485,7 +511,9 @@ def test_pipeline_bad_component_leaves_everything_unchanged(tmp_path):
 def simpletuner_file(path, head_dims=(16,), seed=30, settings=None):
     gen = torch.Generator().manual_seed(seed)
     state = {
-        f"{d}:torch.bfloat16": {"proj_l.weight": torch.randn(d, d, generator=gen), "proj_l.bias": torch.randn(d, generator=gen)}
+        f"{d}:torch.bfloat16": {
+            "proj_l.weight": torch.randn(d, d, generator=gen), "proj_l.bias": torch.randn(d, generator=gen)
+        }
         for d in head_dims
     }
     torch.save({"settings": settings or {"topk": 0.3, "blkq": 32, "blkk": 32, "tie_feature_map_qk": True},
