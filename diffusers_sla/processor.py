@@ -407,7 +407,9 @@ def enable_sla(
             `nn.Module`; every submodule with `set_processor` (diffusers `Attention` and `AttentionModuleMixin`
             modules) gets the processor, whether or not the model has `set_attn_processor`.
         config (`SLAConfig`, `dict`, JSON string or path, *optional*): SLA settings; keyword overrides win
-            (`enable_sla(pipe, topk=0.15)`).
+            (`enable_sla(pipe, topk=0.15)`). With neither a config nor overrides, the config stored in the
+            `sla_attention.safetensors` found at the model's load location is used if there is one, else the
+            defaults.
         backend (`str`, *optional*, defaults to `"auto"`): SLA backend, `"auto"`, `"torch"` or `"triton"`.
         sla_layers (`dict`, *optional*): layers returned by `disable_sla`, re-attached instead of fresh ones, so
             trained `proj_l` weights survive a disable/enable round trip.
@@ -420,11 +422,21 @@ def enable_sla(
     Returns:
         the `SLAAttnProcessor` installed.
     """
-    from .serialization import on_sla_enabled
+    from .serialization import on_sla_enabled, sla_config_at_load_location
 
+    targets = _target_models(pipe_or_model)
+    if config is None and not overrides:
+        # Weights trained with SLA must be served with the operator they were trained with: default to it. With
+        # explicit settings the user's config stands and a mismatch with the file is reported by `on_sla_enabled`.
+        for _, model in targets:
+            stored = sla_config_at_load_location(model)
+            if stored is not None:
+                logger.info("enable_sla: using the SLA config stored with %s's SLA weights.", type(model).__name__)
+                config = stored
+                break
     processor = SLAAttnProcessor(config, backend=backend, **overrides)
     sla_layers = dict(sla_layers or {})
-    for prefix, model in _target_models(pipe_or_model):
+    for prefix, model in targets:
         modules = [(path, m) for path, m in model.named_modules() if _is_attention_module(m)]
         if not modules:
             raise ValueError(
@@ -607,3 +619,9 @@ def reset_sla_stats(pipe_or_model) -> None:
     """Zero the per-layer counters that `sla_summary` reports."""
     for _, attn in _sla_modules(pipe_or_model):
         layer_stats(attn).reset()
+
+
+# Importing the processor installs serialization's `from_pretrained` / `save_pretrained` hooks too, so that a model
+# loaded after `from diffusers_sla import enable_sla` remembers where its SLA weights are. Last, so that a future
+# `serialization -> processor` import finds every name defined.
+from . import serialization  # noqa: E402, F401

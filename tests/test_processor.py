@@ -564,3 +564,19 @@ def test_bad_input():
         enable_sla(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="`sla_layers`"):
         enable_sla(build_tiny_model("flux").model, sla_layers={"nowhere": SparseLinearAttention(16)})
+
+
+def test_enable_sla_replays_saved_weights_and_their_config(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    model, make_inputs = build_tiny_model("flux")
+    inputs = make_inputs(seed=21)
+    enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
+    _randomize_proj_l(model)
+    trained = _run(model, inputs)
+    model.save_pretrained(tmp_path)
+
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path).eval()
+    enable_sla(loaded)  # no config: the stored one (topk=0.5, blocks of 32) and the trained proj_l come back
+    assert all(layer.config.topk == 0.5 and layer.config.blkk == 32 for _, _, layer in iter_sla_layers(loaded))
+    assert torch.equal(_run(loaded, inputs), trained)
