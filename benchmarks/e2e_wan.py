@@ -145,7 +145,7 @@ def main() -> None:
         print(f"{name}: self-attention is {fraction:.0%} of the forward; infinitely fast attention would bound the "
               f"end-to-end forward speed-up at {1 / (1 - fraction):.2f}x")
     for topk, summary in densities.items():
-        print(f"SLA topk={topk}: measured density {summary.mean_density():.3f} over the self-attention layers")
+        print(f"SLA topk={topk}: measured density {summary.mean_density:.3f} over the self-attention layers")
 
 
 if __name__ == "__main__":

@@ -3,32 +3,39 @@
 
 __version__ = "0.1.0"
 
+import importlib.util
+
 from .config import SLAConfig
 from .layer import SparseLinearAttention, iter_sla_layers
 from .ops import sparse_linear_attention
 
-# The processor imports diffusers (and hooks its `set_processor`): loaded on first use, so `import diffusers_sla` stays
-# light. Getting `SLAAttnProcessor` imports it, so the hook is always in place before the processor is set.
-_PROCESSOR_EXPORTS = ("SLAAttnProcessor", "disable_sla", "enable_sla", "reset_sla_stats", "sla_summary")
-
-
-def __getattr__(name):
-    if name in _PROCESSOR_EXPORTS:
-        from . import processor
-
-        return getattr(processor, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# diffusers is a dependency, but the operator alone runs without it (e.g. on a bare GPU box that benchmarks the
+# kernels): import the diffusers glue only where diffusers is installed.
+if importlib.util.find_spec("diffusers") is not None:
+    # Imported now, not on first use: `from_pretrained` must be wrapped before a model is loaded, so that
+    # `enable_sla` later finds the `sla_attention.safetensors` saved beside its weights (subfolder included), and
+    # `save_pretrained` must write that file for models made SLA-capable by `set_attn_processor`.
+    from .converters import ConversionResult, convert_simpletuner_sla, convert_turbodiffusion_wan
+    from .processor import SLAAttnProcessor, disable_sla, enable_sla, reset_sla_stats, sla_summary
+    from .serialization import SLALoadResult, SLAWeightsFile, load_sla, read_sla_file, save_sla
 
 __all__ = [
+    "ConversionResult",
     "SLAAttnProcessor",
     "SLAConfig",
+    "SLALoadResult",
+    "SLAWeightsFile",
     "SparseLinearAttention",
     "__version__",
+    "convert_simpletuner_sla",
+    "convert_turbodiffusion_wan",
     "disable_sla",
     "enable_sla",
     "iter_sla_layers",
+    "load_sla",
+    "read_sla_file",
     "reset_sla_stats",
+    "save_sla",
     "sla_summary",
     "sparse_linear_attention",
 ]

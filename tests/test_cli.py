@@ -1,0 +1,87 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""The `diffusers-sla` command: demo, inspect, convert, bench (`cli.py`, `demo.py`)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_sla.cli import main
+from diffusers_sla.tiny import build_tiny_pipeline
+
+
+def test_demo_wan_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.attn1" in out and "cross_attention" in out  # per-layer table, with the dense reason
+    assert "max abs difference 0.00e+00" in out  # save -> reload reproduced the SLA run exactly
+    png, gif = tmp_path / "wan_dense_vs_sla.png", tmp_path / "wan_dense_vs_sla.gif"
+    assert Image.open(png).size == (3 * 256 + 16, 256)
+    assert Image.open(gif).n_frames == 9
+    assert (tmp_path / "wan_pipeline" / "transformer" / "sla_attention.safetensors").is_file()
+
+
+def test_demo_flux(tmp_path, capsys):
+    assert main(["demo", "--family", "flux", "--output-dir", str(tmp_path), "--steps", "2", "--height", "256",
+                 "--width", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "single_transformer_blocks.0.attn" in out
+    assert (tmp_path / "flux_dense_vs_sla.png").is_file()
+
+
+@pytest.fixture
+def saved_wan_transformer(tmp_path):
+    from diffusers_sla import enable_sla, iter_sla_layers
+
+    transformer = build_tiny_pipeline("wan").transformer
+    enable_sla(transformer)
+    with torch.no_grad():
+        for _, _, layer in iter_sla_layers(transformer):
+            layer.proj_l.weight.normal_()
+            layer.proj_l.bias.fill_(0.5)
+    transformer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_inspect_prints_config_layers_and_norms(saved_wan_transformer, capsys):
+    assert main(["inspect", str(saved_wan_transformer)]) == 0
+    out = capsys.readouterr().out
+    assert "topk: 0.2" in out and "layers: 2" in out
+    assert "blocks.1.attn1  32x32   32" in out
+    assert f"{0.5 * 32 ** 0.5:.4g}" in out  # |b| of a bias filled with 0.5
+
+
+def test_inspect_missing_file_fails_clearly(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "no sla_attention.safetensors" in capsys.readouterr().err
+
+
+def test_convert_simpletuner_file(saved_wan_transformer, tmp_path, capsys):
+    weight, bias = torch.randn(32, 32), torch.randn(32)
+    legacy = tmp_path / "sla_attention.pt"
+    torch.save({"settings": {"topk": 0.2}, "state": {"32:torch.bfloat16": {"proj_l.weight": weight,
+                                                                          "proj_l.bias": bias}}}, legacy)
+    out_dir = tmp_path / "converted"
+    assert main(["convert", str(legacy), str(out_dir), "--model", str(saved_wan_transformer)]) == 0
+    assert "2 layers" in capsys.readouterr().out
+    from diffusers_sla import read_sla_file
+
+    weights = read_sla_file(out_dir / "sla_attention.safetensors")
+    assert torch.equal(weights.tensors["blocks.1.attn1.proj_l.weight"], weight)
+
+
+def test_bench_without_cuda_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    assert main(["bench"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_bad_arguments():
+    result = subprocess.run([sys.executable, "-m", "diffusers_sla", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "inspect" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "diffusers_sla", "demo", "--family", "sd9"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "invalid choice: 'sd9'" in result.stderr
