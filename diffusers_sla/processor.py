@@ -115,6 +115,16 @@ class SLAAttnProcessor:
             if getattr(attn, "processor", None) is self and inner is not None and hasattr(inner, "_attention_backend"):
                 inner._attention_backend = backend
 
+    def __getstate__(self) -> dict:
+        # Weak references do not pickle (`torch.save(model)`); modules re-register at their next call.
+        state = dict(self.__dict__)
+        state["_attached_modules"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._attached_modules = weakref.WeakSet()
+
     def __repr__(self) -> str:
         c = self.config
         return (f"SLAAttnProcessor(topk={c.topk}, blkq={c.blkq}, blkk={c.blkk}, "
@@ -129,6 +139,7 @@ class SLAAttnProcessor:
                 "SLAAttnProcessor, or `diffusers_sla` was imported after `set_attn_processor`). Build the model with "
                 "its own processors, import diffusers_sla, then call `enable_sla(model)`."
             )
+        self._attached_modules.add(attn)
         kwargs = self._kwargs_for(inner, kwargs)
         with routing_scope(attn, self) as scope:
             output = inner(attn, *args, **kwargs)

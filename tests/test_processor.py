@@ -580,3 +580,20 @@ def test_enable_sla_replays_saved_weights_and_their_config(tmp_path):
     enable_sla(loaded)  # no config: the stored one (topk=0.5, blocks of 32) and the trained proj_l come back
     assert all(layer.config.topk == 0.5 and layer.config.blkk == 32 for _, _, layer in iter_sla_layers(loaded))
     assert torch.equal(_run(loaded, inputs), trained)
+
+
+def test_model_with_sla_survives_deepcopy_and_pickle():
+    import copy
+    import io
+
+    model, make_inputs = build_tiny_model("flux")
+    inputs = make_inputs(seed=22)
+    enable_sla(model, topk=0.2, **TEST_SLA_OVERRIDES)
+    _randomize_proj_l(model)
+    expected = _run(model, inputs)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert torch.equal(_run(clone, inputs), expected)
+        assert sla_summary(clone).sla_calls > 0
