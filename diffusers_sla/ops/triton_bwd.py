@@ -201,9 +201,9 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         start_n = pid
         offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_CTX_KV
-        mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=mask, other=0.0)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=kv_mask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dhs = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
@@ -228,16 +228,16 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
             dphik = tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=DOT_PREC) + dz[None, :]
             dk += _feature_map_bwd(kf, phik, dphik, FEATURE_MAP)
         out = (hz * N_CTX_KV + offs_n)[:, None] * HEAD_DIM + offs_k[None, :]
-        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
     else:
         # ---- query-block program: dQ ----
         start_m = pid - N_KBLK
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N_CTX_Q
-        mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=mask, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=q_mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=q_mask, other=0.0)
         m = tl.load(M + row_base + offs_m, mask=m_ok, other=0.0)
         Di = tl.load(D + row_base + offs_m, mask=m_ok, other=0.0)
         blk = hz * N_QBLK + start_m
@@ -253,11 +253,11 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
             else:
                 r = tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
                 z = tl.load(ZT + hz * BLOCK_D + offs_k)
-            dn = tl.load(DN + (row_base + offs_m)[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0)
+            dn = tl.load(DN + (row_base + offs_m)[:, None] * HEAD_DIM + offs_k[None, :], mask=q_mask, other=0.0)
             dd = tl.load(DD + row_base + offs_m, mask=m_ok, other=0.0)
             dphiq = tl.dot(dn.to(q.dtype), tl.trans(r.to(q.dtype)), input_precision=DOT_PREC) + \
                 dd[:, None] * z[None, :]
             qf = q.to(tl.float32)
             dq += _feature_map_bwd(qf, _feature_map(qf, d_ok, FEATURE_MAP), dphiq, FEATURE_MAP)
         tl.store(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_k[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=mask)
+                 mask=q_mask)

@@ -1,0 +1,277 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""The Triton SLA backend (`ops/triton_fwd.py`, `ops/triton_bwd.py`, `ops/custom_ops.py`, `ops/autograd.py`) against
+the PyTorch operator, forward and backward.
+
+Without a GPU the real kernels run under the Triton interpreter (`TRITON_INTERPRET=1`, float32 and float16, small
+sizes). The interpreter must be chosen before Triton is imported, and other test modules import Triton without it, so
+those cases run in one subprocess per test session (`interpreter_results`). On a CUDA machine the same cases, plus
+bf16 ones and the golden files, run in-process (`@pytest.mark.gpu`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffusers_sla.ops.reference import sla_reference
+from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
+from diffusers_sla.utils.import_utils import is_triton_available
+
+from testing_utils import GOLDEN_DIR, REPO_ROOT, golden_cases, rel_err, require_cuda, require_golden
+
+GRAD_NAMES = ("o", "dq", "dk", "dv", "dW", "db")
+
+# B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, strided
+INTERPRETER_CASES = {
+    "partial_blocks_lq_ne_lk_softmax_rest_fp32": (1, 2, 100, 130, 32, 32, 32, 0.4, "softmax", "rest", "float32", 0),
+    "d24_padded_elu_all_fp32": (1, 1, 70, 200, 24, 32, 64, 0.3, "elu", "all", "float32", 0),
+    "relu_rest_fp16_batch2": (2, 1, 128, 96, 64, 64, 32, 0.5, "relu", "rest", "float16", 0),
+    "softmax_all_fp16": (1, 1, 100, 130, 32, 32, 32, 0.4, "softmax", "all", "float16", 0),
+    "strided_inputs_elu_rest_fp32": (1, 2, 96, 160, 16, 32, 32, 0.25, "elu", "rest", "float32", 1),
+    "block128_softmax_rest_fp32": (1, 1, 200, 300, 32, 128, 128, 0.5, "softmax", "rest", "float32", 0),
+    "every_block_selected_rest_fp32": (1, 1, 64, 64, 32, 32, 32, 1.0, "softmax", "rest", "float32", 0),
+}
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 2e-2}
+
+# Runs inside the subprocess and in-process on a GPU: one case, forward + backward, errors against the float64
+# operator on the same block map. A gradient that is exactly zero in the reference must be exactly zero here.
+CASE_CODE = textwrap.dedent('''
+    import torch
+    from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut
+    from diffusers_sla.ops.reference import sla_reference
+    from diffusers_sla.ops.selection import select_blocks
+
+    def run_case(B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, strided, device="cpu", seed=0):
+        dtype = getattr(torch, dtype)
+        g = torch.Generator().manual_seed(seed)
+
+        def make(L):
+            if strided:  # diffusers hands (B, L, H, D) tensors transposed to (B, H, L, D)
+                return torch.randn(B, L, H, D, generator=g).to(device, dtype).transpose(1, 2)
+            return torch.randn(B, H, L, D, generator=g).to(device, dtype)
+
+        q, k, v = make(Lq), make(Lk), make(Lk)
+        w = (torch.randn(D, D, generator=g) / D**0.5).to(device)
+        b = torch.randn(D, generator=g).to(device)
+        do = torch.randn(B, H, Lq, D, generator=g).to(device, dtype)
+        scale = 0.8 * D**-0.5
+        kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
+        lut = select_blocks(q, k, topk, blkq, blkk)
+        ours = [x.detach().clone().requires_grad_(True) for x in (q, k, v, w, b)]
+        o = sla_triton(*ours, topk=topk, **kw)
+        o.backward(do)
+        ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, w, b)]
+        r = sla_reference(*ref, topk=topk, lut=lut, **kw)
+        r.backward(do.double())
+        errors = []
+        for out, expected in zip([o] + [x.grad for x in ours], [r] + [x.grad for x in ref]):
+            finite = bool(torch.isfinite(out).all())
+            if expected.norm() == 0:
+                errors.append(0.0 if (finite and out.abs().max() == 0) else float("inf"))
+            else:
+                err = ((out.double() - expected).norm() / expected.norm()).item()
+                errors.append(err if finite else float("inf"))
+        return {"errors": errors, "dtype": str(o.dtype), "shape": list(o.shape)}
+''')
+
+
+def _triton_usable_on_cpu() -> tuple[bool, str]:
+    if not is_triton_available():
+        return False, "Triton is not installed"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import triton.language as tl; import triton; triton.jit(lambda: None)"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    if probe.returncode != 0:
+        return False, f"the Triton interpreter does not start here: {probe.stderr.strip()[-300:]}"
+    return True, ""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    usable, reason = _triton_usable_on_cpu()
+    if not usable:
+        pytest.skip(f"neither CUDA nor the Triton interpreter is usable: {reason}")
+    script = CASE_CODE + textwrap.dedent('''
+        import json, sys
+        cases = json.loads(sys.argv[1])
+        results = {name: run_case(*args) for name, args in cases.items()}
+        print("RESULTS" + json.dumps(results))
+    ''')
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT) + os.pathsep +
+           os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(INTERPRETER_CASES)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
+    return json.loads(line[len("RESULTS"):])
+
+
+@pytest.mark.parametrize("name", sorted(INTERPRETER_CASES))
+def test_interpreter_matches_reference(interpreter_results, name):
+    args = INTERPRETER_CASES[name]
+    result = interpreter_results[name]
+    B, H, Lq, _, D = args[:5]
+    assert result["shape"] == [B, H, Lq, D]
+    assert result["dtype"] == f"torch.{args[10]}"
+    tol = TOLERANCE[args[10]]
+    for grad_name, err in zip(GRAD_NAMES, result["errors"]):
+        assert err <= tol, f"{grad_name}: relative error {err:.2e} > {tol:.0e}"
+
+
+COMPILE_SCRIPT = textwrap.dedent('''
+    import torch
+    from diffusers_sla.ops.autograd import sla_triton
+    from diffusers_sla.ops import custom_ops
+    from diffusers_sla.ops.selection import select_blocks
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 96, 32) for _ in range(3))
+    w, b = torch.randn(32, 32) / 32**0.5, torch.randn(32)
+    do = torch.randn(1, 2, 96, 32)
+    kw = dict(topk=0.5, blkq=32, blkk=32, feature_map="elu", linear_scope="rest")
+
+    def step(q, k, v, w, b):
+        return sla_triton(q, k, v, w, b, **kw)
+
+    grads = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        ins = [x.clone().requires_grad_(True) for x in (q, k, v, w, b)]
+        out = fn(*ins)
+        out.backward(do)
+        grads.append([out] + [x.grad for x in ins])
+    for a, e in zip(*grads):
+        assert ((a - e).norm() / e.norm()).item() < 1e-5
+    lut = select_blocks(q, k, 0.5, 32, 32)
+    args = (q, k, v, w, b, lut, 32**-0.5, "elu", "rest", 32, 32, True, "ieee")
+    torch.library.opcheck(torch.ops.diffusers_sla.sla_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    saved = torch.ops.diffusers_sla.sla_fwd(*args)
+    torch.library.opcheck(torch.ops.diffusers_sla.sla_bwd.default,
+                          (do, q, k, v, w, b, *saved, lut, 32**-0.5, "elu", "rest", 32, 32, "ieee"),
+                          test_utils=("test_schema", "test_faketensor"))
+    print("COMPILE_OK")
+''')
+
+
+def test_torch_compile_fullgraph_and_fake_impls():
+    """torch.compile(fullgraph=True) through the custom ops (no graph break), same values as eager, and opcheck of
+    both ops' schemas and fake implementations."""
+    if torch.cuda.is_available():
+        env = dict(os.environ)
+    else:
+        usable, reason = _triton_usable_on_cpu()
+        if not usable:
+            pytest.skip(f"neither CUDA nor the Triton interpreter is usable: {reason}")
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    script = COMPILE_SCRIPT if not torch.cuda.is_available() else COMPILE_SCRIPT.replace(
+        "torch.randn(1, 2, 96, 32)", "torch.randn(1, 2, 96, 32, device='cuda')").replace(
+        "torch.randn(32, 32)", "torch.randn(32, 32, device='cuda')").replace(
+        "torch.randn(32)", "torch.randn(32, device='cuda')")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "COMPILE_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----- pieces that need no kernel -------------------------------------------------------------------------------------
+
+
+def test_column_lut_lists_exactly_the_query_blocks_that_selected_each_key_block():
+    from diffusers_sla.ops.custom_ops import column_lut
+
+    q, k = torch.randn(2, 3, 300, 16), torch.randn(2, 3, 450, 16)
+    lut = select_blocks(q, k, 0.3, 32, 32)  # (2, 3, 10, 4) over 15 key blocks
+    col_q, offsets, counts = column_lut(lut, 15)
+    block_map = lut_to_block_map(lut, 15)  # (B, H, n_q, n_k)
+    for bh in range(6):
+        bmap = block_map.view(6, 10, 15)[bh]
+        for j in range(15):
+            start, n = offsets[bh, j].item(), counts[bh, j].item()
+            listed = col_q[bh, start : start + n].tolist()
+            assert listed == bmap[:, j].nonzero().squeeze(-1).tolist()
+    assert counts.sum().item() == lut.numel()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"blkq": 48}, "`blkq` must be one of \\[32, 64, 128\\]"),
+        ({"blkk": 256}, "`blkk` must be one of \\[32, 64, 128\\]"),
+        ({"feature_map": "hedgehog"}, "`feature_map` must be one of"),
+        ({"linear_scope": "none"}, "`linear_scope` must be one of \\['rest', 'all'\\]"),
+        ({"topk": 0.0}, "`topk` must be a number in \\(0, 1\\]"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(kwargs, message):
+    from diffusers_sla.ops.autograd import sla_triton
+
+    q = torch.randn(1, 1, 64, 16)
+    args = dict(topk=0.5, blkq=32, blkk=32, feature_map="softmax", linear_scope="rest") | kwargs
+    with pytest.raises(ValueError, match=message):
+        sla_triton(q, q, q, torch.eye(16), torch.zeros(16), **args)
+
+
+def test_fp32_compute_knob_rejects_unknown_modes():
+    from diffusers_sla.ops.autograd import get_fp32_compute, set_fp32_compute
+
+    with pytest.raises(ValueError, match="`mode` must be one of \\['bf16', 'tf32', 'ieee'\\]"):
+        set_fp32_compute("fp8")
+    assert get_fp32_compute() in ("bf16", "tf32", "ieee")
+
+
+# ----- on the GPU ---------------------------------------------------------------------------------------------------
+
+
+def _gpu_case_runner():
+    namespace: dict = {}
+    exec(CASE_CODE, namespace)
+    return namespace["run_case"]
+
+
+GPU_CASES = {
+    **INTERPRETER_CASES,
+    "wan_like_bf16_rest": (1, 2, 2000, 2000, 128, 128, 64, 0.1, "softmax", "rest", "bfloat16", 1),
+    "d96_bf16_all": (2, 2, 700, 900, 96, 64, 128, 0.2, "elu", "all", "bfloat16", 0),
+    "d64_bf16_relu_rest": (1, 3, 513, 400, 64, 64, 32, 0.3, "relu", "rest", "bfloat16", 0),
+}
+
+
+@pytest.mark.gpu
+@require_cuda
+@pytest.mark.parametrize("name", sorted(GPU_CASES))
+def test_gpu_matches_reference(name):
+    args = GPU_CASES[name]
+    result = _gpu_case_runner()(*args, device="cuda")
+    tol = max(TOLERANCE[args[10]], 1e-3)  # float32 inputs run in bf16 by default on the GPU
+    if args[10] == "float32":
+        tol = TOLERANCE["bfloat16"]
+    for grad_name, err in zip(GRAD_NAMES, result["errors"]):
+        assert err <= tol, f"{grad_name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.gpu
+@require_cuda
+@require_golden
+@pytest.mark.parametrize("case", sorted(golden_cases()) or ["<no golden files>"])
+def test_gpu_matches_golden(case):
+    from safetensors.torch import load_file
+
+    from diffusers_sla.ops.autograd import sla_triton
+
+    config = golden_cases()[case]
+    t = {key: val.cuda() for key, val in load_file(GOLDEN_DIR / f"{case}.safetensors").items()}
+    ins = [t[n].clone().requires_grad_(True) for n in ("q", "k", "v", "proj_l.weight", "proj_l.bias")]
+    scope = {"main": "all", "sla1": "rest"}[config["variant"]]
+    out = sla_triton(*ins, topk=config["topk"], blkq=config["blkq"], blkk=config["blkk"],
+                     feature_map=config["feature_map"], linear_scope=scope)
+    out.backward(t["do"])
+    assert torch.isfinite(out).all()
+    assert rel_err(out, t["o"]) <= 2e-2
+    for name, x in zip(("dq", "dk", "dv", "d_proj_l.weight", "d_proj_l.bias"), ins):
+        assert rel_err(x.grad, t[name]) <= 2e-2, name
