@@ -72,6 +72,11 @@ def make_batch(config, args, generator: torch.Generator) -> dict:
     }
 
 
+def held_out_batches(config, args, n: int = 4) -> list[dict]:
+    """Fixed batches, never trained on, on which the error vs full attention is measured."""
+    return [make_batch(config, args, torch.Generator().manual_seed(10_000 + i)) for i in range(n)]
+
+
 def run(model, batch, args):
     batch = {k: v.to(args.device) for k, v in batch.items()}
     with torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32"):
@@ -100,7 +105,7 @@ def main(argv=None):
     enable_sla(student, sla_config)  # before building the optimizer: it creates the SLA parameters (proj_l)
     student.train()
 
-    eval_batches = [make_batch(teacher.config, args, torch.Generator().manual_seed(10_000 + i)) for i in range(4)]
+    eval_batches = held_out_batches(teacher.config, args)
     untuned = relative_error(student, teacher, eval_batches, args)
     summary = sla_summary(student)
     if summary.sla_calls == 0:
