@@ -11,8 +11,14 @@ up for what the sparse attention leaves out. The recipe: a frozen full-attention
 
 Inputs here are synthetic (random latents, timesteps and prompt embeddings) so that the script runs anywhere; for a
 real fine-tune, replace `make_batch` with noisy latents and prompt embeddings from your data. The result is saved with
-`save_pretrained`; `WanTransformer3DModel.from_pretrained(output_dir)` followed by `enable_sla(model)` serves it with
-the tuned SLA weights.
+`save_pretrained`; `WanTransformer3DModel.from_pretrained(output_dir)` followed by `enable_sla(model, <same SLA config>)`
+serves it with the tuned SLA weights.
+
+Scaling out: SLA's `proj_l` are ordinary parameters, so DDP/FSDP and `accelerate` need nothing special, only this order:
+`enable_sla(model)` -> optimizer -> `accelerator.prepare` -> `accelerator.load_state` (a resume). `save_state` keeps
+the SLA weights inside the model state. Plain DDP needs every SLA layer to run SLA at every step: a step whose
+sequences are shorter than `min_kv_blocks * blkk` keys runs dense and leaves `proj_l` without a gradient (use
+`find_unused_parameters=True` if your batches can be that short).
 """
 
 from __future__ import annotations
@@ -145,7 +151,8 @@ def main(argv=None):
     # save_pretrained writes the backbone as diffusers does plus sla_attention.safetensors; enable_sla on the
     # reloaded model replays the latter (with the same SLA config).
     student.save_pretrained(args.output_dir)
-    print(f"saved to {args.output_dir}: WanTransformer3DModel.from_pretrained(...) then enable_sla(model, {sla_config})")
+    print(f"saved to {args.output_dir}; serve with WanTransformer3DModel.from_pretrained({args.output_dir!r}) then "
+          f"enable_sla(model, topk={args.topk}, blkq={args.block_size}, blkk={args.block_size})")
     if tuned >= untuned:
         raise SystemExit("Fine-tuning did not bring SLA closer to full attention: try more --steps or another --lr.")
     return {"untuned_error": untuned, "tuned_error": tuned, "first_loss": first, "last_loss": last}
