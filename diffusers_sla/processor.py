@@ -189,10 +189,15 @@ class SLAAttnProcessor:
         """The module's own SLA layer, created at first use when `enable_sla` did not create it."""
         layer = attn._modules.get(SLA_MODULE_NAME)
         if layer is None:
+            # While training, parameters born now are in no optimizer and no DDP bucket: say so loudly.
+            training = torch.is_grad_enabled() and attn.training
             _log_once(
-                "lazy_layers", logging.INFO,
-                "SLAAttnProcessor created the SLA layers (`attn.sla`, with their `proj_l`) at first use. Call "
-                "`diffusers_sla.enable_sla(model)` to create them before building an optimizer or wrapping the model.",
+                "lazy_layers_training" if training else "lazy_layers", logging.WARNING if training else logging.INFO,
+                "SLAAttnProcessor created the SLA layers (`attn.sla`, with their `proj_l`) at first use"
+                + (" during a training forward: an optimizer or DDP wrapper built before now does not hold them" if
+                   training else "")
+                + ". Call `diffusers_sla.enable_sla(model)` to create them before building an optimizer or wrapping "
+                "the model.",
             )
             with torch.inference_mode(False):
                 layer = SparseLinearAttention(q.shape[-1], config=self.config, backend=self.backend).to(q.device)

@@ -597,3 +597,19 @@ def test_model_with_sla_survives_deepcopy_and_pickle():
     for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
         assert torch.equal(_run(clone, inputs), expected)
         assert sla_summary(clone).sla_calls > 0
+
+
+def test_lazy_layers_born_in_a_training_forward_warn(monkeypatch, caplog):
+    # Parameters created inside a training forward are in no optimizer or DDP bucket built before: a WARNING, once.
+    from diffusers_sla import processor as processor_module
+
+    monkeypatch.setattr(processor_module, "_logged_once", set())
+    model, make_inputs = build_tiny_model("wan")
+    model.train()
+    model.set_attn_processor(SLAAttnProcessor(**TEST_SLA_OVERRIDES))
+    with caplog.at_level(logging.INFO, logger="diffusers_sla.processor"):
+        forward_output(model, make_inputs(seed=0))
+        forward_output(model, make_inputs(seed=1))
+    warnings = [r for r in caplog.records if "during a training forward" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert len(list(iter_sla_layers(model))) > 0
