@@ -116,6 +116,7 @@ def check(args):
         ours = _run_ours(q, k, v, w, b, do, **kw)
         again = _run_ours(q, k, v, w, b, do, **kw)
         lut = select_blocks(q, k, topk, blkq, blkk)
+        same_lut = torch.equal(lut, custom_ops.fast_select_blocks(q, k, topk, blkq, blkk))
         ref = _run_ref(q, k, v, w, b, do, lut, **kw)
         errs = []
         ok = True
@@ -125,10 +126,10 @@ def check(args):
             errs.append(f"{name}={e:.1e}")
             ok &= finite and e <= 2e-2
         same = all(torch.equal(a, c) for a, c in zip(ours, again))
-        ok &= same
+        ok &= same and same_lut
         failures += not ok
         log(f"[check {'ok' if ok else 'FAIL'}] B{B} H{H} Lq{Lq} Lk{Lk} D{D} {blkq}x{blkk} top{topk} {fm} {scope} "
-            f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same}")
+            f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same} lut_equal={same_lut}")
 
     golden = Path(os.environ.get("DIFFUSERS_SLA_GOLDEN_DIR", REPO / ".device" / "golden"))
     if (golden / "index.json").is_file():
@@ -139,7 +140,7 @@ def check(args):
             scope = {"main": "all", "sla1": "rest"}[cfg["variant"]]
             kw = dict(topk=cfg["topk"], blkq=cfg["blkq"], blkk=cfg["blkk"], feature_map=cfg["feature_map"],
                       linear_scope=scope)
-            lut = select_blocks(t["q"], t["k"], cfg["topk"], cfg["blkq"], cfg["blkk"])
+            lut = custom_ops.fast_select_blocks(t["q"], t["k"], cfg["topk"], cfg["blkq"], cfg["blkk"])
             same_map = torch.equal(lut_to_block_map(lut, t["block_map"].shape[-1]), t["block_map"].bool())
             ours = _run_ours(t["q"], t["k"], t["v"], t["proj_l.weight"], t["proj_l.bias"], t["do"], **kw)
             errs, ok = [], same_map
@@ -226,7 +227,10 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
     lut = select_blocks(q, k, topk, blkq, blkk)
     scale = D**-0.5
     ops = torch.ops.diffusers_sla
-    parts = {"select_blocks": bench_ms(lambda: select_blocks(q, k, topk, blkq, blkk))}
+    parts = {"select_blocks (torch)": bench_ms(lambda: select_blocks(q, k, topk, blkq, blkk)),
+             "fast_select_blocks (fused)": bench_ms(lambda: custom_ops.fast_select_blocks(q, k, topk, blkq, blkk))}
+    log(f"  fused vs torch selection: LUT entries that differ: "
+        f"{(custom_ops.fast_select_blocks(q, k, topk, blkq, blkk) != lut).float().mean().item():.2e}")
     parts["linear totals H,Z"] = bench_ms(lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32"))
     parts["sla_fwd (inference)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))

@@ -11,8 +11,11 @@ Precision policy for float32 (and float64) inputs, set with `set_fp32_compute` o
 * `"tf32"`: the kernels run on float32 tensors with tf32 matrix products;
 * `"ieee"`: full float32 products (slow on the GPU; what the Triton interpreter always does on the CPU).
 
-float16 and bfloat16 inputs always run in their own dtype. Block selection always sees the caller's tensors, so the
-block map is the reference's.
+float16 and bfloat16 inputs always run in their own dtype. Block selection always sees the caller's tensors.
+
+Block selection: `DIFFUSERS_SLA_SELECT="fused"` (default) pools q and k with one Triton pass each
+(`custom_ops.fast_select_blocks`: the same roundings, scores and top-k as `selection.select_blocks`, only the order
+of the float32 sums inside a block differs); `"torch"` calls `selection.select_blocks` itself.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ MAX_HEAD_DIM = 128
 _fp32_compute = os.environ.get("DIFFUSERS_SLA_TRITON_FP32", "bf16")
 if _fp32_compute not in FP32_COMPUTE_MODES:
     raise ValueError(f"`DIFFUSERS_SLA_TRITON_FP32` must be one of {list(FP32_COMPUTE_MODES)}, got {_fp32_compute!r}.")
+_select = os.environ.get("DIFFUSERS_SLA_SELECT", "fused")
+if _select not in ("fused", "torch"):
+    raise ValueError(f"`DIFFUSERS_SLA_SELECT` must be one of ['fused', 'torch'], got {_select!r}.")
 _warned_fallback = False
 
 
@@ -137,6 +143,11 @@ def sla_triton(
             _warned_fallback = True
         return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
                              feature_map=feature_map, linear_scope=linear_scope, scale=scale)
-    lut = select_blocks(q, k, topk, blkq, blkk)
+    if _select == "fused":
+        from .custom_ops import fast_select_blocks
+
+        lut = fast_select_blocks(q, k, topk, blkq, blkk)
+    else:
+        lut = select_blocks(q, k, topk, blkq, blkk)
     return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, blkq=blkq, blkk=blkk, feature_map=feature_map,
                                linear_scope=linear_scope, scale=scale)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from .selection import num_blocks
+from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
-from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _linear_state, is_cuda
+from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, is_cuda
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
@@ -62,19 +62,55 @@ def _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):
     return (B, H, Lq), (B, H, Lq, D), (0,), (0,)
 
 
-def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision):
-    """Per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and Z = sum phi(k) (B, H, BLOCK_D), float32."""
+def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_phi=False):
+    """Per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and Z = sum phi(k) (B, H, BLOCK_D), float32; with
+    `store_phi` also phi(k) (B*H, Lk, BLOCK_D) in k's dtype and z_j per key block (B*H, n_k, BLOCK_D)."""
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
     split = _split(n_kblk, B * H)
     hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
     zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
+    pk = _empty((B * H, Lk, block_d) if store_phi else (0,), device=k.device, dtype=k.dtype)
+    zkb = _empty((B * H, n_kblk, block_d) if store_phi else (0,), device=k.device, dtype=torch.float32)
     _linear_state[(split, B * H)](
-        k, v, hs, zs, *_strides(k), *_strides(v), H, Lk, n_kblk, split,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], DOT_PREC=dot_precision,
-        num_warps=4 if block_d <= 64 else 8, num_stages=2 if is_cuda() else 1,
+        k, v, pk, zkb, hs, zs, *_strides(k), *_strides(v), H, Lk, n_kblk, split,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_PHI=store_phi,
+        DOT_PREC=dot_precision, num_warps=4 if block_d <= 64 else 8, num_stages=2 if is_cuda() else 1,
     )
-    return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d)
+    return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d), pk, zkb
+
+
+def block_means(x: torch.Tensor, block: int, center: bool) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
+    `selection.block_scores` centres keys), in one pass over x."""
+    B, H, L, D = x.shape
+    n = num_blocks(L, block)
+    mu = x.mean(dim=2, dtype=torch.float32).to(x.dtype).contiguous() if center else x.new_empty(0)
+    out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
+    _block_mean[(n, B * H)](x, mu, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=block,
+                            CENTER=center, num_warps=4, num_stages=1)
+    return out
+
+
+@torch.library.custom_op("diffusers_sla::select_blocks", mutates_args=())
+def fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
+    """`selection.select_blocks` with its pooling fused into one Triton pass per tensor (the PyTorch version makes
+    float32 copies of q and k). Same roundings and the same scores/top-k ops; only the order of the float32 sums
+    inside a block differs. -> int32 (B, H, n_q, kept), ascending rows."""
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    pooled_q = block_means(q, blkq, center=False).to(dtype).float()
+    pooled_k = block_means(k, blkk, center=True).to(dtype).float()
+    scores = (pooled_q @ pooled_k.transpose(-1, -2)).to(dtype).float()
+    kept = num_kept_blocks(topk, scores.shape[-1])
+    lut = torch.topk(scores, kept, dim=-1, sorted=False).indices
+    return lut.sort(dim=-1).values.to(torch.int32)
+
+
+@fast_select_blocks.register_fake
+def _(q, k, topk, blkq, blkk):
+    B, H, Lq, _ = q.shape
+    n_kblk = num_blocks(k.shape[2], blkk)
+    return q.new_empty(B, H, num_blocks(Lq, blkq), num_kept_blocks(topk, n_kblk), dtype=torch.int32)
 
 
 @torch.library.custom_op("diffusers_sla::sla_fwd", mutates_args=())
@@ -94,7 +130,7 @@ def sla_fwd(
     block_d = _block_d(D)
     rest = linear_scope == "rest"
     has_linear = _has_linear(linear_scope, kept, n_kblk)
-    ht, zt = _linear_totals(k, v, blkk, block_d, feature_map, dot_precision)
+    ht, zt, pk, zkb = _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_phi=rest and has_linear)
     o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
     s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
@@ -103,9 +139,9 @@ def sla_fwd(
     rb = _empty(s_rb, device=q.device, dtype=q.dtype)
     zb = _empty(s_zb, device=q.device, dtype=torch.float32)
     _attn_fwd[(n_qblk, B * H)](
-        q, k, v, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
+        q, k, v, pk, zkb, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        scale, H, Lq, Lk, n_qblk, kept,
+        scale, H, Lq, Lk, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
         REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
         DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
@@ -128,17 +164,16 @@ def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, bl
 
 def column_lut(lut: torch.Tensor, n_kblk: int):
     """For each key block, the query blocks that selected it: (col_q (B*H, n_q*kept), offsets and counts
-    (B*H, n_kblk)), all int32, built with a sort on the device (no host synchronisation). The query blocks of key
-    block j are col_q[bh, offsets[bh, j] : offsets[bh, j] + counts[bh, j]], ascending."""
+    (B*H, n_kblk)), all int32, built with one stable sort on the device (no host synchronisation). The query blocks
+    of key block j are col_q[bh, offsets[bh, j] : offsets[bh, j] + counts[bh, j]], ascending."""
     B, H, n_qblk, kept = lut.shape
-    flat = lut.reshape(B * H, n_qblk * kept).long()
-    qblk = torch.arange(n_qblk, device=lut.device).repeat_interleave(kept)
-    keys = (flat * n_qblk + qblk).sort(dim=-1).values
-    col_q = (keys % n_qblk).to(torch.int32)
-    counts = torch.zeros(B * H, n_kblk, device=lut.device, dtype=torch.int32)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
-    offsets = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts).contiguous()
-    return col_q.contiguous(), offsets, counts
+    flat = lut.reshape(B * H, n_qblk * kept)
+    # a stable sort by key block keeps each key block's entries in flat order, i.e. ascending query block
+    sorted_kb, order = torch.sort(flat, dim=-1, stable=True)
+    col_q = torch.div(order, kept, rounding_mode="floor").to(torch.int32)
+    bounds = torch.arange(n_kblk + 1, device=lut.device, dtype=sorted_kb.dtype).expand(B * H, n_kblk + 1)
+    edges = torch.searchsorted(sorted_kb.contiguous(), bounds.contiguous(), out_int32=True)
+    return col_q.contiguous(), edges[:, :-1].contiguous(), (edges[:, 1:] - edges[:, :-1]).contiguous()
 
 
 @torch.library.custom_op("diffusers_sla::sla_bwd", mutates_args=())

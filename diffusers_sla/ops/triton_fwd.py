@@ -68,14 +68,40 @@ def _feature_map_bwd(x, phi, dphi, FEATURE_MAP: tl.constexpr):
 
 
 @triton.jit
-def _linear_state(K, V, HS, ZS,  #
+def _block_mean(X, Mu, Out,  #
+                stride_xz, stride_xh, stride_xm, stride_xk,  #
+                H, N_CTX, N_BLK,  #
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr):
+    # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
+    # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
+    blk = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_m = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX
+    d_ok = offs_k < HEAD_DIM
+    x = tl.load(X + off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh + offs_m[:, None] * stride_xm +
+                offs_k[None, :] * stride_xk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    xf = x.to(tl.float32)
+    if CENTER:
+        mu = tl.load(Mu + off_hz.to(tl.int64) * HEAD_DIM + offs_k, mask=d_ok, other=0.0).to(tl.float32)
+        xf = tl.where(m_ok[:, None], (xf - mu[None, :]).to(x.dtype).to(tl.float32), 0.0)
+    count = tl.minimum(N_CTX - blk * BLOCK, BLOCK).to(tl.float32)
+    tl.store(Out + (off_hz.to(tl.int64) * N_BLK + blk) * HEAD_DIM + offs_k, tl.sum(xf, 0) / count, mask=d_ok)
+
+
+@triton.jit
+def _linear_state(K, V, PK, ZB, HS, ZS,  #
                   stride_kz, stride_kh, stride_kn, stride_kk,  #
                   stride_vz, stride_vh, stride_vn, stride_vk,  #
                   H, N_KV, N_KBLK, SPLIT,  #
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                  FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                  FEATURE_MAP: tl.constexpr, STORE_PHI: tl.constexpr, DOT_PREC: tl.constexpr):
     # Partial per-head totals H = sum phi(k)^T v and Z = sum phi(k) over key blocks split, split + SPLIT, ...
-    # The same phi(k) rounding as _attn_fwd_inner, so that "rest" = total - selected cancels exactly per block.
+    # With STORE_PHI ("rest") also phi(k) itself (B*H, N_KV, BLOCK_D) and z_j per key block, so that the forward
+    # loop takes the selected blocks' share out of H, Z without evaluating the feature map again for every visit.
     split = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -95,7 +121,12 @@ def _linear_state(K, V, HS, ZS,  #
         v = tl.load(V + cols[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=mask, other=0.0)
         phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
         h = tl.dot(tl.trans(phik), v, h, input_precision=DOT_PREC)
-        z += tl.sum(phik.to(tl.float32), 0)
+        zj = tl.sum(phik.to(tl.float32), 0)
+        z += zj
+        if STORE_PHI:
+            tl.store(PK + (off_hz.to(tl.int64) * N_KV + cols)[:, None] * BLOCK_D + offs_k[None, :], phik,
+                     mask=n_ok[:, None])
+            tl.store(ZB + (off_hz.to(tl.int64) * N_KBLK + blk) * BLOCK_D + offs_k, zj)
     base = off_hz.to(tl.int64) * SPLIT + split
     tl.store(HS + base * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], h)
     tl.store(ZS + base * BLOCK_D + offs_k, z)
@@ -103,14 +134,14 @@ def _linear_state(K, V, HS, ZS,  #
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, hs, zs,  #
-                    q, K_ptrs, V_ptrs, LUT, stride_kn, stride_vn,  #
+                    q, K_ptrs, V_ptrs, PK_ptrs, ZKB, LUT, stride_kn, stride_vn,  #
                     qk_scale, N_KV, KEPT,  #
-                    offs_n, d_ok,  #
-                    BLOCK_N: tl.constexpr, REST: tl.constexpr, FEATURE_MAP: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    offs_n, offs_k, d_ok,  #
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, REST: tl.constexpr, DOT_PREC: tl.constexpr):
     # loop over the selected key blocks only (ascending LUT row)
     for it in range(0, KEPT):
-        start_n = tl.load(LUT + it) * BLOCK_N
+        kb = tl.load(LUT + it)
+        start_n = kb * BLOCK_N
         n_ok = (start_n + offs_n) < N_KV
         mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K_ptrs + start_n * stride_kn, mask=mask, other=0.0)
@@ -127,11 +158,11 @@ def _attn_fwd_inner(acc, l_i, m_i, hs, zs,  #
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_ij
-        # -- linear state of this block, to be taken out of the per-head total ----
+        # -- this block's linear state leaves the per-head total (hs starts at -H) ----
         if REST:
-            phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
+            phik = tl.load(PK_ptrs + start_n * BLOCK_D, mask=n_ok[:, None], other=0.0)
             hs = tl.dot(tl.trans(phik), v, hs, input_precision=DOT_PREC)
-            zs += tl.sum(phik.to(tl.float32), 0)
+            zs += tl.load(ZKB + kb * BLOCK_D + offs_k)
     return acc, l_i, m_i, hs, zs
 
 
@@ -169,12 +200,12 @@ def prune_configs(configs, named_args, **kwargs):
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
                                "FEATURE_MAP", "STORE_BWD"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
-def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
+def _attn_fwd(Q, K, V, PK, ZKB, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
               stride_kz, stride_kh, stride_kn, stride_kk,  #
               stride_vz, stride_vh, stride_vn, stride_vk,  #
               stride_oz, stride_oh, stride_om, stride_ok,  #
-              sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT,  #
+              sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
               DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
@@ -201,12 +232,21 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hs = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    zs = tl.zeros([BLOCK_D], dtype=tl.float32)
+    hz = off_hz.to(tl.int64)
+    dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
+    if REST and HAS_LINEAR:
+        # start from minus the per-head totals: after the loop -hs, -zs are the "rest" state R_i, z_i
+        hs = -tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
+        zs = -tl.load(ZT + hz * BLOCK_D + offs_k)
+    else:
+        hs = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        zs = tl.zeros([BLOCK_D], dtype=tl.float32)
+    PK_ptrs = PK + (hz * N_CTX_KV + offs_n)[:, None] * BLOCK_D + offs_k[None, :]
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
-    acc, l_i, m_i, hs, zs = _attn_fwd_inner(acc, l_i, m_i, hs, zs, q, K_ptrs, V_ptrs, LUT, stride_kn, stride_vn,
-                                            qk_scale, N_CTX_KV, KEPT, offs_n, d_ok,
-                                            BLOCK_N, REST and HAS_LINEAR, FEATURE_MAP, DOT_PREC)
+    ZKB += hz * N_KBLK * BLOCK_D
+    acc, l_i, m_i, hs, zs = _attn_fwd_inner(acc, l_i, m_i, hs, zs, q, K_ptrs, V_ptrs, PK_ptrs, ZKB, LUT,
+                                            stride_kn, stride_vn, qk_scale, N_CTX_KV, KEPT, offs_n, offs_k, d_ok,
+                                            BLOCK_N, BLOCK_D, REST and HAS_LINEAR, DOT_PREC)
     m_i += tl.math.log2(l_i)
     acc = acc / l_i[:, None]
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
@@ -216,19 +256,19 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     w_mask = d_ok[:, None] & d_ok[None, :]
     bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
     if HAS_LINEAR:
-        hz = off_z * H + off_h
-        r = tl.load(HT + hz.to(tl.int64) * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :])
-        z = tl.load(ZT + hz.to(tl.int64) * BLOCK_D + offs_k)
         if REST:
-            r = r - hs
-            z = z - zs
+            r = -hs
+            z = -zs
+        else:
+            r = tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
+            z = tl.load(ZT + hz * BLOCK_D + offs_k)
         phiq = _feature_map(q.to(tl.float32), d_ok, FEATURE_MAP)
         num = tl.dot(phiq.to(q.dtype), r.to(q.dtype), input_precision=DOT_PREC)
         den = tl.sum(phiq * z[None, :], 1) + EPS
         o_l = num / den[:, None]
         # o_l @ W^T: W[n, k] loaded transposed
         wT = tl.load(W + offs_k[None, :] * HEAD_DIM + offs_k[:, None], mask=w_mask, other=0.0)
-        acc += tl.dot(o_l, wT, input_precision=PROJ_PREC)
+        acc = tl.dot(o_l, wT, acc, input_precision=PROJ_PREC)
         if STORE_BWD:
             tl.store(Den + row, den, mask=m_ok)
             tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
