@@ -179,7 +179,7 @@ def test_torch_compile_fullgraph_and_fake_impls():
     assert proc.returncode == 0 and "COMPILE_OK" in proc.stdout, proc.stderr[-3000:]
 
 
-# ----- pieces that need no kernel -------------------------------------------------------------------------------------
+# ----- pieces that need no kernel ------------------------------------------------------------------------------------
 
 
 def test_column_lut_lists_exactly_the_query_blocks_that_selected_each_key_block():
