@@ -7,12 +7,13 @@ up for what the sparse attention leaves out. The recipe: a frozen full-attention
 
     python examples/train_sla.py                       # tiny random Wan built from a config, on the CPU, ~1 minute
     python examples/train_sla.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --device cuda --dtype bfloat16 \\
-        --frames 21 --height 60 --width 104 --steps 2000 --lr 1e-5 --topk 0.1 --output-dir wan-sla
+        --frames 21 --height 60 --width 104 --steps 2000 --lr 1e-5 --topk 0.1 --block-size 64 \\
+        --gradient-checkpointing --output-dir wan-sla
 
 Inputs here are synthetic (random latents, timesteps and prompt embeddings) so that the script runs anywhere; for a
 real fine-tune, replace `make_batch` with noisy latents and prompt embeddings from your data. The result is saved with
-`save_pretrained`; `WanTransformer3DModel.from_pretrained(output_dir)` followed by `enable_sla(model, <same SLA config>)`
-serves it with the tuned SLA weights.
+`save_pretrained`; `WanTransformer3DModel.from_pretrained(output_dir)` followed by `enable_sla(model)`
+serves it with the tuned SLA weights (it finds `sla_attention.safetensors` and the SLA config stored in it).
 
 Scaling out: SLA's `proj_l` are ordinary parameters, so DDP/FSDP and `accelerate` need nothing special, only this order:
 `enable_sla(model)` -> optimizer -> `accelerator.prepare` -> `accelerator.load_state` (a resume). `save_state` keeps
@@ -54,6 +55,8 @@ def parse_args(argv=None):
                         help="Autocast compute dtype; weights and proj_l stay float32 (float16 adds a GradScaler).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="Recompute activations in backward (needed for real models at full resolution).")
     return parser.parse_args(argv)
 
 
@@ -110,6 +113,8 @@ def main(argv=None):
     sla_config = SLAConfig(topk=args.topk, blkq=args.block_size, blkk=args.block_size)
     enable_sla(student, sla_config)  # before building the optimizer: it creates the SLA parameters (proj_l)
     student.train()
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
 
     eval_batches = held_out_batches(teacher.config, args)
     untuned = relative_error(student, teacher, eval_batches, args)
@@ -152,7 +157,7 @@ def main(argv=None):
     # reloaded model replays the latter (with the same SLA config).
     student.save_pretrained(args.output_dir)
     print(f"saved to {args.output_dir}; serve with WanTransformer3DModel.from_pretrained({args.output_dir!r}) then "
-          f"enable_sla(model, topk={args.topk}, blkq={args.block_size}, blkk={args.block_size})")
+          "enable_sla(model): it loads the tuned SLA weights and the SLA config they were trained with")
     if tuned >= untuned:
         raise SystemExit("Fine-tuning did not bring SLA closer to full attention: try more --steps or another --lr.")
     return {"untuned_error": untuned, "tuned_error": tuned, "first_loss": first, "last_loss": last}

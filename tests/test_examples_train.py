@@ -57,12 +57,15 @@ def test_train_sla_example_default_run(tmp_path):
     backbone = load_file(out_dir / "diffusion_pytorch_model.safetensors")
     assert not any(".sla." in key for key in backbone)
 
-    # from_pretrained + enable_sla picks the tuned weights up: the reloaded model has the tuned error.
+    # from_pretrained + enable_sla() picks the tuned weights and their SLA config up: the reloaded model has the
+    # tuned error.
     example = _load_example()
     args = example.parse_args(["--output-dir", str(out_dir)])
     teacher = example.load_transformer(args)
     reloaded = type(teacher).from_pretrained(out_dir)
-    enable_sla(reloaded, SLAConfig(topk=args.topk, blkq=args.block_size, blkk=args.block_size))
+    enable_sla(reloaded)
+    assert next(iter_sla_layers(reloaded))[2].config.operator_dict() == SLAConfig(
+        topk=args.topk, blkq=args.block_size, blkk=args.block_size).operator_dict()
     assert all(layer.proj_l.weight.abs().sum() > 0 for _, _, layer in iter_sla_layers(reloaded))
     error = example.relative_error(reloaded, teacher, example.held_out_batches(teacher.config, args), args)
     assert abs(error - tuned) < 1e-4, (error, tuned)
