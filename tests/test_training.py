@@ -225,6 +225,44 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, short_step, find
     assert not torch.equal(rank0["blocks.0.attn1.to_q.weight"], initial["blocks.0.attn1.to_q.weight"])
 
 
+def _fsdp2_worker(rank: int, world_size: int, port: int, out_dir: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        model, make_inputs = tiny_wan_with_sla(seed=0)
+        mesh = init_device_mesh("cpu", (world_size,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        sharded = {name: isinstance(p, DTensor) for name, p in model.named_parameters() if ".sla." in name}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        for step in range(2):
+            forward_output(model, make_inputs(seed=100 * step + rank)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+        torch.save({"sharded": sharded, "params": full}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_shards_and_trains_sla_parameters(tmp_path):
+    # FSDP2 (`fully_shard`) on two CPU processes: the SLA projections are sharded like every other parameter,
+    # trained, and both ranks end with the same full weights.
+    mp.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2))
+    assert len(rank0["sharded"]) == 4 and all(rank0["sharded"].values())
+    for key in rank0["params"]:
+        assert torch.equal(rank0["params"][key], rank1["params"][key]), f"ranks disagree on {key}"
+    sla = {k: v for k, v in rank0["params"].items() if ".sla." in k}
+    assert all(v.dtype == torch.float32 and v.abs().sum() > 0 for v in sla.values())
+
+
 @pytest.mark.xfail(
     raises=mp.ProcessRaisedException, strict=True,
     reason="A step routed dense (sequence below min_kv_blocks * blkk) leaves proj_l without a gradient; plain DDP "
