@@ -137,10 +137,23 @@ def _legacy_config(settings: dict | None, config: Any, overrides: dict) -> SLACo
         if ignored:
             warnings.warn(f"Ignoring settings that are not SLAConfig fields: {ignored}.", stacklevel=3)
         values.update({k: v for k, v in settings.items() if k in known})
-    if config is not None:
-        values.update(SLAConfig.coerce(config).to_dict())
+    if isinstance(config, SLAConfig):
+        values.update(config.to_dict())  # a complete config: it says everything
+    elif config is not None:
+        # A partial dict or JSON ('{"topk": 0.1}') changes only the fields it names, like keyword overrides do.
+        partial = json.loads(SLAConfig.coerce(config).to_json())
+        given = config if isinstance(config, dict) else _json_object(config)
+        values.update({k: partial[k] for k in given})
     values.update(overrides)
     return SLAConfig.from_dict(values)
+
+
+def _json_object(config: str | os.PathLike) -> dict:
+    text = os.fspath(config)
+    if not text.lstrip().startswith("{"):
+        with open(text, encoding="utf-8") as handle:
+            text = handle.read()
+    return json.loads(text)
 
 
 def _metadata(class_name: str, config: SLAConfig, head_dims: dict[str, int], source: str) -> dict[str, str]:

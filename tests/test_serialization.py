@@ -540,6 +540,16 @@ def test_convert_simpletuner(tmp_path):
     assert len({w.data_ptr() for w in weights}) == len(weights) == 2
 
 
+@pytest.mark.parametrize("config", [{"topk": 0.1}, '{"topk": 0.1}'])
+def test_convert_partial_config_changes_only_the_fields_it_names(tmp_path, config):
+    simpletuner_file(tmp_path / "sla_attention.pt")
+    tiny = enabled_tiny("flux", topk=0.3)
+    result = convert_simpletuner_sla(tmp_path / "sla_attention.pt", tiny.model, None, config=config)
+    # topk from the user; blkq/blkk from the file's settings; linear_scope from the legacy default
+    assert (result.config.topk, result.config.blkq, result.config.blkk, result.config.linear_scope) == (
+        0.1, 32, 32, "all")
+
+
 def test_convert_simpletuner_for_model_folder(tmp_path):
     state = simpletuner_file(tmp_path / "sla_attention.pt")
     build_tiny_model("wan").model.save_pretrained(tmp_path / "wan")  # a plain model: SLA layers come from its config
