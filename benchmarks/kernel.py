@@ -231,13 +231,26 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
              "fast_select_blocks (fused)": bench_ms(lambda: custom_ops.fast_select_blocks(q, k, topk, blkq, blkk))}
     log(f"  fused vs torch selection: LUT entries that differ: "
         f"{(custom_ops.fast_select_blocks(q, k, topk, blkq, blkk) != lut).float().mean().item():.2e}")
-    parts["linear totals H,Z"] = bench_ms(lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32"))
+    n_k = -(-L // blkk)
+    parts["selection: q pooling"] = bench_ms(lambda: custom_ops.block_means(q, blkq, center=False))
+    parts["selection: k pooling"] = bench_ms(lambda: custom_ops.block_means(k, blkk, center=True))
+    parts["linear totals H,Z"] = bench_ms(
+        lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=scope == "rest"))
+    if scope == "rest":
+        _, _, hb, zkb = custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=True)
+
+        def rest_state():
+            weights = custom_ops._rest_weights(lut, n_k, q.dtype)
+            torch.matmul(weights, hb.view(B, H, n_k, -1))
+            torch.matmul(weights.float(), zkb)
+        parts["R_i, z_i (0/1 products)"] = bench_ms(rest_state)
+        del hb, zkb
     parts["sla_fwd (inference)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
     saved = ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32")
     parts["sla_fwd (training, stores)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32"))
-    parts["column LUT"] = bench_ms(lambda: custom_ops.column_lut(lut, -(-L // blkk)))
+    parts["column LUT"] = bench_ms(lambda: custom_ops.column_lut(lut, n_k))
     parts["sla_bwd (all kernels)"] = bench_ms(
         lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
     for name, ms in parts.items():
@@ -286,6 +299,45 @@ def bench(args, PublicSLA):
     return {"results": results, "breakdown_rest": parts, "breakdown_all": parts_all, "configs": configs}
 
 
+def log_registers(tag=""):
+    """Registers and spills of every compiled variant of the SLA kernels (from Triton's kernel cache)."""
+    from diffusers_sla.ops import triton_bwd, triton_fwd
+
+    for mod in (triton_fwd, triton_bwd):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            jit = getattr(fn, "fn", fn)
+            caches = getattr(jit, "device_caches", None)
+            if not name.startswith("_") or caches is None:
+                continue
+            try:
+                for dev_cache in caches.values():
+                    for compiled in dev_cache[0].values():
+                        md = compiled.metadata
+                        log(f"[regs {tag}] {name}: regs={compiled.n_regs} spills={compiled.n_spills} "
+                            f"warps={md.num_warps} stages={md.num_stages} smem={md.shared}")
+            except Exception as exc:  # Triton internals differ between versions: best effort
+                log(f"[regs] {name}: {exc!r}"[:200])
+
+
+def quick(args, PublicSLA):
+    """Wan shape only: the breakdown for both scopes and ours vs the public reference (no SDPA); for variants."""
+    B, H, L, D, topk, blkq, blkk, fm = 1, 12, 32760, 128, 0.05, 128, 64, "softmax"
+    tag = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("DIFFUSERS_SLA_"))
+    inputs, do = wan_inputs(B, H, L, D)
+    res = {name: time_provider(fn, inputs, do) for name, fn in providers(D, topk, blkq, blkk, fm, PublicSLA)[2:]}
+    del inputs, do
+    parts = {"rest": breakdown(B, H, L, D, topk, blkq, blkk, fm, "rest"),
+             "all": breakdown(B, H, L, D, topk, blkq, blkk, fm, "all")}
+    pub = res.get("SLA public reference (all)", (float("nan"),) * 2)
+    for name, (f, b) in res.items():
+        log(f"[quick {tag}] {name:<28s} fwd {f:6.3f} bwd {b:6.3f}  pub/ours fwd {pub[0] / f:5.2f} bwd {pub[1] / b:5.2f}")
+    for scope, p in parts.items():
+        log(f"[quick {tag}] {scope}: " + " ".join(f"{k.replace(' ', '_')}={v:.3f}" for k, v in p.items()))
+    log_registers(tag)
+    return {"results": res, "parts": parts}
+
+
 def sweep(args, PublicSLA):
     B, H, D, blkq, blkk, fm = 1, 12, 128, 128, 64, "softmax"
     rows = []
@@ -311,7 +363,7 @@ def sweep(args, PublicSLA):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["check", "bench", "sweep", "all"])
+    parser.add_argument("what", choices=["check", "bench", "sweep", "all", "quick"])
     parser.add_argument("--out", default=None, help="folder for log.txt and results.json")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32760, 65536])
     parser.add_argument("--topks", type=float, nargs="+", default=[0.05, 0.1, 0.2])
@@ -328,6 +380,8 @@ def main():
         failures = check(args)
     if args.what in ("bench", "all"):
         out["bench"] = bench(args, PublicSLA)
+    if args.what == "quick":
+        out["quick"] = quick(args, PublicSLA)
     if args.what in ("sweep", "all"):
         out["sweep"] = sweep(args, PublicSLA)
     log(f"total {time.time() - t0:.0f} s")

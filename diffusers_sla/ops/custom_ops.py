@@ -53,34 +53,64 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
 
 
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _use_descriptors():
+    # kernels that build tensor descriptors on the device need a global-memory scratch allocator on the GPU
+    if is_cuda():
+        triton.set_allocator(_tma_alloc)
+
+
+def _tma_ready(x: torch.Tensor) -> torch.Tensor:
+    """x itself when a tensor descriptor can address it (unit last stride, 16-byte aligned base and row strides),
+    otherwise a copy that can (contiguous, head dim zero-padded to 16 bytes; the kernels only read HEAD_DIM columns).
+    """
+    el = x.element_size()
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all((s * el) % 16 == 0 for s in x.stride()[:-1]):
+        return x
+    D = x.shape[-1]
+    pad = -D % max(1, 16 // el)
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+
+
 def _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):
+    """Shapes of den, o_l (stored for backward) and R_i, z_i ("rest": always computed, the forward kernel reads them).
+    """
     B, H, Lq, D = q.shape
+    rz = ((B, H, n_qblk, block_d, block_d), (B, H, n_qblk, block_d)) if (rest and has_linear) else ((0,), (0,))
     if not (store_bwd and has_linear):
-        return (0,), (0,), (0,), (0,)
-    if rest:
-        return (B, H, Lq), (B, H, Lq, D), (B, H, n_qblk, block_d, block_d), (B, H, n_qblk, block_d)
-    return (B, H, Lq), (B, H, Lq, D), (0,), (0,)
+        return (0,), (0,), *rz
+    return (B, H, Lq), (B, H, Lq, D), *rz
 
 
-def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_phi=False):
+def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=False):
     """Per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and Z = sum phi(k) (B, H, BLOCK_D), float32; with
-    `store_phi` also phi(k) (B*H, Lk, BLOCK_D) in k's dtype and z_j per key block (B*H, n_k, BLOCK_D)."""
+    `store_blocks` also each key block's h_j (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D)
+    float32."""
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
     split = _split(n_kblk, B * H)
     hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
     zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
-    pk = _empty((B * H, Lk, block_d) if store_phi else (0,), device=k.device, dtype=k.dtype)
-    zkb = _empty((B * H, n_kblk, block_d) if store_phi else (0,), device=k.device, dtype=torch.float32)
+    hb = _empty((B, H, n_kblk, block_d, block_d) if store_blocks else (0,), device=k.device, dtype=k.dtype)
+    zb = _empty((B, H, n_kblk, block_d) if store_blocks else (0,), device=k.device, dtype=torch.float32)
     _linear_state[(split, B * H)](
-        k, v, pk, zkb, hs, zs, *_strides(k), *_strides(v), H, Lk, n_kblk, split,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_PHI=store_phi,
+        k, v, hb, zb, hs, zs, *_strides(k), *_strides(v), H, Lk, n_kblk, split,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
         DOT_PREC=dot_precision, num_warps=4 if block_d <= 64 else 8, num_stages=2 if is_cuda() else 1,
     )
-    return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d), pk, zkb
+    return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d), hb, zb
 
 
-def block_means(x: torch.Tensor, block: int, center: bool) -> torch.Tensor:
+def _rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, n_q, n_k) 0/1 matrix: 1 where key block j feeds query block i's linear branch ("rest": not selected)."""
+    weights = torch.ones(*lut.shape[:-1], n_kblk, device=lut.device, dtype=dtype)
+    return weights.scatter_(-1, lut.long(), 0.0)
+
+
+def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
     `selection.block_scores` centres keys), in one pass over x."""
     B, H, L, D = x.shape
@@ -88,7 +118,7 @@ def block_means(x: torch.Tensor, block: int, center: bool) -> torch.Tensor:
     mu = x.mean(dim=2, dtype=torch.float32).to(x.dtype).contiguous() if center else x.new_empty(0)
     out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
     _block_mean[(n, B * H)](x, mu, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=block,
-                            CENTER=center, num_warps=4, num_stages=1)
+                            CENTER=center, ROUND=round_to_input, num_warps=4, num_stages=1)
     return out
 
 
@@ -98,8 +128,10 @@ def fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int,
     float32 copies of q and k). Same roundings and the same scores/top-k ops; only the order of the float32 sums
     inside a block differs. -> int32 (B, H, n_q, kept), ascending rows."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    pooled_q = block_means(q, blkq, center=False).to(dtype).float()
-    pooled_k = block_means(k, blkk, center=True).to(dtype).float()
+    # pooled vectors rounded to the input dtype inside the kernel (float32/float64 inputs: float32, as there)
+    half = dtype != torch.float32
+    pooled_q = block_means(q, blkq, center=False, round_to_input=half)
+    pooled_k = block_means(k, blkk, center=True, round_to_input=half)
     scores = (pooled_q @ pooled_k.transpose(-1, -2)).to(dtype).float()
     kept = num_kept_blocks(topk, scores.shape[-1])
     lut = torch.topk(scores, kept, dim=-1, sorted=False).indices
@@ -130,17 +162,26 @@ def sla_fwd(
     block_d = _block_d(D)
     rest = linear_scope == "rest"
     has_linear = _has_linear(linear_scope, kept, n_kblk)
-    ht, zt, pk, zkb = _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_phi=rest and has_linear)
+    ht, zt, hb, zkb = _linear_totals(k, v, blkk, block_d, feature_map, dot_precision,
+                                     store_blocks=rest and has_linear)
+    _use_descriptors()
+    qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
     s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
     den = _empty(s_den, device=q.device, dtype=torch.float32)
     o_l = _empty(s_ol, device=q.device, dtype=q.dtype)
-    rb = _empty(s_rb, device=q.device, dtype=q.dtype)
-    zb = _empty(s_zb, device=q.device, dtype=torch.float32)
+    if rest and has_linear:
+        # R_i = sum of h_j and z_i of z_j over the key blocks query block i did not select: 0/1 matrix products
+        weights = _rest_weights(lut, n_kblk, q.dtype)
+        rb = torch.matmul(weights, hb.view(B, H, n_kblk, block_d * block_d)).view(s_rb)
+        zb = torch.matmul(weights.float(), zkb)
+    else:
+        rb = q.new_empty(0)
+        zb = zt.new_empty(0)
     _attn_fwd[(n_qblk, B * H)](
-        q, k, v, pk, zkb, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        qd, kd, vd, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
+        *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
         scale, H, Lq, Lk, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
         REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
@@ -225,27 +266,37 @@ def sla_bwd(
         )
         dw = dwp.sum(0)[:D, :D].contiguous()
         db = dbp.sum(0)[:D].contiguous()
-        dht = drb.view(B * H, n_qblk, block_d, block_d).sum(1, dtype=torch.float32)
-        dzt = dzb.view(B * H, n_qblk, block_d).sum(1)
+        if rest:  # dh_j = sum of dR_i, dz_j of dz_i over the query blocks i that did not select key block j
+            weights_t = _rest_weights(lut, n_kblk, q.dtype).transpose(-1, -2)
+            dhb = torch.matmul(weights_t, drb.view(B, H, n_qblk, block_d * block_d))
+            dzbk = torch.matmul(weights_t.float(), dzb)
+            dht, dzt = ht, zt  # unused
+        else:
+            dht = drb.view(B * H, n_qblk, block_d, block_d).sum(1, dtype=torch.float32)
+            dzt = dzb.view(B * H, n_qblk, block_d).sum(1)
+            dhb, dzbk = drb, dzb  # unused
     else:
         dw = torch.zeros(D, D, device=dev, dtype=torch.float32)
         db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
-        dht, dzt = ht, zt  # unused
+        dht, dzt, dhb, dzbk = ht, zt, drb, dzb  # unused
 
-    # -- main kernel: dK, dV over the column LUT, dQ over the LUT ----
+    # -- dK, dV over the column LUT, dQ over the LUT: two launches ----
+    _use_descriptors()
+    qd, kd, vd, dod = _tma_ready(q), _tma_ready(k), _tma_ready(v), _tma_ready(do)
     col_q, col_off, col_cnt = column_lut(lut, n_kblk)
     dq = _empty(B, H, Lq, D, device=dev, dtype=q.dtype)
     dk = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
     dv = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
-    _attn_bwd[(n_kblk + n_qblk, B * H)](
-        q, k, v, do, lse, delta, dn, dd, lut, col_q, col_off, col_cnt,
-        rb, zb, ht, zt, drb, dzb, dht, dzt,
-        dq, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        scale, H, Lq, Lk, n_qblk, n_kblk, kept,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
-        REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=fm, DOT_PREC=dot_precision,
-    )
+    for program, n_prog in ((0, n_kblk), (1, n_qblk)):
+        _attn_bwd[(n_prog, B * H)](
+            qd, kd, vd, dod, lse, delta, dn, dd, lut, col_q, col_off, col_cnt,
+            rb, zb, ht, zt, dhb, dzbk, dht, dzt,
+            dq, dk, dv,
+            *_strides(qd), *_strides(kd), *_strides(vd), *_strides(dod),
+            scale, H, Lq, Lk, n_qblk, n_kblk, kept,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
+            REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=fm, DOT_PREC=dot_precision, PROGRAM=program,
+        )
     return dq, dk, dv, dw, db
 
 

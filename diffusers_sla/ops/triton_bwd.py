@@ -8,12 +8,13 @@ With o = o_s + o_l W^T + b, o_l = N / d, N = phi(q) R_i, d = phi(q) . z_i + eps,
 
     dN = g / d,   dd = -(g . o_l) / d,   delta = rowsum(dO * o) - g . o_l - dO . b   (= rowsum(dO * o_s))
     dR_i = phi(q_i)^T dN_i,  dz_i = sum_rows dd phi(q_i)                              (one D x D per query block)
-    dh_j = dH - sum_{i that selected j} dR_i   ("rest"),   dh_j = dH ("all"),   dH = sum_i dR_i
+    dh_j = sum_{i that did not select j} dR_i   ("rest"),   dh_j = dH = sum_i dR_i   ("all")
     dv_j += phi(k_j) dh_j,   dphi(k_j) = v_j dh_j^T + dz_j,   dphi(q_i) = dN_i R_i^T + dd z_i^T
 
-`_attn_bwd` runs two kinds of programs in one launch: key-block programs (dK, dV) walk a column-wise look-up table,
-i.e. only the query blocks that selected their key block; query-block programs (dQ) walk the forward's LUT. Nothing
-scans all blocks.
+`_attn_bwd` has two kinds of programs, launched separately: key-block programs (dK, dV) walk a column-wise look-up
+table, i.e. only the query blocks that selected their key block; query-block programs (dQ) walk the forward's LUT.
+Nothing scans all blocks, and no D x D matrix is touched inside either loop: dh_j and dz_j ("rest") come from a 0/1
+matrix product over the per-query-block dR_i, dz_i before the launch.
 """
 
 import triton
@@ -100,59 +101,45 @@ def _proj_grad(DO, OL, DWP, DBP,  #
 
 
 @triton.jit
-def _attn_bwd_dkdv(dk, dv, dhs, dzs,  #
-                   k, v, Q, DO, M, D, DRB, DZB, COLQ, count, qblk_base,  #
-                   stride_qm, stride_qk, stride_dom, stride_dok,  #
-                   qk_scale, N_CTX_Q, row_base,  #
-                   offs_k, d_ok,  #
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, REST: tl.constexpr, DOT_PREC: tl.constexpr):
-    # visit only the query blocks that selected this key block (column-wise LUT)
+def _attn_bwd_dkdv(dk, dv,  #
+                   k, v, desc_q, desc_do, M, D, COLQ, count,  #
+                   qk_scale, row_base, N_CTX_Q,  #
+                   BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    # visit only the query blocks that selected this key block (column-wise LUT); tiles through tensor descriptors
     offs_m = tl.arange(0, BLOCK_M)
     for it in range(0, count):
-        qb = tl.load(COLQ + it)
-        rows = qb * BLOCK_M + offs_m
-        m_ok = rows < N_CTX_Q
-        maskT = d_ok[:, None] & m_ok[None, :]
-        qT = tl.load(Q + rows[None, :] * stride_qm + offs_k[:, None] * stride_qk, mask=maskT, other=0.0)
-        m = tl.load(M + row_base + rows, mask=m_ok, other=float("inf"))
-        qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+        start_m = tl.load(COLQ + it) * BLOCK_M
+        rows = start_m + offs_m
+        q = desc_q.load([start_m, 0])  # rows past N_CTX_Q are zeros, and their m is +inf: pT = 0 there
+        m = tl.load(M + row_base + rows, mask=rows < N_CTX_Q, other=float("inf"))
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         pT = tl.math.exp2(qkT * qk_scale - m[None, :])
-        do = tl.load(DO + rows[:, None] * stride_dom + offs_k[None, :] * stride_dok,
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = desc_do.load([start_m, 0])
         # -- compute dV ----
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        Di = tl.load(D + row_base + rows, mask=m_ok, other=0.0)
+        Di = tl.load(D + row_base + rows, mask=rows < N_CTX_Q, other=0.0)
         # -- compute dP and dS ----
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - Di[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
-        # -- this query block's linear gradient does not reach this key block ----
-        if REST:
-            blk = qblk_base + qb
-            dhs += tl.load(DRB + blk * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :]).to(tl.float32)
-            dzs += tl.load(DZB + blk * BLOCK_D + offs_k)
-    return dk, dv, dhs, dzs
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dq(dq, q, do, m, Di, K, V, LUT,  #
-                 stride_kn, stride_kk, stride_vn, stride_vk,  #
-                 qk_scale, N_CTX_KV, KEPT,  #
-                 offs_k, d_ok,  #
+def _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, LUT,  #
+                 qk_scale, KEPT,  #
                  BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
     for it in range(0, KEPT):
-        cols = tl.load(LUT + it) * BLOCK_N + offs_n
-        maskT = d_ok[:, None] & (cols < N_CTX_KV)[None, :]
-        kT = tl.load(K + cols[None, :] * stride_kn + offs_k[:, None] * stride_kk, mask=maskT, other=0.0)
-        vT = tl.load(V + cols[None, :] * stride_vn + offs_k[:, None] * stride_vk, mask=maskT, other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC)
+        start_n = tl.load(LUT + it) * BLOCK_N
+        k = desc_k.load([start_n, 0])
+        v = desc_v.load([start_n, 0])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale - m[:, None])
         # -- compute dP and dS ----
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - Di[:, None])
-        # -- compute dQ (padded keys are zero rows of K: they add nothing) ----
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        # -- compute dQ (keys past N_CTX_KV are zero rows of k: they add nothing) ----
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
@@ -170,10 +157,11 @@ configs = [c for c in _bwd_configs() if keep(c)]
 
 
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
-                               "HAS_LINEAR", "FEATURE_MAP"], prune_configs_by={"early_config_prune": prune_configs})
+                               "HAS_LINEAR", "FEATURE_MAP", "PROGRAM"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
-              RB, ZB, HT, ZT, DRB, DZB, DHT, DZT,  #
+              RB, ZB, HT, ZT, DHB, DZB, DHT, DZT,  #
               DQ, DK, DV,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
               stride_kz, stride_kh, stride_kn, stride_kk,  #
@@ -181,7 +169,10 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
               stride_doz, stride_doh, stride_dom, stride_dok,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
+              REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
+              PROGRAM: tl.constexpr):
+    # PROGRAM 0: key-block programs (dK, dV), one per key block; PROGRAM 1: query-block programs (dQ). Two launches,
+    # so that each kind compiles with its own registers and config.
     pid = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -196,7 +187,7 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
     hz = off_hz.to(tl.int64)
     dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
-    if pid < N_KBLK:
+    if PROGRAM == 0:
         # ---- key-block program: dK, dV ----
         start_n = pid
         offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,24 +195,25 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=kv_mask, other=0.0)
+        desc_q = tl.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        desc_do = tl.make_tensor_descriptor(DO, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_dom, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dhs = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-        dzs = tl.zeros([BLOCK_D], dtype=tl.float32)
         col = hz * N_KBLK + start_n
         count = tl.load(CCNT + col)
         COLQ += hz * N_QBLK * KEPT + tl.load(COFF + col)
-        dk, dv, dhs, dzs = _attn_bwd_dkdv(dk, dv, dhs, dzs, k, v, Q, DO, M, D, DRB, DZB, COLQ, count, hz * N_QBLK,
-                                          stride_qm, stride_qk, stride_dom, stride_dok,
-                                          qk_scale, N_CTX_Q, row_base, offs_k, d_ok,
-                                          BLOCK_M, BLOCK_D, REST and HAS_LINEAR, DOT_PREC)
+        dk, dv = _attn_bwd_dkdv(dk, dv, k, v, desc_q, desc_do, M, D, COLQ, count, qk_scale, row_base, N_CTX_Q,
+                                BLOCK_M, DOT_PREC)
         dk *= sm_scale
         if HAS_LINEAR:
-            dh = tl.load(DHT + hz * BLOCK_D * BLOCK_D + dd_offs)
-            dz = tl.load(DZT + hz * BLOCK_D + offs_k)
-            if REST:
-                dh = dh - dhs
-                dz = dz - dzs
+            if REST:  # dh_j, dz_j: sums of dR_i, dz_i over the query blocks that did not select this key block
+                dh = tl.load(DHB + col * BLOCK_D * BLOCK_D + dd_offs)
+                dz = tl.load(DZB + col * BLOCK_D + offs_k)
+            else:
+                dh = tl.load(DHT + hz * BLOCK_D * BLOCK_D + dd_offs)
+                dz = tl.load(DZT + hz * BLOCK_D + offs_k)
             kf = k.to(tl.float32)
             phik = tl.where(n_ok[:, None], _feature_map(kf, d_ok, FEATURE_MAP), 0.0)
             dv = tl.dot(phik.to(v.dtype), dh.to(v.dtype), dv, input_precision=DOT_PREC)
@@ -232,7 +224,7 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
     else:
         # ---- query-block program: dQ ----
-        start_m = pid - N_KBLK
+        start_m = pid
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N_CTX_Q
         q_mask = m_ok[:, None] & d_ok[None, :]
@@ -240,11 +232,13 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=q_mask, other=0.0)
         m = tl.load(M + row_base + offs_m, mask=m_ok, other=0.0)
         Di = tl.load(D + row_base + offs_m, mask=m_ok, other=0.0)
+        desc_k = tl.make_tensor_descriptor(K, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        desc_v = tl.make_tensor_descriptor(V, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
         blk = hz * N_QBLK + start_m
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq = _attn_bwd_dq(dq, q, do, m, Di, K, V, LUT + blk * KEPT,
-                          stride_kn, stride_kk, stride_vn, stride_vk,
-                          qk_scale, N_CTX_KV, KEPT, offs_k, d_ok, BLOCK_N, DOT_PREC)
+        dq = _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, LUT + blk * KEPT, qk_scale, KEPT, BLOCK_N, DOT_PREC)
         dq *= sm_scale
         if HAS_LINEAR:
             if REST:

@@ -71,7 +71,8 @@ def _feature_map_bwd(x, phi, dphi, FEATURE_MAP: tl.constexpr):
 def _block_mean(X, Mu, Out,  #
                 stride_xz, stride_xh, stride_xm, stride_xk,  #
                 H, N_CTX, N_BLK,  #
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr,
+                ROUND: tl.constexpr):
     # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
     blk = tl.program_id(0)
@@ -89,19 +90,23 @@ def _block_mean(X, Mu, Out,  #
         mu = tl.load(Mu + off_hz.to(tl.int64) * HEAD_DIM + offs_k, mask=d_ok, other=0.0).to(tl.float32)
         xf = tl.where(m_ok[:, None], (xf - mu[None, :]).to(x.dtype).to(tl.float32), 0.0)
     count = tl.minimum(N_CTX - blk * BLOCK, BLOCK).to(tl.float32)
-    tl.store(Out + (off_hz.to(tl.int64) * N_BLK + blk) * HEAD_DIM + offs_k, tl.sum(xf, 0) / count, mask=d_ok)
+    mean = tl.sum(xf, 0) / count
+    if ROUND:  # rounded to x's dtype, as `selection.block_scores` rounds the pooled vectors
+        mean = mean.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Out + (off_hz.to(tl.int64) * N_BLK + blk) * HEAD_DIM + offs_k, mean, mask=d_ok)
 
 
 @triton.jit
-def _linear_state(K, V, PK, ZB, HS, ZS,  #
+def _linear_state(K, V, HB, ZB, HS, ZS,  #
                   stride_kz, stride_kh, stride_kn, stride_kk,  #
                   stride_vz, stride_vh, stride_vn, stride_vk,  #
                   H, N_KV, N_KBLK, SPLIT,  #
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                  FEATURE_MAP: tl.constexpr, STORE_PHI: tl.constexpr, DOT_PREC: tl.constexpr):
+                  FEATURE_MAP: tl.constexpr, STORE_BLOCKS: tl.constexpr, DOT_PREC: tl.constexpr):
     # Partial per-head totals H = sum phi(k)^T v and Z = sum phi(k) over key blocks split, split + SPLIT, ...
-    # With STORE_PHI ("rest") also phi(k) itself (B*H, N_KV, BLOCK_D) and z_j per key block, so that the forward
-    # loop takes the selected blocks' share out of H, Z without evaluating the feature map again for every visit.
+    # With STORE_BLOCKS ("rest") also each key block's h_j = phi(k_j)^T v_j (B*H, N_KBLK, BLOCK_D, BLOCK_D) in the
+    # compute dtype and z_j (B*H, N_KBLK, BLOCK_D) float32: R_i = sum of h_j over the blocks query block i did not
+    # select is then one 0/1 matrix product (no cancellation, nothing D x D inside the attention loop).
     split = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -120,31 +125,32 @@ def _linear_state(K, V, PK, ZB, HS, ZS,  #
         k = tl.load(K + cols[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=mask, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=mask, other=0.0)
         phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
-        h = tl.dot(tl.trans(phik), v, h, input_precision=DOT_PREC)
         zj = tl.sum(phik.to(tl.float32), 0)
         z += zj
-        if STORE_PHI:
-            tl.store(PK + (off_hz.to(tl.int64) * N_KV + cols)[:, None] * BLOCK_D + offs_k[None, :], phik,
-                     mask=n_ok[:, None])
-            tl.store(ZB + (off_hz.to(tl.int64) * N_KBLK + blk) * BLOCK_D + offs_k, zj)
+        if STORE_BLOCKS:
+            hj = tl.dot(tl.trans(phik), v, input_precision=DOT_PREC)
+            h += hj
+            row = off_hz.to(tl.int64) * N_KBLK + blk
+            tl.store(HB + row * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :],
+                     hj.to(HB.dtype.element_ty))
+            tl.store(ZB + row * BLOCK_D + offs_k, zj)
+        else:
+            h = tl.dot(tl.trans(phik), v, h, input_precision=DOT_PREC)
     base = off_hz.to(tl.int64) * SPLIT + split
     tl.store(HS + base * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], h)
     tl.store(ZS + base * BLOCK_D + offs_k, z)
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, hs, zs,  #
-                    q, K_ptrs, V_ptrs, PK_ptrs, ZKB, LUT, stride_kn, stride_vn,  #
-                    qk_scale, N_KV, KEPT,  #
-                    offs_n, offs_k, d_ok,  #
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, REST: tl.constexpr, DOT_PREC: tl.constexpr):
-    # loop over the selected key blocks only (ascending LUT row)
+def _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT,  #
+                    qk_scale, N_KV, KEPT, offs_n,  #
+                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    # loop over the selected key blocks only (ascending LUT row); tiles come through tensor descriptors (TMA on
+    # Hopper): rows past N_KV and columns past HEAD_DIM arrive as zeros, and no pointer tensor occupies registers
     for it in range(0, KEPT):
-        kb = tl.load(LUT + it)
-        start_n = kb * BLOCK_N
+        start_n = tl.load(LUT + it) * BLOCK_N
         n_ok = (start_n + offs_n) < N_KV
-        mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_ptrs + start_n * stride_kn, mask=mask, other=0.0)
+        k = desc_k.load([start_n, 0])
         # -- compute qk ----
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
@@ -154,23 +160,18 @@ def _attn_fwd_inner(acc, l_i, m_i, hs, zs,  #
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update output accumulator ----
-        v = tl.load(V_ptrs + start_n * stride_vn, mask=mask, other=0.0)
+        v = desc_v.load([start_n, 0])
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_ij
-        # -- this block's linear state leaves the per-head total (hs starts at -H) ----
-        if REST:
-            phik = tl.load(PK_ptrs + start_n * BLOCK_D, mask=n_ok[:, None], other=0.0)
-            hs = tl.dot(tl.trans(phik), v, hs, input_precision=DOT_PREC)
-            zs += tl.load(ZKB + kb * BLOCK_D + offs_k)
-    return acc, l_i, m_i, hs, zs
+    return acc, l_i, m_i
 
 
 def _fwd_configs():
     # BLOCK_M/BLOCK_N are fixed by blkq/blkk; only warps and pipelining depth are tuned.
     if not is_cuda():
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in [4, 8] for s in [2, 3]]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in [4, 8] for s in [1, 2, 3, 4]]
 
 
 def keep(conf):
@@ -191,7 +192,8 @@ def prune_configs(configs, named_args, **kwargs):
     if len(configs) == 1 or os.environ.get("DIFFUSERS_SLA_AUTOTUNE") == "1":
         return configs
     args = {**named_args, **kwargs}
-    warps = heuristic_warps(args["BLOCK_M"], args.get("BLOCK_N", 0), args["BLOCK_D"])
+    warps = int(os.environ.get("DIFFUSERS_SLA_WARPS", "0")) or \
+        heuristic_warps(args["BLOCK_M"], args.get("BLOCK_N", 0), args["BLOCK_D"])
     stages = int(os.environ.get("DIFFUSERS_SLA_STAGES", "2"))
     picked = [c for c in configs if c.num_warps == warps and c.num_stages == stages]
     return picked[:1] or configs[:1]
@@ -200,7 +202,7 @@ def prune_configs(configs, named_args, **kwargs):
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
                                "FEATURE_MAP", "STORE_BWD"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
-def _attn_fwd(Q, K, V, PK, ZKB, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
+def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
               stride_kz, stride_kh, stride_kn, stride_kk,  #
               stride_vz, stride_vh, stride_vn, stride_vk,  #
@@ -223,30 +225,23 @@ def _attn_fwd(Q, K, V, PK, ZKB, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  
     Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
     V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=q_mask, other=0.0)
-    K_ptrs = K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk
-    V_ptrs = V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk
-    blk = off_hz.to(tl.int64) * N_QBLK + start_m  # this query block's row in (B*H*n_q, ...) side tensors
+    hz = off_hz.to(tl.int64)
+    desc_q = tl.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+    desc_k = tl.make_tensor_descriptor(K, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_kn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    desc_v = tl.make_tensor_descriptor(V, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    q = desc_q.load([start_m * BLOCK_M, 0])
+    blk = hz * N_QBLK + start_m  # this query block's row in (B*H*n_q, ...) side tensors
     LUT += blk * KEPT
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hz = off_hz.to(tl.int64)
-    dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
-    if REST and HAS_LINEAR:
-        # start from minus the per-head totals: after the loop -hs, -zs are the "rest" state R_i, z_i
-        hs = -tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
-        zs = -tl.load(ZT + hz * BLOCK_D + offs_k)
-    else:
-        hs = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-        zs = tl.zeros([BLOCK_D], dtype=tl.float32)
-    PK_ptrs = PK + (hz * N_CTX_KV + offs_n)[:, None] * BLOCK_D + offs_k[None, :]
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
-    ZKB += hz * N_KBLK * BLOCK_D
-    acc, l_i, m_i, hs, zs = _attn_fwd_inner(acc, l_i, m_i, hs, zs, q, K_ptrs, V_ptrs, PK_ptrs, ZKB, LUT,
-                                            stride_kn, stride_vn, qk_scale, N_CTX_KV, KEPT, offs_n, offs_k, d_ok,
-                                            BLOCK_N, BLOCK_D, REST and HAS_LINEAR, DOT_PREC)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT, qk_scale, N_CTX_KV, KEPT, offs_n,
+                                    BLOCK_N, DOT_PREC)
     m_i += tl.math.log2(l_i)
     acc = acc / l_i[:, None]
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
@@ -256,9 +251,10 @@ def _attn_fwd(Q, K, V, PK, ZKB, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  
     w_mask = d_ok[:, None] & d_ok[None, :]
     bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
     if HAS_LINEAR:
-        if REST:
-            r = -hs
-            z = -zs
+        dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
+        if REST:  # R_i, z_i of this query block (custom_ops: 0/1 matrix product over the per-block states)
+            r = tl.load(RB + blk * BLOCK_D * BLOCK_D + dd_offs)
+            z = tl.load(ZB + blk * BLOCK_D + offs_k)
         else:
             r = tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
             z = tl.load(ZT + hz * BLOCK_D + offs_k)
@@ -272,10 +268,6 @@ def _attn_fwd(Q, K, V, PK, ZKB, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  
         if STORE_BWD:
             tl.store(Den + row, den, mask=m_ok)
             tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
-            if REST:
-                tl.store(RB + blk * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :],
-                         r.to(RB.dtype.element_ty))
-                tl.store(ZB + blk * BLOCK_D + offs_k, z)
     acc += bias[None, :]
     O_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + \
         offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
