@@ -192,9 +192,10 @@ def prune_configs(configs, named_args, **kwargs):
     if len(configs) == 1 or os.environ.get("DIFFUSERS_SLA_AUTOTUNE") == "1":
         return configs
     args = {**named_args, **kwargs}
-    warps = int(os.environ.get("DIFFUSERS_SLA_WARPS", "0")) or \
+    kind = "BWD_" if "PROGRAM" in args else ""  # DIFFUSERS_SLA_[BWD_]WARPS / _STAGES: manual overrides
+    warps = int(os.environ.get(f"DIFFUSERS_SLA_{kind}WARPS", "0")) or \
         heuristic_warps(args["BLOCK_M"], args.get("BLOCK_N", 0), args["BLOCK_D"])
-    stages = int(os.environ.get("DIFFUSERS_SLA_STAGES", "2"))
+    stages = int(os.environ.get(f"DIFFUSERS_SLA_{kind}STAGES", "2"))
     picked = [c for c in configs if c.num_warps == warps and c.num_stages == stages]
     return picked[:1] or configs[:1]
 
