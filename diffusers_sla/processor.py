@@ -37,7 +37,7 @@ from torch import nn
 from .config import SLAConfig
 from .constants import SLA_MODULE_NAME
 from .dispatch import DENSE_REASONS, LayerStats, layer_stats, routing_scope
-from .layer import SparseLinearAttention
+from .layer import SparseLinearAttention, iter_sla_layers
 from .ops.api import BACKEND_NAMES
 
 logger = logging.getLogger(__name__)
@@ -414,6 +414,7 @@ def enable_sla(
     *,
     backend: str = "auto",
     sla_layers: dict[str, SparseLinearAttention] | None = None,
+    strict: bool = True,
     **overrides,
 ) -> SLAAttnProcessor:
     """Run SLA in every attention module of a model, or of a pipeline's denoiser(s).
@@ -429,6 +430,10 @@ def enable_sla(
         backend (`str`, *optional*, defaults to `"auto"`): SLA backend, `"auto"`, `"torch"` or `"triton"`.
         sla_layers (`dict`, *optional*): layers returned by `disable_sla`, re-attached instead of fresh ones, so
             trained `proj_l` weights survive a disable/enable round trip.
+        strict (`bool`, *optional*, defaults to `True`): how the `sla_attention.safetensors` found at the model's
+            load location is replayed: when `False`, a config that differs from `config` and missing or extra layers
+            are warnings instead of errors (as in `load_sla`). On an error SLA is not installed: the model is left
+            as it was.
 
     Every module that will run SLA (softmax attention, not a cross-attention module kept dense by the policy) gets
     its own `attn.sla` up front (float32, on the module's device). Calling `enable_sla` again changes the config and
@@ -438,7 +443,7 @@ def enable_sla(
     Returns:
         the `SLAAttnProcessor` installed.
     """
-    from .serialization import on_sla_enabled, sla_config_at_load_location
+    from .serialization import sla_config_at_load_location
 
     targets = _target_models(pipe_or_model)
     if config is None and not overrides:
@@ -459,32 +464,81 @@ def enable_sla(
                 f"`pipe_or_model`: {type(model).__name__} has no attention module with `set_processor` "
                 "(diffusers `Attention` or `AttentionModuleMixin`) to run SLA in."
             )
-        for path, attn in modules:
+        had_sla = any(True for _ in iter_sla_layers(model))
+        for _, attn in modules:
             attn.set_processor(processor)
-            full_path = _join(prefix, path)
-            existing = attn._modules.get(SLA_MODULE_NAME)
-            reused = sla_layers.pop(full_path, None)
-            if reused is not None:
-                attn.add_module(SLA_MODULE_NAME, reused.to(_module_device(attn)))
-                existing = reused
-            if isinstance(existing, SparseLinearAttention):
-                existing.config, existing.backend = processor.config, backend
-                continue
-            if not _expects_sla(attn, processor.config):
-                continue
-            head_dim = _infer_head_dim(attn)
-            if head_dim is None:
-                _log_once(
-                    ("no_head_dim", type(attn)), logging.INFO,
-                    f"{type(attn).__name__} does not expose its head size; its SLA layer is created at first use.",
-                )
-                continue
-            layer = SparseLinearAttention(head_dim, config=processor.config, backend=backend)
-            attn.add_module(SLA_MODULE_NAME, layer.to(_module_device(attn)))
-        on_sla_enabled(model)
+        _attach_sla_layers(model, prefix, sla_layers)
+        _replay_or_roll_back(model, strict=strict, roll_back=not had_sla)
     if sla_layers:
         raise ValueError(f"`sla_layers`: no attention module at {sorted(sla_layers)} in this model.")
     return processor
+
+
+def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, SparseLinearAttention]) -> None:
+    """Give every module of `model` running an `SLAAttnProcessor` its own SLA layer, up front: re-attached from
+    `sla_layers` (popped) when given there, kept (with the processor's config) when it has one, else new and
+    zero-initialised. Modules that will not run SLA (linear attention, cross-attention kept dense) get none."""
+    for path, attn in model.named_modules():
+        processor = getattr(attn, "processor", None)
+        if not _is_attention_module(attn) or not isinstance(processor, SLAAttnProcessor):
+            continue
+        existing = attn._modules.get(SLA_MODULE_NAME)
+        reused = sla_layers.pop(_join(prefix, path), None)
+        if reused is not None:
+            attn.add_module(SLA_MODULE_NAME, reused.to(_module_device(attn)))
+            existing = reused
+        if isinstance(existing, SparseLinearAttention):
+            existing.config, existing.backend = processor.config, processor.backend
+            continue
+        if not _expects_sla(attn, processor.config):
+            continue
+        head_dim = _infer_head_dim(attn)
+        if head_dim is None:
+            _log_once(
+                ("no_head_dim", type(attn)), logging.INFO,
+                f"{type(attn).__name__} does not expose its head size; its SLA layer is created at first use.",
+            )
+            continue
+        layer = SparseLinearAttention(head_dim, config=processor.config, backend=processor.backend)
+        attn.add_module(SLA_MODULE_NAME, layer.to(_module_device(attn)))
+
+
+def _replay_or_roll_back(model: nn.Module, *, strict: bool, roll_back: bool) -> None:
+    """Load the `sla_attention.safetensors` saved beside `model` (`serialization.on_sla_enabled`). If that fails
+    (a bad file, a config mismatch under `strict`) and SLA was installed just now, uninstall it before raising, so
+    that the model is left exactly as it was."""
+    from .serialization import on_sla_enabled
+
+    try:
+        on_sla_enabled(model, strict=strict)
+    except Exception:
+        if roll_back:
+            disable_sla(model)
+        raise
+
+
+def _wrap_set_attn_processor() -> None:
+    """`model.set_attn_processor(SLAAttnProcessor())` does what `enable_sla` does: every SLA layer is created up
+    front (so an optimizer built next holds them) and SLA weights saved beside the model are loaded."""
+    from diffusers.models.attention import AttentionMixin
+
+    original = AttentionMixin.__dict__["set_attn_processor"]
+    if getattr(original, "_sla_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def set_attn_processor(self, processor):
+        values = processor.values() if isinstance(processor, dict) else [processor]
+        installs_sla = any(isinstance(value, SLAAttnProcessor) for value in values)  # before diffusers pops the dict
+        had_sla = any(True for _ in iter_sla_layers(self))
+        result = original(self, processor)
+        if installs_sla:
+            _attach_sla_layers(self, "", {})
+            _replay_or_roll_back(self, strict=True, roll_back=not had_sla)
+        return result
+
+    set_attn_processor._sla_original = original
+    AttentionMixin.set_attn_processor = set_attn_processor
 
 
 def disable_sla(pipe_or_model) -> dict[str, SparseLinearAttention]:
@@ -636,6 +690,8 @@ def reset_sla_stats(pipe_or_model) -> None:
     for _, attn in _sla_modules(pipe_or_model):
         layer_stats(attn).reset()
 
+
+_wrap_set_attn_processor()
 
 # Importing the processor installs serialization's `from_pretrained` / `save_pretrained` hooks too, so that a model
 # loaded after `from diffusers_sla import enable_sla` remembers where its SLA weights are. Last, so that a future

@@ -40,7 +40,8 @@ pipe.to(args.device)
 # The diffusers-native way: one processor object for all modules; each layer still gets its own SLA state.
 pipe.transformer.set_attn_processor(SLAAttnProcessor(topk=args.topk))
 if args.sla_weights:
-    load_sla(pipe, args.sla_weights)
+    for loaded in load_sla(pipe, args.sla_weights):
+        print(f"loaded SLA weights of {len(loaded.loaded_layers)} layers from {loaded.source}")
 
 image = pipe(**inputs, height=args.size, width=args.size, num_inference_steps=args.steps,
              generator=torch.Generator().manual_seed(0)).images[0]

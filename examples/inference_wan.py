@@ -45,7 +45,8 @@ pipe.to(args.device)
 # One line: SLA on every attention module of the transformer (each layer with its own proj_l).
 enable_sla(pipe, None if args.topk is None else SLAConfig(topk=args.topk))
 if args.sla_weights:
-    load_sla(pipe, args.sla_weights)
+    for loaded in load_sla(pipe, args.sla_weights):
+        print(f"loaded SLA weights of {len(loaded.loaded_layers)} layers from {loaded.source}")
 
 video = pipe(**inputs, height=args.height, width=args.width, num_frames=args.frames,
              num_inference_steps=args.steps, output_type="pil", generator=torch.Generator().manual_seed(0)).frames[0]

@@ -166,8 +166,10 @@ def test_set_attn_processor_wraps_each_modules_own_processor(family):
 
     processor = SLAAttnProcessor(topk=1.0, **_family_overrides(family))
     model.set_attn_processor(processor)
-    assert not list(iter_sla_layers(model)), "state is created at first use on this path"
+    created = {path: layer for path, _, layer in iter_sla_layers(model)}
+    assert created, "set_attn_processor creates the SLA layers up front, like enable_sla"
     output = _run(model, inputs)
+    assert {path: layer for path, _, layer in iter_sla_layers(model)} == created
 
     assert _max_diff(output, reference) <= EXACT_ATOL
     for name, proc in model.attn_processors.items():
@@ -206,9 +208,17 @@ def test_advertised_signature_covers_the_wrapped_processors():
     assert {"encoder_hidden_states_mask", "image_rotary_emb", "attention_mask"} <= advertised
 
 
+def _set_on_each_module(model, processor):
+    # Module by module, not through the model's set_attn_processor: the path on which SLA state is born lazily.
+    for module in model.modules():
+        if hasattr(module, "set_processor") and hasattr(module, "processor"):
+            module.set_processor(processor)
+
+
 def test_lazy_state_created_in_inference_mode_is_trainable():
     model, make_inputs = build_tiny_model("flux")
-    model.set_attn_processor(SLAAttnProcessor(topk=0.2, **TEST_SLA_OVERRIDES))
+    _set_on_each_module(model, SLAAttnProcessor(topk=0.2, **TEST_SLA_OVERRIDES))
+    assert not list(iter_sla_layers(model))
     with torch.inference_mode():
         forward_output(model, make_inputs(seed=6))
     layers = [layer for _, _, layer in iter_sla_layers(model)]
@@ -606,7 +616,7 @@ def test_lazy_layers_born_in_a_training_forward_warn(monkeypatch, caplog):
     monkeypatch.setattr(processor_module, "_logged_once", set())
     model, make_inputs = build_tiny_model("wan")
     model.train()
-    model.set_attn_processor(SLAAttnProcessor(**TEST_SLA_OVERRIDES))
+    _set_on_each_module(model, SLAAttnProcessor(**TEST_SLA_OVERRIDES))
     with caplog.at_level(logging.INFO, logger="diffusers_sla.processor"):
         forward_output(model, make_inputs(seed=0))
         forward_output(model, make_inputs(seed=1))

@@ -488,9 +488,34 @@ def test_bad_config(bad_file_setup):
 def test_bad_config_in_replay_raises_and_keeps_model(tmp_path):
     enabled_tiny("flux", sla_seed=23, topk=0.5).model.save_pretrained(tmp_path)
     loaded = type(build_tiny_model("flux").model).from_pretrained(tmp_path)
+    processors = dict(loaded.attn_processors)
     with pytest.raises(ValueError, match=r"`topk` \(installed 0.2, file 0.5\)"):
         enable_sla(loaded, **TEST_SLA_OVERRIDES)
-    assert all(not t.any() for t in get_sla_state_dict(loaded).values())
+    # Really unchanged: SLA was not left half-installed with zero projections.
+    assert not get_sla_state_dict(loaded) and dict(loaded.attn_processors) == processors
+    # strict=False proceeds: the installed config stands, the trained weights are loaded, with a warning.
+    with pytest.warns(UserWarning, match="strict=False"):
+        enable_sla(loaded, strict=False, **TEST_SLA_OVERRIDES)
+    assert all(t.any() for t in get_sla_state_dict(loaded).values())
+
+
+def test_set_attn_processor_loads_the_weights_saved_beside_the_model(tmp_path):
+    tiny = enabled_tiny("flux", sla_seed=25)
+    tiny.model.save_pretrained(tmp_path)
+    expected = forward_output(tiny.model, tiny.make_inputs(seed=3))
+    loaded = type(tiny.model).from_pretrained(tmp_path)
+    loaded.set_attn_processor(SLAAttnProcessor(**TEST_SLA_OVERRIDES))
+    assert_same_state(sla_snapshot(loaded), sla_snapshot(tiny.model))  # up front, before any forward
+    assert torch.equal(forward_output(loaded, tiny.make_inputs(seed=3)), expected)
+
+
+def test_set_attn_processor_with_a_mismatching_config_raises_and_restores(tmp_path):
+    enabled_tiny("flux", sla_seed=26, topk=0.5).model.save_pretrained(tmp_path)
+    loaded = type(build_tiny_model("flux").model).from_pretrained(tmp_path)
+    processors = dict(loaded.attn_processors)
+    with pytest.raises(ValueError, match=r"`topk` \(installed 0.2, file 0.5\)"):
+        loaded.set_attn_processor(SLAAttnProcessor(**TEST_SLA_OVERRIDES))
+    assert not get_sla_state_dict(loaded) and dict(loaded.attn_processors) == processors
 
 
 def test_pipeline_bad_component_leaves_everything_unchanged(tmp_path):
