@@ -41,9 +41,15 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def _difference_gain(dense: np.ndarray, sla: np.ndarray) -> float:
+    """Brightness gain that maps the largest |SLA - dense| to white, so that small differences stay visible."""
+    largest = float(np.abs(sla - dense).max())
+    return 1.0 / largest if largest > 0 else 1.0
+
+
 def _side_by_side(dense: np.ndarray, sla: np.ndarray) -> np.ndarray:
-    """dense | SLA | |difference| x 4, for each frame: (frames, H, 3W + 16, 3)."""
-    diff = np.clip(np.abs(sla - dense) * 4.0, 0.0, 1.0)
+    """dense | SLA | |difference| x gain, for each frame: (frames, H, 3W + 16, 3)."""
+    diff = np.clip(np.abs(sla - dense) * _difference_gain(dense, sla), 0.0, 1.0)
     gap = np.ones((*dense.shape[:2], 8, 3), dtype=dense.dtype)
     return np.concatenate([dense, gap, sla, gap, diff], axis=2)
 
@@ -135,6 +141,7 @@ def run_demo(
              f"max abs difference {reload_diff:.2e}")
 
     files = _save_images(dense, sla, output_dir, family)
-    print_fn("[4/4] images (dense | SLA | difference x4): " + ", ".join(str(path) for path in files))
+    print_fn(f"[4/4] images (dense | SLA | |difference| x {_difference_gain(dense, sla):.0f}): "
+             + ", ".join(str(path) for path in files))
     return DemoResult(output_dir, dense_seconds, sla_seconds, difference, psnr, summary.mean_density, reload_diff,
                       files)
