@@ -9,6 +9,8 @@ synchronisation.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -20,6 +22,11 @@ from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linea
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
 # wrote shows up in the result.
 POISON_OUTPUTS = False
+
+# Forward loop over two selected key blocks per iteration (DIFFUSERS_SLA_PAIR=0: one).
+_PAIR = os.environ.get("DIFFUSERS_SLA_PAIR", "1") == "1"
+# Programs the linear-state kernel aims for (split of the key blocks of each head).
+_SPLIT_TARGET = int(os.environ.get("DIFFUSERS_SLA_SPLIT_TARGET", "264"))
 
 
 def _empty(*shape, device, dtype):
@@ -45,7 +52,7 @@ def _proj_precision(dot_precision: str) -> str:
 
 def _split(n_items: int, programs_per_split: int) -> int:
     # enough programs to fill the GPU; few under the interpreter
-    target = 264 if is_cuda() else 2
+    target = _SPLIT_TARGET if is_cuda() else 2
     return max(1, min(n_items, -(-target // max(1, programs_per_split))))
 
 
@@ -185,7 +192,7 @@ def sla_fwd(
         scale, H, Lq, Lk, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
         REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
-        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
+        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS, PAIR=_PAIR,
     )
     return o, lse, den, o_l, rb, zb, ht, zt
 

@@ -142,28 +142,64 @@ def _linear_state(K, V, HB, ZB, HS, ZS,  #
 
 
 @triton.jit
+def _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, start_n, qk_scale, N_KV, offs_n, DOT_PREC: tl.constexpr):
+    # one selected key block
+    n_ok = (start_n + offs_n) < N_KV
+    k = desc_k.load([start_n, 0])
+    # -- compute qk ----
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    # -- update m_i and l_i ----
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # -- update output accumulator ----
+    v = desc_v.load([start_n, 0])
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT,  #
                     qk_scale, N_KV, KEPT, offs_n,  #
-                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, PAIR: tl.constexpr, DOT_PREC: tl.constexpr):
     # loop over the selected key blocks only (ascending LUT row); tiles come through tensor descriptors (TMA on
-    # Hopper): rows past N_KV and columns past HEAD_DIM arrive as zeros, and no pointer tensor occupies registers
-    for it in range(0, KEPT):
-        start_n = tl.load(LUT + it) * BLOCK_N
-        n_ok = (start_n + offs_n) < N_KV
-        k = desc_k.load([start_n, 0])
-        # -- compute qk ----
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
-        # -- update m_i and l_i ----
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- update output accumulator ----
-        v = desc_v.load([start_n, 0])
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_ij
+    # Hopper): rows past N_KV and columns past HEAD_DIM arrive as zeros, and no pointer tensor occupies registers.
+    # PAIR: two key blocks per iteration (one running-max update and one rescale of acc for 2 * BLOCK_N keys, two
+    # tile loads in flight)
+    if PAIR:
+        for it in range(0, KEPT // 2):
+            s0 = tl.load(LUT + 2 * it) * BLOCK_N
+            s1 = tl.load(LUT + 2 * it + 1) * BLOCK_N
+            k0 = desc_k.load([s0, 0])
+            k1 = desc_k.load([s1, 0])
+            # -- compute qk for both blocks ----
+            qk0 = tl.dot(q, tl.trans(k0), input_precision=DOT_PREC)
+            qk1 = tl.dot(q, tl.trans(k1), input_precision=DOT_PREC)
+            qk0 = tl.where(((s0 + offs_n) < N_KV)[None, :], qk0 * qk_scale, float("-inf"))
+            qk1 = tl.where(((s1 + offs_n) < N_KV)[None, :], qk1 * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.maximum(tl.max(qk0, 1), tl.max(qk1, 1)))
+            p0 = tl.math.exp2(qk0 - m_ij[:, None])
+            p1 = tl.math.exp2(qk1 - m_ij[:, None])
+            # -- update m_i and l_i ----
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
+            # -- update output accumulator ----
+            v0 = desc_v.load([s0, 0])
+            v1 = desc_v.load([s1, 0])
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)
+            acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=DOT_PREC)
+            m_i = m_ij
+        if KEPT % 2 == 1:
+            acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + KEPT - 1) * BLOCK_N,
+                                           qk_scale, N_KV, offs_n, DOT_PREC)
+    else:
+        for it in range(0, KEPT):
+            acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + it) * BLOCK_N,
+                                           qk_scale, N_KV, offs_n, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -211,7 +247,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
-              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
+              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr, PAIR: tl.constexpr):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -242,7 +278,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT, qk_scale, N_CTX_KV, KEPT, offs_n,
-                                    BLOCK_N, DOT_PREC)
+                                    BLOCK_N, PAIR, DOT_PREC)
     m_i += tl.math.log2(l_i)
     acc = acc / l_i[:, None]
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
