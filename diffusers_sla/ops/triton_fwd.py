@@ -203,6 +203,51 @@ def _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT,  #
     return acc, l_i, m_i
 
 
+@triton.jit
+def _linear_fwd(Q, RB, ZB, HT, ZT, W, Bias, Out, Den, OL,  #
+                stride_qz, stride_qh, stride_qm, stride_qk,  #
+                stride_oz, stride_oh, stride_om, stride_ok,  #
+                H, N_CTX_Q, N_QBLK,  #
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,  #
+                REST: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
+                DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
+    # The linear branch alone, one program per query block: Out = (phi(q) R / (phi(q) . z + eps)) W^T + b. Run
+    # before `_attn_fwd` (ADD_OUT), so that the attention kernel holds no D x D tile.
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_CTX_Q
+    d_ok = offs_k < HEAD_DIM
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    hz = off_hz.to(tl.int64)
+    blk = hz * N_QBLK + start_m
+    q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm +
+                offs_k[None, :] * stride_qk, mask=q_mask, other=0.0)
+    dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
+    if REST:
+        r = tl.load(RB + blk * BLOCK_D * BLOCK_D + dd_offs)
+        z = tl.load(ZB + blk * BLOCK_D + offs_k)
+    else:
+        r = tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
+        z = tl.load(ZT + hz * BLOCK_D + offs_k)
+    phiq = _feature_map(q.to(tl.float32), d_ok, FEATURE_MAP)
+    num = tl.dot(phiq.to(q.dtype), r.to(q.dtype), input_precision=DOT_PREC)
+    den = tl.sum(phiq * z[None, :], 1) + EPS
+    o_l = num / den[:, None]
+    wT = tl.load(W + offs_k[None, :] * HEAD_DIM + offs_k[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
+    out = tl.dot(o_l, wT, input_precision=PROJ_PREC) + bias[None, :]
+    if STORE_BWD:
+        row = hz * N_CTX_Q + offs_m
+        tl.store(Den + row, den, mask=m_ok)
+        tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om +
+             offs_k[None, :] * stride_ok, out.to(Out.dtype.element_ty), mask=q_mask)
+
+
 def _fwd_configs():
     # BLOCK_M/BLOCK_N are fixed by blkq/blkk; only warps and pipelining depth are tuned.
     if not is_cuda():
@@ -247,7 +292,8 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
-              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr, PAIR: tl.constexpr):
+              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr, PAIR: tl.constexpr,
+              ADD_OUT: tl.constexpr):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -305,7 +351,10 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
         if STORE_BWD:
             tl.store(Den + row, den, mask=m_ok)
             tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
-    acc += bias[None, :]
     O_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + \
         offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+    if ADD_OUT:  # `_linear_fwd` already wrote o_l W^T + b there
+        acc += tl.load(O_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+    else:
+        acc += bias[None, :]
     tl.store(O_ptrs, acc.to(Out.dtype.element_ty), mask=q_mask)
