@@ -15,18 +15,14 @@ import torch
 import triton
 
 from .selection import num_blocks, num_kept_blocks
-from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _linear_bwd_kv, _proj_grad
-from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_fwd, _linear_state, is_cuda
+from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
+from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, is_cuda
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
 # wrote shows up in the result.
 POISON_OUTPUTS = False
 
-# Forward loop over two selected key blocks per iteration (DIFFUSERS_SLA_PAIR=0: one).
-_PAIR = os.environ.get("DIFFUSERS_SLA_PAIR", "0") == "1"
-# The linear branch in its own kernel before the attention kernel (DIFFUSERS_SLA_SPLIT_LINEAR=0: fused epilogue).
-_SPLIT_LINEAR = os.environ.get("DIFFUSERS_SLA_SPLIT_LINEAR", "1") == "1"
 # Programs the linear-state kernel aims for (split of the key blocks of each head).
 _SPLIT_TARGET = int(os.environ.get("DIFFUSERS_SLA_SPLIT_TARGET", "264"))
 
@@ -188,22 +184,13 @@ def sla_fwd(
     else:
         rb = q.new_empty(0)
         zb = zt.new_empty(0)
-    split_linear = _SPLIT_LINEAR and has_linear
-    if split_linear:  # the linear branch first, into o; the attention kernel adds the sparse branch
-        _linear_fwd[(n_qblk, B * H)](
-            q, rb, zb, ht, zt, proj_weight, proj_bias, o, den, o_l, *_strides(q), *_strides(o), H, Lq, n_qblk,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, REST=rest, FEATURE_MAP=FEATURE_MAPS[feature_map],
-            STORE_BWD=store_bwd, DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
-            num_warps=8 if blkq * block_d >= 128 * 128 else 4, num_stages=1,
-        )
     _attn_fwd[(n_qblk, B * H)](
         qd, kd, vd, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
         *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
         scale, H, Lq, Lk, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
-        REST=rest, HAS_LINEAR=has_linear and not split_linear, FEATURE_MAP=FEATURE_MAPS[feature_map],
-        STORE_BWD=store_bwd, DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
-        PAIR=_PAIR, ADD_OUT=split_linear,
+        REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
+        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
     )
     return o, lse, den, o_l, rb, zb, ht, zt
 
@@ -264,16 +251,11 @@ def sla_bwd(
     drb = _empty(B, H, n_qblk, block_d, block_d, device=dev, dtype=q.dtype) if has_linear \
         else q.new_empty(0)
     dzb = _empty(B, H, n_qblk, block_d, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
-    dq = _empty(B, H, Lq, D, device=dev, dtype=q.dtype)
-    dk = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
-    dv = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
-    lin_done = _SPLIT_LINEAR and has_linear  # linear-branch gradients outside the attention loops' kernels
     _attn_bwd_preprocess[(n_qblk, B * H)](
-        o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb, rb, zb, ht, zt, dq,
+        o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb,
         *_strides(o), *_strides(do), *_strides(q), H, Lq, n_qblk,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, FEATURE_MAP=fm,
-        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), REST=rest, DQ_LINEAR=lin_done,
-        num_warps=warps, num_stages=1,
+        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), num_warps=warps, num_stages=1,
     )
 
     # -- proj_l gradients: dW = sum dO^T o_l, db = sum dO ----
@@ -307,12 +289,9 @@ def sla_bwd(
     _use_descriptors()
     qd, kd, vd, dod = _tma_ready(q), _tma_ready(k), _tma_ready(v), _tma_ready(do)
     col_q, col_off, col_cnt = column_lut(lut, n_kblk)
-    if lin_done:
-        _linear_bwd_kv[(n_kblk, B * H)](
-            k, v, dhb, dzbk, dht, dzt, dk, dv, *_strides(k), *_strides(v), H, Lk, n_kblk,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, REST=rest, FEATURE_MAP=fm, DOT_PREC=dot_precision,
-            num_warps=warps, num_stages=1,
-        )
+    dq = _empty(B, H, Lq, D, device=dev, dtype=q.dtype)
+    dk = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
+    dv = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
     for program, n_prog in ((0, n_kblk), (1, n_qblk)):
         _attn_bwd[(n_prog, B * H)](
             qd, kd, vd, dod, lse, delta, dn, dd, lut, col_q, col_off, col_cnt,
@@ -322,7 +301,6 @@ def sla_bwd(
             scale, H, Lq, Lk, n_qblk, n_kblk, kept,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
             REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=fm, DOT_PREC=dot_precision, PROGRAM=program,
-            LIN_DONE=lin_done,
         )
     return dq, dk, dv, dw, db
 

@@ -24,14 +24,14 @@ from .triton_fwd import _feature_map, _feature_map_bwd, is_cuda, prune_configs
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB, RB, ZB, HT, ZT, DQ,  #
+def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
                          stride_oz, stride_oh, stride_om, stride_ok,  #
                          stride_doz, stride_doh, stride_dom, stride_dok,  #
                          stride_qz, stride_qh, stride_qm, stride_qk,  #
                          H, N_CTX_Q, N_QBLK,  #
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,  #
                          HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                         PROJ_PREC: tl.constexpr, REST: tl.constexpr, DQ_LINEAR: tl.constexpr):
+                         PROJ_PREC: tl.constexpr):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -69,62 +69,7 @@ def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB, RB
         tl.store(DRB + blk * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :],
                  dr.to(DRB.dtype.element_ty))
         tl.store(DZB + blk * BLOCK_D + offs_k, tl.sum(dd[:, None] * phiq, 0))
-        if DQ_LINEAR:
-            # -- dQ's linear part, dphi(q) = dN R^T + dd z^T, written to DQ (the dQ programs add theirs) ----
-            dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
-            if REST:
-                r = tl.load(RB + blk * BLOCK_D * BLOCK_D + dd_offs)
-                z = tl.load(ZB + blk * BLOCK_D + offs_k)
-            else:
-                r = tl.load(HT + off_hz.to(tl.int64) * BLOCK_D * BLOCK_D + dd_offs)
-                z = tl.load(ZT + off_hz.to(tl.int64) * BLOCK_D + offs_k)
-            dphiq = tl.dot(dn.to(q.dtype), tl.trans(r.to(q.dtype)), input_precision=DOT_PREC) + \
-                dd[:, None] * z[None, :]
-            qf = q.to(tl.float32)
-            dql = _feature_map_bwd(qf, _feature_map(qf, d_ok, FEATURE_MAP), dphiq, FEATURE_MAP)
-            tl.store(DQ + row[:, None] * HEAD_DIM + offs_k[None, :], dql.to(DQ.dtype.element_ty), mask=mask)
     tl.store(Delta + row, delta, mask=m_ok)
-
-
-@triton.jit
-def _linear_bwd_kv(K, V, DHB, DZB, DHT, DZT, DK, DV,  #
-                   stride_kz, stride_kh, stride_kn, stride_kk,  #
-                   stride_vz, stride_vh, stride_vn, stride_vk,  #
-                   H, N_CTX_KV, N_KBLK,  #
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                   REST: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    # dK, dV's linear parts per key block, written to DK, DV before the key-block programs add theirs:
-    # dv_j = phi(k_j) dh_j, dk_j = phi'(k_j) (v_j dh_j^T + dz_j)
-    start_n = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
-    hz = off_hz.to(tl.int64)
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < N_CTX_KV
-    d_ok = offs_k < HEAD_DIM
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn +
-                offs_k[None, :] * stride_kk, mask=kv_mask, other=0.0)
-    v = tl.load(V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn +
-                offs_k[None, :] * stride_vk, mask=kv_mask, other=0.0)
-    dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
-    col = hz * N_KBLK + start_n
-    if REST:
-        dh = tl.load(DHB + col * BLOCK_D * BLOCK_D + dd_offs)
-        dz = tl.load(DZB + col * BLOCK_D + offs_k)
-    else:
-        dh = tl.load(DHT + hz * BLOCK_D * BLOCK_D + dd_offs)
-        dz = tl.load(DZT + hz * BLOCK_D + offs_k)
-    kf = k.to(tl.float32)
-    phik = tl.where(n_ok[:, None], _feature_map(kf, d_ok, FEATURE_MAP), 0.0)
-    dv = tl.dot(phik.to(v.dtype), dh.to(v.dtype), input_precision=DOT_PREC)
-    dphik = tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=DOT_PREC) + dz[None, :]
-    dk = _feature_map_bwd(kf, phik, dphik, FEATURE_MAP)
-    out = (hz * N_CTX_KV + offs_n)[:, None] * HEAD_DIM + offs_k[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -225,7 +170,7 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-              PROGRAM: tl.constexpr, LIN_DONE: tl.constexpr):
+              PROGRAM: tl.constexpr):
     # PROGRAM 0: key-block programs (dK, dV), one per key block; PROGRAM 1: query-block programs (dQ). Two launches,
     # so that each kind compiles with its own registers and config.
     pid = tl.program_id(0)
@@ -262,11 +207,7 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         dk, dv = _attn_bwd_dkdv(dk, dv, k, v, desc_q, desc_do, M, D, COLQ, count, qk_scale, row_base, N_CTX_Q,
                                 BLOCK_M, DOT_PREC)
         dk *= sm_scale
-        out = (hz * N_CTX_KV + offs_n)[:, None] * HEAD_DIM + offs_k[None, :]
-        if LIN_DONE:  # `_linear_bwd_kv` wrote the linear parts
-            dk += tl.load(DK + out, mask=kv_mask, other=0.0).to(tl.float32)
-            dv += tl.load(DV + out, mask=kv_mask, other=0.0).to(tl.float32)
-        elif HAS_LINEAR:
+        if HAS_LINEAR:
             if REST:  # dh_j, dz_j: sums of dR_i, dz_i over the query blocks that did not select this key block
                 dh = tl.load(DHB + col * BLOCK_D * BLOCK_D + dd_offs)
                 dz = tl.load(DZB + col * BLOCK_D + offs_k)
@@ -278,6 +219,7 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
             dv = tl.dot(phik.to(v.dtype), dh.to(v.dtype), dv, input_precision=DOT_PREC)
             dphik = tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=DOT_PREC) + dz[None, :]
             dk += _feature_map_bwd(kf, phik, dphik, FEATURE_MAP)
+        out = (hz * N_CTX_KV + offs_n)[:, None] * HEAD_DIM + offs_k[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
     else:
@@ -298,10 +240,7 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dq = _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, LUT + blk * KEPT, qk_scale, KEPT, BLOCK_N, DOT_PREC)
         dq *= sm_scale
-        if LIN_DONE:  # the preprocess wrote dQ's linear part
-            dq += tl.load(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_k[None, :], mask=q_mask,
-                          other=0.0).to(tl.float32)
-        elif HAS_LINEAR:
+        if HAS_LINEAR:
             if REST:
                 r = tl.load(RB + blk * BLOCK_D * BLOCK_D + dd_offs)
                 z = tl.load(ZB + blk * BLOCK_D + offs_k)

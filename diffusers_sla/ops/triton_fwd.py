@@ -164,88 +164,13 @@ def _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, start_n, qk_scale, N_KV, of
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT,  #
                     qk_scale, N_KV, KEPT, offs_n,  #
-                    BLOCK_N: tl.constexpr, PAIR: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     # loop over the selected key blocks only (ascending LUT row); tiles come through tensor descriptors (TMA on
     # Hopper): rows past N_KV and columns past HEAD_DIM arrive as zeros, and no pointer tensor occupies registers.
-    # PAIR: two key blocks per iteration (one running-max update and one rescale of acc for 2 * BLOCK_N keys, two
-    # tile loads in flight)
-    if PAIR:
-        for it in range(0, KEPT // 2):
-            s0 = tl.load(LUT + 2 * it) * BLOCK_N
-            s1 = tl.load(LUT + 2 * it + 1) * BLOCK_N
-            k0 = desc_k.load([s0, 0])
-            k1 = desc_k.load([s1, 0])
-            # -- compute qk for both blocks ----
-            qk0 = tl.dot(q, tl.trans(k0), input_precision=DOT_PREC)
-            qk1 = tl.dot(q, tl.trans(k1), input_precision=DOT_PREC)
-            qk0 = tl.where(((s0 + offs_n) < N_KV)[None, :], qk0 * qk_scale, float("-inf"))
-            qk1 = tl.where(((s1 + offs_n) < N_KV)[None, :], qk1 * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.maximum(tl.max(qk0, 1), tl.max(qk1, 1)))
-            p0 = tl.math.exp2(qk0 - m_ij[:, None])
-            p1 = tl.math.exp2(qk1 - m_ij[:, None])
-            # -- update m_i and l_i ----
-            alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
-            # -- update output accumulator ----
-            v0 = desc_v.load([s0, 0])
-            v1 = desc_v.load([s1, 0])
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PREC)
-            acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=DOT_PREC)
-            m_i = m_ij
-        if KEPT % 2 == 1:
-            acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + KEPT - 1) * BLOCK_N,
-                                           qk_scale, N_KV, offs_n, DOT_PREC)
-    else:
-        for it in range(0, KEPT):
-            acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + it) * BLOCK_N,
-                                           qk_scale, N_KV, offs_n, DOT_PREC)
+    for it in range(0, KEPT):
+        acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + it) * BLOCK_N,
+                                       qk_scale, N_KV, offs_n, DOT_PREC)
     return acc, l_i, m_i
-
-
-@triton.jit
-def _linear_fwd(Q, RB, ZB, HT, ZT, W, Bias, Out, Den, OL,  #
-                stride_qz, stride_qh, stride_qm, stride_qk,  #
-                stride_oz, stride_oh, stride_om, stride_ok,  #
-                H, N_CTX_Q, N_QBLK,  #
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,  #
-                REST: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
-                DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
-    # The linear branch alone, one program per query block: Out = (phi(q) R / (phi(q) . z + eps)) W^T + b. Run
-    # before `_attn_fwd` (ADD_OUT), so that the attention kernel holds no D x D tile.
-    start_m = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N_CTX_Q
-    d_ok = offs_k < HEAD_DIM
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    hz = off_hz.to(tl.int64)
-    blk = hz * N_QBLK + start_m
-    q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm +
-                offs_k[None, :] * stride_qk, mask=q_mask, other=0.0)
-    dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
-    if REST:
-        r = tl.load(RB + blk * BLOCK_D * BLOCK_D + dd_offs)
-        z = tl.load(ZB + blk * BLOCK_D + offs_k)
-    else:
-        r = tl.load(HT + hz * BLOCK_D * BLOCK_D + dd_offs)
-        z = tl.load(ZT + hz * BLOCK_D + offs_k)
-    phiq = _feature_map(q.to(tl.float32), d_ok, FEATURE_MAP)
-    num = tl.dot(phiq.to(q.dtype), r.to(q.dtype), input_precision=DOT_PREC)
-    den = tl.sum(phiq * z[None, :], 1) + EPS
-    o_l = num / den[:, None]
-    wT = tl.load(W + offs_k[None, :] * HEAD_DIM + offs_k[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
-    out = tl.dot(o_l, wT, input_precision=PROJ_PREC) + bias[None, :]
-    if STORE_BWD:
-        row = hz * N_CTX_Q + offs_m
-        tl.store(Den + row, den, mask=m_ok)
-        tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
-    tl.store(Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om +
-             offs_k[None, :] * stride_ok, out.to(Out.dtype.element_ty), mask=q_mask)
 
 
 def _fwd_configs():
@@ -276,7 +201,11 @@ def prune_configs(configs, named_args, **kwargs):
     kind = "BWD_" if "PROGRAM" in args else ""  # DIFFUSERS_SLA_[BWD_]WARPS / _STAGES: manual overrides
     warps = int(os.environ.get(f"DIFFUSERS_SLA_{kind}WARPS", "0")) or \
         heuristic_warps(args["BLOCK_M"], args.get("BLOCK_N", 0), args["BLOCK_D"])
-    stages = int(os.environ.get(f"DIFFUSERS_SLA_{kind}STAGES", "2"))
+    # measured on the H100 (NOTES.md): 3 stages for the forward's 64 x 128 16-bit tiles (-12%), 2 for larger tiles
+    # (shared memory) and for the backward (3 was within noise there)
+    tile_bytes = args.get("BLOCK_N", 128) * args["BLOCK_D"] * args["Q"].element_size()
+    default = 3 if (not kind and tile_bytes <= 64 * 128 * 2) else 2
+    stages = int(os.environ.get(f"DIFFUSERS_SLA_{kind}STAGES", str(default)))
     picked = [c for c in configs if c.num_warps == warps and c.num_stages == stages]
     return picked[:1] or configs[:1]
 
@@ -292,8 +221,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
-              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr, PAIR: tl.constexpr,
-              ADD_OUT: tl.constexpr):
+              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -324,7 +252,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT, qk_scale, N_CTX_KV, KEPT, offs_n,
-                                    BLOCK_N, PAIR, DOT_PREC)
+                                    BLOCK_N, DOT_PREC)
     m_i += tl.math.log2(l_i)
     acc = acc / l_i[:, None]
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
@@ -351,10 +279,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
         if STORE_BWD:
             tl.store(Den + row, den, mask=m_ok)
             tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
+    acc += bias[None, :]
     O_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + \
         offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
-    if ADD_OUT:  # `_linear_fwd` already wrote o_l W^T + b there
-        acc += tl.load(O_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-    else:
-        acc += bias[None, :]
     tl.store(O_ptrs, acc.to(Out.dtype.element_ty), mask=q_mask)
