@@ -316,7 +316,7 @@ def log_registers(tag=""):
                         md = compiled.metadata
                         log(f"[regs {tag}] {name}: regs={compiled.n_regs} spills={compiled.n_spills} "
                             f"warps={md.num_warps} stages={md.num_stages} smem={md.shared}")
-            except Exception as exc:  # Triton internals differ between versions: best effort
+            except (AttributeError, KeyError, TypeError, IndexError) as exc:  # Triton internals differ by version
                 log(f"[regs] {name}: {exc!r}"[:200])
 
 

@@ -173,7 +173,7 @@ def sla_fwd(
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
+    s_den, s_ol, s_rb, _ = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
     den = _empty(s_den, device=q.device, dtype=torch.float32)
     o_l = _empty(s_ol, device=q.device, dtype=q.dtype)
     if rest and has_linear:

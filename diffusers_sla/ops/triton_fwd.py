@@ -1,14 +1,16 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""Fused SLA forward in Triton.
+"""SLA forward in Triton.
 
 Sparse-Linear Attention: Zhang et al., "SLA: Beyond Sparsity in Diffusion Transformers via Fine-Tunable Sparse-Linear
 Attention", arXiv 2509.24006. The sparse branch is flash attention (Dao et al., arXiv 2205.14135 / 2307.08691) over
 the key blocks a query block selected; the layout follows the Triton fused-attention tutorial.
 
-One program per (query block, batch*head). While it runs flash attention over its selected key blocks it also sums
-h_j = phi(k_j)^T v_j and z_j = sum phi(k_j) for those same blocks on the tensor cores, so that the linear branch over
-the *other* blocks ("rest") is phi(q) (H - sum h_j) / (phi(q) . (Z - sum z_j) + eps), with H, Z the per-head totals
-(`_linear_state`). No D x D matrix per key block is ever read from memory. `proj_l` is applied in the epilogue.
+One program per (query block, batch*head) runs flash attention over its selected key blocks, the K/V tiles addressed
+through tensor descriptors (TMA on Hopper), and applies the linear branch and `proj_l` in its epilogue:
+phi(q) R_i / (phi(q) . z_i + eps). For scope "all", R_i, z_i are the per-head totals H = sum_j phi(k_j)^T v_j and
+Z = sum_j phi(k_j) (`_linear_state`); for "rest" they are sums of the per-key-block h_j, z_j over the blocks the query
+block did not select, formed before the launch as 0/1 matrix products (`custom_ops.sla_fwd`), so that the attention
+loop holds no D x D state.
 
 Feature maps are constexpr ids: 0 = softmax over head_dim, 1 = elu + 1, 2 = relu. Head dims that are not a power of
 two run in a padded BLOCK_D with masked columns (padded columns are 0 after every feature map).
