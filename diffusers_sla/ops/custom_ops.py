@@ -23,9 +23,6 @@ from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linea
 # wrote shows up in the result.
 POISON_OUTPUTS = False
 
-# Forward: load each query block's whole LUT row into registers once (DIFFUSERS_SLA_LUT_REGS=0: one load per
-# iteration), up to this many entries.
-_LUT_REGS_MAX = int(os.environ.get("DIFFUSERS_SLA_LUT_REGS", "256"))
 # Programs the linear-state kernel aims for (split of the key blocks of each head).
 _SPLIT_TARGET = int(os.environ.get("DIFFUSERS_SLA_SPLIT_TARGET", "264"))
 
@@ -194,7 +191,6 @@ def sla_fwd(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk,
         REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
         DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
-        KEPT_REGS=triton.next_power_of_2(kept) if kept <= _LUT_REGS_MAX else 0,
     )
     return o, lse, den, o_l, rb, zb, ht, zt
 

@@ -166,21 +166,12 @@ def _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, start_n, qk_scale, N_KV, of
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT,  #
                     qk_scale, N_KV, KEPT, offs_n,  #
-                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, KEPT_REGS: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     # loop over the selected key blocks only (ascending LUT row); tiles come through tensor descriptors (TMA on
     # Hopper): rows past N_KV and columns past HEAD_DIM arrive as zeros, and no pointer tensor occupies registers.
-    if KEPT_REGS > 0:
-        # the whole LUT row loaded once: no global load between an iteration and its tile coordinates
-        offs_kept = tl.arange(0, KEPT_REGS)
-        lut_row = tl.load(LUT + offs_kept, mask=offs_kept < KEPT, other=0)
-        for it in range(0, KEPT):
-            start_n = tl.sum(tl.where(offs_kept == it, lut_row, 0)) * BLOCK_N
-            acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, start_n, qk_scale, N_KV, offs_n,
-                                           DOT_PREC)
-    else:
-        for it in range(0, KEPT):
-            acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + it) * BLOCK_N,
-                                           qk_scale, N_KV, offs_n, DOT_PREC)
+    for it in range(0, KEPT):
+        acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + it) * BLOCK_N,
+                                       qk_scale, N_KV, offs_n, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -232,7 +223,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
-              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr, KEPT_REGS: tl.constexpr):
+              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -263,7 +254,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT, qk_scale, N_CTX_KV, KEPT, offs_n,
-                                    BLOCK_N, DOT_PREC, KEPT_REGS)
+                                    BLOCK_N, DOT_PREC)
     m_i += tl.math.log2(l_i)
     acc = acc / l_i[:, None]
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
