@@ -16,7 +16,7 @@ import triton
 
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
-from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, is_cuda
+from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel, is_cuda
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
@@ -25,6 +25,13 @@ POISON_OUTPUTS = False
 
 # Programs the linear-state kernel aims for (split of the key blocks of each head).
 _SPLIT_TARGET = int(os.environ.get("DIFFUSERS_SLA_SPLIT_TARGET", "264"))
+# `_linear_state` launch shape, measured on the H100 at the Wan shape (L=32760, D=128, bf16; benchmarks/NOTES.md v3):
+# programs for the per-key-block states of scope "rest" / for the per-head totals of scope "all", and warps / stages
+# (0: per-scope default: 8 warps; 2 stages "rest", 3 "all").
+_BLOCKS_TARGET = int(os.environ.get("DIFFUSERS_SLA_BLOCKS_TARGET", "264"))
+_TOTALS_TARGET = int(os.environ.get("DIFFUSERS_SLA_TOTALS_TARGET", "132"))
+_LS_WARPS = int(os.environ.get("DIFFUSERS_SLA_LS_WARPS", "0"))
+_LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 
 
 def _empty(*shape, device, dtype):
@@ -48,9 +55,9 @@ def _proj_precision(dot_precision: str) -> str:
     return "ieee" if (dot_precision == "ieee" or not is_cuda()) else "tf32"
 
 
-def _split(n_items: int, programs_per_split: int) -> int:
+def _split(n_items: int, programs_per_split: int, target: int | None = None) -> int:
     # enough programs to fill the GPU; few under the interpreter
-    target = _SPLIT_TARGET if is_cuda() else 2
+    target = (target or _SPLIT_TARGET) if is_cuda() else 2
     return max(1, min(n_items, -(-target // max(1, programs_per_split))))
 
 
@@ -91,21 +98,32 @@ def _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):
 
 
 def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=False):
-    """Per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and Z = sum phi(k) (B, H, BLOCK_D), float32; with
-    `store_blocks` also each key block's h_j (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D)
-    float32."""
+    """Without `store_blocks` (scope "all"): per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and
+    Z = sum phi(k) (B, H, BLOCK_D), float32. With `store_blocks` ("rest", where the totals are not used): each key
+    block's h_j (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D) float32, and empty totals.
+    -> H, Z, h_j, z_j."""
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
-    split = _split(n_kblk, B * H)
-    hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
-    zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
-    hb = _empty((B, H, n_kblk, block_d, block_d) if store_blocks else (0,), device=k.device, dtype=k.dtype)
-    zb = _empty((B, H, n_kblk, block_d) if store_blocks else (0,), device=k.device, dtype=torch.float32)
+    _use_descriptors()
+    kd, vd = _tma_ready(k), _tma_ready(v)
+    if store_blocks:
+        split = _split(n_kblk, B * H, _BLOCKS_TARGET)
+        hs, zs = k.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
+        hb = _empty(B, H, n_kblk, block_d, block_d, device=k.device, dtype=k.dtype)
+        zb = _empty(B, H, n_kblk, block_d, device=k.device, dtype=torch.float32)
+    else:
+        split = _split(n_kblk, B * H, _TOTALS_TARGET)
+        hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
+        zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
+        hb, zb = k.new_empty(0), k.new_empty(0, dtype=torch.float32)
     _linear_state[(split, B * H)](
-        k, v, hb, zb, hs, zs, *_strides(k), *_strides(v), H, Lk, n_kblk, split,
+        kd, vd, hb, zb, hs, zs, *_strides(kd), *_strides(vd), H, Lk, n_kblk, split, B * H * n_kblk * block_d,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
-        DOT_PREC=dot_precision, num_warps=4 if block_d <= 64 else 8, num_stages=2 if is_cuda() else 1,
+        DOT_PREC=dot_precision, num_warps=_LS_WARPS or (4 if block_d <= 64 else 8),
+        num_stages=(_LS_STAGES or (2 if store_blocks else 3)) if is_cuda() else 1,
     )
+    if store_blocks:
+        return hs, zs, hb, zb
     return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d), hb, zb
 
 
@@ -113,6 +131,17 @@ def _rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype) -> torch.T
     """(B, H, n_q, n_k) 0/1 matrix: 1 where key block j feeds query block i's linear branch ("rest": not selected)."""
     weights = torch.ones(*lut.shape[:-1], n_kblk, device=lut.device, dtype=dtype)
     return weights.scatter_(-1, lut.long(), 0.0)
+
+
+def _rest_weights_pair(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype):
+    """`_rest_weights` in `dtype` and in float32, built in one launch: -> two (B, H, n_q, n_k) 0/1 matrices."""
+    B, H, n_qblk, kept = lut.shape
+    w = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=dtype)
+    w32 = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=torch.float32)
+    lut = lut.contiguous()
+    _rest_weights_kernel[(n_qblk, B * H)](lut, w, w32, n_qblk, n_kblk, kept,
+                                          KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, num_warps=4)
+    return w, w32
 
 
 def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
@@ -159,7 +188,7 @@ def sla_fwd(
            torch.Tensor]:
     """-> o (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 in log2 units, and what backward needs: the linear
     denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block ("rest"), the
-    per-head totals H and Z. Unused side outputs are empty."""
+    per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
@@ -167,10 +196,10 @@ def sla_fwd(
     block_d = _block_d(D)
     rest = linear_scope == "rest"
     has_linear = _has_linear(linear_scope, kept, n_kblk)
-    ht, zt, hb, zkb = _linear_totals(k, v, blkk, block_d, feature_map, dot_precision,
-                                     store_blocks=rest and has_linear)
     _use_descriptors()
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+    ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, block_d, feature_map, dot_precision,
+                                     store_blocks=rest and has_linear)
     o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
     s_den, s_ol, s_rb, _ = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
@@ -178,9 +207,9 @@ def sla_fwd(
     o_l = _empty(s_ol, device=q.device, dtype=q.dtype)
     if rest and has_linear:
         # R_i = sum of h_j and z_i of z_j over the key blocks query block i did not select: 0/1 matrix products
-        weights = _rest_weights(lut, n_kblk, q.dtype)
+        weights, weights32 = _rest_weights_pair(lut, n_kblk, q.dtype)
         rb = torch.matmul(weights, hb.view(B, H, n_kblk, block_d * block_d)).view(s_rb)
-        zb = torch.matmul(weights.float(), zkb)
+        zb = torch.matmul(weights32, zkb)
     else:
         rb = q.new_empty(0)
         zb = zt.new_empty(0)
@@ -203,9 +232,12 @@ def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, bl
     has_linear = _has_linear(linear_scope, lut.shape[-1], n_kblk)
     s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, linear_scope == "rest", has_linear)
     f32 = dict(device=q.device, dtype=torch.float32)
+    # "rest" with a linear branch reads R_i, z_i, not the totals: those come back empty
+    totals = linear_scope != "rest" or not has_linear
     return (q.new_empty(B, H, Lq, D), torch.empty(B, H, Lq, **f32), torch.empty(s_den, **f32), q.new_empty(s_ol),
-            q.new_empty(s_rb), torch.empty(s_zb, **f32), torch.empty(B, H, block_d, block_d, **f32),
-            torch.empty(B, H, block_d, **f32))
+            q.new_empty(s_rb), torch.empty(s_zb, **f32),
+            torch.empty((B, H, block_d, block_d) if totals else (0,), **f32),
+            torch.empty((B, H, block_d) if totals else (0,), **f32))
 
 
 def column_lut(lut: torch.Tensor, n_kblk: int):
@@ -272,9 +304,9 @@ def sla_bwd(
         dw = dwp.sum(0)[:D, :D].contiguous()
         db = dbp.sum(0)[:D].contiguous()
         if rest:  # dh_j = sum of dR_i, dz_j of dz_i over the query blocks i that did not select key block j
-            weights_t = _rest_weights(lut, n_kblk, q.dtype).transpose(-1, -2)
-            dhb = torch.matmul(weights_t, drb.view(B, H, n_qblk, block_d * block_d))
-            dzbk = torch.matmul(weights_t.float(), dzb)
+            weights, weights32 = _rest_weights_pair(lut, n_kblk, q.dtype)
+            dhb = torch.matmul(weights.transpose(-1, -2), drb.view(B, H, n_qblk, block_d * block_d))
+            dzbk = torch.matmul(weights32.transpose(-1, -2), dzb)
             dht, dzt = ht, zt  # unused
         else:
             dht = drb.view(B * H, n_qblk, block_d, block_d).sum(1, dtype=torch.float32)

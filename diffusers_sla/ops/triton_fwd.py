@@ -99,16 +99,35 @@ def _block_mean(X, Mu, Out,  #
 
 
 @triton.jit
+def _rest_weights_kernel(LUT, W, W32, N_QBLK, N_KBLK, KEPT,  #
+                         KEPT_P2: tl.constexpr, BLOCK_J: tl.constexpr):
+    # Scope "rest": the (B*H, n_q, n_k) 0/1 matrix (1 = key block j not selected by query block i) in the compute
+    # dtype (W) and in float32 (W32), from the LUT in one launch.
+    row = tl.program_id(1).to(tl.int64) * N_QBLK + tl.program_id(0)
+    offs_e = tl.arange(0, KEPT_P2)
+    sel = tl.load(LUT + row * KEPT + offs_e, mask=offs_e < KEPT, other=-1)
+    for j0 in range(0, N_KBLK, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        hit = tl.sum((sel[:, None] == js[None, :]).to(tl.int32), 0)
+        w = tl.where(hit > 0, 0.0, 1.0)
+        tl.store(W + row * N_KBLK + js, w.to(W.dtype.element_ty), mask=js < N_KBLK)
+        tl.store(W32 + row * N_KBLK + js, w, mask=js < N_KBLK)
+
+
+@triton.jit
 def _linear_state(K, V, HB, ZB, HS, ZS,  #
                   stride_kz, stride_kh, stride_kn, stride_kk,  #
                   stride_vz, stride_vh, stride_vn, stride_vk,  #
-                  H, N_KV, N_KBLK, SPLIT,  #
+                  H, N_KV, N_KBLK, SPLIT, HB_ROWS,  #
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  #
                   FEATURE_MAP: tl.constexpr, STORE_BLOCKS: tl.constexpr, DOT_PREC: tl.constexpr):
-    # Partial per-head totals H = sum phi(k)^T v and Z = sum phi(k) over key blocks split, split + SPLIT, ...
-    # With STORE_BLOCKS ("rest") also each key block's h_j = phi(k_j)^T v_j (B*H, N_KBLK, BLOCK_D, BLOCK_D) in the
-    # compute dtype and z_j (B*H, N_KBLK, BLOCK_D) float32: R_i = sum of h_j over the blocks query block i did not
-    # select is then one 0/1 matrix product (no cancellation, nothing D x D inside the attention loop).
+    # Scope "all" (STORE_BLOCKS off): partial per-head totals H = sum phi(k)^T v and Z = sum phi(k) over key blocks
+    # split, split + SPLIT, ... (HS, ZS; summed over the splits on the host side).
+    # Scope "rest" (STORE_BLOCKS): only each key block's h_j = phi(k_j)^T v_j (B*H, N_KBLK, BLOCK_D, BLOCK_D) in the
+    # compute dtype and z_j (B*H, N_KBLK, BLOCK_D) float32 (the totals are not used there): R_i = sum of h_j over the
+    # blocks query block i did not select is then one 0/1 matrix product (no cancellation, nothing D x D inside the
+    # attention loop). K/V tiles come through tensor descriptors (rows past N_KV and columns past HEAD_DIM are zeros),
+    # h_j leaves through one as well.
     split = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -118,29 +137,36 @@ def _linear_state(K, V, HB, ZB, HS, ZS,  #
     d_ok = offs_k < HEAD_DIM
     K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
     V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    h = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    z = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for blk in range(split, N_KBLK, SPLIT):
-        cols = blk * BLOCK_N + offs_n
-        n_ok = cols < N_KV
-        mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + cols[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=mask, other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=mask, other=0.0)
-        phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
-        zj = tl.sum(phik.to(tl.float32), 0)
-        z += zj
-        if STORE_BLOCKS:
+    desc_k = tl.make_tensor_descriptor(K, shape=[N_KV, HEAD_DIM], strides=[stride_kn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    desc_v = tl.make_tensor_descriptor(V, shape=[N_KV, HEAD_DIM], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    if STORE_BLOCKS:
+        desc_h = tl.make_tensor_descriptor(HB, shape=[HB_ROWS, BLOCK_D], strides=[BLOCK_D, 1],
+                                           block_shape=[BLOCK_D, BLOCK_D])
+        for blk in range(split, N_KBLK, SPLIT):
+            n_ok = (blk * BLOCK_N + offs_n) < N_KV
+            k = desc_k.load([blk * BLOCK_N, 0])
+            v = desc_v.load([blk * BLOCK_N, 0])
+            phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
+            zj = tl.sum(phik.to(tl.float32), 0)
             hj = tl.dot(tl.trans(phik), v, input_precision=DOT_PREC)
-            h += hj
             row = off_hz.to(tl.int64) * N_KBLK + blk
-            tl.store(HB + row * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :],
-                     hj.to(HB.dtype.element_ty))
+            desc_h.store([(row * BLOCK_D).to(tl.int32), 0], hj.to(HB.dtype.element_ty))
             tl.store(ZB + row * BLOCK_D + offs_k, zj)
-        else:
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        z = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for blk in range(split, N_KBLK, SPLIT):
+            n_ok = (blk * BLOCK_N + offs_n) < N_KV
+            k = desc_k.load([blk * BLOCK_N, 0])
+            v = desc_v.load([blk * BLOCK_N, 0])
+            phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
+            z += tl.sum(phik.to(tl.float32), 0)
             h = tl.dot(tl.trans(phik), v, h, input_precision=DOT_PREC)
-    base = off_hz.to(tl.int64) * SPLIT + split
-    tl.store(HS + base * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], h)
-    tl.store(ZS + base * BLOCK_D + offs_k, z)
+        base = off_hz.to(tl.int64) * SPLIT + split
+        tl.store(HS + base * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], h)
+        tl.store(ZS + base * BLOCK_D + offs_k, z)
 
 
 @triton.jit
