@@ -464,11 +464,10 @@ def enable_sla(
                 f"`pipe_or_model`: {type(model).__name__} has no attention module with `set_processor` "
                 "(diffusers `Attention` or `AttentionModuleMixin`) to run SLA in."
             )
-        had_sla = any(True for _ in iter_sla_layers(model))
+        had_sla = _has_sla_layers(model)
         for _, attn in modules:
             attn.set_processor(processor)
-        _attach_sla_layers(model, prefix, sla_layers)
-        _replay_or_roll_back(model, strict=strict, roll_back=not had_sla)
+        _complete_install(model, prefix, sla_layers, strict=strict, roll_back=not had_sla)
     if sla_layers:
         raise ValueError(f"`sla_layers`: no attention module at {sorted(sla_layers)} in this model.")
     return processor
@@ -503,12 +502,19 @@ def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, Spar
         attn.add_module(SLA_MODULE_NAME, layer.to(_module_device(attn)))
 
 
-def _replay_or_roll_back(model: nn.Module, *, strict: bool, roll_back: bool) -> None:
-    """Load the `sla_attention.safetensors` saved beside `model` (`serialization.on_sla_enabled`). If that fails
-    (a bad file, a config mismatch under `strict`) and SLA was installed just now, uninstall it before raising, so
-    that the model is left exactly as it was."""
+def _has_sla_layers(model: nn.Module) -> bool:
+    return any(True for _ in iter_sla_layers(model))
+
+
+def _complete_install(model: nn.Module, prefix: str, sla_layers: dict[str, SparseLinearAttention], *, strict: bool,
+                      roll_back: bool) -> None:
+    """The second half of installing SLA, shared by `enable_sla` and `set_attn_processor`: create the SLA layers up
+    front, then load the `sla_attention.safetensors` saved beside `model` (`serialization.on_sla_enabled`). If that
+    fails (a bad file, a config mismatch under `strict`) and SLA was installed just now (`roll_back`), uninstall it
+    before raising, so that the model is left exactly as it was."""
     from .serialization import on_sla_enabled
 
+    _attach_sla_layers(model, prefix, sla_layers)
     try:
         on_sla_enabled(model, strict=strict)
     except Exception:
@@ -530,11 +536,10 @@ def _wrap_set_attn_processor() -> None:
     def set_attn_processor(self, processor):
         values = processor.values() if isinstance(processor, dict) else [processor]
         installs_sla = any(isinstance(value, SLAAttnProcessor) for value in values)  # before diffusers pops the dict
-        had_sla = any(True for _ in iter_sla_layers(self))
+        had_sla = installs_sla and _has_sla_layers(self)  # no model walk for other processors
         result = original(self, processor)
         if installs_sla:
-            _attach_sla_layers(self, "", {})
-            _replay_or_roll_back(self, strict=True, roll_back=not had_sla)
+            _complete_install(self, "", {}, strict=True, roll_back=not had_sla)
         return result
 
     set_attn_processor._sla_original = original
