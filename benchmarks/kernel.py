@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from diffusers_sla.ops import custom_ops  # noqa: E402
 from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut  # noqa: E402
 from diffusers_sla.ops.reference import sla_reference  # noqa: E402
-from diffusers_sla.ops.selection import lut_to_block_map, select_blocks  # noqa: E402
+from diffusers_sla.ops.selection import lut_to_block_map, select_blocks, top_blocks  # noqa: E402
 
 LOG = []
 
@@ -130,6 +130,16 @@ def check(args):
         failures += not ok
         log(f"[check {'ok' if ok else 'FAIL'}] B{B} H{H} Lq{Lq} Lk{Lk} D{D} {blkq}x{blkk} top{topk} {fm} {scope} "
             f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same} lut_equal={same_lut}")
+
+    # top_blocks' tie rule (lower index first) against torch.topk on this GPU, on scores with many ties
+    g = torch.Generator(device="cuda").manual_seed(7)
+    same_ties = True
+    for n_k, kept, levels in ((512, 25, 16), (512, 51, 4), (256, 12, 64), (1024, 102, 8), (60, 3, 2)):
+        scores = torch.randint(0, levels, (3072, n_k), generator=g, device="cuda").float()
+        expected = torch.topk(scores, kept, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+        same_ties &= torch.equal(top_blocks(scores, kept), expected)
+    failures += not same_ties
+    log(f"[check {'ok' if same_ties else 'FAIL'}] top_blocks equals torch.topk on tied scores: {same_ties}")
 
     golden = Path(os.environ.get("DIFFUSERS_SLA_GOLDEN_DIR", REPO / ".device" / "golden"))
     if (golden / "index.json").is_file():

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_sla.ops.reference import LINEAR_EPS, apply_feature_map, sla_reference
-from diffusers_sla.ops.selection import lut_to_block_map, mean_pool_blocks, num_kept_blocks, select_blocks
+from diffusers_sla.ops.selection import (lut_to_block_map, mean_pool_blocks, num_kept_blocks, select_blocks,
+                                        top_blocks)
 
 from testing_utils import GOLDEN_DIR, REPO_ROOT, golden_cases, rel_err, require_golden
 
@@ -71,6 +72,17 @@ def test_selection_picks_the_highest_scoring_blocks():
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     expected = scores.topk(2, dim=-1).indices.sort(dim=-1).values
     assert torch.equal(lut.long(), expected)
+
+
+def test_top_blocks_breaks_ties_towards_the_lower_index():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0]])
+    # 3.0 at 1 and 3, then three 2.0s for the last two places: indices 2 and 4 win over 5
+    assert top_blocks(scores, 4).tolist() == [[1, 2, 3, 4]]
+    tied = torch.randint(0, 4, (64, 40)).float()  # many ties: same rule as a stable descending sort
+    expected = torch.sort(tied, dim=-1, descending=True, stable=True).indices[:, :7].sort(dim=-1).values
+    assert torch.equal(top_blocks(tied, 7).long(), expected)
+    untied = torch.randn(64, 40)
+    assert torch.equal(top_blocks(untied, 7).long(), untied.topk(7, dim=-1).indices.sort(dim=-1).values)
 
 
 # ----- against the public reference (golden files) ------------------------------------------------------------------

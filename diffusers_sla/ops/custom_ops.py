@@ -14,7 +14,7 @@ import os
 import torch
 import triton
 
-from .selection import num_blocks, num_kept_blocks
+from .selection import num_blocks, num_kept_blocks, top_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel, is_cuda
 
@@ -32,6 +32,9 @@ _BLOCKS_TARGET = int(os.environ.get("DIFFUSERS_SLA_BLOCKS_TARGET", "264"))
 _TOTALS_TARGET = int(os.environ.get("DIFFUSERS_SLA_TOTALS_TARGET", "132"))
 _LS_WARPS = int(os.environ.get("DIFFUSERS_SLA_LS_WARPS", "0"))
 _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
+# `_proj_grad` programs (each sums dO^T o_l over a strided set of row tiles): one per SM of the H100. It was 33 before
+# v4, which took 0.31 ms at the Wan shape against 0.10 ms with 132 (NOTES.md).
+_PROJ_GRAD_TARGET = int(os.environ.get("DIFFUSERS_SLA_PROJ_GRAD_TARGET", "132"))
 
 
 def _empty(*shape, device, dtype):
@@ -167,9 +170,7 @@ def fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int,
     pooled_q = block_means(q, blkq, center=False, round_to_input=half)
     pooled_k = block_means(k, blkk, center=True, round_to_input=half)
     scores = (pooled_q @ pooled_k.transpose(-1, -2)).to(dtype).float()
-    kept = num_kept_blocks(topk, scores.shape[-1])
-    lut = torch.topk(scores, kept, dim=-1, sorted=False).indices
-    return lut.sort(dim=-1).values.to(torch.int32)
+    return top_blocks(scores, num_kept_blocks(topk, scores.shape[-1]))
 
 
 @fast_select_blocks.register_fake
@@ -287,19 +288,20 @@ def sla_bwd(
         o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb,
         *_strides(o), *_strides(do), *_strides(q), H, Lq, n_qblk,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, FEATURE_MAP=fm,
-        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), num_warps=warps, num_stages=1,
+        DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision),
+        num_warps=16 if block_d * blkq >= 128 * 128 else warps, num_stages=1,  # 16: -10% on the H100 (NOTES v4)
     )
 
     # -- proj_l gradients: dW = sum dO^T o_l, db = sum dO ----
     if has_linear:
         n_tiles = n_qblk
-        split = _split(B * H * n_tiles, 8)
+        split = _split(B * H * n_tiles, 1, _PROJ_GRAD_TARGET)
         dwp = _empty(split, block_d, block_d, device=dev, dtype=torch.float32)
         dbp = _empty(split, block_d, device=dev, dtype=torch.float32)
         _proj_grad[(split,)](
             do, o_l, dwp, dbp, *_strides(do), H, Lq, n_tiles, B * H * n_tiles, split,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision, num_warps=warps,
-            num_stages=stages,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision,
+            num_warps=warps, num_stages=stages,
         )
         dw = dwp.sum(0)[:D, :D].contiguous()
         db = dbp.sum(0)[:D].contiguous()

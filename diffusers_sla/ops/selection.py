@@ -7,7 +7,7 @@ Everything here stays on the device: no `.item()`, no host synchronisation.
     pooled_q[i] = mean of the real rows of query block i                       (B, H, n_q, D)
     pooled_k[j] = mean of the real rows of key block j of (k - k.mean(seq))     (B, H, n_k, D)
     score[i, j] = pooled_q[i] . pooled_k[j]
-    lut[i]      = indices of the `num_kept_blocks` largest scores of row i, ascending
+    lut[i]      = indices of the `num_kept_blocks` largest scores of row i (ties: lower index), ascending
 """
 
 from __future__ import annotations
@@ -50,13 +50,19 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, blkq: int, blkk: int) -> torc
     return (pooled_q @ pooled_k.transpose(-1, -2)).to(dtype).float()
 
 
+def top_blocks(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """Indices of the `kept` largest scores of each row, ascending, int32. Equal scores go to the lower index, as
+    `torch.topk` breaks ties on CUDA (checked on the H100 by `benchmarks/kernel.py check`); a stable sort makes that
+    rule hold on every device, and on the GPU it is ~5x faster than `torch.topk` for rows of a few hundred blocks."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kept]
+    return order.sort(dim=-1).values.to(torch.int32)
+
+
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
     """Look-up table of selected key blocks: int32 (B, H, n_q, kept), ascending within each row."""
     scores = block_scores(q, k, blkq, blkk)
-    kept = num_kept_blocks(topk, scores.shape[-1])
-    lut = torch.topk(scores, kept, dim=-1, sorted=False).indices
-    return lut.sort(dim=-1).values.to(torch.int32)
+    return top_blocks(scores, num_kept_blocks(topk, scores.shape[-1]))
 
 
 def lut_to_block_map(lut: torch.Tensor, n_key_blocks: int) -> torch.Tensor:

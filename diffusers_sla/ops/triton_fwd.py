@@ -226,14 +226,24 @@ def prune_configs(configs, named_args, **kwargs):
     if len(configs) == 1 or os.environ.get("DIFFUSERS_SLA_AUTOTUNE") == "1":
         return configs
     args = {**named_args, **kwargs}
-    kind = "BWD_" if "PROGRAM" in args else ""  # DIFFUSERS_SLA_[BWD_]WARPS / _STAGES: manual overrides
+    # manual overrides: DIFFUSERS_SLA_WARPS / _STAGES (forward), DIFFUSERS_SLA_BWD_* (both backward launches),
+    # DIFFUSERS_SLA_BWD0_* (dK/dV programs only), DIFFUSERS_SLA_BWD1_* (dQ programs only)
+    kind = "BWD_" if "PROGRAM" in args else ""
+    if kind:
+        per = f"BWD{args['PROGRAM']}_"
+        if os.environ.get(f"DIFFUSERS_SLA_{per}WARPS") or os.environ.get(f"DIFFUSERS_SLA_{per}STAGES"):
+            kind = per
     warps = int(os.environ.get(f"DIFFUSERS_SLA_{kind}WARPS", "0")) or \
         heuristic_warps(args["BLOCK_M"], args.get("BLOCK_N", 0), args["BLOCK_D"])
-    # measured on the H100 (NOTES.md): 3 stages for the forward's 64 x 128 16-bit tiles (-12%), 2 for larger tiles
-    # (shared memory) and for the backward (3 was within noise there)
-    tile_bytes = args.get("BLOCK_N", 128) * args["BLOCK_D"] * args["Q"].element_size()
-    default = 3 if (not kind and tile_bytes <= 64 * 128 * 2) else 2
-    stages = int(os.environ.get(f"DIFFUSERS_SLA_{kind}STAGES", str(default)))
+    # measured on the H100 (NOTES.md): 3 stages for the forward's 64 x 128 16-bit K/V tiles (-12%) and for the dK/dV
+    # programs' 128 x 128 q/dO tiles with 64-row key blocks (-4%); 2 for larger tiles (shared memory) and for dQ
+    el = args["Q"].element_size()
+    if not kind:
+        deep = args["BLOCK_N"] * args["BLOCK_D"] * el <= 64 * 128 * 2
+    else:
+        q_tile = args["BLOCK_M"] * args["BLOCK_D"] * el
+        deep = args["PROGRAM"] == 0 and args["BLOCK_N"] <= 64 and q_tile <= 128 * 128 * 2
+    stages = int(os.environ.get(f"DIFFUSERS_SLA_{kind}STAGES", "3" if deep else "2"))
     picked = [c for c in configs if c.num_warps == warps and c.num_stages == stages]
     return picked[:1] or configs[:1]
 
