@@ -10,6 +10,7 @@ synchronisation.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -51,6 +52,32 @@ def _block_d(head_dim: int) -> int:
 def _has_linear(linear_scope: str, kept: int, n_kblk: int) -> bool:
     # "rest" with every key block selected leaves the linear branch empty: o_l = 0 exactly (reference: 0 / eps).
     return not (linear_scope == "rest" and kept == n_kblk)
+
+
+class _Geometry(NamedTuple):
+    """Sizes every SLA launch derives from its inputs: one home, shared by `sla_fwd`, its fake and `sla_bwd`."""
+
+    B: int
+    H: int
+    Lq: int
+    Lk: int
+    D: int
+    n_qblk: int
+    n_kblk: int
+    kept: int
+    block_d: int
+    rest: bool
+    has_linear: bool
+
+
+def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, blkq: int, blkk: int,
+              linear_scope: str) -> _Geometry:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
+    kept = lut.shape[-1]
+    return _Geometry(B, H, Lq, Lk, D, n_qblk, n_kblk, kept, _block_d(D), linear_scope == "rest",
+                     _has_linear(linear_scope, kept, n_kblk))
 
 
 def _proj_precision(dot_precision: str) -> str:
@@ -190,13 +217,7 @@ def sla_fwd(
     """-> o (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 in log2 units, and what backward needs: the linear
     denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block ("rest"), the
     per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty."""
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    kept = lut.shape[-1]
-    block_d = _block_d(D)
-    rest = linear_scope == "rest"
-    has_linear = _has_linear(linear_scope, kept, n_kblk)
+    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = _geometry(q, k, lut, blkq, blkk, linear_scope)
     _use_descriptors()
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, block_d, feature_map, dot_precision,
@@ -227,11 +248,9 @@ def sla_fwd(
 
 @sla_fwd.register_fake
 def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision):
-    B, H, Lq, D = q.shape
-    n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(k.shape[2], blkk)
-    block_d = _block_d(D)
-    has_linear = _has_linear(linear_scope, lut.shape[-1], n_kblk)
-    s_den, s_ol, s_rb, s_zb = _side_shapes(q, n_qblk, block_d, store_bwd, linear_scope == "rest", has_linear)
+    g = _geometry(q, k, lut, blkq, blkk, linear_scope)
+    B, H, Lq, D, block_d, has_linear = g.B, g.H, g.Lq, g.D, g.block_d, g.has_linear
+    s_den, s_ol, s_rb, s_zb = _side_shapes(q, g.n_qblk, block_d, store_bwd, g.rest, has_linear)
     f32 = dict(device=q.device, dtype=torch.float32)
     # "rest" with a linear branch reads R_i, z_i, not the totals: those come back empty
     totals = linear_scope != "rest" or not has_linear
@@ -263,13 +282,7 @@ def sla_bwd(
     feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv (in q's dtype, contiguous), d proj_weight (D, D) and d proj_bias (D,) in float32."""
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    kept = lut.shape[-1]
-    block_d = _block_d(D)
-    rest = linear_scope == "rest"
-    has_linear = _has_linear(linear_scope, kept, n_kblk)
+    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = _geometry(q, k, lut, blkq, blkk, linear_scope)
     fm = FEATURE_MAPS[feature_map]
     dev = q.device
     warps = 4 if block_d <= 64 and blkq <= 64 else 8
@@ -294,12 +307,11 @@ def sla_bwd(
 
     # -- proj_l gradients: dW = sum dO^T o_l, db = sum dO ----
     if has_linear:
-        n_tiles = n_qblk
-        split = _split(B * H * n_tiles, 1, _PROJ_GRAD_TARGET)
+        split = _split(B * H * n_qblk, 1, _PROJ_GRAD_TARGET)
         dwp = _empty(split, block_d, block_d, device=dev, dtype=torch.float32)
         dbp = _empty(split, block_d, device=dev, dtype=torch.float32)
         _proj_grad[(split,)](
-            do, o_l, dwp, dbp, *_strides(do), H, Lq, n_tiles, B * H * n_tiles, split,
+            do, o_l, dwp, dbp, *_strides(do), H, Lq, n_qblk, B * H * n_qblk, split,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision,
             num_warps=warps, num_stages=stages,
         )
