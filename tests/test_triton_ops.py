@@ -37,6 +37,16 @@ INTERPRETER_CASES = {
     "block128_softmax_rest_fp32": (1, 1, 200, 300, 32, 128, 128, 0.5, "softmax", "rest", "float32", 0),
     "every_block_selected_rest_fp32": (1, 1, 64, 64, 32, 32, 32, 1.0, "softmax", "rest", "float32", 0),
 }
+# Query tiles smaller than a query block (a block split over several programs, or several dK/dV steps): the same
+# checks with the launch-shape overrides `custom_ops._rows` reads.
+TILE_OVERRIDE_CASES = {
+    "split_query_tiles_softmax_rest_fp32": (
+        (1, 2, 100, 130, 32, 64, 32, 0.4, "softmax", "rest", "float32", 0),
+        {"DIFFUSERS_SLA_FWD_ROWS": "16", "DIFFUSERS_SLA_DKDV_ROWS": "32", "DIFFUSERS_SLA_DQ_ROWS": "16"}),
+    "split_query_tiles_elu_all_fp16": (
+        (1, 1, 200, 96, 32, 128, 32, 0.5, "elu", "all", "float16", 0),
+        {"DIFFUSERS_SLA_FWD_ROWS": "64", "DIFFUSERS_SLA_DKDV_ROWS": "16", "DIFFUSERS_SLA_DQ_ROWS": "32"}),
+}
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 2e-2}
 
 # Runs inside the subprocess and in-process on a GPU: one case, forward + backward, errors against the float64
@@ -99,23 +109,29 @@ def interpreter_results():
     if not usable:
         pytest.skip(f"neither CUDA nor the Triton interpreter is usable: {reason}")
     script = CASE_CODE + textwrap.dedent('''
-        import json, sys
+        import json, os, sys
         cases = json.loads(sys.argv[1])
         results = {name: run_case(*args) for name, args in cases.items()}
+        for name, (args, env) in json.loads(sys.argv[2]).items():
+            os.environ.update(env)
+            results[name] = run_case(*args)
+            for key in env:
+                del os.environ[key]
         print("RESULTS" + json.dumps(results))
     ''')
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT) + os.pathsep +
            os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(INTERPRETER_CASES)], env=env,
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(INTERPRETER_CASES),
+                           json.dumps(TILE_OVERRIDE_CASES)], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
     return json.loads(line[len("RESULTS"):])
 
 
-@pytest.mark.parametrize("name", sorted(INTERPRETER_CASES))
+@pytest.mark.parametrize("name", sorted(INTERPRETER_CASES) + sorted(TILE_OVERRIDE_CASES))
 def test_interpreter_matches_reference(interpreter_results, name):
-    args = INTERPRETER_CASES[name]
+    args = INTERPRETER_CASES[name] if name in INTERPRETER_CASES else TILE_OVERRIDE_CASES[name][0]
     result = interpreter_results[name]
     B, H, Lq, _, D = args[:5]
     assert result["shape"] == [B, H, Lq, D]

@@ -108,11 +108,13 @@ def _proj_grad(DO, OL, DWP, DBP,  #
 def _attn_bwd_dkdv(dk, dv,  #
                    k, v, desc_q, desc_do, M, D, COLQ, count,  #
                    qk_scale, row_base, N_CTX_Q,  #
-                   BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
-    # visit only the query blocks that selected this key block (column-wise LUT); tiles through tensor descriptors
-    offs_m = tl.arange(0, BLOCK_M)
-    for it in range(0, count):
-        start_m = tl.load(COLQ + it) * BLOCK_M
+                   BLOCK_M: tl.constexpr, STEP_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    # visit only the query blocks that selected this key block (column-wise LUT), STEP_M rows at a time; tiles
+    # through tensor descriptors
+    steps: tl.constexpr = BLOCK_M // STEP_M
+    offs_m = tl.arange(0, STEP_M)
+    for it in range(0, count * steps):
+        start_m = tl.load(COLQ + it // steps) * BLOCK_M + (it % steps) * STEP_M
         rows = start_m + offs_m
         q = desc_q.load([start_m, 0])  # rows past N_CTX_Q are zeros, and their m is +inf: pT = 0 there
         m = tl.load(M + row_base + rows, mask=rows < N_CTX_Q, other=float("inf"))
@@ -160,7 +162,7 @@ def keep(conf):
 configs = [c for c in _bwd_configs() if keep(c)]
 
 
-@triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
+@triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STEP_M", "KEPT", "REST",
                                "HAS_LINEAR", "FEATURE_MAP", "PROGRAM"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
@@ -173,10 +175,11 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
               stride_doz, stride_doh, stride_dom, stride_dok,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-              PROGRAM: tl.constexpr):
-    # PROGRAM 0: key-block programs (dK, dV), one per key block; PROGRAM 1: query-block programs (dQ). Two launches,
-    # so that each kind compiles with its own registers and config.
+              STEP_M: tl.constexpr, REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr,
+              DOT_PREC: tl.constexpr, PROGRAM: tl.constexpr):
+    # PROGRAM 0: key-block programs (dK, dV), one per key block, reading query tiles of STEP_M rows; PROGRAM 1:
+    # query programs (dQ) of STEP_M rows each, BLOCK_M // STEP_M per query block. Two launches, so that each kind
+    # compiles with its own registers and config.
     pid = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -200,16 +203,16 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=kv_mask, other=0.0)
         desc_q = tl.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
+                                           block_shape=[STEP_M, BLOCK_D])
         desc_do = tl.make_tensor_descriptor(DO, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_dom, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])
+                                            block_shape=[STEP_M, BLOCK_D])
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         col = hz * N_KBLK + start_n
         count = tl.load(CCNT + col)
         COLQ += hz * N_QBLK * KEPT + tl.load(COFF + col)
         dk, dv = _attn_bwd_dkdv(dk, dv, k, v, desc_q, desc_do, M, D, COLQ, count, qk_scale, row_base, N_CTX_Q,
-                                BLOCK_M, DOT_PREC)
+                                BLOCK_M, STEP_M, DOT_PREC)
         dk *= sm_scale
         if HAS_LINEAR:
             if REST:  # dh_j, dz_j: sums of dR_i, dz_i over the query blocks that did not select this key block
@@ -228,8 +231,7 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
     else:
         # ---- query-block program: dQ ----
-        start_m = pid
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid * STEP_M + tl.arange(0, STEP_M)
         m_ok = offs_m < N_CTX_Q
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=q_mask, other=0.0)
@@ -240,8 +242,8 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
                                            block_shape=[BLOCK_N, BLOCK_D])
         desc_v = tl.make_tensor_descriptor(V, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_vn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
-        blk = hz * N_QBLK + start_m
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        blk = hz * N_QBLK + pid // (BLOCK_M // STEP_M)
+        dq = tl.zeros([STEP_M, BLOCK_D], dtype=tl.float32)
         dq = _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, LUT + blk * KEPT, qk_scale, KEPT, BLOCK_N, DOT_PREC)
         dq *= sm_scale
         if HAS_LINEAR:

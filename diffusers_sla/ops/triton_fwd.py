@@ -233,22 +233,23 @@ def prune_configs(configs, named_args, **kwargs):
         per = f"BWD{args['PROGRAM']}_"
         if os.environ.get(f"DIFFUSERS_SLA_{per}WARPS") or os.environ.get(f"DIFFUSERS_SLA_{per}STAGES"):
             kind = per
+    rows = args.get("STEP_M", args["BLOCK_M"])  # query rows per tile (backward programs: STEP_M)
     warps = int(os.environ.get(f"DIFFUSERS_SLA_{kind}WARPS", "0")) or \
-        heuristic_warps(args["BLOCK_M"], args.get("BLOCK_N", 0), args["BLOCK_D"])
+        heuristic_warps(rows, args.get("BLOCK_N", 0), args["BLOCK_D"])
     # measured on the H100 (NOTES.md): 3 stages for the forward's 64 x 128 16-bit K/V tiles (-12%) and for the dK/dV
     # programs' 128 x 128 q/dO tiles with 64-row key blocks (-4%); 2 for larger tiles (shared memory) and for dQ
     el = args["Q"].element_size()
     if not kind:
         deep = args["BLOCK_N"] * args["BLOCK_D"] * el <= 64 * 128 * 2
     else:
-        q_tile = args["BLOCK_M"] * args["BLOCK_D"] * el
+        q_tile = rows * args["BLOCK_D"] * el
         deep = args["PROGRAM"] == 0 and args["BLOCK_N"] <= 64 and q_tile <= 128 * 128 * 2
     stages = int(os.environ.get(f"DIFFUSERS_SLA_{kind}STAGES", "3" if deep else "2"))
     picked = [c for c in configs if c.num_warps == warps and c.num_stages == stages]
     return picked[:1] or configs[:1]
 
 
-@triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "KEPT", "REST",
+@triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "SPLIT", "KEPT", "REST",
                                "FEATURE_MAP", "STORE_BWD"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
@@ -258,8 +259,9 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               stride_oz, stride_oh, stride_om, stride_ok,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-              REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, STORE_BWD: tl.constexpr,
-              DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
+              SPLIT: tl.constexpr, REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr,
+              STORE_BWD: tl.constexpr, DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
+    # BLOCK_M rows per program: a query block of SPLIT * BLOCK_M rows runs as SPLIT programs that share its LUT row
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -282,7 +284,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     desc_v = tl.make_tensor_descriptor(V, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_vn, 1],
                                        block_shape=[BLOCK_N, BLOCK_D])
     q = desc_q.load([start_m * BLOCK_M, 0])
-    blk = hz * N_QBLK + start_m  # this query block's row in (B*H*n_q, ...) side tensors
+    blk = hz * N_QBLK + start_m // SPLIT  # this query block's row in (B*H*n_q, ...) side tensors
     LUT += blk * KEPT
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
