@@ -19,7 +19,6 @@ import textwrap
 import pytest
 import torch
 
-from diffusers_sla.ops.reference import sla_reference
 from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
 from diffusers_sla.utils.import_utils import is_triton_available
 

@@ -348,7 +348,8 @@ def sla_bwd(
     dq = _empty(B, H, Lq, D, device=dev, dtype=q.dtype)
     dk = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
     dv = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
-    # 64-row query tiles in both backward launches (H100, Wan shape, NOTES.md v5): dK/dV 2.91 -> 1.95 ms, dQ 1.33 -> 1.01
+    # 64-row query tiles in both backward launches (H100, Wan shape, NOTES.md v5): dK/dV 2.91 -> 1.95 ms,
+    # dQ 1.33 -> 1.01 ms
     dkdv_rows, dq_rows = _rows(blkq, "DKDV", 64), _rows(blkq, "DQ", 64)
     for program, n_prog, rows in ((0, n_kblk, dkdv_rows), (1, n_qblk * (blkq // dq_rows), dq_rows)):
         _attn_bwd[(n_prog, B * H)](
