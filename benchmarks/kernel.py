@@ -92,11 +92,13 @@ def _run_ours(q, k, v, w, b, do, lut=None, **kw):
         kw = {key: val for key, val in kw.items() if key != "topk"}
         o = sla_triton_with_lut(*ins, lut, **kw)
     o.backward(do)
-    return [o.detach()] + [x.grad for x in ins]
+    with torch.no_grad():  # the inference path (proj_l folded into the linear state)
+        o_no_grad = sla_triton(*ins, **kw) if lut is None else sla_triton_with_lut(*ins, lut, **kw)
+    return [o.detach()] + [x.grad for x in ins] + [o_no_grad]
 
 
 def check(args):
-    names = ["o", "dq", "dk", "dv", "dW", "db"]
+    names = ["o", "dq", "dk", "dv", "dW", "db", "o_no_grad"]
     custom_ops.POISON_OUTPUTS = True
     failures = 0
     cases = [
@@ -118,6 +120,7 @@ def check(args):
         lut = select_blocks(q, k, topk, blkq, blkk)
         same_lut = torch.equal(lut, custom_ops.fast_select_blocks(q, k, topk, blkq, blkk))
         ref = _run_ref(q, k, v, w, b, do, lut, **kw)
+        ref = ref + [ref[0]]  # the no-grad output against the same reference output
         errs = []
         ok = True
         for name, a, r in zip(names, ours, ref):
@@ -138,8 +141,10 @@ def check(args):
         scores = torch.randint(0, levels, (3072, n_k), generator=g, device="cuda").float()
         expected = torch.topk(scores, kept, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
         same_ties &= torch.equal(top_blocks(scores, kept), expected)
+        same_ties &= torch.equal(custom_ops.top_blocks_triton(scores, kept), expected)
     failures += not same_ties
-    log(f"[check {'ok' if same_ties else 'FAIL'}] top_blocks equals torch.topk on tied scores: {same_ties}")
+    log(f"[check {'ok' if same_ties else 'FAIL'}] top_blocks and top_blocks_triton equal torch.topk on tied scores: "
+        f"{same_ties}")
 
     golden = Path(os.environ.get("DIFFUSERS_SLA_GOLDEN_DIR", REPO / ".device" / "golden"))
     if (golden / "index.json").is_file():
@@ -154,7 +159,7 @@ def check(args):
             same_map = torch.equal(lut_to_block_map(lut, t["block_map"].shape[-1]), t["block_map"].bool())
             ours = _run_ours(t["q"], t["k"], t["v"], t["proj_l.weight"], t["proj_l.bias"], t["do"], **kw)
             errs, ok = [], same_map
-            for name, a, key in zip(names, ours, ["o", "dq", "dk", "dv", "d_proj_l.weight", "d_proj_l.bias"]):
+            for name, a, key in zip(names, ours, ["o", "dq", "dk", "dv", "d_proj_l.weight", "d_proj_l.bias", "o"]):
                 e = rel_err(a, t[key])
                 errs.append(f"{name}={e:.1e}")
                 ok &= bool(torch.isfinite(a).all()) and e <= 2e-2

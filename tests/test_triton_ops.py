@@ -24,7 +24,8 @@ from diffusers_sla.utils.import_utils import is_triton_available
 
 from testing_utils import GOLDEN_DIR, REPO_ROOT, golden_cases, rel_err, require_cuda, require_golden
 
-GRAD_NAMES = ("o", "dq", "dk", "dv", "dW", "db")
+# "o_no_grad": the inference path (no autograd), which folds proj_l's weight into the linear state
+GRAD_NAMES = ("o", "dq", "dk", "dv", "dW", "db", "o_no_grad")
 
 # B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, strided
 INTERPRETER_CASES = {
@@ -75,11 +76,13 @@ CASE_CODE = textwrap.dedent('''
         ours = [x.detach().clone().requires_grad_(True) for x in (q, k, v, w, b)]
         o = sla_triton(*ours, topk=topk, **kw)
         o.backward(do)
+        with torch.no_grad():
+            o_no_grad = sla_triton(q, k, v, w, b, topk=topk, **kw)
         ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, w, b)]
         r = sla_reference(*ref, topk=topk, lut=lut, **kw)
         r.backward(do.double())
         errors = []
-        for out, expected in zip([o] + [x.grad for x in ours], [r] + [x.grad for x in ref]):
+        for out, expected in zip([o] + [x.grad for x in ours] + [o_no_grad], [r] + [x.grad for x in ref] + [r]):
             finite = bool(torch.isfinite(out).all())
             if expected.norm() == 0:
                 errors.append(0.0 if (finite and out.abs().max() == 0) else float("inf"))
@@ -194,6 +197,42 @@ def test_torch_compile_fullgraph_and_fake_impls():
     assert proc.returncode == 0 and "COMPILE_OK" in proc.stdout, proc.stderr[-3000:]
 
 
+TOP_BLOCKS_SCRIPT = textwrap.dedent('''
+    import torch
+    from diffusers_sla.ops.custom_ops import top_blocks_triton
+    from diffusers_sla.ops.selection import top_blocks
+
+    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # rows, key blocks, kept, distinct score values (few values: many ties)
+    for rows, n_k, kept, levels in ((6, 512, 25, 16), (6, 60, 3, 2), (4, 100, 100, 3), (4, 7, 1, 2), (3, 1000, 50, 999)):
+        s = (torch.randint(0, levels, (rows, n_k), generator=g).float() - levels // 2) / 4
+        s[0, :5] = -0.0  # signed zeros tie with +0.0, as in a float sort
+        s[1, ::3] = float("-inf")
+        s = s.to(device)
+        ours, expected = top_blocks_triton(s, kept), top_blocks(s, kept)
+        assert ours.dtype == torch.int32 and torch.equal(ours, expected), (rows, n_k, kept, ours, expected)
+    s = torch.randn(1, 2, 3, 130, generator=g).to(device)
+    assert torch.equal(top_blocks_triton(s, 13), top_blocks(s, 13))
+    print("TOP_BLOCKS_OK")
+''')
+
+
+def test_top_blocks_kernel_matches_selection_top_blocks_on_ties():
+    """The Triton top-k of the fast selection against `selection.top_blocks` (the rule both backends share): the same
+    indices on tie-heavy rows, signed zeros and -inf included."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        usable, reason = _triton_usable_on_cpu()
+        if not usable:
+            pytest.skip(f"neither CUDA nor the Triton interpreter is usable: {reason}")
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", TOP_BLOCKS_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and "TOP_BLOCKS_OK" in proc.stdout, proc.stderr[-3000:]
+
+
 # ----- pieces that need no kernel ------------------------------------------------------------------------------------
 
 
@@ -288,5 +327,9 @@ def test_gpu_matches_golden(case):
     out.backward(t["do"])
     assert torch.isfinite(out).all()
     assert rel_err(out, t["o"]) <= 2e-2
+    with torch.no_grad():  # the inference path folds proj_l into the linear state
+        out_no_grad = sla_triton(*(x.detach() for x in ins), topk=config["topk"], blkq=config["blkq"],
+                                 blkk=config["blkk"], feature_map=config["feature_map"], linear_scope=scope)
+    assert rel_err(out_no_grad, t["o"]) <= 2e-2
     for name, x in zip(("dq", "dk", "dv", "d_proj_l.weight", "d_proj_l.bias"), ins):
         assert rel_err(x.grad, t[name]) <= 2e-2, name

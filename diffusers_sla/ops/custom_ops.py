@@ -15,9 +15,10 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .selection import num_blocks, num_kept_blocks, top_blocks
+from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
-from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel, is_cuda
+from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
+                         _top_blocks_kernel, is_cuda)
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
@@ -206,7 +207,20 @@ def fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int,
     pooled_q = block_means(q, blkq, center=False, round_to_input=half)
     pooled_k = block_means(k, blkk, center=True, round_to_input=half)
     scores = (pooled_q @ pooled_k.transpose(-1, -2)).to(dtype).float()
-    return top_blocks(scores, num_kept_blocks(topk, scores.shape[-1]))
+    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
+
+
+def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """`selection.top_blocks` in one Triton launch (one program per row): the same indices, ties to the lower index.
+    -> int32 (..., kept), ascending rows."""
+    n_k = scores.shape[-1]
+    lut = torch.empty(*scores.shape[:-1], kept, device=scores.device, dtype=torch.int32)
+    rows = lut.numel() // kept if kept else 0
+    if rows:
+        n_k_p2 = triton.next_power_of_2(n_k)
+        _top_blocks_kernel[(rows,)](scores.contiguous(), lut, n_k, kept, N_K_P2=n_k_p2,
+                                    num_warps=4 if n_k_p2 <= 1024 else 8)
+    return lut
 
 
 @fast_select_blocks.register_fake

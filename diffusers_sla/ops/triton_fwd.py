@@ -99,6 +99,26 @@ def _block_mean(X, Mu, Out,  #
 
 
 @triton.jit
+def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr):
+    # Block selection's top-k for one row of scores: the KEPT largest, ties to the lower index (as
+    # `selection.top_blocks`), written ascending. Each score becomes a unique 64-bit key (its float32 bits mapped to an
+    # order-preserving integer, then the reversed index), one sort gives the KEPT-th largest key, and a prefix sum
+    # over the row places every selected index in order.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, N_K_P2)
+    s = tl.load(S + row * N_K + offs, mask=offs < N_K, other=float("-inf"))
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with +0.0, as in a float sort
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-integer order = float order
+    key = (ordered.to(tl.int64) << 32) | (N_K_P2 - 1 - offs).to(tl.int64)
+    ranked = tl.sort(key, descending=True)
+    threshold = tl.min(tl.where(offs < KEPT, ranked, 0x7FFFFFFFFFFFFFFF))
+    chosen = key >= threshold
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(LUT + row * KEPT + slot, offs.to(tl.int32), mask=chosen)
+
+
+@triton.jit
 def _rest_weights_kernel(LUT, W, W32, N_QBLK, N_KBLK, KEPT,  #
                          KEPT_P2: tl.constexpr, BLOCK_J: tl.constexpr):
     # Scope "rest": the (B*H, n_q, n_k) 0/1 matrix (1 = key block j not selected by query block i) in the compute
@@ -237,13 +257,14 @@ def prune_configs(configs, named_args, **kwargs):
     warps = int(os.environ.get(f"DIFFUSERS_SLA_{kind}WARPS", "0")) or \
         heuristic_warps(rows, args.get("BLOCK_N", 0), args["BLOCK_D"])
     # measured on the H100 (NOTES.md): 3 stages for the forward's 64 x 128 16-bit K/V tiles (-12%) and for the dK/dV
-    # programs' 128 x 128 q/dO tiles with 64-row key blocks (-4%); 2 for larger tiles (shared memory) and for dQ
+    # programs' 128 x 128 q/dO tiles with 64-row key blocks (-4%, v4); 2 for larger tiles (shared memory), for dQ and
+    # for dK/dV steps of 64 x 128 tiles (v5: 1.87 ms against 1.96 with 3 stages)
     el = args["Q"].element_size()
     if not kind:
         deep = args["BLOCK_N"] * args["BLOCK_D"] * el <= 64 * 128 * 2
     else:
         q_tile = rows * args["BLOCK_D"] * el
-        deep = args["PROGRAM"] == 0 and args["BLOCK_N"] <= 64 and q_tile <= 128 * 128 * 2
+        deep = args["PROGRAM"] == 0 and args["BLOCK_N"] <= 64 and rows >= 128 and q_tile <= 128 * 128 * 2
     stages = int(os.environ.get(f"DIFFUSERS_SLA_{kind}STAGES", "3" if deep else "2"))
     picked = [c for c in configs if c.num_warps == warps and c.num_stages == stages]
     return picked[:1] or configs[:1]
