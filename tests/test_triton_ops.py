@@ -205,7 +205,8 @@ TOP_BLOCKS_SCRIPT = textwrap.dedent('''
     g = torch.Generator().manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # rows, key blocks, kept, distinct score values (few values: many ties)
-    for rows, n_k, kept, levels in ((6, 512, 25, 16), (6, 60, 3, 2), (4, 100, 100, 3), (4, 7, 1, 2), (3, 1000, 50, 999)):
+    cases = ((6, 512, 25, 16), (6, 60, 3, 2), (4, 100, 100, 3), (4, 7, 1, 2), (3, 1000, 50, 999))
+    for rows, n_k, kept, levels in cases:
         s = (torch.randint(0, levels, (rows, n_k), generator=g).float() - levels // 2) / 4
         s[0, :5] = -0.0  # signed zeros tie with +0.0, as in a float sort
         s[1, ::3] = float("-inf")
