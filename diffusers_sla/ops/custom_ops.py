@@ -17,8 +17,8 @@ import triton
 
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
-from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
-                         _top_blocks_kernel, is_cuda)
+from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _column_sums, _linear_state,
+                         _rest_weights_kernel, _top_blocks_kernel, is_cuda)
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
@@ -27,11 +27,14 @@ POISON_OUTPUTS = False
 
 # Programs the linear-state kernel aims for (split of the key blocks of each head).
 _SPLIT_TARGET = int(os.environ.get("DIFFUSERS_SLA_SPLIT_TARGET", "264"))
-# `_linear_state` launch shape, measured on the H100 at the Wan shape (L=32760, D=128, bf16; benchmarks/NOTES.md v3):
-# programs for the per-key-block states of scope "rest" / for the per-head totals of scope "all", and warps / stages
-# (0: per-scope default: 8 warps; 2 stages "rest", 3 "all").
+# `_linear_state` launch shape, measured on the H100 at the Wan shape (L=32760, D=128, bf16; benchmarks/NOTES.md v3,
+# v5): programs for the per-key-block states of scope "rest" / for the per-head totals of scope "all", and warps /
+# stages (0: per-scope default: "rest" 8 warps, 2 stages; "all" 4 warps, 2 stages: 136 us against 189 with v3's
+# 132 programs, 8 warps, 3 stages).
 _BLOCKS_TARGET = int(os.environ.get("DIFFUSERS_SLA_BLOCKS_TARGET", "264"))
-_TOTALS_TARGET = int(os.environ.get("DIFFUSERS_SLA_TOTALS_TARGET", "132"))
+_TOTALS_TARGET = int(os.environ.get("DIFFUSERS_SLA_TOTALS_TARGET", "264"))
+# `_column_sums` programs (the key mean of block selection)
+_MEAN_TARGET = int(os.environ.get("DIFFUSERS_SLA_MEAN_TARGET", "528"))
 _LS_WARPS = int(os.environ.get("DIFFUSERS_SLA_LS_WARPS", "0"))
 _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 # `_proj_grad` programs (each sums dO^T o_l over a strided set of row tiles): one per SM of the H100. It was 33 before
@@ -159,8 +162,8 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     _linear_state[(split, B * H)](
         kd, vd, hb, zb, hs, zs, *_strides(kd), *_strides(vd), H, Lk, n_kblk, split, B * H * n_kblk * block_d,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
-        DOT_PREC=dot_precision, num_warps=_LS_WARPS or (4 if block_d <= 64 else 8),
-        num_stages=(_LS_STAGES or (2 if store_blocks else 3)) if is_cuda() else 1,
+        DOT_PREC=dot_precision, num_warps=_LS_WARPS or (8 if store_blocks and block_d > 64 else 4),
+        num_stages=(_LS_STAGES or 2) if is_cuda() else 1,
     )
     if store_blocks:
         return hs, zs, hb, zb
@@ -184,15 +187,28 @@ def _rest_weights_pair(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype):
     return w, w32
 
 
+def sequence_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, D): `x.mean(dim=2, dtype=float32)` rounded to x's dtype, as `selection.block_scores`
+    centres keys (float32 sums in another order), from partial sums over row tiles in one Triton launch."""
+    B, H, L, D = x.shape
+    tile = 128
+    split = _split(num_blocks(L, tile), B * H, _MEAN_TARGET)
+    partial = torch.empty(B * H, split, D, device=x.device, dtype=torch.float32)
+    _column_sums[(split, B * H)](x, partial, *_strides(x), H, L, split, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=tile,
+                                 num_warps=4, num_stages=3 if is_cuda() else 1)
+    return (partial.sum(1) / L).to(x.dtype).view(B, H, D)
+
+
 def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
     `selection.block_scores` centres keys), in one pass over x."""
     B, H, L, D = x.shape
     n = num_blocks(L, block)
-    mu = x.mean(dim=2, dtype=torch.float32).to(x.dtype).contiguous() if center else x.new_empty(0)
+    mu = sequence_mean(x) if center else x.new_empty(0)
     out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
+    # 2 warps: 49 us against 54 with 4 for the Wan shape's query pooling on the H100 (NOTES.md v5)
     _block_mean[(n, B * H)](x, mu, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=block,
-                            CENTER=center, ROUND=round_to_input, num_warps=4, num_stages=1)
+                            CENTER=center, ROUND=round_to_input, num_warps=2, num_stages=1)
     return out
 
 
