@@ -17,8 +17,8 @@ import triton
 
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
-from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _column_sums, _linear_state,
-                         _rest_weights_kernel, _top_blocks_kernel, is_cuda)
+from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
+                         _top_blocks_kernel, is_cuda)
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
@@ -33,8 +33,6 @@ _SPLIT_TARGET = int(os.environ.get("DIFFUSERS_SLA_SPLIT_TARGET", "264"))
 # 132 programs, 8 warps, 3 stages).
 _BLOCKS_TARGET = int(os.environ.get("DIFFUSERS_SLA_BLOCKS_TARGET", "264"))
 _TOTALS_TARGET = int(os.environ.get("DIFFUSERS_SLA_TOTALS_TARGET", "264"))
-# `_column_sums` programs (the key mean of block selection)
-_MEAN_TARGET = int(os.environ.get("DIFFUSERS_SLA_MEAN_TARGET", "528"))
 _LS_WARPS = int(os.environ.get("DIFFUSERS_SLA_LS_WARPS", "0"))
 _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 # `_proj_grad` programs (each sums dO^T o_l over a strided set of row tiles): one per SM of the H100. It was 33 before
@@ -187,24 +185,12 @@ def _rest_weights_pair(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype):
     return w, w32
 
 
-def sequence_mean(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, D): `x.mean(dim=2, dtype=float32)` rounded to x's dtype, as `selection.block_scores`
-    centres keys (float32 sums in another order), from partial sums over row tiles in one Triton launch."""
-    B, H, L, D = x.shape
-    tile = 128
-    split = _split(num_blocks(L, tile), B * H, _MEAN_TARGET)
-    partial = torch.empty(B * H, split, D, device=x.device, dtype=torch.float32)
-    _column_sums[(split, B * H)](x, partial, *_strides(x), H, L, split, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=tile,
-                                 num_warps=4, num_stages=3 if is_cuda() else 1)
-    return (partial.sum(1) / L).to(x.dtype).view(B, H, D)
-
-
 def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
     `selection.block_scores` centres keys), in one pass over x."""
     B, H, L, D = x.shape
     n = num_blocks(L, block)
-    mu = sequence_mean(x) if center else x.new_empty(0)
+    mu = x.mean(dim=2, dtype=torch.float32).to(x.dtype).contiguous() if center else x.new_empty(0)
     out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
     # 2 warps: 49 us against 54 with 4 for the Wan shape's query pooling on the H100 (NOTES.md v5)
     _block_mean[(n, B * H)](x, mu, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=block,

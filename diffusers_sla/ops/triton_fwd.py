@@ -99,28 +99,6 @@ def _block_mean(X, Mu, Out,  #
 
 
 @triton.jit
-def _column_sums(X, Out,  #
-                 stride_xz, stride_xh, stride_xm, stride_xk,  #
-                 H, N_CTX, SPLIT,  #
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
-    # Block selection's key mean: partial float32 sums over the rows of tiles split, split + SPLIT, ... of each head
-    # (summed over the splits on the host side), in one pass over x.
-    split = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BLOCK_D)
-    d_ok = offs_k < HEAD_DIM
-    X += (off_hz // H).to(tl.int64) * stride_xz + (off_hz % H).to(tl.int64) * stride_xh
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(split * BLOCK, N_CTX, SPLIT * BLOCK):
-        rows = start + offs_m
-        x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(rows < N_CTX)[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32), 0)
-    tl.store(Out + (off_hz.to(tl.int64) * SPLIT + split) * HEAD_DIM + offs_k, acc, mask=d_ok)
-
-
-@triton.jit
 def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr):
     # Block selection's top-k for one row of scores: the KEPT largest, ties to the lower index (as
     # `selection.top_blocks`), written ascending. Each score becomes a unique 64-bit key (its float32 bits mapped to an
