@@ -201,8 +201,9 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
 @torch.library.custom_op("diffusers_sla::select_blocks", mutates_args=())
 def fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
     """`selection.select_blocks` with its pooling fused into one Triton pass per tensor (the PyTorch version makes
-    float32 copies of q and k). Same roundings and the same scores/top-k ops; only the order of the float32 sums
-    inside a block differs. -> int32 (B, H, n_q, kept), ascending rows."""
+    float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
+    `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
+    differs. -> int32 (B, H, n_q, kept), ascending rows."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     # pooled vectors rounded to the input dtype inside the kernel (float32/float64 inputs: float32, as there)
     half = dtype != torch.float32
