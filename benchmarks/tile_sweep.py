@@ -3,6 +3,7 @@
 
     python benchmarks/tile_sweep.py                       # the variants below
     python benchmarks/tile_sweep.py FWD_ROWS=64 WARPS=4   # one variant, DIFFUSERS_SLA_ prefixes implied
+    python benchmarks/tile_sweep.py --fwd-only FWD_PEEL=0 / FWD_PIPELINE=1   # variants separated by "/"
 
 Each variant runs in its own process (the launch-shape overrides are read when a kernel is first compiled), times
 forward and backward (scope "rest" and "all"), lists the largest kernels, and compares o, dq, dk, dv with the first
@@ -38,7 +39,7 @@ from benchmarks.kernel import bench_ms, wan_inputs
 from benchmarks.profile_ops import kernel_table
 from diffusers_sla.ops.autograd import sla_triton
 
-out_dir, first = sys.argv[2], sys.argv[3] == "1"
+out_dir, first, fwd_only = sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
 (q, k, v, w, b), do = wan_inputs(1, 12, 32760, 128)
 res = {}
 for scope in ("rest", "all"):
@@ -50,10 +51,13 @@ for scope in ("rest", "all"):
     out = fwd()
     def bwd(out=out):
         return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-    b_ms = bench_ms(bwd)
-    b_tab = kernel_table(bwd)[:5]
-    grads = bwd()
-    tensors = {"o": out.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    tensors = {"o": out.detach()}
+    b_ms, b_tab = float("nan"), []
+    if not fwd_only:
+        b_ms = bench_ms(bwd)
+        b_tab = kernel_table(bwd)[:5]
+        grads = bwd()
+        tensors.update(dq=grads[0], dk=grads[1], dv=grads[2])
     path = f"{out_dir}/{scope}.pt"
     if first:
         torch.save({n: t.cpu() for n, t in tensors.items()}, path)
@@ -67,9 +71,10 @@ print("RESULT" + json.dumps(res))
 '''
 
 
-def run(variant: dict, out_dir: str, first: bool) -> dict | None:
+def run(variant: dict, out_dir: str, first: bool, fwd_only: bool = False) -> dict | None:
     env = {**os.environ, **{f"DIFFUSERS_SLA_{k}": v for k, v in variant.items()}}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO), out_dir, "1" if first else "0"], env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO), out_dir, "1" if first else "0",
+                           "1" if fwd_only else "0"], env=env,
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     if proc.returncode or not lines:
@@ -79,14 +84,17 @@ def run(variant: dict, out_dir: str, first: bool) -> dict | None:
 
 
 def main():
+    args = sys.argv[1:]
+    fwd_only = "--fwd-only" in args
+    args = [a for a in args if a != "--fwd-only"]
     variants = VARIANTS
-    if len(sys.argv) > 1:
-        variants = [{}, dict(arg.split("=", 1) for arg in sys.argv[1:])]
+    if args:
+        variants = [{}] + [dict(a.split("=", 1) for a in group.split()) for group in " ".join(args).split("/")]
     with tempfile.TemporaryDirectory() as out_dir:
         for i, variant in enumerate(variants):
             label = " ".join(f"{k}={v}" for k, v in variant.items()) or "defaults"
             print(f"== {label}", flush=True)
-            res = run(variant, out_dir, first=i == 0)
+            res = run(variant, out_dir, first=i == 0, fwd_only=fwd_only)
             if res is None:
                 continue
             for scope, r in res.items():

@@ -27,7 +27,7 @@ from testing_utils import GOLDEN_DIR, REPO_ROOT, golden_cases, rel_err, require_
 # "o_no_grad": the inference path (no autograd), where the forward kernel stores nothing for a backward
 GRAD_NAMES = ("o", "dq", "dk", "dv", "dW", "db", "o_no_grad")
 
-# B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, strided
+# B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, strided[, scale in units of D**-0.5]
 INTERPRETER_CASES = {
     "partial_blocks_lq_ne_lk_softmax_rest_fp32": (1, 2, 100, 130, 32, 32, 32, 0.4, "softmax", "rest", "float32", 0),
     "d24_padded_elu_all_fp32": (1, 1, 70, 200, 24, 32, 64, 0.3, "elu", "all", "float32", 0),
@@ -36,6 +36,9 @@ INTERPRETER_CASES = {
     "strided_inputs_elu_rest_fp32": (1, 2, 96, 160, 16, 32, 32, 0.25, "elu", "rest", "float32", 1),
     "block128_softmax_rest_fp32": (1, 1, 200, 300, 32, 128, 128, 0.5, "softmax", "rest", "float32", 0),
     "every_block_selected_rest_fp32": (1, 1, 64, 64, 32, 32, 32, 1.0, "softmax", "rest", "float32", 0),
+    # the forward folds a positive scale into its exponent; zero and negative scales take the plain path
+    "negative_scale_softmax_all_fp32": (1, 1, 100, 130, 32, 32, 32, 0.4, "softmax", "all", "float32", 0, -0.7),
+    "zero_scale_relu_rest_fp32": (1, 1, 100, 130, 32, 32, 32, 0.4, "relu", "rest", "float32", 0, 0.0),
 }
 # Query tiles smaller than a query block (a block split over several programs, or several dK/dV steps): the same
 # checks with the launch-shape overrides `custom_ops._rows` reads.
@@ -57,7 +60,8 @@ CASE_CODE = textwrap.dedent('''
     from diffusers_sla.ops.reference import sla_reference
     from diffusers_sla.ops.selection import select_blocks
 
-    def run_case(B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, strided, device="cpu", seed=0):
+    def run_case(B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, strided, scale_units=0.8,
+                 device="cpu", seed=0):
         dtype = getattr(torch, dtype)
         g = torch.Generator().manual_seed(seed)
 
@@ -70,7 +74,7 @@ CASE_CODE = textwrap.dedent('''
         w = (torch.randn(D, D, generator=g) / D**0.5).to(device)
         b = torch.randn(D, generator=g).to(device)
         do = torch.randn(B, H, Lq, D, generator=g).to(device, dtype)
-        scale = 0.8 * D**-0.5
+        scale = scale_units * D**-0.5
         kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
         lut = select_blocks(q, k, topk, blkq, blkk)
         ours = [x.detach().clone().requires_grad_(True) for x in (q, k, v, w, b)]
@@ -89,7 +93,9 @@ CASE_CODE = textwrap.dedent('''
             else:
                 err = ((out.double() - expected).norm() / expected.norm()).item()
                 errors.append(err if finite else float("inf"))
-        return {"errors": errors, "dtype": str(o.dtype), "shape": list(o.shape)}
+        # the output comes back in q's memory layout (diffusers' (B, L, H, D) viewed as (B, H, L, D) included)
+        return {"errors": errors, "dtype": str(o.dtype), "shape": list(o.shape),
+                "same_layout_as_q": list(o.stride()) == list(q.stride())}
 ''')
 
 
@@ -138,6 +144,7 @@ def test_interpreter_matches_reference(interpreter_results, name):
     B, H, Lq, _, D = args[:5]
     assert result["shape"] == [B, H, Lq, D]
     assert result["dtype"] == f"torch.{args[10]}"
+    assert result["same_layout_as_q"]
     tol = TOLERANCE[args[10]]
     for grad_name, err in zip(GRAD_NAMES, result["errors"]):
         assert err <= tol, f"{grad_name}: relative error {err:.2e} > {tol:.0e}"

@@ -190,19 +190,24 @@ def _linear_state(K, V, HB, ZB, HS, ZS,  #
 
 
 @triton.jit
-def _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, start_n, qk_scale, N_KV, offs_n, DOT_PREC: tl.constexpr):
-    # one selected key block
+def _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, start_n, qk_scale, N_KV, offs_n,  #
+                   FOLD_SCALE: tl.constexpr, DOT_PREC: tl.constexpr):
+    # one selected key block: online softmax, then acc += p v. Scores past N_KV are -inf (only the last key block
+    # can run past it; masking every step is faster than peeling that step out of the loop, NOTES.md v6).
+    # FOLD_SCALE (scale > 0): the row max is taken on raw scores and the scale folded into the exponent's FMA.
     n_ok = (start_n + offs_n) < N_KV
     k = desc_k.load([start_n, 0])
-    # -- compute qk ----
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
-    # -- update m_i and l_i ----
+    if FOLD_SCALE:
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    else:
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
-    # -- update output accumulator ----
     v = desc_v.load([start_n, 0])
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -212,12 +217,12 @@ def _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, start_n, qk_scale, N_KV, of
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT,  #
                     qk_scale, N_KV, KEPT, offs_n,  #
-                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr, DOT_PREC: tl.constexpr):
     # loop over the selected key blocks only (ascending LUT row); tiles come through tensor descriptors (TMA on
     # Hopper): rows past N_KV and columns past HEAD_DIM arrive as zeros, and no pointer tensor occupies registers.
     for it in range(0, KEPT):
         acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, q, desc_k, desc_v, tl.load(LUT + it) * BLOCK_N,
-                                       qk_scale, N_KV, offs_n, DOT_PREC)
+                                       qk_scale, N_KV, offs_n, FOLD_SCALE, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -281,7 +286,8 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, N_KBLK, KEPT,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               SPLIT: tl.constexpr, REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr,
-              STORE_BWD: tl.constexpr, DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr):
+              STORE_BWD: tl.constexpr, DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr,
+              FOLD_SCALE: tl.constexpr):
     # BLOCK_M rows per program: a query block of SPLIT * BLOCK_M rows runs as SPLIT programs that share its LUT row
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -313,7 +319,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, LUT, qk_scale, N_CTX_KV, KEPT, offs_n,
-                                    BLOCK_N, DOT_PREC)
+                                    BLOCK_N, FOLD_SCALE, DOT_PREC)
     m_i += tl.math.log2(l_i)
     acc = acc / l_i[:, None]
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
