@@ -222,6 +222,23 @@ TOP_BLOCKS_SCRIPT = textwrap.dedent('''
         assert ours.dtype == torch.int32 and torch.equal(ours, expected), (rows, n_k, kept, ours, expected)
     s = torch.randn(1, 2, 3, 130, generator=g).to(device)
     assert torch.equal(top_blocks_triton(s, 13), top_blocks(s, 13))
+    # float32 scores ranked after rounding to bfloat16 inside the kernel: the same as rounding them first. Values
+    # built to sit on rounding ties (both parities), just off them, at the float32 extremes and at +-0 and -inf.
+    base = torch.randn(8, 256, generator=g) * torch.logspace(-30, 30, 8).unsqueeze(1)
+    bits = base.view(torch.int32) & -65536
+    ties = (bits | 0x8000).view(torch.float32)  # exactly half-way between two bfloat16 values
+    near = (bits | 0x7FFF).view(torch.float32)
+    extremes = torch.tensor([3.3895e38, 3.4e38, -3.4e38, 1e-40, 0.0, -0.0, float("-inf"), 1.0] * 32).view(1, 256)
+    s = torch.cat([base, ties, near, extremes], 0)
+    s = s.to(device)
+    for kept in (1, 7, 40):
+        assert torch.equal(top_blocks_triton(s, kept, round_bf16=True), top_blocks(s.bfloat16().float(), kept))
+    # rows of two: a half-way value, then the bfloat16 value just above its lower neighbour. Ties to even make the
+    # first round up (and win the tie, lower index) exactly when that neighbour's last bit is 1.
+    upper = torch.randint(0x0080, 0x7F00, (256, 1), generator=g, dtype=torch.int32)
+    pairs = torch.cat([(upper << 16) | 0x8000, (upper + 1) << 16], 1).view(torch.float32).to(device)
+    ours, expected = top_blocks_triton(pairs, 1, round_bf16=True), top_blocks(pairs.bfloat16().float(), 1)
+    assert torch.equal(ours, expected) and 0 < int(expected.sum()) < 256, (ours.flatten(), expected.flatten())
     print("TOP_BLOCKS_OK")
 ''')
 

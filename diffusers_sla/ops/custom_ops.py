@@ -216,20 +216,26 @@ def fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int,
     half = dtype != torch.float32
     pooled_q = block_means(q, blkq, center=False, round_to_input=half)
     pooled_k = block_means(k, blkk, center=True, round_to_input=half)
-    scores = (pooled_q @ pooled_k.transpose(-1, -2)).to(dtype).float()
-    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
+    scores = pooled_q @ pooled_k.transpose(-1, -2)
+    # scores rounded to the input dtype, as `selection.block_scores` does: bfloat16 inside the top-k launch (two
+    # elementwise launches fewer), float16 here
+    round_bf16 = dtype == torch.bfloat16
+    if dtype == torch.float16:
+        scores = scores.to(dtype).float()
+    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]), round_bf16=round_bf16)
 
 
-def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
+def top_blocks_triton(scores: torch.Tensor, kept: int, round_bf16: bool = False) -> torch.Tensor:
     """`selection.top_blocks` in one Triton launch (one program per row): the same indices, ties to the lower index.
+    `round_bf16`: rank float32 `scores` as if they were first rounded to bfloat16 (`scores.bfloat16().float()`).
     -> int32 (..., kept), ascending rows."""
     n_k = scores.shape[-1]
     lut = torch.empty(*scores.shape[:-1], kept, device=scores.device, dtype=torch.int32)
     rows = lut.numel() // kept if kept else 0
     if rows:
         n_k_p2 = triton.next_power_of_2(n_k)
-        _top_blocks_kernel[(rows,)](scores.contiguous(), lut, n_k, kept, N_K_P2=n_k_p2,
-                                    num_warps=4 if n_k_p2 <= 1024 else 8)
+        _top_blocks_kernel[(rows,)](scores.float().contiguous(), lut, n_k, kept, N_K_P2=n_k_p2,
+                                    ROUND_BF16=round_bf16, num_warps=4 if n_k_p2 <= 1024 else 8)
     return lut
 
 

@@ -99,14 +99,20 @@ def _block_mean(X, Mu, Out,  #
 
 
 @triton.jit
-def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr):
+def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr, ROUND_BF16: tl.constexpr):
     # Block selection's top-k for one row of scores: the KEPT largest, ties to the lower index (as
     # `selection.top_blocks`), written ascending. Each score becomes a unique 64-bit key (its float32 bits mapped to an
     # order-preserving integer, then the reversed index), one sort gives the KEPT-th largest key, and a prefix sum
     # over the row places every selected index in order.
+    # ROUND_BF16: the float32 scores are first rounded to bfloat16 (to nearest, ties to even, on the bits: exact, and
+    # the same on the GPU and under the interpreter), as `selection.block_scores` rounds them to the input dtype.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, N_K_P2)
     s = tl.load(S + row * N_K + offs, mask=offs < N_K, other=float("-inf"))
+    if ROUND_BF16:
+        raw = s.to(tl.int32, bitcast=True)
+        raw = (raw + (0x7FFF + ((raw >> 16) & 1))) & -65536  # -65536 = 0xFFFF0000: keep the bfloat16 bits
+        s = raw.to(tl.float32, bitcast=True)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with +0.0, as in a float sort
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-integer order = float order
