@@ -11,6 +11,7 @@ number is ever typed by hand.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def main() -> None:
     def status(ok: bool) -> str:
         return "pass" if ok else "FAIL"
 
+    def at_least(ratio: float) -> str:
+        # ratios against a ">=" target are shown rounded down, so that 1.4996x does not read as 1.50x
+        return f"{math.floor(ratio * 100) / 100:.2f}x"
+
     targets = "\n".join([
         "| target | measured | status |",
         "| --- | --- | --- |",
@@ -66,13 +71,15 @@ def main() -> None:
         f"{status(rest_f <= TARGETS['fwd_ms'])} |",
         f"| whole layer backward <= {TARGETS['bwd_ms']} ms | {rest_b:.2f} ms (rest), {all_b:.2f} ms (all) | "
         f"{status(rest_b <= TARGETS['bwd_ms'])} |",
-        f"| forward >= {TARGETS['fwd_vs_ref']}x the public reference | {ref_f / rest_f:.2f}x (rest), "
-        f"{ref_f / all_f:.2f}x (all) | {status(ref_f / rest_f >= TARGETS['fwd_vs_ref'])} |",
-        f"| backward >= {TARGETS['bwd_vs_ref']}x the public reference | {ref_b / rest_b:.2f}x (rest), "
-        f"{ref_b / all_b:.2f}x (all) | {status(ref_b / rest_b >= TARGETS['bwd_vs_ref'])} |",
+        f"| forward >= {TARGETS['fwd_vs_ref']}x the public reference | {at_least(ref_f / rest_f)} (rest), "
+        f"{at_least(ref_f / all_f)} (all) | {status(ref_f / rest_f >= TARGETS['fwd_vs_ref'])} |",
+        f"| backward >= {TARGETS['bwd_vs_ref']}x the public reference | {at_least(ref_b / rest_b)} (rest), "
+        f"{at_least(ref_b / all_b)} (all) | {status(ref_b / rest_b >= TARGETS['bwd_vs_ref'])} |",
         f"| Wan2.1-1.3B transformer forward >= {TARGETS['e2e']}x the fastest dense backend | {best_e2e:.2f}x "
         f"(attention is {bound.group(1)}% of the cuDNN forward: bound {bound.group(2)}x) | "
         f"{status(best_e2e >= TARGETS['e2e'])} |",
+        "",
+        'Status is judged on the default linear scope "rest"; ratios against a ">=" target are rounded down.',
     ])
 
     results = f"""# SLA on the GPU: results
