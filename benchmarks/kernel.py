@@ -259,9 +259,9 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
         _, _, hb, zkb = custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=True)
 
         def rest_state():
-            weights = custom_ops._rest_weights(lut, n_k, q.dtype)
+            weights, weights32 = custom_ops._rest_weights_pair(lut, n_k, q.dtype)
             torch.matmul(weights, hb.view(B, H, n_k, -1))
-            torch.matmul(weights.float(), zkb)
+            torch.matmul(weights32, zkb)
         parts["R_i, z_i (0/1 products)"] = bench_ms(rest_state)
         del hb, zkb
     parts["sla_fwd (inference)"] = bench_ms(

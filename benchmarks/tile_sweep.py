@@ -3,7 +3,7 @@
 
     python benchmarks/tile_sweep.py                       # the variants below
     python benchmarks/tile_sweep.py FWD_ROWS=64 WARPS=4   # one variant, DIFFUSERS_SLA_ prefixes implied
-    python benchmarks/tile_sweep.py --fwd-only FWD_PEEL=0 / FWD_PIPELINE=1   # variants separated by "/"
+    python benchmarks/tile_sweep.py --fwd-only STAGES=2 / FWD_ROWS=64 WARPS=4   # variants separated by "/"
 
 Each variant runs in its own process (the launch-shape overrides are read when a kernel is first compiled), times
 forward and backward (scope "rest" and "all"), lists the largest kernels, and compares o, dq, dk, dv with the first

@@ -175,14 +175,9 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d), hb, zb
 
 
-def _rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, H, n_q, n_k) 0/1 matrix: 1 where key block j feeds query block i's linear branch ("rest": not selected)."""
-    weights = torch.ones(*lut.shape[:-1], n_kblk, device=lut.device, dtype=dtype)
-    return weights.scatter_(-1, lut.long(), 0.0)
-
-
 def _rest_weights_pair(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype):
-    """`_rest_weights` in `dtype` and in float32, built in one launch: -> two (B, H, n_q, n_k) 0/1 matrices."""
+    """The (B, H, n_q, n_k) 0/1 matrix that is 1 where key block j feeds query block i's linear branch ("rest": not
+    selected), in `dtype` and in float32, built in one launch."""
     B, H, n_qblk, kept = lut.shape
     w = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=dtype)
     w32 = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=torch.float32)
