@@ -14,6 +14,7 @@ present. Timings are medians of `triton.testing.do_bench` (CUDA events) after wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,6 +44,27 @@ def log(*args):
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+@contextlib.contextmanager
+def forward_kernel(name):
+    """Force `custom_ops`' forward kernel ("portable" or "hopper") inside the block."""
+    old = os.environ.get("DIFFUSERS_SLA_FWD_KERNEL")
+    os.environ["DIFFUSERS_SLA_FWD_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DIFFUSERS_SLA_FWD_KERNEL"]
+        else:
+            os.environ["DIFFUSERS_SLA_FWD_KERNEL"] = old
+
+
+def auto_forward_kernel(q, k, topk, blkq, blkk, scope):
+    """The forward kernel "auto" picks for these inputs (float32 inputs run in bfloat16)."""
+    qc = q if q.dtype != torch.float32 else q.to(torch.bfloat16)
+    lut = custom_ops.fast_select_blocks(qc, k.to(qc.dtype), topk, blkq, blkk)
+    return custom_ops._forward_kernel(qc, custom_ops._geometry(qc, k, lut, blkq, blkk, scope), blkq, blkk, "tf32")
 
 
 def load_public_reference():
@@ -134,9 +156,17 @@ def check(args):
             ok &= finite and e <= 2e-2
         same = all(torch.equal(a, c) for a, c in zip(ours, again))
         ok &= same and same_lut
+        kernel = auto_forward_kernel(q, k, topk, blkq, blkk, scope)
+        if kernel != "portable":  # the two forward kernels against each other (same function, other rounding order)
+            with forward_kernel("portable"):
+                portable = _run_ours(q, k, v, w, b, do, **kw)
+            vs = [rel_err(a, r) if r.norm() > 0 else float(a.abs().max()) for a, r in zip(ours, portable)]
+            ok &= max(vs) <= 1e-2
+            kernel += f" (vs portable: o={vs[0]:.1e} dq={vs[1]:.1e} dW={vs[4]:.1e})"
         failures += not ok
         log(f"[check {'ok' if ok else 'FAIL'}] B{B} H{H} Lq{Lq} Lk{Lk} D{D} {blkq}x{blkk} top{topk} {fm} {scope} "
-            f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same} lut_equal={same_lut}")
+            f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same} lut_equal={same_lut} "
+            f"forward={kernel}")
 
     # top_blocks' tie rule (lower index first) against torch.topk on this GPU, on scores with many ties
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -266,6 +296,9 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
         del hb, zkb
     parts["sla_fwd (inference)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
+    with forward_kernel("portable"):
+        parts["sla_fwd (inference, portable)"] = bench_ms(
+            lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
     saved = ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32")
     parts["sla_fwd (training, stores)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32"))
@@ -301,6 +334,7 @@ def bench(args, PublicSLA):
         log(f"public reference / ours(rest): fwd {public[0] / ours[0]:.2f}x, bwd {public[1] / ours[1]:.2f}x")
     if public and ours_all:
         log(f"public reference / ours(all):  fwd {public[0] / ours_all[0]:.2f}x, bwd {public[1] / ours_all[1]:.2f}x")
+    log(f"forward kernel ('auto'): {auto_forward_kernel(inputs[0], inputs[1], topk, blkq, blkk, 'rest')}")
     del inputs, do
     torch.cuda.empty_cache()
     log("breakdown, ours (rest):")

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from . import custom_ops
 from .reference import sla_reference
 from .selection import select_blocks
 
@@ -70,7 +71,7 @@ class _SLATriton(torch.autograd.Function):
     def forward(ctx, q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
                 dot_precision):
         store_bwd = any(ctx.needs_input_grad[:5])
-        o, lse, den, o_l, rb, zb, ht, zt = torch.ops.diffusers_sla.sla_fwd(
+        o, lse, den, o_l, rb, zb, ht, zt = custom_ops.forward(
             q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd,
             dot_precision)
         if store_bwd:
@@ -81,7 +82,7 @@ class _SLATriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
-        dq, dk, dv, dw, db = torch.ops.diffusers_sla.sla_bwd(
+        dq, dk, dv, dw, db = custom_ops.backward(
             do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *ctx.args)
         return dq, dk, dv, dw, db, None, None, None, None, None, None, None
 
@@ -103,8 +104,6 @@ def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
 def sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale=None):
     """`sla_triton` with a given block map `lut` (int32 (B, H, n_q, kept), ascending rows): tests and benchmarks
     share one map with the reference through this."""
-    from . import custom_ops  # noqa: F401  (registers torch.ops.diffusers_sla.*)
-
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)
@@ -144,9 +143,7 @@ def sla_triton(
         return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
                              feature_map=feature_map, linear_scope=linear_scope, scale=scale)
     if _select == "fused":
-        from .custom_ops import fast_select_blocks
-
-        lut = fast_select_blocks(q, k, topk, blkq, blkk)
+        lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
     else:
         lut = select_blocks(q, k, topk, blkq, blkk)
     return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, blkq=blkq, blkk=blkk, feature_map=feature_map,

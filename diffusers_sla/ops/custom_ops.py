@@ -9,17 +9,22 @@ synchronisation.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import NamedTuple
 
 import torch
 import triton
 
+from . import gluon_fwd
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
                          _top_blocks_kernel, is_cuda)
 
+
+logger = logging.getLogger(__name__)
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
 # wrote shows up in the result.
@@ -98,6 +103,35 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, blkq: int, bl
                      _has_linear(linear_scope, kept, n_kblk))
 
 
+FORWARD_KERNELS = ("auto", "portable", "hopper")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:
+    """"hopper" (`gluon_fwd`, asynchronous tensor-core products) or "portable" (`triton_fwd._attn_fwd`).
+    `DIFFUSERS_SLA_FWD_KERNEL`: "auto" (default: hopper wherever it can run), "portable", or "hopper" (an error
+    where it cannot run, with the reason). Both compute the same function; they differ only in rounding order (the
+    GPU checks in `benchmarks/kernel.py` compare them)."""
+    choice = os.environ.get("DIFFUSERS_SLA_FWD_KERNEL", "auto")
+    if choice not in FORWARD_KERNELS:
+        raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL={choice!r}: allowed values are {FORWARD_KERNELS}")
+    if choice == "portable":
+        return "portable"
+    if not is_cuda() or _capability(q.device.index if q.device.index is not None else 0) != (9, 0):
+        reason = "needs a CUDA device of compute capability 9.0 (Hopper)"
+    else:
+        reason = gluon_fwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D, g.kept, dot_precision)
+    if reason is None:
+        return "hopper"
+    if choice == "hopper":
+        raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL=hopper cannot run this call: {reason}")
+    return "portable"
+
+
 def _proj_precision(dot_precision: str) -> str:
     # proj_l is float32; on the GPU its D x D product runs as tf32 unless full float32 ("ieee") was asked for.
     return "ieee" if (dot_precision == "ieee" or not is_cuda()) else "tf32"
@@ -123,15 +157,20 @@ def _use_descriptors():
         triton.set_allocator(_tma_alloc)
 
 
+def _tma_addressable(x: torch.Tensor) -> bool:
+    # unit last stride, 16-byte aligned base and row strides: what a tensor descriptor can address
+    el = x.element_size()
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all((s * el) % 16 == 0 for s in x.stride()[:-1])
+
+
 def _tma_ready(x: torch.Tensor) -> torch.Tensor:
     """x itself when a tensor descriptor can address it (unit last stride, 16-byte aligned base and row strides),
     otherwise a copy that can (contiguous, head dim zero-padded to 16 bytes; the kernels only read HEAD_DIM columns).
     """
-    el = x.element_size()
-    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all((s * el) % 16 == 0 for s in x.stride()[:-1]):
+    if _tma_addressable(x):
         return x
     D = x.shape[-1]
-    pad = -D % max(1, 16 // el)
+    pad = -D % max(1, 16 // x.element_size())
     return torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
 
 
@@ -200,8 +239,7 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
     return out
 
 
-@torch.library.custom_op("diffusers_sla::select_blocks", mutates_args=())
-def fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
+def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
     """`selection.select_blocks` with its pooling fused into one Triton pass per tensor (the PyTorch version makes
     float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
     `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
@@ -234,6 +272,9 @@ def top_blocks_triton(scores: torch.Tensor, kept: int, round_bf16: bool = False)
     return lut
 
 
+fast_select_blocks = torch.library.custom_op("diffusers_sla::select_blocks", mutates_args=())(_fast_select_blocks)
+
+
 @fast_select_blocks.register_fake
 def _(q, k, topk, blkq, blkk):
     B, H, Lq, _ = q.shape
@@ -241,8 +282,7 @@ def _(q, k, topk, blkq, blkk):
     return q.new_empty(B, H, num_blocks(Lq, blkq), num_kept_blocks(topk, n_kblk), dtype=torch.int32)
 
 
-@torch.library.custom_op("diffusers_sla::sla_fwd", mutates_args=())
-def sla_fwd(
+def _sla_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
     lut: torch.Tensor, scale: float, feature_map: str, linear_scope: str, blkq: int, blkk: int, store_bwd: bool,
     dot_precision: str,
@@ -251,7 +291,8 @@ def sla_fwd(
     """-> o (B, H, Lq, D) in q's dtype and memory layout, lse (B, H, Lq) float32 in log2 units, and what backward
     needs: the linear denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block
     ("rest"), the per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty."""
-    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = _geometry(q, k, lut, blkq, blkk, linear_scope)
+    g = _geometry(q, k, lut, blkq, blkk, linear_scope)
+    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
     _use_descriptors()
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, block_d, feature_map, dot_precision,
@@ -269,6 +310,22 @@ def sla_fwd(
     else:
         rb = q.new_empty(0)
         zb = zt.new_empty(0)
+    if _forward_kernel(q, g, blkq, blkk, dot_precision) == "hopper":
+        rows, warps, stages = gluon_fwd.LAUNCH[blkk]
+        # R tiles in the input dtype: "rest" R_i per query block; "all" the per-head totals, rounded as
+        # `_attn_fwd` rounds them before its product
+        r_in, z_in, r_tiles = (rb, zb, B * H * n_qblk) if rest else (ht.to(q.dtype), zt, B * H)
+        if not _tma_addressable(o):  # the output leaves by TMA: q's layout when it can, else contiguous
+            o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+        gluon_fwd._attn_fwd_hopper[(n_qblk * (blkq // rows), B * H)](
+            qd, kd, vd, lut, o, lse, den, o_l, r_in, z_in, proj_weight, proj_bias,
+            *_strides(qd)[:3], *_strides(kd)[:3], *_strides(vd)[:3], *_strides(o)[:3],
+            scale, H, Lq, Lk, n_qblk, kept, r_tiles,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages,
+            REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
+            EPS=LINEAR_EPS, FOLD_SCALE=scale > 0, num_warps=warps,
+        )
+        return o, lse, den, o_l, rb, zb, ht, zt
     rows = _rows(blkq, "FWD", blkq)
     _attn_fwd[(n_qblk * (blkq // rows), B * H)](
         qd, kd, vd, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
@@ -280,6 +337,9 @@ def sla_fwd(
         FOLD_SCALE=scale > 0,
     )
     return o, lse, den, o_l, rb, zb, ht, zt
+
+
+sla_fwd = torch.library.custom_op("diffusers_sla::sla_fwd", mutates_args=())(_sla_fwd)
 
 
 @sla_fwd.register_fake
@@ -310,8 +370,7 @@ def column_lut(lut: torch.Tensor, n_kblk: int):
     return col_q.contiguous(), edges[:, :-1].contiguous(), (edges[:, 1:] - edges[:, :-1]).contiguous()
 
 
-@torch.library.custom_op("diffusers_sla::sla_bwd", mutates_args=())
-def sla_bwd(
+def _sla_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
     proj_bias: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, den: torch.Tensor, o_l: torch.Tensor,
     rb: torch.Tensor, zb: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor, lut: torch.Tensor, scale: float,
@@ -390,6 +449,9 @@ def sla_bwd(
     return dq, dk, dv, dw, db
 
 
+sla_bwd = torch.library.custom_op("diffusers_sla::sla_bwd", mutates_args=())(_sla_bwd)
+
+
 @sla_bwd.register_fake
 def _(do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, scale, feature_map, linear_scope,
       blkq, blkk, dot_precision):
@@ -397,3 +459,25 @@ def _(do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut
     f32 = dict(device=q.device, dtype=torch.float32)
     return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape), torch.empty(D, D, **f32),
             torch.empty(D, **f32))
+
+
+def _eager_or_op(op, impl):
+    """`op` while torch.compile traces (an opaque node, no graph break); `impl` itself in eager mode, which skips the
+    torch.library dispatch: ~150 us of host time per call, as much as the GPU work of a short sequence
+    (benchmarks/NOTES.md v7)."""
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        with torch.no_grad():
+            return impl(*args)
+
+    call.__name__ = call.__qualname__ = impl.__name__.lstrip("_")
+    call.__doc__ = impl.__doc__
+    return call
+
+
+# What `autograd.py` calls.
+select_blocks_fused = _eager_or_op(fast_select_blocks, _fast_select_blocks)
+forward = _eager_or_op(sla_fwd, _sla_fwd)
+backward = _eager_or_op(sla_bwd, _sla_bwd)

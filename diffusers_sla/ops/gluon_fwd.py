@@ -1,0 +1,269 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""SLA forward for Hopper (sm_90) in Gluon, Triton's explicit-layout dialect.
+
+The same computation as `triton_fwd._attn_fwd` (read that file first: this one only differs in how the loop is
+scheduled). `tl.dot` on Hopper waits for each product as soon as it is issued, so a program's softmax and its tensor
+core work never overlap (benchmarks/NOTES.md v6). Here the products are asynchronous `wgmma` instructions:
+
+    wait K[j+1] -> issue S[j+1] = Q K[j+1]^T      (tensor cores)
+    softmax of S[j], rescale acc                  (runs while S[j+1] is computed)
+    wait V[j]   -> issue acc += P[j] V[j]
+    wait for both products; refill the ring slot of step j with the tiles of step j + STAGES (TMA)
+
+K/V tiles of the selected key blocks arrive through device-side tensor descriptors (TMA) into a ring of STAGES
+shared-memory slots, each with an mbarrier per tile. A query block of 128 rows runs as two 64-row programs of one
+warpgroup each (4 warps): two such programs fit on an SM, so one's epilogue hides behind the other's loop.
+
+The epilogue (linear branch and `proj_l`, as in `_attn_fwd`) brings its D x D tiles (R in the input dtype, then
+W in float32 for a tf32 product) through the K/V ring, which is free by then: no shared memory of its own.
+
+Only compiled on CUDA devices of compute capability 9.0; `custom_ops.sla_fwd` picks it there (`supports`), the
+portable `_attn_fwd` everywhere else and under the Triton interpreter, which does not run Gluon.
+"""
+
+from __future__ import annotations
+
+try:  # Gluon is experimental: a Triton without it (or with another API) keeps the portable kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    GLUON_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    GLUON_AVAILABLE = False
+
+
+# Launch shape by key-block size, measured on the H100 at the Wan shape (benchmarks/NOTES.md v7):
+# BLOCK_N -> (query rows per program, warps, pipeline stages).
+LAUNCH = {64: (64, 4, 3), 128: (128, 8, 3)}
+
+
+def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int, kept: int,
+             dot_precision: str) -> str | None:
+    """None when the Hopper kernel can run this launch, else the reason it cannot (for the error of a forced choice).
+    """
+    if not GLUON_AVAILABLE:
+        return "this Triton has no Gluon Hopper API (triton.experimental.gluon)"
+    if dtype_bytes != 2:
+        return "inputs must be float16 or bfloat16"
+    if dot_precision == "ieee":
+        return "full float32 products (dot_precision 'ieee') run on the portable kernel"
+    if blkk not in LAUNCH:
+        return f"blkk must be one of {sorted(LAUNCH)} (got {blkk})"
+    rows = LAUNCH[blkk][0]
+    if blkq < rows or blkq % rows:
+        return f"blkq must be a multiple of {rows} for blkk={blkk} (got {blkq})"
+    if block_d not in (64, 128) or head_dim % 8:
+        return f"head_dim must be a multiple of 8 in 33..128 (got {head_dim})"
+    if kept < 1:
+        return "at least one key block must be selected"
+    return None
+
+
+if GLUON_AVAILABLE:
+
+    @gluon.jit
+    def _feature_map_gl(x, d_ok, FEATURE_MAP: gl.constexpr):
+        # `triton_fwd._feature_map` for Gluon tensors: x fp32 (rows, BLOCK_D); padded columns come out as 0.
+        if FEATURE_MAP == 0:
+            x = gl.where(d_ok[None, :], x, float("-inf"))
+            e = gl.exp(x - gl.max(x, 1)[:, None])
+            phi = e / gl.sum(e, 1)[:, None]
+        elif FEATURE_MAP == 1:
+            phi = gl.where(x > 0, x + 1.0, gl.exp(gl.minimum(x, 0.0)))
+            phi = gl.where(d_ok[None, :], phi, 0.0)
+        else:
+            phi = gl.maximum(x, 0.0)
+        return phi
+
+    @gluon.jit
+    def _issue_kv(desc_k, desc_v, LUT, step, KEPT, k_slot, v_slot, bar_k, bar_v, BLOCK_N: gl.constexpr,
+                  TILE_BYTES: gl.constexpr):
+        # TMA loads of the K and V tiles of LUT step `step` into one ring slot (nothing when step >= KEPT)
+        ok = step < KEPT
+        start_n = gl.load(LUT + step, mask=ok, other=0) * BLOCK_N
+        mbarrier.expect(bar_k, TILE_BYTES, pred=ok)
+        tma.async_copy_global_to_shared(desc_k, [start_n, 0], bar_k, k_slot, pred=ok)
+        mbarrier.expect(bar_v, TILE_BYTES, pred=ok)
+        tma.async_copy_global_to_shared(desc_v, [start_n, 0], bar_v, v_slot, pred=ok)
+
+    @gluon.jit
+    def _attn_fwd_hopper(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, W, Bias,  #
+                         stride_qz, stride_qh, stride_qm,  #
+                         stride_kz, stride_kh, stride_kn,  #
+                         stride_vz, stride_vh, stride_vn,  #
+                         stride_oz, stride_oh, stride_om,  #
+                         sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT, R_TILES,  #
+                         HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
+                         HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, STORE_BWD: gl.constexpr,
+                         EPS: gl.constexpr, FOLD_SCALE: gl.constexpr,
+                         num_warps: gl.constexpr):
+        # Arguments as `_attn_fwd` (inner strides of q, k, v, out are 1: `custom_ops._tma_ready`), except the linear
+        # state: RB holds R_TILES tiles (BLOCK_D x BLOCK_D, input dtype) and ZB the matching z vectors (float32),
+        # one per query block for "rest" (R_i, z_i), one per head for "all" (the totals H, Z).
+        dtype: gl.constexpr = Q.dtype.element_ty
+        start_m = gl.program_id(0)
+        off_hz = gl.program_id(1)
+        off_z = off_hz // H
+        off_h = off_hz % H
+
+        # wgmma accumulators (scores: BLOCK_N columns, output: BLOCK_D), P as a register operand of the PV product
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        Q += off_z.to(gl.int64) * stride_qz + off_h.to(gl.int64) * stride_qh
+        K += off_z.to(gl.int64) * stride_kz + off_h.to(gl.int64) * stride_kh
+        V += off_z.to(gl.int64) * stride_vz + off_h.to(gl.int64) * stride_vh
+        desc_q = tma.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D], layout=tile_layout)
+        desc_k = tma.make_tensor_descriptor(K, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_kn, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D], layout=tile_layout)
+        desc_v = tma.make_tensor_descriptor(V, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_vn, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D], layout=tile_layout)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
+        # the ring: K tiles in slots 0..STAGES-1, V tiles in STAGES..2*STAGES-1; the epilogue reuses it
+        kv_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, BLOCK_N, BLOCK_D], tile_layout)
+        bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bar_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        bar_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar_q, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bar_k.index(s), count=1)
+            mbarrier.init(bar_v.index(s), count=1)
+
+        blk = off_hz.to(gl.int64) * N_QBLK + start_m // SPLIT  # this query block's row in the side tensors
+        LUT += blk * KEPT
+        TILE_BYTES: gl.constexpr = BLOCK_N * BLOCK_D * 2
+        mbarrier.expect(bar_q, BLOCK_M * BLOCK_D * 2)
+        tma.async_copy_global_to_shared(desc_q, [start_m * BLOCK_M, 0], bar_q, q_smem)
+        for s in gl.static_range(STAGES):
+            _issue_kv(desc_k, desc_v, LUT, s, KEPT, kv_smem.index(s), kv_smem.index(STAGES + s), bar_k.index(s),
+                      bar_v.index(s), BLOCK_N, TILE_BYTES)
+
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, layout=o_layout)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        qk_scale = sm_scale * 1.44269504  # 1/log(2)
+
+        mbarrier.wait(bar_q, 0)
+        mbarrier.wait(bar_k.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, kv_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_cur = warpgroup_mma_wait(0, deps=(s_tok,))
+        start_n = gl.load(LUT) * BLOCK_N
+        for j in range(0, KEPT):
+            slot = j % STAGES
+            # the next step's scores (on the last step a repeat of this one, never read) run during this softmax
+            jn = gl.minimum(j + 1, KEPT - 1)
+            mbarrier.wait(bar_k.index(jn % STAGES), (jn // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, kv_smem.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                  is_async=True)
+            next_n = gl.load(LUT + jn) * BLOCK_N
+
+            # online softmax of this step; scores past N_KV are -inf (TMA fills those K rows with zeros)
+            n_ok = (start_n + offs_n) < N_CTX_KV
+            if FOLD_SCALE:  # scale > 0: row max on raw scores, the scale folded into the exponent
+                qk = gl.where(n_ok[None, :], s_cur, float("-inf"))
+                m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+                p = gl.exp2(qk * qk_scale - m_ij[:, None])
+            else:
+                qk = gl.where(n_ok[None, :], s_cur * qk_scale, float("-inf"))
+                m_ij = gl.maximum(m_i, gl.max(qk, 1))
+                p = gl.exp2(qk - m_ij[:, None])
+            alpha = gl.exp2(m_i - m_ij)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            mbarrier.wait(bar_v.index(slot), (j // STAGES) & 1)
+            acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), kv_smem.index(STAGES + slot), acc,
+                                    is_async=True)
+            acc, s_cur = warpgroup_mma_wait(0, deps=(acc_tok, s_tok))
+            m_i = m_ij
+            start_n = next_n
+            # every warp is done with this slot: refill it with the tiles of step j + STAGES
+            gl.thread_barrier()
+            _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, kv_smem.index(slot), kv_smem.index(STAGES + slot),
+                      bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
+
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bar_k.index(s))
+            mbarrier.invalidate(bar_v.index(s))
+
+        offs_m = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        gl.store(M + off_hz.to(gl.int64) * N_CTX_Q + offs_m, m_i + gl.log2(l_i), mask=offs_m < N_CTX_Q)
+        acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+
+        # -- epilogue: linear branch phi(q) R / (phi(q) . z + eps), proj_l in float32 (tf32 product), bias ----
+        ep_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        offs_k = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ep_layout))
+        d_ok = offs_k < HEAD_DIM
+        if HAS_LINEAR:
+            # R (input dtype) and W (float32) arrive by TMA into slots of the K/V ring, free now that every product
+            # has completed (bar_q, its second phase)
+            R_SLOTS: gl.constexpr = max(1, BLOCK_D // BLOCK_N)
+            W_SLOTS: gl.constexpr = max(1, 2 * BLOCK_D // BLOCK_N)
+            # o_l (float32) goes back to shared memory as the tf32 product's A operand: over R once R is read, or
+            # after W when R's slots are too small
+            O_SLOTS: gl.constexpr = max(1, 2 * BLOCK_M // BLOCK_N)
+            O_AT: gl.constexpr = 0 if O_SLOTS <= R_SLOTS else R_SLOTS + W_SLOTS
+            gl.static_assert(max(R_SLOTS + W_SLOTS, O_AT + O_SLOTS) <= 2 * STAGES, "the K/V ring must hold R, W, o_l")
+            w_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+            # (views that start at a slot and run over the next ones: the ring is one contiguous allocation)
+            r_smem = kv_smem.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], tile_layout)
+            w_smem = kv_smem.index(R_SLOTS)._reinterpret(gl.float32, [BLOCK_D, BLOCK_D], w_layout)
+            ol_smem = kv_smem.index(O_AT)._reinterpret(gl.float32, [BLOCK_M, BLOCK_D], w_layout)
+            r_row = blk if REST else off_hz.to(gl.int64)  # R_i of this query block, or the head's total
+            desc_r = tma.make_tensor_descriptor(RB, shape=[R_TILES * BLOCK_D, BLOCK_D], strides=[BLOCK_D, 1],
+                                                block_shape=[BLOCK_D, BLOCK_D], layout=tile_layout)
+            desc_w = tma.make_tensor_descriptor(W, shape=[HEAD_DIM, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                                block_shape=[BLOCK_D, BLOCK_D], layout=w_layout)
+            gl.thread_barrier()
+            mbarrier.expect(bar_q, BLOCK_D * BLOCK_D * 6)
+            tma.async_copy_global_to_shared(desc_r, [(r_row * BLOCK_D).to(gl.int32), 0], bar_q, r_smem)
+            tma.async_copy_global_to_shared(desc_w, [0, 0], bar_q, w_smem)
+            # phi(q) straight in the A-operand layout of the product with R (no layout conversion)
+            offs_kp = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, p_layout))
+            z = gl.load(ZB + r_row * BLOCK_D + offs_kp)
+            phiq = _feature_map_gl(q_smem.load(p_layout).to(gl.float32), offs_kp < HEAD_DIM, FEATURE_MAP)
+            den = gl.convert_layout(gl.sum(phiq * z[None, :], 1) + EPS, gl.SliceLayout(1, o_layout))
+            mbarrier.wait(bar_q, 1)
+            num = warpgroup_mma(phiq.to(dtype), r_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, layout=o_layout),
+                                use_acc=False)
+            o_l = num / den[:, None]
+            # acc += o_l W^T in tf32: W is stored (out, in), so its transposed view is the K-major operand tf32
+            # needs; a tf32 product takes k = 8 per instruction (its own accumulator layout, same registers)
+            gl.thread_barrier()
+            ol_smem.store(o_l)
+            fence_async_shared()
+            proj_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                                  instr_shape=[16, BLOCK_D, 8])
+            acc = warpgroup_mma(ol_smem, w_smem.permute((1, 0)), gl.convert_layout(acc, proj_layout))
+            acc = gl.convert_layout(acc, o_layout)
+            if STORE_BWD:
+                rows_ep = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ep_layout))
+                m_ok = rows_ep < N_CTX_Q
+                row = off_hz.to(gl.int64) * N_CTX_Q + rows_ep
+                gl.store(Den + row, gl.convert_layout(den, gl.SliceLayout(1, ep_layout)), mask=m_ok)
+                o_l_ep = gl.convert_layout(o_l.to(dtype), ep_layout)
+                gl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l_ep,
+                         mask=m_ok[:, None] & d_ok[None, :])
+        offs_do = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
+        acc += gl.load(Bias + offs_do, mask=offs_do < HEAD_DIM, other=0.0)[None, :]
+        # the output tile leaves through q's shared memory (no longer read) and TMA, which clips rows past N_CTX_Q
+        # and columns past HEAD_DIM
+        Out += off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
+        desc_o = tma.make_tensor_descriptor(Out, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_om, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D], layout=tile_layout)
+        gl.thread_barrier()
+        q_smem.store(acc.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_o, [start_m * BLOCK_M, 0], q_smem)
+        tma.store_wait(0)
+        mbarrier.invalidate(bar_q)

@@ -1,0 +1,115 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""The Hopper forward kernel (`ops/gluon_fwd.py`) and how `custom_ops` chooses it.
+
+Gluon does not run under the Triton interpreter, so on a CPU machine only the choice is tested (which launches the
+kernel can take, the error of a forced choice); on a Hopper GPU the kernel runs against the portable one
+(`triton_fwd._attn_fwd`), including the side outputs that the backward reads.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from diffusers_sla.utils.import_utils import is_triton_available
+
+from testing_utils import rel_err
+
+pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not installed")
+
+GOOD = dict(dtype_bytes=2, blkq=128, blkk=64, block_d=128, head_dim=128, kept=25, dot_precision="tf32")
+
+
+def test_supports_the_wan_launch_and_names_what_it_cannot_run():
+    from diffusers_sla.ops import gluon_fwd
+
+    if not gluon_fwd.GLUON_AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    assert gluon_fwd.supports(**GOOD) is None
+    assert gluon_fwd.supports(**GOOD | dict(blkq=128, blkk=128)) is None
+    cases = [
+        (dict(dtype_bytes=4), "float16 or bfloat16"),
+        (dict(dot_precision="ieee"), "ieee"),
+        (dict(blkk=32), "blkk must be one of \\[64, 128\\]"),
+        (dict(blkq=64, blkk=128), "blkq must be a multiple of 128"),
+        (dict(head_dim=100, block_d=128), "multiple of 8"),
+        (dict(head_dim=32, block_d=32), "multiple of 8 in 33..128"),
+        (dict(kept=0), "at least one key block"),
+    ]
+    for change, message in cases:
+        reason = gluon_fwd.supports(**GOOD | change)
+        assert reason is not None and re.search(message, reason), (change, reason)
+
+
+def _choose(monkeypatch, value, q):
+    from diffusers_sla.ops import custom_ops
+
+    if value is None:
+        monkeypatch.delenv("DIFFUSERS_SLA_FWD_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("DIFFUSERS_SLA_FWD_KERNEL", value)
+    lut = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=q.device)
+    g = custom_ops._geometry(q, q, lut, 128, 64, "rest")
+    return custom_ops._forward_kernel(q, g, 128, 64, "tf32")
+
+
+def test_forward_kernel_knob_names_its_values_and_refuses_an_impossible_choice(monkeypatch):
+    q = torch.randn(1, 1, 256, 128, dtype=torch.bfloat16)  # on the CPU: never the Hopper kernel
+    assert _choose(monkeypatch, None, q) == "portable"
+    assert _choose(monkeypatch, "portable", q) == "portable"
+    with pytest.raises(ValueError, match="DIFFUSERS_SLA_FWD_KERNEL='fast': allowed values are"):
+        _choose(monkeypatch, "fast", q)
+    with pytest.raises(ValueError, match="DIFFUSERS_SLA_FWD_KERNEL=hopper cannot run this call: needs a CUDA"):
+        _choose(monkeypatch, "hopper", q)
+
+
+def _hopper_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+# B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, (B, L, H, D) view
+HOPPER_CASES = {
+    "wan_like_rest_bf16_view": (1, 2, 2000, 2000, 128, 128, 64, 0.1, "softmax", "rest", torch.bfloat16, True),
+    "partial_blocks_all_fp16": (2, 2, 1000, 777, 128, 128, 64, 0.2, "elu", "all", torch.float16, False),
+    "d72_padded_relu_rest": (1, 3, 700, 900, 72, 64, 64, 0.3, "relu", "rest", torch.bfloat16, False),
+    "blocks128_d64_rest": (1, 2, 640, 900, 64, 128, 128, 0.4, "softmax", "rest", torch.bfloat16, True),
+    "every_block_selected": (1, 1, 256, 256, 128, 128, 64, 1.0, "softmax", "rest", torch.bfloat16, False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_gpu(), reason="the Hopper kernel needs a CUDA device of compute capability 9.0")
+@pytest.mark.parametrize("name", sorted(HOPPER_CASES))
+def test_hopper_kernel_matches_the_portable_kernel(monkeypatch, name):
+    from diffusers_sla.ops import custom_ops
+
+    B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def make(L):
+        shape = (B, L, H, D) if view else (B, H, L, D)
+        x = torch.randn(shape, generator=g, device="cuda", dtype=dtype)
+        return x.transpose(1, 2) if view else x
+
+    q, k, v = make(Lq), make(Lk), make(Lk)
+    w = torch.randn(D, D, generator=g, device="cuda") * D**-0.5
+    b = torch.randn(D, generator=g, device="cuda")
+    lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+    custom_ops.POISON_OUTPUTS = True  # an element a kernel does not write stays NaN
+    try:
+        outs = {}
+        for kernel in ("portable", "hopper"):
+            monkeypatch.setenv("DIFFUSERS_SLA_FWD_KERNEL", kernel)
+            outs[kernel] = custom_ops.forward(q, k, v, w, b, lut, 0.8 * D**-0.5, fm, scope, blkq, blkk, True, "tf32")
+    finally:
+        custom_ops.POISON_OUTPUTS = False
+    # o, lse, and the denominator and o_l the backward reads (R_i, z_i and the totals are built before the launch)
+    for i, what in enumerate(("o", "lse", "den", "o_l")):
+        ours, ref = outs["hopper"][i], outs["portable"][i]
+        assert ours.shape == ref.shape, what
+        if ref.numel():
+            assert torch.isfinite(ours).all(), what
+            assert rel_err(ours, ref) <= 1e-2, f"{what}: {rel_err(ours, ref):.2e}"
+    assert outs["hopper"][0].stride() == q.stride()  # the output keeps q's memory layout
