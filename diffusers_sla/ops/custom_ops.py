@@ -121,7 +121,7 @@ def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_pre
         raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL={choice!r}: allowed values are {FORWARD_KERNELS}")
     if choice == "portable":
         return "portable"
-    if not is_cuda() or _capability(q.device.index if q.device.index is not None else 0) != (9, 0):
+    if not (is_cuda() and q.is_cuda) or _capability(q.device.index) != (9, 0):
         reason = "needs a CUDA device of compute capability 9.0 (Hopper)"
     else:
         reason = gluon_fwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D, g.kept, dot_precision)
