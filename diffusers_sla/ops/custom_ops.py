@@ -10,7 +10,6 @@ synchronisation.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import NamedTuple
 
@@ -23,8 +22,6 @@ from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
                          _top_blocks_kernel, is_cuda)
 
-
-logger = logging.getLogger(__name__)
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
 # wrote shows up in the result.

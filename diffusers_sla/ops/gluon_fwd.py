@@ -14,8 +14,9 @@ K/V tiles of the selected key blocks arrive through device-side tensor descripto
 shared-memory slots, each with an mbarrier per tile. A query block of 128 rows runs as two 64-row programs of one
 warpgroup each (4 warps): two such programs fit on an SM, so one's epilogue hides behind the other's loop.
 
-The epilogue (linear branch and `proj_l`, as in `_attn_fwd`) brings its D x D tiles (R in the input dtype, then
-W in float32 for a tf32 product) through the K/V ring, which is free by then: no shared memory of its own.
+The epilogue (linear branch and `proj_l`, as in `_attn_fwd`) loads its D x D tiles (R in the input dtype and W in
+float32 for a tf32 product, both at once) into the K/V ring, which is free by then: no shared memory of its own. The
+output tile leaves by TMA through q's shared memory.
 
 Only compiled on CUDA devices of compute capability 9.0; `custom_ops.sla_fwd` picks it there (`supports`), the
 portable `_attn_fwd` everywhere else and under the Triton interpreter, which does not run Gluon.
@@ -201,9 +202,6 @@ if GLUON_AVAILABLE:
         acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
 
         # -- epilogue: linear branch phi(q) R / (phi(q) . z + eps), proj_l in float32 (tf32 product), bias ----
-        ep_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        offs_k = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ep_layout))
-        d_ok = offs_k < HEAD_DIM
         if HAS_LINEAR:
             # R (input dtype) and W (float32) arrive by TMA into slots of the K/V ring, free now that every product
             # has completed (bar_q, its second phase)
@@ -246,9 +244,12 @@ if GLUON_AVAILABLE:
                                                                   instr_shape=[16, BLOCK_D, 8])
             acc = warpgroup_mma(ol_smem, w_smem.permute((1, 0)), gl.convert_layout(acc, proj_layout))
             acc = gl.convert_layout(acc, o_layout)
-            if STORE_BWD:
+            if STORE_BWD:  # den and o_l for the backward, through a coalesced layout
+                ep_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
                 rows_ep = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ep_layout))
+                offs_k = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ep_layout))
                 m_ok = rows_ep < N_CTX_Q
+                d_ok = offs_k < HEAD_DIM
                 row = off_hz.to(gl.int64) * N_CTX_Q + rows_ep
                 gl.store(Den + row, gl.convert_layout(den, gl.SliceLayout(1, ep_layout)), mask=m_ok)
                 o_l_ep = gl.convert_layout(o_l.to(dtype), ep_layout)
