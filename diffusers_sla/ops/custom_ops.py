@@ -313,20 +313,13 @@ def _sla_fwd(
         rb = q.new_empty(0)
         zb = zt.new_empty(0)
     if _forward_kernel(q, g, blkq, blkk, dot_precision) == "hopper":
-        rows, warps, stages = gluon_fwd.LAUNCH[blkk]
         # R tiles in the input dtype: "rest" R_i per query block; "all" the per-head totals, rounded as
         # `_attn_fwd` rounds them before its product
-        r_in, z_in, r_tiles = (rb, zb, B * H * n_qblk) if rest else (ht.to(q.dtype), zt, B * H)
+        r_in, z_in = (rb, zb) if rest else (ht.to(q.dtype), zt)
         if not _tma_addressable(o):  # the output leaves by TMA: q's layout when it can, else contiguous
             o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
-        gluon_fwd._attn_fwd_hopper[(n_qblk * (blkq // rows), B * H)](
-            qd, kd, vd, lut, o, lse, den, o_l, r_in, z_in, proj_weight, proj_bias,
-            *_strides(qd)[:3], *_strides(kd)[:3], *_strides(vd)[:3], *_strides(o)[:3],
-            scale, H, Lq, Lk, n_qblk, kept, r_tiles,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages,
-            REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
-            EPS=LINEAR_EPS, FOLD_SCALE=scale > 0, num_warps=warps,
-        )
+        gluon_fwd.launch(qd, kd, vd, lut, o, lse, den, o_l, r_in, z_in, proj_weight, proj_bias, scale, n_qblk, kept,
+                         block_d, blkq, blkk, rest, has_linear, FEATURE_MAPS[feature_map], store_bwd, LINEAR_EPS)
         return o, lse, den, o_l, rb, zb, ht, zt
     rows = _rows(blkq, "FWD", blkq)
     _attn_fwd[(n_qblk * (blkq // rows), B * H)](

@@ -10,9 +10,11 @@ core work never overlap (benchmarks/NOTES.md v6). Here the products are asynchro
     wait V[j]   -> issue acc += P[j] V[j]
     wait for both products; refill the ring slot of step j with the tiles of step j + STAGES (TMA)
 
-K/V tiles of the selected key blocks arrive through device-side tensor descriptors (TMA) into a ring of STAGES
-shared-memory slots, each with an mbarrier per tile. A query block of 128 rows runs as two 64-row programs of one
-warpgroup each (4 warps): two such programs fit on an SM, so one's epilogue hides behind the other's loop.
+K/V tiles of the selected key blocks arrive by TMA into a ring of STAGES shared-memory slots, each with an mbarrier
+per tile. Every tensor descriptor is built on the host (`launch`): 4-D (B, H, L, D) boxes for q, k, v and the
+output, so any layout with a unit inner stride (diffusers' (B, L, H, D) view included) needs no copy. A query
+block of 128 rows runs as two 64-row programs of one warpgroup each (4 warps): two such programs fit on an SM, so
+one's epilogue hides behind the other's loop.
 
 The epilogue (linear branch and `proj_l`, as in `_attn_fwd`) loads its D x D tiles (R in the input dtype and W in
 float32 for a tf32 product, both at once) into the K/V ring, which is free by then: no shared memory of its own. The
@@ -24,11 +26,14 @@ portable `_attn_fwd` everywhere else and under the Triton interpreter, which doe
 
 from __future__ import annotations
 
+import functools
+
 try:  # Gluon is experimental: a Triton without it (or with another API) keeps the portable kernel
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     GLUON_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -84,32 +89,35 @@ if GLUON_AVAILABLE:
         return phi
 
     @gluon.jit
-    def _issue_kv(desc_k, desc_v, LUT, step, KEPT, k_slot, v_slot, bar_k, bar_v, BLOCK_N: gl.constexpr,
-                  TILE_BYTES: gl.constexpr):
-        # TMA loads of the K and V tiles of LUT step `step` into one ring slot (nothing when step >= KEPT)
+    def _issue_kv(desc_k, desc_v, LUT, step, KEPT, off_z, off_h, k_slot, v_slot, bar_k, bar_v,
+                  BLOCK_N: gl.constexpr, TILE_BYTES: gl.constexpr):
+        # TMA loads of the K and V tiles of LUT step `step` into one ring slot (nothing when step >= KEPT); the
+        # descriptors are 4-D (B, H, L, D), the slots 2-D: each is viewed as the (1, 1, BLOCK_N, BLOCK_D) box
         ok = step < KEPT
         start_n = gl.load(LUT + step, mask=ok, other=0) * BLOCK_N
         mbarrier.expect(bar_k, TILE_BYTES, pred=ok)
-        tma.async_copy_global_to_shared(desc_k, [start_n, 0], bar_k, k_slot, pred=ok)
+        tma.async_copy_global_to_shared(desc_k, [off_z, off_h, start_n, 0], bar_k, _box(k_slot, desc_k), pred=ok)
         mbarrier.expect(bar_v, TILE_BYTES, pred=ok)
-        tma.async_copy_global_to_shared(desc_v, [start_n, 0], bar_v, v_slot, pred=ok)
+        tma.async_copy_global_to_shared(desc_v, [off_z, off_h, start_n, 0], bar_v, _box(v_slot, desc_v), pred=ok)
 
     @gluon.jit
-    def _attn_fwd_hopper(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, W, Bias,  #
-                         stride_qz, stride_qh, stride_qm,  #
-                         stride_kz, stride_kh, stride_kn,  #
-                         stride_vz, stride_vh, stride_vn,  #
-                         stride_oz, stride_oh, stride_om,  #
-                         sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT, R_TILES,  #
+    def _box(tile, desc):
+        # a 2-D shared-memory tile seen as the 4-D box of `desc` (leading unit dims: the same bytes and swizzle)
+        return tile._reinterpret(tile.dtype, desc.block_type.shape, desc.layout)
+
+    @gluon.jit
+    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, desc_r, desc_w, LUT, M, Den, OL, ZB, Bias,  #
+                         sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT,  #
                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
                          HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, STORE_BWD: gl.constexpr,
                          EPS: gl.constexpr, FOLD_SCALE: gl.constexpr,
                          num_warps: gl.constexpr):
-        # Arguments as `_attn_fwd` (inner strides of q, k, v, out are 1: `custom_ops._tma_ready`), except the linear
-        # state: RB holds R_TILES tiles (BLOCK_D x BLOCK_D, input dtype) and ZB the matching z vectors (float32),
-        # one per query block for "rest" (R_i, z_i), one per head for "all" (the totals H, Z).
-        dtype: gl.constexpr = Q.dtype.element_ty
+        # Arguments as `_attn_fwd`, except that q, k, v and out come as host-built 4-D (B, H, L, D) tensor
+        # descriptors (`launch`) and the linear state as desc_r, over BLOCK_D x BLOCK_D tiles in the input dtype, one
+        # per query block for "rest" (R_i), one per head for "all" (the total H), with ZB the matching z vectors
+        # (float32); desc_w is proj_l's float32 weight.
+        dtype: gl.constexpr = desc_q.dtype
         start_m = gl.program_id(0)
         off_hz = gl.program_id(1)
         off_z = off_hz // H
@@ -122,16 +130,6 @@ if GLUON_AVAILABLE:
                                                            instr_shape=[16, BLOCK_D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-
-        Q += off_z.to(gl.int64) * stride_qz + off_h.to(gl.int64) * stride_qh
-        K += off_z.to(gl.int64) * stride_kz + off_h.to(gl.int64) * stride_kh
-        V += off_z.to(gl.int64) * stride_vz + off_h.to(gl.int64) * stride_vh
-        desc_q = tma.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D], layout=tile_layout)
-        desc_k = tma.make_tensor_descriptor(K, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_kn, 1],
-                                            block_shape=[BLOCK_N, BLOCK_D], layout=tile_layout)
-        desc_v = tma.make_tensor_descriptor(V, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_vn, 1],
-                                            block_shape=[BLOCK_N, BLOCK_D], layout=tile_layout)
 
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
         # the ring: K tiles in slots 0..STAGES-1, V tiles in STAGES..2*STAGES-1; the epilogue reuses it
@@ -148,10 +146,10 @@ if GLUON_AVAILABLE:
         LUT += blk * KEPT
         TILE_BYTES: gl.constexpr = BLOCK_N * BLOCK_D * 2
         mbarrier.expect(bar_q, BLOCK_M * BLOCK_D * 2)
-        tma.async_copy_global_to_shared(desc_q, [start_m * BLOCK_M, 0], bar_q, q_smem)
+        tma.async_copy_global_to_shared(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
         for s in gl.static_range(STAGES):
-            _issue_kv(desc_k, desc_v, LUT, s, KEPT, kv_smem.index(s), kv_smem.index(STAGES + s), bar_k.index(s),
-                      bar_v.index(s), BLOCK_N, TILE_BYTES)
+            _issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
+                      bar_k.index(s), bar_v.index(s), BLOCK_N, TILE_BYTES)
 
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -195,8 +193,8 @@ if GLUON_AVAILABLE:
             start_n = next_n
             # every warp is done with this slot: refill it with the tiles of step j + STAGES
             gl.thread_barrier()
-            _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, kv_smem.index(slot), kv_smem.index(STAGES + slot),
-                      bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
+            _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
+                      kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
 
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bar_k.index(s))
@@ -223,10 +221,6 @@ if GLUON_AVAILABLE:
             w_smem = kv_smem.index(R_SLOTS)._reinterpret(gl.float32, [BLOCK_D, BLOCK_D], w_layout)
             ol_smem = kv_smem.index(O_AT)._reinterpret(gl.float32, [BLOCK_M, BLOCK_D], w_layout)
             r_row = blk if REST else off_hz.to(gl.int64)  # R_i of this query block, or the head's total
-            desc_r = tma.make_tensor_descriptor(RB, shape=[R_TILES * BLOCK_D, BLOCK_D], strides=[BLOCK_D, 1],
-                                                block_shape=[BLOCK_D, BLOCK_D], layout=tile_layout)
-            desc_w = tma.make_tensor_descriptor(W, shape=[HEAD_DIM, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                                block_shape=[BLOCK_D, BLOCK_D], layout=w_layout)
             gl.thread_barrier()
             mbarrier.expect(bar_q, BLOCK_D * BLOCK_D * 6)
             tma.async_copy_global_to_shared(desc_r, [(r_row * BLOCK_D).to(gl.int32), 0], bar_q, r_smem)
@@ -264,12 +258,44 @@ if GLUON_AVAILABLE:
         acc += gl.load(Bias + offs_do, mask=offs_do < HEAD_DIM, other=0.0)[None, :]
         # the output tile leaves through q's shared memory (no longer read) and TMA, which clips rows past N_CTX_Q
         # and columns past HEAD_DIM
-        Out += off_z.to(gl.int64) * stride_oz + off_h.to(gl.int64) * stride_oh
-        desc_o = tma.make_tensor_descriptor(Out, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_om, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D], layout=tile_layout)
         gl.thread_barrier()
         q_smem.store(acc.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(desc_o, [start_m * BLOCK_M, 0], q_smem)
+        tma.async_copy_shared_to_global(desc_o, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_o))
         tma.store_wait(0)
         mbarrier.invalidate(bar_q)
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_layout(element_bits: int, rank: int):
+    # built once: constructing a layout object costs more host time than the rest of a descriptor
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=element_bits, rank=rank)
+
+
+def _descriptor(x, box, element_bits: int = 16):
+    """A host-built TMA descriptor over all of x (4-D (B, H, L, D) or 2-D), in the 128-byte swizzle the kernel's
+    shared-memory tiles use. Built on the host once per call: descriptors built on the device cost each program
+    ~8% of its time in global-memory fences (ncu; the kernel 0.08 ms faster at the Wan shape, benchmarks/NOTES.md
+    v8), for ~0.1 ms more host time per call (less with the cached layouts)."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), list(box), _tile_layout(element_bits, len(box)))
+
+
+def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, scale: float, n_qblk: int, kept: int,
+           block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int, store_bwd: bool,
+           eps: float):
+    """Runs `_attn_fwd_hopper` (the caller checked `supports`). q, k, v, o: (B, H, L, D) with unit inner stride and
+    16-byte aligned rows (`custom_ops._tma_ready`); r_tiles: (n, block_d, block_d) in q's dtype, one tile per query
+    block ("rest") or per head ("all"), z the matching float32 vectors; other arguments as `_attn_fwd`."""
+    B, H, Lq, D = q.shape
+    rows, warps, stages = LAUNCH[blkk]
+    # (without a linear branch nothing reads R, but a descriptor needs a real tile)
+    r2d = r_tiles.reshape(-1, block_d) if has_linear else q.new_zeros(block_d, block_d)
+    _attn_fwd_hopper[(n_qblk * (blkq // rows), B * H)](
+        _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
+        _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
+        _descriptor(r2d, [block_d, block_d]), _descriptor(proj_weight, [block_d, block_d], 32),
+        lut, lse, den, o_l, z, proj_bias, scale, H, Lq, k.shape[2], n_qblk, kept,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
+        HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, STORE_BWD=store_bwd, EPS=eps, FOLD_SCALE=scale > 0,
+        num_warps=warps,
+    )
