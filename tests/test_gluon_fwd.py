@@ -43,14 +43,14 @@ def test_supports_the_wan_launch_and_names_what_it_cannot_run():
         assert reason is not None and re.search(message, reason), (change, reason)
 
 
-def _choose(monkeypatch, value, q, kept=1):
+def _choose(monkeypatch, value, q):
     from diffusers_sla.ops import custom_ops
 
     if value is None:
         monkeypatch.delenv("DIFFUSERS_SLA_FWD_KERNEL", raising=False)
     else:
         monkeypatch.setenv("DIFFUSERS_SLA_FWD_KERNEL", value)
-    lut = torch.zeros(1, 1, 2, kept, dtype=torch.int32, device=q.device)
+    lut = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=q.device)
     g = custom_ops._geometry(q, q, lut, 128, 64, "rest")
     return custom_ops._forward_kernel(q, g, 128, 64, "tf32")
 
@@ -63,19 +63,6 @@ def test_forward_kernel_knob_names_its_values_and_refuses_an_impossible_choice(m
         _choose(monkeypatch, "fast", q)
     with pytest.raises(ValueError, match="DIFFUSERS_SLA_FWD_KERNEL=hopper cannot run this call: needs a CUDA"):
         _choose(monkeypatch, "hopper", q)
-
-
-def test_auto_takes_the_hopper_kernel_only_for_short_loops(monkeypatch):
-    from diffusers_sla.ops import custom_ops, gluon_fwd
-
-    # as on a Hopper GPU that can run the call (the choice itself is host logic)
-    monkeypatch.setattr(custom_ops, "_hopper_unavailable", lambda *args: None)
-    q = torch.randn(1, 1, 256, 128, dtype=torch.bfloat16)
-    limit = gluon_fwd.AUTO_MAX_KEPT
-    assert _choose(monkeypatch, None, q, kept=limit) == "hopper"
-    assert _choose(monkeypatch, "auto", q, kept=limit + 1) == "portable"
-    assert _choose(monkeypatch, "hopper", q, kept=limit + 1) == "hopper"  # forced: runs where it can
-    assert _choose(monkeypatch, "portable", q, kept=1) == "portable"
 
 
 def _hopper_gpu() -> bool:

@@ -108,30 +108,25 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _hopper_unavailable(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str | None:
-    """Why the Hopper kernel cannot run this call, or None when it can."""
-    if not (is_cuda() and q.is_cuda) or _capability(q.device.index) != (9, 0):
-        return "needs a CUDA device of compute capability 9.0 (Hopper)"
-    return gluon_fwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D, g.kept, dot_precision)
-
-
 def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:
     """"hopper" (`gluon_fwd`, asynchronous tensor-core products) or "portable" (`triton_fwd._attn_fwd`).
-    `DIFFUSERS_SLA_FWD_KERNEL`: "auto" (default: hopper wherever it can run and is the faster one, i.e. up to
-    `gluon_fwd.AUTO_MAX_KEPT` selected blocks per query block), "portable", or "hopper" (an error where it cannot
-    run, with the reason). Both compute the same function; they differ only in rounding order (the GPU checks in
-    `benchmarks/kernel.py` compare them)."""
+    `DIFFUSERS_SLA_FWD_KERNEL`: "auto" (default: hopper wherever it can run), "portable", or "hopper" (an error
+    where it cannot run, with the reason). Both compute the same function; they differ only in rounding order (the
+    GPU checks in `benchmarks/kernel.py` compare them)."""
     choice = os.environ.get("DIFFUSERS_SLA_FWD_KERNEL", "auto")
     if choice not in FORWARD_KERNELS:
         raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL={choice!r}: allowed values are {FORWARD_KERNELS}")
     if choice == "portable":
         return "portable"
-    reason = _hopper_unavailable(q, g, blkq, blkk, dot_precision)
-    if choice == "hopper":
-        if reason is not None:
-            raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL=hopper cannot run this call: {reason}")
+    if not (is_cuda() and q.is_cuda) or _capability(q.device.index) != (9, 0):
+        reason = "needs a CUDA device of compute capability 9.0 (Hopper)"
+    else:
+        reason = gluon_fwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D, g.kept, dot_precision)
+    if reason is None:
         return "hopper"
-    return "hopper" if reason is None and g.kept <= gluon_fwd.AUTO_MAX_KEPT else "portable"
+    if choice == "hopper":
+        raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL=hopper cannot run this call: {reason}")
+    return "portable"
 
 
 def _proj_precision(dot_precision: str) -> str:

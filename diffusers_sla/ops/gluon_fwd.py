@@ -43,11 +43,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 # Launch shape by key-block size, measured on the H100 at the Wan shape (benchmarks/NOTES.md v7):
 # BLOCK_N -> (query rows per program, warps, pipeline stages).
 LAUNCH = {64: (64, 4, 3), 128: (128, 8, 3)}
-# "auto" (`custom_ops._forward_kernel`) takes this kernel up to this many selected key blocks per query block. Its
-# 64-row programs read each K/V tile once per 64 query rows, the portable kernel's once per 128: with long loops that
-# traffic wins over this kernel's overlap. H100, whole `sla_fwd`, hopper / portable time (benchmarks/NOTES.md v8):
-# 0.96-0.99 for 25-40 blocks, 1.03-1.04 for 46-76 blocks at L=32760.
-AUTO_MAX_KEPT = 40
 
 
 def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int, kept: int,
