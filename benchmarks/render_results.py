@@ -154,8 +154,9 @@ provider's.
 
 {targets}
 
-Below 16K tokens the operator is dominated by fixed launch costs and is slower than cuDNN (sweep in
-`benchmarks/RESULTS.md`).
+Below 16K tokens the operator is dominated by fixed host costs (Python glue and about a dozen launches per call)
+and is slower than cuDNN in eager mode (sweep in `benchmarks/RESULTS.md`); it can be captured in a CUDA graph
+(tested on the GPU), which removes those costs.
 """
     readme_path = ROOT / "README.md"
     readme = readme_path.read_text()
