@@ -282,6 +282,7 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
         f"{(custom_ops.fast_select_blocks(q, k, topk, blkq, blkk) != lut).float().mean().item():.2e}")
     n_k = -(-L // blkk)
     parts["selection: q pooling"] = bench_ms(lambda: custom_ops.block_means(q, blkq, center=False))
+    parts["selection: k mean (row sums)"] = bench_ms(lambda: custom_ops._row_sum_parts(k))
     parts["selection: k pooling"] = bench_ms(lambda: custom_ops.block_means(k, blkk, center=True))
     parts["linear totals H,Z"] = bench_ms(
         lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=scope == "rest"))

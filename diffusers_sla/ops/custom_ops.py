@@ -20,7 +20,7 @@ from . import gluon_fwd
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
-                         _top_blocks_kernel, is_cuda)
+                         _row_sums, _top_blocks_kernel, is_cuda)
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
@@ -40,6 +40,13 @@ _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 # `_proj_grad` programs (each sums dO^T o_l over a strided set of row tiles): one per SM of the H100. It was 33 before
 # v4, which took 0.31 ms at the Wan shape against 0.10 ms with 132 (NOTES.md).
 _PROJ_GRAD_TARGET = int(os.environ.get("DIFFUSERS_SLA_PROJ_GRAD_TARGET", "132"))
+# `_row_sums` (the key mean's first pass) launch shape, measured on the H100 at the Wan shape (NOTES.md, "Glue"):
+# programs aimed for (528: 43 row ranges per head, 50 us; 264: 60 us; 1056: 53 us, but the pooling then adds 86
+# parts per program: 151 us for the whole key pooling against 91), rows per tile, warps, stages (2-4: same time).
+_ROW_SUMS_TARGET = int(os.environ.get("DIFFUSERS_SLA_ROW_SUMS_TARGET", "528"))
+_ROW_SUMS_ROWS = 64
+_ROW_SUMS_WARPS = 4
+_ROW_SUMS_STAGES = 2
 
 
 def _rows(blkq: int, name: str, default: int) -> int:
@@ -223,16 +230,33 @@ def _rest_weights_pair(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype):
     return w, w32
 
 
+def _row_sum_parts(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """(B, H, L, D) -> (B*H, parts, BLOCK_D) float32 sums of x over consecutive ranges of `chunk` rows (`_row_sums`;
+    0: sized to fill the GPU): the key mean's first pass, whose few parts `_block_mean` adds in a fixed order."""
+    B, H, L, D = x.shape
+    block_d, rows = _block_d(D), _ROW_SUMS_ROWS
+    if not chunk:
+        tiles = max(1, num_blocks(L, rows))
+        chunk = num_blocks(tiles, _split(tiles, B * H, _ROW_SUMS_TARGET)) * rows
+    n_part = max(1, num_blocks(L, chunk))
+    parts = torch.empty(B * H, n_part, block_d, device=x.device, dtype=torch.float32)
+    _row_sums[(n_part, B * H)](x, parts, *_strides(x), H, L, chunk, n_part, HEAD_DIM=D, BLOCK_D=block_d,
+                               BLOCK_M=rows, num_warps=_ROW_SUMS_WARPS, num_stages=_ROW_SUMS_STAGES)
+    return parts
+
+
 def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
-    `selection.block_scores` centres keys), in one pass over x."""
+    `selection.block_scores` centres keys), in one pass over x (two with `center`: the mean's row sums first)."""
     B, H, L, D = x.shape
     n = num_blocks(L, block)
-    mu = x.mean(dim=2, dtype=torch.float32).to(x.dtype).contiguous() if center else x.new_empty(0)
+    parts = _row_sum_parts(x) if center else x.new_empty(0, dtype=torch.float32)
+    n_part = parts.shape[1] if center else 0
     out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
     # 2 warps: 49 us against 54 with 4 for the Wan shape's query pooling on the H100 (NOTES.md v5)
-    _block_mean[(n, B * H)](x, mu, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=block,
-                            CENTER=center, ROUND=round_to_input, num_warps=2, num_stages=1)
+    _block_mean[(n, B * H)](x, parts, out, *_strides(x), H, L, n, n_part, HEAD_DIM=D, BLOCK_D=_block_d(D),
+                            BLOCK=block, CENTER=center, ROUND=round_to_input,
+                            PART_P2=triton.next_power_of_2(max(1, n_part)), num_warps=2, num_stages=1)
     return out
 
 

@@ -70,13 +70,42 @@ def _feature_map_bwd(x, phi, dphi, FEATURE_MAP: tl.constexpr):
 
 
 @triton.jit
-def _block_mean(X, Mu, Out,  #
+def _row_sums(X, Parts,  #
+              stride_xz, stride_xh, stride_xm, stride_xk,  #
+              H, N_CTX, CHUNK, N_PART,  #
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # First pass of the key mean: the float32 sum of rows [part * CHUNK, (part + 1) * CHUNK) of one head, written to
+    # Parts (B*H, N_PART, BLOCK_D). Many programs, each streaming its rows, read x as fast as the pooling pass does
+    # (50 us at the Wan shape on the H100, 71 for a torch mean over dim 2; NOTES.md, "Glue"); `_block_mean` adds the
+    # parts in a fixed order.
+    part = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_D)
+    d_ok = offs_k < HEAD_DIM
+    X += off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh
+    end = tl.minimum(part * CHUNK + CHUNK, N_CTX)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for m0 in range(part * CHUNK, end, BLOCK_M):
+        rows = m0 + offs_m
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(rows < end)[:, None] & d_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)
+    tl.store(Parts + (off_hz.to(tl.int64) * N_PART + part) * BLOCK_D + offs_k, tl.sum(acc, 0))
+
+
+@triton.jit
+def _block_mean(X, Parts, Out,  #
                 stride_xz, stride_xh, stride_xm, stride_xk,  #
-                H, N_CTX, N_BLK,  #
+                H, N_CTX, N_BLK, N_PART,  #
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr,
-                ROUND: tl.constexpr):
+                ROUND: tl.constexpr, PART_P2: tl.constexpr):
     # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
+    # CENTER: mean = (sum of the N_PART row sums of `_row_sums`, in a fixed order) / N_CTX, rounded to x's dtype; each
+    # program adds the few parts itself, so the key mean needs no launch of its own.
     blk = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -89,7 +118,10 @@ def _block_mean(X, Mu, Out,  #
                 offs_k[None, :] * stride_xk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     xf = x.to(tl.float32)
     if CENTER:
-        mu = tl.load(Mu + off_hz.to(tl.int64) * HEAD_DIM + offs_k, mask=d_ok, other=0.0).to(tl.float32)
+        offs_p = tl.arange(0, PART_P2)
+        parts = tl.load(Parts + (off_hz.to(tl.int64) * N_PART + offs_p[:, None]) * BLOCK_D + offs_k[None, :],
+                        mask=(offs_p < N_PART)[:, None] & d_ok[None, :], other=0.0)
+        mu = (tl.sum(parts, 0) / N_CTX).to(X.dtype.element_ty).to(tl.float32)
         xf = tl.where(m_ok[:, None], (xf - mu[None, :]).to(x.dtype).to(tl.float32), 0.0)
     count = tl.minimum(N_CTX - blk * BLOCK, BLOCK).to(tl.float32)
     mean = tl.sum(xf, 0) / count
