@@ -311,13 +311,40 @@ GLUE_SCRIPT = textwrap.dedent('''
         assert torch.equal(custom_ops._fast_select_blocks(q, k, topk, blkq, blkk),
                            select_blocks(q, k, topk, blkq, blkk)), (Lq, Lk, dtype)
 
+    # scope "rest": z_i = Z - the selected z_j against the float32 0/1 product over the unselected z_j
+    for B, H, Lq, Lk, D, blkq, blkk, topk, fm, dtype in ((1, 1, 200, 300, 24, 32, 32, 0.3, "softmax", torch.float32),
+                                                         (1, 2, 96, 160, 32, 32, 32, 0.25, "elu", torch.float16),
+                                                         (2, 1, 64, 1100, 16, 64, 16, 0.6, "relu", torch.float32)):
+        q, k, v = make(B, H, Lq, D, dtype, False), make(B, H, Lk, D, dtype, True), make(B, H, Lk, D, dtype, False)
+        lut = select_blocks(q, k, topk, blkq, blkk)
+        n_k, block_d = num_blocks(Lk, blkk), custom_ops._block_d(D)
+        _, z_parts, _, zkb = custom_ops._linear_totals(k, v, blkk, block_d, fm, "ieee", store_blocks=True)
+        assert z_parts.shape[0] == B * H and torch.allclose(z_parts.sum(1).view(B, H, -1), zkb.sum(2), rtol=1e-5)
+        w, zi = custom_ops._rest_weights(lut, n_k, dtype, zkb, z_parts)
+        w_bwd, w32 = custom_ops._rest_weights(lut, n_k, dtype)
+        expected = torch.matmul(w32, zkb)
+        assert torch.equal(w, w_bwd) and torch.equal(w.float(), w32) and zi.shape == expected.shape
+        assert ((zi - expected).norm() / expected.norm()).item() < 1e-5, fm
+        assert not zi[..., D:].any()
+    # many splits and more selected blocks than one gather step (synthetic positive states)
+    B, H, n_q, n_k, kept, block_d, n_split = 1, 2, 5, 90, 70, 32, 37
+    lut = torch.stack([torch.randperm(n_k, generator=g)[:kept].sort().values for _ in range(B * H * n_q)])
+    lut = lut.view(B, H, n_q, kept).to(device, torch.int32)
+    zkb = torch.rand(B, H, n_k, block_d, generator=g).to(device)
+    z_parts = torch.rand(B * H, n_split, block_d, generator=g).to(device)
+    w, zi = custom_ops._rest_weights(lut, n_k, torch.float32, zkb, z_parts)
+    selected = torch.gather(zkb, 2, lut.long()[..., None].expand(-1, -1, -1, -1, block_d).flatten(2, 3))
+    expected = z_parts.sum(1).view(B, H, 1, block_d) - selected.view(B, H, n_q, kept, block_d).sum(3)
+    assert torch.allclose(zi, expected, rtol=1e-5, atol=1e-5), (zi - expected).abs().max()
+    assert int(w.sum()) == B * H * n_q * (n_k - kept)
     print("GLUE_OK")
 ''')
 
 
 def test_selection_and_rest_state_glue_kernels():
     """The key mean's row sums and the centred pooling that adds them (against the torch statement of
-    `selection.block_scores`; the fused selection's LUT equal to `select_blocks`)."""
+    `selection.block_scores`; the fused selection's LUT equal to `select_blocks`), and scope "rest"'s z_i formed as
+    Z minus the selected z_j (against the float32 0/1 product it replaces)."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         usable, reason = _triton_usable_on_cpu()

@@ -190,8 +190,9 @@ def _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):
 
 def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=False):
     """Without `store_blocks` (scope "all"): per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and
-    Z = sum phi(k) (B, H, BLOCK_D), float32. With `store_blocks` ("rest", where the totals are not used): each key
-    block's h_j (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D) float32, and empty totals.
+    Z = sum phi(k) (B, H, BLOCK_D), float32. With `store_blocks` ("rest", where H is not used): each key block's h_j
+    (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D) float32, an empty H, and in place of Z its
+    float32 partial sums, one per split of the key blocks (B*H, splits, BLOCK_D), which `_rest_weights` adds.
     -> H, Z, h_j, z_j."""
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
@@ -199,14 +200,14 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     kd, vd = _tma_ready(k), _tma_ready(v)
     if store_blocks:
         split = _split(n_kblk, B * H, _BLOCKS_TARGET)
-        hs, zs = k.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
+        hs = k.new_empty(0, dtype=torch.float32)
         hb = _empty(B, H, n_kblk, block_d, block_d, device=k.device, dtype=k.dtype)
         zb = _empty(B, H, n_kblk, block_d, device=k.device, dtype=torch.float32)
     else:
         split = _split(n_kblk, B * H, _TOTALS_TARGET)
         hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
-        zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
         hb, zb = k.new_empty(0), k.new_empty(0, dtype=torch.float32)
+    zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
     _linear_state[(split, B * H)](
         kd, vd, hb, zb, hs, zs, *_strides(kd), *_strides(vd), H, Lk, n_kblk, split, B * H * n_kblk * block_d,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
@@ -218,16 +219,29 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d), hb, zb
 
 
-def _rest_weights_pair(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype):
+def _rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype, z_blocks: torch.Tensor | None = None,
+                  z_parts: torch.Tensor | None = None):
     """The (B, H, n_q, n_k) 0/1 matrix that is 1 where key block j feeds query block i's linear branch ("rest": not
-    selected), in `dtype` and in float32, built in one launch."""
+    selected), in `dtype`, and in the same launch either the matrix in float32 (backward: dz_j = W^T dz_i) or, given
+    the per-key-block z_j (B, H, n_k, BLOCK_D) and Z's per-split partials from `_linear_totals(store_blocks=True)`,
+    z_i = Z - the z_j query block i selected (forward), (B, H, n_q, BLOCK_D) float32. -> (W, W32 or z_i)."""
     B, H, n_qblk, kept = lut.shape
     w = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=dtype)
-    w32 = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=torch.float32)
+    z_rest = z_blocks is not None
+    if z_rest:
+        block_d, n_split = z_blocks.shape[-1], z_parts.shape[1]
+        second = _empty(B, H, n_qblk, block_d, device=lut.device, dtype=torch.float32)
+        w32 = w.new_empty(0, dtype=torch.float32)
+        zb, zs, zi = z_blocks, z_parts, second
+    else:
+        block_d, n_split = 16, 0
+        second = w32 = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=torch.float32)
+        zb = zs = zi = w32.new_empty(0)
     lut = lut.contiguous()
-    _rest_weights_kernel[(n_qblk, B * H)](lut, w, w32, n_qblk, n_kblk, kept,
-                                          KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, num_warps=4)
-    return w, w32
+    _rest_weights_kernel[(n_qblk, B * H)](lut, w, w32, zb, zs, zi, n_qblk, n_kblk, kept, n_split,
+                                          KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, BLOCK_D=block_d,
+                                          BLOCK_E=32, STORE_W32=not z_rest, Z_REST=z_rest, num_warps=4)
+    return w, second
 
 
 def _row_sum_parts(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
@@ -318,16 +332,19 @@ def _sla_fwd(
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, block_d, feature_map, dot_precision,
                                      store_blocks=rest and has_linear)
+    if rest and has_linear:  # zt holds Z's per-split partials, read by `_rest_weights` only
+        z_parts, zt = zt, zt.new_empty(0)
     o = _empty_like_input(q)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
     s_den, s_ol, s_rb, _ = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
     den = _empty(s_den, device=q.device, dtype=torch.float32)
     o_l = _empty(s_ol, device=q.device, dtype=q.dtype)
     if rest and has_linear:
-        # R_i = sum of h_j and z_i of z_j over the key blocks query block i did not select: 0/1 matrix products
-        weights, weights32 = _rest_weights_pair(lut, n_kblk, q.dtype)
+        # R_i = sum of h_j over the key blocks query block i did not select, a 0/1 matrix product; z_i = Z - the
+        # selected z_j, formed in the matrix's launch (H100, Wan shape: 26-28 us for both against 16 + 28 us for the
+        # matrices and the float32 product; NOTES.md, "Glue")
+        weights, zb = _rest_weights(lut, n_kblk, q.dtype, zkb, z_parts)
         rb = torch.matmul(weights, hb.view(B, H, n_kblk, block_d * block_d)).view(s_rb)
-        zb = torch.matmul(weights32, zkb)
     else:
         rb = q.new_empty(0)
         zb = zt.new_empty(0)
@@ -433,8 +450,11 @@ def _sla_bwd(
         )
         dw = dwp.sum(0)[:D, :D].contiguous()
         db = dbp.sum(0)[:D].contiguous()
-        if rest:  # dh_j = sum of dR_i, dz_j of dz_i over the query blocks i that did not select key block j
-            weights, weights32 = _rest_weights_pair(lut, n_kblk, q.dtype)
+        # dh_j = sum of dR_i, dz_j of dz_i over the query blocks i that did not select key block j: 0/1 products.
+        # dz_j stays a float32 product (not DZ minus the selecting dz_i, as the forward forms z_i): the dz_i have
+        # both signs, and the product costs ~1% of the backward.
+        if rest:
+            weights, weights32 = _rest_weights(lut, n_kblk, q.dtype)
             dhb = torch.matmul(weights.transpose(-1, -2), drb.view(B, H, n_qblk, block_d * block_d))
             dzbk = torch.matmul(weights32.transpose(-1, -2), dzb)
             dht, dzt = ht, zt  # unused
