@@ -282,18 +282,20 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
         f"{(custom_ops.fast_select_blocks(q, k, topk, blkq, blkk) != lut).float().mean().item():.2e}")
     n_k = -(-L // blkk)
     parts["selection: q pooling"] = bench_ms(lambda: custom_ops.block_means(q, blkq, center=False))
+    parts["selection: k mean (row sums)"] = bench_ms(lambda: custom_ops._row_sum_parts(k))
     parts["selection: k pooling"] = bench_ms(lambda: custom_ops.block_means(k, blkk, center=True))
     parts["linear totals H,Z"] = bench_ms(
         lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=scope == "rest"))
     if scope == "rest":
-        _, _, hb, zkb = custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=True)
+        _, z_parts, hb, zkb = custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=True)
+        parts["rest weights, z_i (gather)"] = bench_ms(
+            lambda: custom_ops._rest_weights(lut, n_k, q.dtype, zkb, z_parts))
 
         def rest_state():
-            weights, weights32 = custom_ops._rest_weights_pair(lut, n_k, q.dtype)
+            weights, _ = custom_ops._rest_weights(lut, n_k, q.dtype, zkb, z_parts)
             torch.matmul(weights, hb.view(B, H, n_k, -1))
-            torch.matmul(weights32, zkb)
-        parts["R_i, z_i (0/1 products)"] = bench_ms(rest_state)
-        del hb, zkb
+        parts["R_i, z_i (0/1 product)"] = bench_ms(rest_state)
+        del hb, zkb, z_parts
     parts["sla_fwd (inference)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
     with forward_kernel("portable"):

@@ -258,6 +258,104 @@ def test_selection_kernels_match_selection_module():
     assert proc.returncode == 0 and "TOP_BLOCKS_OK" in proc.stdout, proc.stderr[-3000:]
 
 
+GLUE_SCRIPT = textwrap.dedent('''
+    import functools
+    import torch
+    from diffusers_sla.ops import custom_ops
+    from diffusers_sla.ops.selection import mean_pool_blocks, num_blocks, select_blocks
+
+    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def make(B, H, L, D, dtype, strided):  # an offset, so that a wrong key mean shows in the pooled keys
+        if strided:  # diffusers' (B, L, H, D) viewed as (B, H, L, D)
+            return (torch.randn(B, L, H, D, generator=g) + 0.5).to(device, dtype).transpose(1, 2)
+        return (torch.randn(B, H, L, D, generator=g) + 0.5).to(device, dtype)
+
+    # key mean: row sums over ranges of rows (partial last range, ranges that are not whole tiles, strided input)
+    for B, H, L, D, dtype, strided in ((1, 2, 300, 32, torch.float32, False), (2, 1, 130, 24, torch.float16, True),
+                                       (1, 3, 1, 16, torch.float32, True)):
+        x = make(B, H, L, D, dtype, strided)
+        for chunk in (0, 1, 48, 64, 100, 1000):
+            parts = custom_ops._row_sum_parts(x, chunk)
+            expected = x.float().sum(2).reshape(B * H, D)
+            assert parts.shape[1] == (num_blocks(L, chunk) if chunk else parts.shape[1]), (chunk, parts.shape)
+            assert torch.allclose(parts.sum(1)[:, :D], expected, rtol=1e-5, atol=1e-4), (chunk, L)
+            assert not parts[:, :, D:].any()  # padded head-dim columns stay 0
+
+    # centred key pooling against the torch statement of `selection.block_scores`, with the few parts of the default
+    # launch and with many (a partial last one, a non-power-of-two count)
+    default_parts = custom_ops._row_sum_parts
+    for chunk in (0, 48):
+        custom_ops._row_sum_parts = functools.partial(default_parts, chunk=chunk) if chunk else default_parts
+        for B, H, L, D, blk, dtype, strided in ((1, 1, 300, 32, 64, torch.float32, False),
+                                                (1, 2, 200, 24, 32, torch.float16, True),
+                                                (2, 1, 130, 16, 64, torch.float16, False)):
+            x = make(B, H, L, D, dtype, strided)
+            mu = x.mean(dim=2, keepdim=True, dtype=torch.float32).to(dtype)
+            expected = mean_pool_blocks((x - mu).to(dtype), blk)
+            rounded = dtype != torch.float32
+            out = custom_ops.block_means(x, blk, center=True, round_to_input=rounded)
+            if rounded:
+                expected = expected.to(dtype).float()
+            # one unit in the last place at most (the float32 sums run in another order)
+            assert torch.allclose(out, expected, rtol=1e-3 if rounded else 1e-6, atol=1e-3 if rounded else 1e-6), \
+                (chunk, L, dtype, (out - expected).abs().max())
+    custom_ops._row_sum_parts = default_parts
+
+    # the fused selection: the same LUT as `selection.select_blocks` (Lq != Lk, partial blocks, strided, fp16)
+    for Lq, Lk, D, blkq, blkk, topk, dtype, strided in ((300, 450, 32, 64, 32, 0.3, torch.float32, False),
+                                                        (200, 130, 24, 32, 64, 0.5, torch.float16, True),
+                                                        (128, 1000, 16, 128, 32, 0.1, torch.float16, False)):
+        q, k = make(2, 2, Lq, D, dtype, strided), make(2, 2, Lk, D, dtype, strided)
+        assert torch.equal(custom_ops._fast_select_blocks(q, k, topk, blkq, blkk),
+                           select_blocks(q, k, topk, blkq, blkk)), (Lq, Lk, dtype)
+
+    # scope "rest": z_i = Z - the selected z_j against the float32 0/1 product over the unselected z_j
+    for B, H, Lq, Lk, D, blkq, blkk, topk, fm, dtype in ((1, 1, 200, 300, 24, 32, 32, 0.3, "softmax", torch.float32),
+                                                         (1, 2, 96, 160, 32, 32, 32, 0.25, "elu", torch.float16),
+                                                         (2, 1, 64, 1100, 16, 64, 16, 0.6, "relu", torch.float32)):
+        q, k, v = make(B, H, Lq, D, dtype, False), make(B, H, Lk, D, dtype, True), make(B, H, Lk, D, dtype, False)
+        lut = select_blocks(q, k, topk, blkq, blkk)
+        n_k, block_d = num_blocks(Lk, blkk), custom_ops._block_d(D)
+        _, z_parts, _, zkb = custom_ops._linear_totals(k, v, blkk, block_d, fm, "ieee", store_blocks=True)
+        assert z_parts.shape[0] == B * H and torch.allclose(z_parts.sum(1).view(B, H, -1), zkb.sum(2), rtol=1e-5)
+        w, zi = custom_ops._rest_weights(lut, n_k, dtype, zkb, z_parts)
+        w_bwd, w32 = custom_ops._rest_weights(lut, n_k, dtype)
+        expected = torch.matmul(w32, zkb)
+        assert torch.equal(w, w_bwd) and torch.equal(w.float(), w32) and zi.shape == expected.shape
+        assert ((zi - expected).norm() / expected.norm()).item() < 1e-5, fm
+        assert not zi[..., D:].any()
+    # many splits and more selected blocks than one gather step (synthetic positive states)
+    B, H, n_q, n_k, kept, block_d, n_split = 1, 2, 5, 90, 70, 32, 37
+    lut = torch.stack([torch.randperm(n_k, generator=g)[:kept].sort().values for _ in range(B * H * n_q)])
+    lut = lut.view(B, H, n_q, kept).to(device, torch.int32)
+    zkb = torch.rand(B, H, n_k, block_d, generator=g).to(device)
+    z_parts = torch.rand(B * H, n_split, block_d, generator=g).to(device)
+    w, zi = custom_ops._rest_weights(lut, n_k, torch.float32, zkb, z_parts)
+    selected = torch.gather(zkb, 2, lut.long()[..., None].expand(-1, -1, -1, -1, block_d).flatten(2, 3))
+    expected = z_parts.sum(1).view(B, H, 1, block_d) - selected.view(B, H, n_q, kept, block_d).sum(3)
+    assert torch.allclose(zi, expected, rtol=1e-5, atol=1e-5), (zi - expected).abs().max()
+    assert int(w.sum()) == B * H * n_q * (n_k - kept)
+    print("GLUE_OK")
+''')
+
+
+def test_selection_and_rest_state_glue_kernels():
+    """The key mean's row sums and the centred pooling that adds them (against the torch statement of
+    `selection.block_scores`; the fused selection's LUT equal to `select_blocks`), and scope "rest"'s z_i formed as
+    Z minus the selected z_j (against the float32 0/1 product it replaces)."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        usable, reason = _triton_usable_on_cpu()
+        if not usable:
+            pytest.skip(f"neither CUDA nor the Triton interpreter is usable: {reason}")
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", GLUE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "GLUE_OK" in proc.stdout, proc.stderr[-3000:]
+
+
 # ----- pieces that need no kernel ------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from . import gluon_fwd
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
-                         _top_blocks_kernel, is_cuda)
+                         _row_sums, _top_blocks_kernel, is_cuda)
 
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
@@ -40,6 +40,13 @@ _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 # `_proj_grad` programs (each sums dO^T o_l over a strided set of row tiles): one per SM of the H100. It was 33 before
 # v4, which took 0.31 ms at the Wan shape against 0.10 ms with 132 (NOTES.md).
 _PROJ_GRAD_TARGET = int(os.environ.get("DIFFUSERS_SLA_PROJ_GRAD_TARGET", "132"))
+# `_row_sums` (the key mean's first pass) launch shape, measured on the H100 at the Wan shape (NOTES.md, "Glue"):
+# programs aimed for (528: 43 row ranges per head, 50 us; 264: 60 us; 1056: 53 us, but the pooling then adds 86
+# parts per program: 151 us for the whole key pooling against 91), rows per tile, warps, stages (2-4: same time).
+_ROW_SUMS_TARGET = int(os.environ.get("DIFFUSERS_SLA_ROW_SUMS_TARGET", "528"))
+_ROW_SUMS_ROWS = 64
+_ROW_SUMS_WARPS = 4
+_ROW_SUMS_STAGES = 2
 
 
 def _rows(blkq: int, name: str, default: int) -> int:
@@ -183,8 +190,9 @@ def _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):
 
 def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=False):
     """Without `store_blocks` (scope "all"): per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and
-    Z = sum phi(k) (B, H, BLOCK_D), float32. With `store_blocks` ("rest", where the totals are not used): each key
-    block's h_j (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D) float32, and empty totals.
+    Z = sum phi(k) (B, H, BLOCK_D), float32. With `store_blocks` ("rest", where H is not used): each key block's h_j
+    (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D) float32, an empty H, and in place of Z its
+    float32 partial sums, one per split of the key blocks (B*H, splits, BLOCK_D), which `_rest_weights` adds.
     -> H, Z, h_j, z_j."""
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
@@ -192,14 +200,14 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     kd, vd = _tma_ready(k), _tma_ready(v)
     if store_blocks:
         split = _split(n_kblk, B * H, _BLOCKS_TARGET)
-        hs, zs = k.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
+        hs = k.new_empty(0, dtype=torch.float32)
         hb = _empty(B, H, n_kblk, block_d, block_d, device=k.device, dtype=k.dtype)
         zb = _empty(B, H, n_kblk, block_d, device=k.device, dtype=torch.float32)
     else:
         split = _split(n_kblk, B * H, _TOTALS_TARGET)
         hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
-        zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
         hb, zb = k.new_empty(0), k.new_empty(0, dtype=torch.float32)
+    zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
     _linear_state[(split, B * H)](
         kd, vd, hb, zb, hs, zs, *_strides(kd), *_strides(vd), H, Lk, n_kblk, split, B * H * n_kblk * block_d,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
@@ -211,28 +219,58 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     return hs.sum(1).view(B, H, block_d, block_d), zs.sum(1).view(B, H, block_d), hb, zb
 
 
-def _rest_weights_pair(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype):
+def _rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype, z_blocks: torch.Tensor | None = None,
+                  z_parts: torch.Tensor | None = None):
     """The (B, H, n_q, n_k) 0/1 matrix that is 1 where key block j feeds query block i's linear branch ("rest": not
-    selected), in `dtype` and in float32, built in one launch."""
+    selected), in `dtype`, and in the same launch either the matrix in float32 (backward: dz_j = W^T dz_i) or, given
+    the per-key-block z_j (B, H, n_k, BLOCK_D) and Z's per-split partials from `_linear_totals(store_blocks=True)`,
+    z_i = Z - the z_j query block i selected (forward), (B, H, n_q, BLOCK_D) float32. -> (W, W32 or z_i)."""
     B, H, n_qblk, kept = lut.shape
     w = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=dtype)
-    w32 = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=torch.float32)
+    z_rest = z_blocks is not None
+    if z_rest:
+        block_d, n_split = z_blocks.shape[-1], z_parts.shape[1]
+        second = _empty(B, H, n_qblk, block_d, device=lut.device, dtype=torch.float32)
+        w32 = w.new_empty(0, dtype=torch.float32)
+        zb, zs, zi = z_blocks, z_parts, second
+    else:
+        block_d, n_split = 16, 0
+        second = w32 = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=torch.float32)
+        zb = zs = zi = w32.new_empty(0)
     lut = lut.contiguous()
-    _rest_weights_kernel[(n_qblk, B * H)](lut, w, w32, n_qblk, n_kblk, kept,
-                                          KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, num_warps=4)
-    return w, w32
+    _rest_weights_kernel[(n_qblk, B * H)](lut, w, w32, zb, zs, zi, n_qblk, n_kblk, kept, n_split,
+                                          KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, BLOCK_D=block_d,
+                                          BLOCK_E=32, STORE_W32=not z_rest, Z_REST=z_rest, num_warps=4)
+    return w, second
+
+
+def _row_sum_parts(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """(B, H, L, D) -> (B*H, parts, BLOCK_D) float32 sums of x over consecutive ranges of `chunk` rows (`_row_sums`;
+    0: sized to fill the GPU): the key mean's first pass, whose few parts `_block_mean` adds in a fixed order."""
+    B, H, L, D = x.shape
+    block_d, rows = _block_d(D), _ROW_SUMS_ROWS
+    if not chunk:
+        tiles = max(1, num_blocks(L, rows))
+        chunk = num_blocks(tiles, _split(tiles, B * H, _ROW_SUMS_TARGET)) * rows
+    n_part = max(1, num_blocks(L, chunk))
+    parts = torch.empty(B * H, n_part, block_d, device=x.device, dtype=torch.float32)
+    _row_sums[(n_part, B * H)](x, parts, *_strides(x), H, L, chunk, n_part, HEAD_DIM=D, BLOCK_D=block_d,
+                               BLOCK_M=rows, num_warps=_ROW_SUMS_WARPS, num_stages=_ROW_SUMS_STAGES)
+    return parts
 
 
 def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
-    `selection.block_scores` centres keys), in one pass over x."""
+    `selection.block_scores` centres keys), in one pass over x (two with `center`: the mean's row sums first)."""
     B, H, L, D = x.shape
     n = num_blocks(L, block)
-    mu = x.mean(dim=2, dtype=torch.float32).to(x.dtype).contiguous() if center else x.new_empty(0)
+    parts = _row_sum_parts(x) if center else x.new_empty(0, dtype=torch.float32)
+    n_part = parts.shape[1] if center else 0
     out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
     # 2 warps: 49 us against 54 with 4 for the Wan shape's query pooling on the H100 (NOTES.md v5)
-    _block_mean[(n, B * H)](x, mu, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK=block,
-                            CENTER=center, ROUND=round_to_input, num_warps=2, num_stages=1)
+    _block_mean[(n, B * H)](x, parts, out, *_strides(x), H, L, n, n_part, HEAD_DIM=D, BLOCK_D=_block_d(D),
+                            BLOCK=block, CENTER=center, ROUND=round_to_input,
+                            PART_P2=triton.next_power_of_2(max(1, n_part)), num_warps=2, num_stages=1)
     return out
 
 
@@ -294,16 +332,19 @@ def _sla_fwd(
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, block_d, feature_map, dot_precision,
                                      store_blocks=rest and has_linear)
+    if rest and has_linear:  # zt holds Z's per-split partials, read by `_rest_weights` only
+        z_parts, zt = zt, zt.new_empty(0)
     o = _empty_like_input(q)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
     s_den, s_ol, s_rb, _ = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
     den = _empty(s_den, device=q.device, dtype=torch.float32)
     o_l = _empty(s_ol, device=q.device, dtype=q.dtype)
     if rest and has_linear:
-        # R_i = sum of h_j and z_i of z_j over the key blocks query block i did not select: 0/1 matrix products
-        weights, weights32 = _rest_weights_pair(lut, n_kblk, q.dtype)
+        # R_i = sum of h_j over the key blocks query block i did not select, a 0/1 matrix product; z_i = Z - the
+        # selected z_j, formed in the matrix's launch (H100, Wan shape: 26-28 us for both against 16 + 28 us for the
+        # matrices and the float32 product; NOTES.md, "Glue")
+        weights, zb = _rest_weights(lut, n_kblk, q.dtype, zkb, z_parts)
         rb = torch.matmul(weights, hb.view(B, H, n_kblk, block_d * block_d)).view(s_rb)
-        zb = torch.matmul(weights32, zkb)
     else:
         rb = q.new_empty(0)
         zb = zt.new_empty(0)
@@ -402,8 +443,11 @@ def _sla_bwd(
         )
         dw = dwp.sum(0)[:D, :D].contiguous()
         db = dbp.sum(0)[:D].contiguous()
-        if rest:  # dh_j = sum of dR_i, dz_j of dz_i over the query blocks i that did not select key block j
-            weights, weights32 = _rest_weights_pair(lut, n_kblk, q.dtype)
+        # dh_j = sum of dR_i, dz_j of dz_i over the query blocks i that did not select key block j: 0/1 products.
+        # dz_j stays a float32 product (not DZ minus the selecting dz_i, as the forward forms z_i): the dz_i have
+        # both signs, and the product costs ~1% of the backward.
+        if rest:
+            weights, weights32 = _rest_weights(lut, n_kblk, q.dtype)
             dhb = torch.matmul(weights.transpose(-1, -2), drb.view(B, H, n_qblk, block_d * block_d))
             dzbk = torch.matmul(weights32.transpose(-1, -2), dzb)
             dht, dzt = ht, zt  # unused

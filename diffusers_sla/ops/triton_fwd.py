@@ -9,8 +9,8 @@ One program per (query block, batch*head) runs flash attention over its selected
 through tensor descriptors (TMA on Hopper), and applies the linear branch and `proj_l` in its epilogue:
 phi(q) R_i / (phi(q) . z_i + eps). For scope "all", R_i, z_i are the per-head totals H = sum_j phi(k_j)^T v_j and
 Z = sum_j phi(k_j) (`_linear_state`); for "rest" they are sums of the per-key-block h_j, z_j over the blocks the query
-block did not select, formed before the launch as 0/1 matrix products (`custom_ops.sla_fwd`), so that the attention
-loop holds no D x D state.
+block did not select, formed before the launch (`custom_ops.sla_fwd`: R_i as a 0/1 matrix product, z_i as Z minus the
+selected z_j), so that the attention loop holds no D x D state.
 
 Feature maps are constexpr ids: 0 = softmax over head_dim, 1 = elu + 1, 2 = relu. Head dims that are not a power of
 two run in a padded BLOCK_D with masked columns (padded columns are 0 after every feature map).
@@ -70,13 +70,42 @@ def _feature_map_bwd(x, phi, dphi, FEATURE_MAP: tl.constexpr):
 
 
 @triton.jit
-def _block_mean(X, Mu, Out,  #
+def _row_sums(X, Parts,  #
+              stride_xz, stride_xh, stride_xm, stride_xk,  #
+              H, N_CTX, CHUNK, N_PART,  #
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # First pass of the key mean: the float32 sum of rows [part * CHUNK, (part + 1) * CHUNK) of one head, written to
+    # Parts (B*H, N_PART, BLOCK_D). Many programs, each streaming its rows, read x as fast as the pooling pass does
+    # (50 us at the Wan shape on the H100, 71 for a torch mean over dim 2; NOTES.md, "Glue"); `_block_mean` adds the
+    # parts in a fixed order.
+    part = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_z = off_hz // H
+    off_h = off_hz % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_D)
+    d_ok = offs_k < HEAD_DIM
+    X += off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh
+    end = tl.minimum(part * CHUNK + CHUNK, N_CTX)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for m0 in range(part * CHUNK, end, BLOCK_M):
+        rows = m0 + offs_m
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(rows < end)[:, None] & d_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)
+    tl.store(Parts + (off_hz.to(tl.int64) * N_PART + part) * BLOCK_D + offs_k, tl.sum(acc, 0))
+
+
+@triton.jit
+def _block_mean(X, Parts, Out,  #
                 stride_xz, stride_xh, stride_xm, stride_xk,  #
-                H, N_CTX, N_BLK,  #
+                H, N_CTX, N_BLK, N_PART,  #
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr,
-                ROUND: tl.constexpr):
+                ROUND: tl.constexpr, PART_P2: tl.constexpr):
     # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
+    # CENTER: mean = (sum of the N_PART row sums of `_row_sums`, in a fixed order) / N_CTX, rounded to x's dtype; each
+    # program adds the few parts itself, so the key mean needs no launch of its own.
     blk = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -89,7 +118,10 @@ def _block_mean(X, Mu, Out,  #
                 offs_k[None, :] * stride_xk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     xf = x.to(tl.float32)
     if CENTER:
-        mu = tl.load(Mu + off_hz.to(tl.int64) * HEAD_DIM + offs_k, mask=d_ok, other=0.0).to(tl.float32)
+        offs_p = tl.arange(0, PART_P2)
+        parts = tl.load(Parts + (off_hz.to(tl.int64) * N_PART + offs_p[:, None]) * BLOCK_D + offs_k[None, :],
+                        mask=(offs_p < N_PART)[:, None] & d_ok[None, :], other=0.0)
+        mu = (tl.sum(parts, 0) / N_CTX).to(X.dtype.element_ty).to(tl.float32)
         xf = tl.where(m_ok[:, None], (xf - mu[None, :]).to(x.dtype).to(tl.float32), 0.0)
     count = tl.minimum(N_CTX - blk * BLOCK, BLOCK).to(tl.float32)
     mean = tl.sum(xf, 0) / count
@@ -125,11 +157,17 @@ def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr, ROUND_BF16: tl.c
 
 
 @triton.jit
-def _rest_weights_kernel(LUT, W, W32, N_QBLK, N_KBLK, KEPT,  #
-                         KEPT_P2: tl.constexpr, BLOCK_J: tl.constexpr):
+def _rest_weights_kernel(LUT, W, W32, ZB, ZS, ZI, N_QBLK, N_KBLK, KEPT, N_SPLIT,  #
+                         KEPT_P2: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_E: tl.constexpr, STORE_W32: tl.constexpr, Z_REST: tl.constexpr):
     # Scope "rest": the (B*H, n_q, n_k) 0/1 matrix (1 = key block j not selected by query block i) in the compute
-    # dtype (W) and in float32 (W32), from the LUT in one launch.
-    row = tl.program_id(1).to(tl.int64) * N_QBLK + tl.program_id(0)
+    # dtype (W) and, with STORE_W32, in float32 (W32), from the LUT in one launch.
+    # Z_REST: z_i (B*H, n_q, BLOCK_D) = Z - sum of the z_j of the selected blocks, Z = the sum of `_linear_state`'s
+    # N_SPLIT per-split partials ZS, the z_j (ZB) gathered through the LUT row: no float32 0/1 product. Every z_j is
+    # >= 0 (phi is positive for all three feature maps), so the subtraction cancels nothing: its error stays at float32
+    # rounding of z_i itself (relative ~1e-6 against the product's sum over the unselected blocks).
+    hz = tl.program_id(1).to(tl.int64)
+    row = hz * N_QBLK + tl.program_id(0)
     offs_e = tl.arange(0, KEPT_P2)
     sel = tl.load(LUT + row * KEPT + offs_e, mask=offs_e < KEPT, other=-1)
     for j0 in range(0, N_KBLK, BLOCK_J):
@@ -137,7 +175,23 @@ def _rest_weights_kernel(LUT, W, W32, N_QBLK, N_KBLK, KEPT,  #
         hit = tl.sum((sel[:, None] == js[None, :]).to(tl.int32), 0)
         w = tl.where(hit > 0, 0.0, 1.0)
         tl.store(W + row * N_KBLK + js, w.to(W.dtype.element_ty), mask=js < N_KBLK)
-        tl.store(W32 + row * N_KBLK + js, w, mask=js < N_KBLK)
+        if STORE_W32:
+            tl.store(W32 + row * N_KBLK + js, w, mask=js < N_KBLK)
+    if Z_REST:
+        offs_k = tl.arange(0, BLOCK_D)
+        offs_b = tl.arange(0, BLOCK_E)
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, N_SPLIT, BLOCK_E):
+            parts = tl.load(ZS + (hz * N_SPLIT + s0 + offs_b[:, None]) * BLOCK_D + offs_k[None, :],
+                            mask=(s0 + offs_b < N_SPLIT)[:, None], other=0.0)
+            total += tl.sum(parts, 0)
+        picked = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for e0 in range(0, KEPT, BLOCK_E):
+            e_ok = e0 + offs_b < KEPT
+            blk = tl.load(LUT + row * KEPT + e0 + offs_b, mask=e_ok, other=0)
+            zj = tl.load(ZB + (hz * N_KBLK + blk[:, None]) * BLOCK_D + offs_k[None, :], mask=e_ok[:, None], other=0.0)
+            picked += tl.sum(zj, 0)
+        tl.store(ZI + row * BLOCK_D + offs_k, total - picked)
 
 
 @triton.jit
@@ -149,11 +203,11 @@ def _linear_state(K, V, HB, ZB, HS, ZS,  #
                   FEATURE_MAP: tl.constexpr, STORE_BLOCKS: tl.constexpr, DOT_PREC: tl.constexpr):
     # Scope "all" (STORE_BLOCKS off): partial per-head totals H = sum phi(k)^T v and Z = sum phi(k) over key blocks
     # split, split + SPLIT, ... (HS, ZS; summed over the splits on the host side).
-    # Scope "rest" (STORE_BLOCKS): only each key block's h_j = phi(k_j)^T v_j (B*H, N_KBLK, BLOCK_D, BLOCK_D) in the
-    # compute dtype and z_j (B*H, N_KBLK, BLOCK_D) float32 (the totals are not used there): R_i = sum of h_j over the
-    # blocks query block i did not select is then one 0/1 matrix product (no cancellation, nothing D x D inside the
-    # attention loop). K/V tiles come through tensor descriptors (rows past N_KV and columns past HEAD_DIM are zeros),
-    # h_j leaves through one as well.
+    # Scope "rest" (STORE_BLOCKS): each key block's h_j = phi(k_j)^T v_j (B*H, N_KBLK, BLOCK_D, BLOCK_D) in the
+    # compute dtype and z_j (B*H, N_KBLK, BLOCK_D) float32, and the partial Z of each split (ZS; H is not used there):
+    # R_i = sum of h_j over the blocks query block i did not select is then one 0/1 matrix product (no cancellation,
+    # nothing D x D inside the attention loop), z_i = Z - the selected z_j (`_rest_weights_kernel`). K/V tiles come
+    # through tensor descriptors (rows past N_KV and columns past HEAD_DIM are zeros), h_j leaves through one as well.
     split = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -167,6 +221,7 @@ def _linear_state(K, V, HB, ZB, HS, ZS,  #
                                        block_shape=[BLOCK_N, BLOCK_D])
     desc_v = tl.make_tensor_descriptor(V, shape=[N_KV, HEAD_DIM], strides=[stride_vn, 1],
                                        block_shape=[BLOCK_N, BLOCK_D])
+    z = tl.zeros([BLOCK_D], dtype=tl.float32)
     if STORE_BLOCKS:
         desc_h = tl.make_tensor_descriptor(HB, shape=[HB_ROWS, BLOCK_D], strides=[BLOCK_D, 1],
                                            block_shape=[BLOCK_D, BLOCK_D])
@@ -176,13 +231,13 @@ def _linear_state(K, V, HB, ZB, HS, ZS,  #
             v = desc_v.load([blk * BLOCK_N, 0])
             phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
             zj = tl.sum(phik.to(tl.float32), 0)
+            z += zj
             hj = tl.dot(tl.trans(phik), v, input_precision=DOT_PREC)
             row = off_hz.to(tl.int64) * N_KBLK + blk
             desc_h.store([(row * BLOCK_D).to(tl.int32), 0], hj.to(HB.dtype.element_ty))
             tl.store(ZB + row * BLOCK_D + offs_k, zj)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-        z = tl.zeros([BLOCK_D], dtype=tl.float32)
         for blk in range(split, N_KBLK, SPLIT):
             n_ok = (blk * BLOCK_N + offs_n) < N_KV
             k = desc_k.load([blk * BLOCK_N, 0])
@@ -190,9 +245,10 @@ def _linear_state(K, V, HB, ZB, HS, ZS,  #
             phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
             z += tl.sum(phik.to(tl.float32), 0)
             h = tl.dot(tl.trans(phik), v, h, input_precision=DOT_PREC)
-        base = off_hz.to(tl.int64) * SPLIT + split
+    base = off_hz.to(tl.int64) * SPLIT + split
+    if not STORE_BLOCKS:
         tl.store(HS + base * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], h)
-        tl.store(ZS + base * BLOCK_D + offs_k, z)
+    tl.store(ZS + base * BLOCK_D + offs_k, z)
 
 
 @triton.jit
@@ -336,7 +392,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
     if HAS_LINEAR:
         dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
-        if REST:  # R_i, z_i of this query block (custom_ops: 0/1 matrix product over the per-block states)
+        if REST:  # R_i, z_i of this query block (custom_ops.sla_fwd, from the per-key-block states)
             r = tl.load(RB + blk * BLOCK_D * BLOCK_D + dd_offs)
             z = tl.load(ZB + blk * BLOCK_D + offs_k)
         else:
