@@ -229,7 +229,6 @@ def time_provider(make_fwd, inputs, do):
         fwd = bench_ms(lambda: make_fwd(*inputs))
     out = make_fwd(*inputs)
     bwd = bench_ms(lambda: torch.autograd.grad(out, inputs, do, retain_graph=True, allow_unused=True))
-    del out
     return fwd, bwd
 
 
@@ -386,7 +385,8 @@ def quick(args, PublicSLA):
              "all": breakdown(B, H, L, D, topk, blkq, blkk, fm, "all")}
     pub = res.get("SLA public reference (all)", (float("nan"),) * 2)
     for name, (f, b) in res.items():
-        log(f"[quick {tag}] {name:<28s} fwd {f:6.3f} bwd {b:6.3f}  pub/ours fwd {pub[0] / f:5.2f} bwd {pub[1] / b:5.2f}")
+        log(f"[quick {tag}] {name:<28s} fwd {f:6.3f} bwd {b:6.3f}  "
+            f"pub/ours fwd {pub[0] / f:5.2f} bwd {pub[1] / b:5.2f}")
     for scope, p in parts.items():
         log(f"[quick {tag}] {scope}: " + " ".join(f"{k.replace(' ', '_')}={v:.3f}" for k, v in p.items()))
     log_registers(tag)

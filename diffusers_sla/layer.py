@@ -27,7 +27,8 @@ class SparseLinearAttention(nn.Module):
     # Parameters that belong to SLA (what `sla_attention.safetensors` stores for each layer).
     sla_parameter_names = ("proj_l.weight", "proj_l.bias")
 
-    def __init__(self, head_dim: int, config: SLAConfig | dict | str | None = None, backend: str = "auto", **overrides):
+    def __init__(self, head_dim: int, config: SLAConfig | dict | str | None = None, backend: str = "auto",
+                 **overrides):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"`head_dim` must be a positive integer, got {head_dim!r}.")

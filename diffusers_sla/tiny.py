@@ -28,7 +28,8 @@ def tiny_prompt_embeddings(pipe, seed: int = 0, batch: int = 1, text_tokens: int
     config = pipe.transformer.config
     if type(pipe).__name__ == "WanPipeline":
         shape = (batch, text_tokens, config.text_dim)
-        return {"prompt_embeds": torch.randn(shape, generator=g), "negative_prompt_embeds": torch.randn(shape, generator=g)}
+        return {"prompt_embeds": torch.randn(shape, generator=g),
+                "negative_prompt_embeds": torch.randn(shape, generator=g)}
     return {
         "prompt_embeds": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=g),
         "pooled_prompt_embeds": torch.randn(batch, config.pooled_projection_dim, generator=g),

@@ -15,11 +15,11 @@ real fine-tune, replace `make_batch` with noisy latents and prompt embeddings fr
 `save_pretrained`; `WanTransformer3DModel.from_pretrained(output_dir)` followed by `enable_sla(model)`
 serves it with the tuned SLA weights (it finds `sla_attention.safetensors` and the SLA config stored in it).
 
-Scaling out: SLA's `proj_l` are ordinary parameters, so DDP/FSDP and `accelerate` need nothing special, only this order:
-`enable_sla(model)` -> optimizer -> `accelerator.prepare` -> `accelerator.load_state` (a resume). `save_state` keeps
-the SLA weights inside the model state. Plain DDP needs every SLA layer to run SLA at every step: a step whose
-sequences are shorter than `min_kv_blocks * blkk` keys runs dense and leaves `proj_l` without a gradient (use
-`find_unused_parameters=True` if your batches can be that short).
+Scaling out: SLA's `proj_l` are ordinary parameters, so DDP/FSDP and `accelerate` need nothing special, only this
+order: `enable_sla(model)` -> optimizer -> `accelerator.prepare` -> `accelerator.load_state` (a resume).
+`save_state` keeps the SLA weights inside the model state. Plain DDP needs every SLA layer to run SLA at every step:
+a step whose sequences are shorter than `min_kv_blocks * blkk` keys runs dense and leaves `proj_l` without a
+gradient (use `find_unused_parameters=True` if your batches can be that short).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="Wan transformer or pipeline (path or Hub id); tiny if unset.")
-    parser.add_argument("--subfolder", default=None, help="Subfolder of --model; 'transformer' unless it has a config.")
+    parser.add_argument("--subfolder", default=None,
+                        help="Subfolder of --model; 'transformer' unless it has a config.")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-4, help="Use ~1e-5 for real checkpoints.")
     parser.add_argument("--topk", type=float, default=0.25, help="Fraction of key blocks attended exactly.")

@@ -41,7 +41,8 @@ def test_gradients_reach_q_k_v_and_proj_l():
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)])
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                                  lambda m: m.to("cpu", torch.float16)])
 def test_proj_l_stays_float32_and_keeps_identity(cast):
     parent = torch.nn.Sequential(torch.nn.Linear(8, 8), SparseLinearAttention(8))
     param = parent[1].proj_l.weight

@@ -51,7 +51,8 @@ def test_sla_parameters_are_trained_by_an_optimizer_over_model_parameters():
     names = [name for name, _ in model.named_parameters() if ".sla." in name]
     # Wan's cross-attention (attn2) stays dense by default, so only the self-attention modules own SLA state.
     assert names == [f"blocks.{i}.attn1.sla.proj_l.{p}" for i in range(2) for p in ("weight", "bias")]
-    assert sla_summary(model)["blocks.0.attn1"].has_sla_layer and not sla_summary(model)["blocks.0.attn2"].has_sla_layer
+    summary = sla_summary(model)
+    assert summary["blocks.0.attn1"].has_sla_layer and not summary["blocks.0.attn2"].has_sla_layer
 
     teacher = build_tiny_model("wan", seed=0).model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
