@@ -47,6 +47,9 @@ _ROW_SUMS_TARGET = int(os.environ.get("DIFFUSERS_SLA_ROW_SUMS_TARGET", "528"))
 _ROW_SUMS_ROWS = 64
 _ROW_SUMS_WARPS = 4
 _ROW_SUMS_STAGES = 2
+# at most this many parts per head: every `_block_mean` program holds all of its head's parts in registers, and few
+# heads with long sequences would otherwise ask for hundreds (the Wan shape's 12 heads get 44)
+_ROW_SUMS_MAX_PARTS = 64
 
 
 def _rows(blkq: int, name: str, default: int) -> int:
@@ -251,7 +254,7 @@ def _row_sum_parts(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     block_d, rows = _block_d(D), _ROW_SUMS_ROWS
     if not chunk:
         tiles = max(1, num_blocks(L, rows))
-        chunk = num_blocks(tiles, _split(tiles, B * H, _ROW_SUMS_TARGET)) * rows
+        chunk = num_blocks(tiles, min(_split(tiles, B * H, _ROW_SUMS_TARGET), _ROW_SUMS_MAX_PARTS)) * rows
     n_part = max(1, num_blocks(L, chunk))
     parts = torch.empty(B * H, n_part, block_d, device=x.device, dtype=torch.float32)
     _row_sums[(n_part, B * H)](x, parts, *_strides(x), H, L, chunk, n_part, HEAD_DIM=D, BLOCK_D=block_d,
