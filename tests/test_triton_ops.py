@@ -246,6 +246,12 @@ TOP_BLOCKS_SCRIPT = textwrap.dedent('''
 def test_selection_kernels_match_selection_module():
     """The Triton top-k of the fast selection against `selection.top_blocks` (the rule both backends share): the same
     indices on tie-heavy rows, signed zeros and -inf included."""
+    _run_kernel_script(TOP_BLOCKS_SCRIPT, "TOP_BLOCKS_OK")
+
+
+def _run_kernel_script(script: str, marker: str) -> None:
+    """Runs `script` in a fresh process, on the GPU or else under the Triton interpreter (which must be set before
+    Triton is imported), and checks that it printed `marker`."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         usable, reason = _triton_usable_on_cpu()
@@ -253,9 +259,8 @@ def test_selection_kernels_match_selection_module():
             pytest.skip(f"neither CUDA nor the Triton interpreter is usable: {reason}")
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", TOP_BLOCKS_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0 and "TOP_BLOCKS_OK" in proc.stdout, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
 
 
 GLUE_SCRIPT = textwrap.dedent('''
@@ -345,15 +350,7 @@ def test_selection_and_rest_state_glue_kernels():
     """The key mean's row sums and the centred pooling that adds them (against the torch statement of
     `selection.block_scores`; the fused selection's LUT equal to `select_blocks`), and scope "rest"'s z_i formed as
     Z minus the selected z_j (against the float32 0/1 product it replaces)."""
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        usable, reason = _triton_usable_on_cpu()
-        if not usable:
-            pytest.skip(f"neither CUDA nor the Triton interpreter is usable: {reason}")
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", GLUE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and "GLUE_OK" in proc.stdout, proc.stderr[-3000:]
+    _run_kernel_script(GLUE_SCRIPT, "GLUE_OK")
 
 
 # ----- pieces that need no kernel ------------------------------------------------------------------------------------
