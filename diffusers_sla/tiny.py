@@ -23,17 +23,20 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0):
 
 
 def tiny_prompt_embeddings(pipe, seed: int = 0, batch: int = 1, text_tokens: int = 16) -> dict:
-    """Random prompt embeddings of the right shapes for `pipe`, as keyword arguments of its `__call__`."""
+    """Random prompt embeddings of the right shapes for `pipe`, as keyword arguments of its `__call__`, on the
+    transformer's device (the pipelines do not move given embeddings; drawn on the CPU, so the same on any device)."""
     g = torch.Generator().manual_seed(seed)
     config = pipe.transformer.config
     if type(pipe).__name__ == "WanPipeline":
         shape = (batch, text_tokens, config.text_dim)
-        return {"prompt_embeds": torch.randn(shape, generator=g),
-                "negative_prompt_embeds": torch.randn(shape, generator=g)}
-    return {
-        "prompt_embeds": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=g),
-        "pooled_prompt_embeds": torch.randn(batch, config.pooled_projection_dim, generator=g),
-    }
+        embeds = {"prompt_embeds": torch.randn(shape, generator=g),
+                  "negative_prompt_embeds": torch.randn(shape, generator=g)}
+    else:
+        embeds = {
+            "prompt_embeds": torch.randn(batch, text_tokens, config.joint_attention_dim, generator=g),
+            "pooled_prompt_embeds": torch.randn(batch, config.pooled_projection_dim, generator=g),
+        }
+    return {name: tensor.to(pipe.transformer.device) for name, tensor in embeds.items()}
 
 
 def _tiny_wan():

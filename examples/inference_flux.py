@@ -30,12 +30,11 @@ if args.model:
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
-    inputs = {"prompt": args.prompt}
 else:  # tiny offline pipeline: small sizes, random prompt embeddings instead of text encoders
     pipe = build_tiny_pipeline("flux")
-    inputs = tiny_prompt_embeddings(pipe)
     args.size, args.steps = 256, 4
 pipe.to(args.device)
+inputs = {"prompt": args.prompt} if args.model else tiny_prompt_embeddings(pipe)
 
 # The diffusers-native way: one processor object for all modules; each layer still gets its own SLA state.
 pipe.transformer.set_attn_processor(SLAAttnProcessor(topk=args.topk))

@@ -35,12 +35,11 @@ if args.model:
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
-    inputs = {"prompt": args.prompt}
 else:  # tiny offline pipeline: small sizes, random prompt embeddings instead of a text encoder
     pipe = build_tiny_pipeline("wan")
-    inputs = tiny_prompt_embeddings(pipe)
     args.height, args.width, args.frames, args.steps = 256, 256, 9, 4
 pipe.to(args.device)
+inputs = {"prompt": args.prompt} if args.model else tiny_prompt_embeddings(pipe)
 
 # One line: SLA on every attention module of the transformer (each layer with its own proj_l).
 enable_sla(pipe, None if args.topk is None else SLAConfig(topk=args.topk))

@@ -61,8 +61,9 @@ def test_train_sla_example_default_run(tmp_path):
     # tuned error.
     example = _load_example()
     args = example.parse_args(["--output-dir", str(out_dir)])
-    teacher = example.load_transformer(args)
-    reloaded = type(teacher).from_pretrained(out_dir)
+    # on the example's default device (a GPU when there is one), where the subprocess measured `tuned`
+    teacher = example.load_transformer(args).to(args.device)
+    reloaded = type(teacher).from_pretrained(out_dir).to(args.device)
     enable_sla(reloaded)
     assert next(iter_sla_layers(reloaded))[2].config.operator_dict() == SLAConfig(
         topk=args.topk, blkq=args.block_size, blkk=args.block_size).operator_dict()
