@@ -210,9 +210,10 @@ if GLUON_AVAILABLE:
             O_SLOTS: gl.constexpr = max(1, 2 * BLOCK_M // BLOCK_N)
             O_AT: gl.constexpr = 0 if O_SLOTS <= R_SLOTS else R_SLOTS + W_SLOTS
             gl.static_assert(max(R_SLOTS + W_SLOTS, O_AT + O_SLOTS) <= 2 * STAGES, "the K/V ring must hold R, W, o_l")
-            w_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+            # the layouts of the host-built descriptors (`launch`), so that the copies land as the products read them
+            w_layout: gl.constexpr = desc_w.layout
             # (views that start at a slot and run over the next ones: the ring is one contiguous allocation)
-            r_smem = kv_smem.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], tile_layout)
+            r_smem = kv_smem.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], desc_r.layout)
             w_smem = kv_smem.index(R_SLOTS)._reinterpret(gl.float32, [BLOCK_D, BLOCK_D], w_layout)
             ol_smem = kv_smem.index(O_AT)._reinterpret(gl.float32, [BLOCK_M, BLOCK_D], w_layout)
             r_row = blk if REST else off_hz.to(gl.int64)  # R_i of this query block, or the head's total
