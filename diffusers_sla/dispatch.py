@@ -36,7 +36,6 @@ computed before.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -69,8 +68,12 @@ class LayerStats:
     summed density (kept key blocks / all key blocks) of its SLA calls."""
 
     sla_calls: int = 0
-    dense_calls: Counter = field(default_factory=Counter)
+    dense_calls: dict[str, int] = field(default_factory=dict)  # a plain dict: torch.compile cannot build a Counter
     density_sum: float = 0.0
+    # Calls inside a torch.compile'd region are not counted (see `record_call`); the last one's route ("sla" or a
+    # dense reason) and density (None when it depends on a mask's values) are kept instead.
+    compiled_route: str | None = None
+    compiled_density: float | None = None
 
     @property
     def mean_density(self) -> float | None:
@@ -84,6 +87,7 @@ class LayerStats:
         self.sla_calls = 0
         self.dense_calls.clear()
         self.density_sum = 0.0
+        self.compiled_route = self.compiled_density = None
 
 
 @dataclass
@@ -97,7 +101,14 @@ class RoutingScope:
 
 # ===== The SDPA wrapper =====
 
-_local = threading.local()
+class _ThreadState(threading.local):
+    # `scope` exists from the start in every thread (`threading.local` runs __init__ once per thread), so
+    # torch.compile'd code guards on its value, not on its presence
+    def __init__(self):
+        self.scope: RoutingScope | None = None
+
+
+_local = _ThreadState()
 _install_lock = threading.Lock()
 _original_sdpa = None
 
@@ -170,16 +181,14 @@ def _route_in_scope(scope: RoutingScope, args: tuple, kwargs: dict):
     call = _bind_sdpa_args(args, kwargs)
     processor, attn = scope.processor, scope.attn
     decision = route_attention_call(attn, processor.config, call)
-    stats = layer_stats(attn)
     if decision.reason is not None:
-        stats.dense_calls[decision.reason] += 1
+        record_call(attn, decision.reason)
         processor._log_dense_once(decision.reason, attn, call)
         with _no_routing():
             return _original_sdpa(*args, **kwargs)
     with _no_routing():
         out, density = _run_sla(attn, processor, call, decision.key_padding_mask)
-    stats.sla_calls += 1
-    stats.density_sum += density
+    record_call(attn, None, density)
     return out
 
 
@@ -188,6 +197,22 @@ def layer_stats(attn: torch.nn.Module) -> LayerStats:
     if stats is None:
         stats = attn.__dict__["_sla_stats"] = LayerStats()
     return stats
+
+
+def record_call(attn: torch.nn.Module, reason: str | None, density: float | None = None) -> None:
+    """Count one attention call of `attn`: SLA (`reason` None, with its density) or dense for `reason`.
+
+    Inside a torch.compile'd region a counter would become a guard on its own value, i.e. a recompilation at every
+    call until dynamo gives up and runs the region eagerly. There the call only stores its route and density:
+    plain writes, which the compiled code replays on every run without guarding on them."""
+    stats = layer_stats(attn)
+    if torch.compiler.is_compiling():
+        stats.compiled_route, stats.compiled_density = reason or "sla", density
+    elif reason is None:
+        stats.sla_calls += 1
+        stats.density_sum += density
+    else:
+        stats.dense_calls[reason] = stats.dense_calls.get(reason, 0) + 1
 
 
 # ===== Routing decisions =====
@@ -306,6 +331,8 @@ def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: tor
     out = layer(q, k, v, scale=call["scale"], key_padding_mask=key_padding_mask)
     if key_padding_mask is None:
         density = _density(layer.config, [k.shape[2]])
+    elif torch.compiler.is_compiling():
+        density = None  # depends on the mask's values: reading them would break the compiled graph
     else:
         density = _density(layer.config, key_padding_mask.sum(dim=1).tolist())
     return (out.squeeze(1) if query.ndim == 3 else out), density

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import SLAConfig
-from .ops.api import sparse_linear_attention
+from .ops.api import preload_backends, sparse_linear_attention
 
 
 class SparseLinearAttention(nn.Module):
@@ -38,6 +38,7 @@ class SparseLinearAttention(nn.Module):
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
+        preload_backends()
 
     def forward(
         self,

@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import SLAConfig
 from .constants import SLA_MODULE_NAME
-from .dispatch import DENSE_REASONS, LayerStats, layer_stats, routing_scope
+from .dispatch import DENSE_REASONS, LayerStats, install_sdpa_router, layer_stats, record_call, routing_scope
 from .layer import SparseLinearAttention, iter_sla_layers
 from .ops.api import BACKEND_NAMES
 
@@ -98,6 +98,8 @@ class SLAAttnProcessor:
         self._inner_parameters_cache: dict[type, tuple[frozenset, bool]] = {}
         self._attached_modules = weakref.WeakSet()  # modules this instance was set on, for `_attention_backend`
         self._backend_setting = None
+        # now, in eager code: the first call may run inside torch.compile, which cannot take the install's lock
+        install_sdpa_router()
 
     # diffusers' `set_attention_backend` / `reset_attention_backend` set `processor._attention_backend` on each
     # module's processor, which is this shared instance: pass the setting on to the processors SLA wraps, since they
@@ -139,7 +141,8 @@ class SLAAttnProcessor:
                 "SLAAttnProcessor, or `diffusers_sla` was imported after `set_attn_processor`). Build the model with "
                 "its own processors, import diffusers_sla, then call `enable_sla(model)`."
             )
-        self._attached_modules.add(attn)
+        if not torch.compiler.is_compiling():  # (set_processor registered it; this re-registers after unpickling,
+            self._attached_modules.add(attn)  # and would make compiled code guard on the set's contents)
         kwargs = self._kwargs_for(inner, kwargs)
         with routing_scope(attn, self) as scope:
             output = inner(attn, *args, **kwargs)
@@ -222,7 +225,7 @@ class SLAAttnProcessor:
             reason = "attention_backend"
         else:
             reason = "no_sdpa_call"
-        layer_stats(attn).dense_calls[reason] += 1
+        record_call(attn, reason)
         self._log_dense_once(reason, attn, None, inner=inner, backend_name=backend_name)
 
     def _log_dense_once(self, reason: str, attn: nn.Module, call: dict | None, inner=None, backend_name=None):
@@ -251,6 +254,8 @@ class SLAAttnProcessor:
             "runs unchanged",
         }
         level = logging.INFO if reason in _POLICY_REASONS else logging.WARNING
+        # (inside torch.compile'd code this breaks the graph once: the next call recompiles without the message, as
+        # the set of logged reasons changed)
         logger.log(level, "SLA: %s (first seen in %s; counted per layer in `sla_summary(model)`).",
                    messages[reason], type(attn).__name__)
 
@@ -591,6 +596,10 @@ class LayerSummary:
     dense_calls: dict[str, int]
     mean_density: float | None
     has_sla_layer: bool
+    # calls inside torch.compile'd code are not counted: the route ("sla" or a dense reason) and density of the
+    # last one (`dispatch.record_call`)
+    compiled_route: str | None = None
+    compiled_density: float | None = None
 
     @property
     def total_calls(self) -> int:
@@ -634,20 +643,24 @@ class SLASummary:
             "layers": [
                 {"path": layer.path, "module_type": layer.module_type, "sla_calls": layer.sla_calls,
                  "dense_calls": dict(layer.dense_calls), "mean_density": layer.mean_density,
-                 "has_sla_layer": layer.has_sla_layer}
+                 "has_sla_layer": layer.has_sla_layer, "compiled_route": layer.compiled_route,
+                 "compiled_density": layer.compiled_density}
                 for layer in self.layers
             ],
         }
 
     def table(self) -> str:
+        # a last column only when some calls ran inside torch.compile'd code, which counts none of them
+        compiled = any(layer.compiled_route for layer in self.layers)
         header = ("layer", "SLA calls", "dense calls (reason: n)", "density")
+        header += ("compiled route",) if compiled else ()
         rows = [
             (
                 layer.path,
                 str(layer.sla_calls),
                 ", ".join(f"{reason}: {n}" for reason, n in sorted(layer.dense_calls.items())) or "-",
                 "-" if layer.mean_density is None else f"{layer.mean_density:.3f}",
-            )
+            ) + ((_compiled_cell(layer),) if compiled else ())
             for layer in self.layers
         ]
         density = self.mean_density
@@ -655,7 +668,7 @@ class SLASummary:
             f"total ({len(self.layers)} layers)", str(self.sla_calls),
             ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dense_calls.items())) or "-",
             "-" if density is None else f"{density:.3f}",
-        ))
+        ) + (("(not counted)",) if compiled else ()))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * width for width in widths))
@@ -664,6 +677,14 @@ class SLASummary:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _compiled_cell(layer: LayerSummary) -> str:
+    if layer.compiled_route is None:
+        return "-"
+    if layer.compiled_route != "sla":
+        return f"dense ({layer.compiled_route})"
+    return "sla" if layer.compiled_density is None else f"sla ({layer.compiled_density:.3f})"
 
 
 def _sla_modules(pipe_or_model):
@@ -678,14 +699,17 @@ def _sla_modules(pipe_or_model):
 def sla_summary(pipe_or_model) -> SLASummary:
     """Per layer: SDPA calls routed to SLA, dense calls by reason (see `diffusers_sla.dispatch`), and the mean
     density (kept key blocks / all key blocks) of its SLA calls. Layers are the attention modules running
-    `SLAAttnProcessor`, in module order."""
+    `SLAAttnProcessor`, in module order. Calls inside torch.compile'd code are not counted (a counter there would
+    recompile the code at every call); the table's "compiled route" column shows what such calls ran instead."""
     layers = []
     for path, attn in _sla_modules(pipe_or_model):
         stats: LayerStats = attn.__dict__.get("_sla_stats") or LayerStats()
         layers.append(LayerSummary(
             path=path, module_type=type(attn).__name__, sla_calls=stats.sla_calls,
-            dense_calls={reason: stats.dense_calls[reason] for reason in DENSE_REASONS if stats.dense_calls[reason]},
+            dense_calls={reason: stats.dense_calls[reason] for reason in DENSE_REASONS
+                         if stats.dense_calls.get(reason)},
             mean_density=stats.mean_density, has_sla_layer=SLA_MODULE_NAME in attn._modules,
+            compiled_route=stats.compiled_route, compiled_density=stats.compiled_density,
         ))
     return SLASummary(layers)
 

@@ -133,6 +133,55 @@ def test_sparse_sla_changes_output_and_runs_in_every_self_attention_layer(family
             assert 0.0 < layer.mean_density < 1.0
 
 
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_compiled_blocks_run_sla_in_one_graph_each_without_recompiling(family):
+    # torch.compile per transformer block, as diffusers' `compile_repeated_blocks` does. A counting backend (no
+    # inductor: fast) shows how many graphs each forward runs: one per block means the SLA processor broke no graph.
+    from torch._dynamo.utils import counters
+
+    model, make_inputs = build_tiny_model(family)
+    inputs = make_inputs(seed=3)
+    enable_sla(model, topk=0.5, **_family_overrides(family))
+    _randomize_proj_l(model)
+    eager = _run(model, inputs)
+    reset_sla_stats(model)
+
+    graphs_run = [0]
+
+    def counting_backend(graph_module, example_inputs):
+        def run(*args):
+            graphs_run[0] += 1
+            return graph_module.forward(*args)
+
+        return run
+
+    blocks = [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+    torch._dynamo.reset()
+    try:
+        for block in blocks:
+            block.compile(backend=counting_backend)
+        _run(model, inputs)  # compiles
+        compiled_graphs = counters["stats"]["unique_graphs"]
+        graphs_run[0] = 0
+        compiled = _run(model, inputs)
+        assert graphs_run[0] == len(blocks), "a graph break inside the SLA processor"
+        _run(model, inputs)
+        assert counters["stats"]["unique_graphs"] == compiled_graphs, "recompiled on a later call"
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for layer in sla_summary(model).layers:
+        # compiled calls are not counted; their route is reported instead
+        assert layer.sla_calls == 0 and not layer.dense_calls, layer
+        assert layer.compiled_route == (_expected_dense_reason(family, layer.path) or "sla"), layer
+        if layer.compiled_route == "sla":
+            assert 0.0 < layer.compiled_density <= 1.0
+    assert "compiled route" in str(sla_summary(model))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_disable_sla_restores_the_original_model(family):
     model, make_inputs = build_tiny_model(family)

@@ -29,11 +29,26 @@ _BACKENDS: dict[str, str] = {
     "triton": "diffusers_sla.ops.autograd:sla_triton",
 }
 BACKEND_NAMES = ("auto", *_BACKENDS)
+_LOADED: dict[str, Callable] = {}
 
 
 def _load_backend(name: str) -> Callable:
-    module_name, function_name = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), function_name)
+    # a dict lookup once loaded: torch.compile traces through it, where an import would break the graph
+    fn = _LOADED.get(name)
+    if fn is None:
+        module_name, function_name = _BACKENDS[name].split(":")
+        fn = _LOADED[name] = getattr(importlib.import_module(module_name), function_name)
+    return fn
+
+
+def preload_backends() -> None:
+    """Import every backend whose dependencies are installed (Triton's only where Triton is), so that a layer's first
+    call inside torch.compile'd code finds its backend loaded. Called when a layer is built."""
+    from ..utils.import_utils import is_triton_available
+
+    for name in _BACKENDS:
+        if name != "triton" or is_triton_available():
+            _load_backend(name)
 
 
 def triton_backend_usable(device: torch.device) -> bool:
