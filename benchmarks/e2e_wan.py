@@ -13,6 +13,12 @@ forward spent in attention and the speed-up bound that fraction implies (Amdahl:
 
     python benchmarks/e2e_wan.py                  # the full table
     python benchmarks/e2e_wan.py --frames 21 --topk 0.05 0.1 --skip-train
+    python benchmarks/e2e_wan.py --compile        # also the forward with torch.compile, every variant
+
+`--compile` adds a second forward table in which each of the 30 transformer blocks runs through `torch.compile`
+(one compiled graph shared by all blocks, as diffusers' `compile_repeated_blocks` does), for the dense backends and
+for SLA alike: what a served model runs. Compilation is redone for every variant (fresh dynamo caches), so the dense
+backend is chosen at trace time inside its `sdpa_kernel` context.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-train", action="store_true", help="time inference only")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the forward with every transformer block compiled (torch.compile)")
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -116,6 +124,29 @@ def main() -> None:
         print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else ""),
               flush=True)
 
+    compiled = {}  # name -> forward ms with compiled blocks
+    if args.compile:
+        def compiled_forward_ms():
+            torch._dynamo.reset()
+            for block in model.blocks:
+                block.compile()
+            try:
+                forward()  # compiles (untimed)
+                return cuda_time_ms(forward, args.warmup, args.repeat)
+            finally:
+                for block in model.blocks:  # back to eager for the next variant
+                    block._compiled_call_impl = None
+
+        for name, backend in DENSE_BACKENDS.items():
+            with sdpa_kernel(backend):
+                compiled[name] = compiled_forward_ms()
+            print(f"  {name} (compiled): forward {compiled[name]:.1f} ms", flush=True)
+        for topk in args.topk:
+            enable_sla(model, SLAConfig(topk=topk, blkq=args.blkq, blkk=args.blkk))
+            compiled[f"SLA topk={topk}"] = compiled_forward_ms()
+            disable_sla(model)
+            print(f"  SLA topk={topk} (compiled): forward {compiled[f'SLA topk={topk}']:.1f} ms", flush=True)
+
     # The attention core alone, same shape as one self-attention call, times the 30 layers.
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
     core = {}
@@ -144,6 +175,18 @@ def main() -> None:
         fraction = min(core[name] * layers / next(f for n, f, _ in rows if n == name), 0.999)
         print(f"{name}: self-attention is {fraction:.0%} of the forward; infinitely fast attention would bound the "
               f"end-to-end forward speed-up at {1 / (1 - fraction):.2f}x")
+    if compiled:
+        fastest = min(ms for name, ms in compiled.items() if name in DENSE_BACKENDS)
+        print()
+        print("Forward with every transformer block compiled (torch.compile, default mode), same run:")
+        print("| attention | compiled forward ms | compiled speed-up | eager forward ms |")
+        print("| --- | --- | --- | --- |")
+        for name, fwd, _ in rows:
+            print(f"| {name} | {compiled[name]:.1f} | {fastest / compiled[name]:.2f}x | {fwd:.1f} |")
+        for name in DENSE_BACKENDS:
+            fraction = min(core[name] * layers / compiled[name], 0.999)
+            print(f"{name} (compiled): self-attention is {fraction:.0%} of the forward; "
+                  f"bound {1 / (1 - fraction):.2f}x")
     for topk, summary in densities.items():
         print(f"SLA topk={topk}: measured density {summary.mean_density:.3f} over the self-attention layers")
 

@@ -106,21 +106,22 @@ def _proj_grad(DO, OL, DWP, DBP,  #
 
 @triton.jit
 def _attn_bwd_dkdv(dk, dv,  #
-                   k, v, desc_q, desc_do, M, D, COLQ, count,  #
+                   k, v, desc_q, desc_do, off_z, off_h, M, D, COLQ, count,  #
                    qk_scale, row_base, N_CTX_Q,  #
-                   BLOCK_M: tl.constexpr, STEP_M: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, STEP_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     # visit only the query blocks that selected this key block (column-wise LUT), STEP_M rows at a time; tiles
-    # through tensor descriptors
+    # through the host-built (B, H, L, D) tensor descriptors
     steps: tl.constexpr = BLOCK_M // STEP_M
     offs_m = tl.arange(0, STEP_M)
     for it in range(0, count * steps):
         start_m = tl.load(COLQ + it // steps) * BLOCK_M + (it % steps) * STEP_M
         rows = start_m + offs_m
-        q = desc_q.load([start_m, 0])  # rows past N_CTX_Q are zeros, and their m is +inf: pT = 0 there
+        # rows past N_CTX_Q are zeros, and their m is +inf: pT = 0 there
+        q = desc_q.load([off_z, off_h, start_m, 0]).reshape(STEP_M, BLOCK_D)
         m = tl.load(M + row_base + rows, mask=rows < N_CTX_Q, other=float("inf"))
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         pT = tl.math.exp2(qkT * qk_scale - m[None, :])
-        do = desc_do.load([start_m, 0])
+        do = desc_do.load([off_z, off_h, start_m, 0]).reshape(STEP_M, BLOCK_D)
         # -- compute dV ----
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         Di = tl.load(D + row_base + rows, mask=rows < N_CTX_Q, other=0.0)
@@ -132,13 +133,13 @@ def _attn_bwd_dkdv(dk, dv,  #
 
 
 @triton.jit
-def _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, LUT,  #
+def _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, off_z, off_h, LUT,  #
                  qk_scale, KEPT,  #
-                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     for it in range(0, KEPT):
         start_n = tl.load(LUT + it) * BLOCK_N
-        k = desc_k.load([start_n, 0])
-        v = desc_v.load([start_n, 0])
+        k = desc_k.load([off_z, off_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = desc_v.load([off_z, off_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale - m[:, None])
         # -- compute dP and dS ----
@@ -166,7 +167,7 @@ configs = [c for c in _bwd_configs() if keep(c)]
                                "HAS_LINEAR", "FEATURE_MAP", "PROGRAM"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
-def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
+def _attn_bwd(Q, K, V, DO, desc_q, desc_k, desc_v, desc_do, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
               RB, ZB, HT, ZT, DHB, DZB, DHT, DZT,  #
               DQ, DK, DV,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
@@ -202,17 +203,13 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=kv_mask, other=0.0)
-        desc_q = tl.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
-                                           block_shape=[STEP_M, BLOCK_D])
-        desc_do = tl.make_tensor_descriptor(DO, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_dom, 1],
-                                            block_shape=[STEP_M, BLOCK_D])
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         col = hz * N_KBLK + start_n
         count = tl.load(CCNT + col)
         COLQ += hz * N_QBLK * KEPT + tl.load(COFF + col)
-        dk, dv = _attn_bwd_dkdv(dk, dv, k, v, desc_q, desc_do, M, D, COLQ, count, qk_scale, row_base, N_CTX_Q,
-                                BLOCK_M, STEP_M, DOT_PREC)
+        dk, dv = _attn_bwd_dkdv(dk, dv, k, v, desc_q, desc_do, off_z, off_h, M, D, COLQ, count, qk_scale, row_base,
+                                N_CTX_Q, BLOCK_M, STEP_M, BLOCK_D, DOT_PREC)
         dk *= sm_scale
         if HAS_LINEAR:
             if REST:  # dh_j, dz_j: sums of dR_i, dz_i over the query blocks that did not select this key block
@@ -238,13 +235,10 @@ def _attn_bwd(Q, K, V, DO, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=q_mask, other=0.0)
         m = tl.load(M + row_base + offs_m, mask=m_ok, other=0.0)
         Di = tl.load(D + row_base + offs_m, mask=m_ok, other=0.0)
-        desc_k = tl.make_tensor_descriptor(K, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        desc_v = tl.make_tensor_descriptor(V, shape=[N_CTX_KV, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
         blk = hz * N_QBLK + pid // (BLOCK_M // STEP_M)
         dq = tl.zeros([STEP_M, BLOCK_D], dtype=tl.float32)
-        dq = _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, LUT + blk * KEPT, qk_scale, KEPT, BLOCK_N, DOT_PREC)
+        dq = _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, off_z, off_h, LUT + blk * KEPT, qk_scale, KEPT, BLOCK_N,
+                          BLOCK_D, DOT_PREC)
         dq *= sm_scale
         if HAS_LINEAR:
             if REST:
