@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
+# A module-level answer rather than `functools.lru_cache`: torch.compile traces through a plain dict lookup, but
+# warns on (and re-runs) a cached function.
+_AVAILABLE: dict[str, bool] = {}
 
-@functools.lru_cache(maxsize=None)
+
 def is_triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    found = _AVAILABLE.get("triton")
+    if found is None:
+        found = _AVAILABLE["triton"] = importlib.util.find_spec("triton") is not None
+    return found
