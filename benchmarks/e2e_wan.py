@@ -16,7 +16,7 @@ forward spent in attention and the speed-up bound that fraction implies (Amdahl:
     python benchmarks/e2e_wan.py --compile        # also the forward with torch.compile, every variant
 
 `--compile` adds a second forward table in which each of the 30 transformer blocks runs through `torch.compile`
-(one compiled graph shared by all blocks, as diffusers' `compile_repeated_blocks` does), for the dense backends and
+(diffusers' `compile_repeated_blocks`: one compiled graph shared by all blocks), for the dense backends and
 for SLA alike: what a served model runs. Compilation is redone for every variant (fresh dynamo caches), so the dense
 backend is chosen at trace time inside its `sdpa_kernel` context.
 """
@@ -143,8 +143,7 @@ def main() -> None:
     if args.compile:
         def compiled_forward_ms(label):
             torch._dynamo.reset()
-            for block in model.blocks:
-                block.compile()
+            model.compile_repeated_blocks()
             try:
                 forward()  # compiles (untimed)
                 ms = cuda_time_ms(forward, args.warmup, args.repeat)

@@ -48,7 +48,9 @@ def main() -> None:
     layer = section(kernel, "provider", "breakdown")
     breakdown = section(kernel, "breakdown", "== sweep")
     sweep = section(kernel, "== sweep", "total")
-    e2e_table = section(e2e, "Wan2.1-T2V-1.3B transformer")
+    e2e_table = section(e2e, "Wan2.1-T2V-1.3B transformer", "Forward with every transformer block compiled")
+    compiled_table = section(e2e, "Forward with every transformer block compiled")
+    kernels_ran = "\n".join(line.strip() for line in e2e.splitlines() if "attention kernels:" in line)
 
     rest_f, rest_b = provider_ms(layer, "SLA ours (rest)")
     all_f, all_b = provider_ms(layer, "SLA ours (all)")
@@ -56,6 +58,9 @@ def main() -> None:
     speedups = dict(re.findall(r"\| (SLA topk=[\d.]+) \| [\d.]+ \| ([\d.]+)x", e2e_table))
     best_e2e = max(float(v) for v in speedups.values())
     bound = re.search(r"sdpa-cudnn: self-attention is (\d+)% .* at ([\d.]+)x", e2e_table)
+    compiled_speedups = dict(re.findall(r"\| (SLA topk=[\d.]+) \| [\d.]+ \| ([\d.]+)x", compiled_table))
+    best_compiled = max(float(v) for v in compiled_speedups.values())
+    compiled_bound = re.search(r"sdpa-cudnn \(compiled\): self-attention is (\d+)% .* bound ([\d.]+)x", compiled_table)
 
     def status(ok: bool) -> str:
         return "pass" if ok else "FAIL"
@@ -75,9 +80,12 @@ def main() -> None:
         f"{at_least(ref_f / all_f)} (all) | {status(ref_f / rest_f >= TARGETS['fwd_vs_ref'])} |",
         f"| backward >= {TARGETS['bwd_vs_ref']}x the public reference | {at_least(ref_b / rest_b)} (rest), "
         f"{at_least(ref_b / all_b)} (all) | {status(ref_b / rest_b >= TARGETS['bwd_vs_ref'])} |",
-        f"| Wan2.1-1.3B transformer forward >= {TARGETS['e2e']}x the fastest dense backend | {best_e2e:.2f}x "
-        f"(attention is {bound.group(1)}% of the cuDNN forward: bound {bound.group(2)}x) | "
+        f"| Wan2.1-1.3B transformer forward >= {TARGETS['e2e']}x the fastest dense backend, eager | "
+        f"{at_least(best_e2e)} (attention is {bound.group(1)}% of the cuDNN forward: bound {bound.group(2)}x) | "
         f"{status(best_e2e >= TARGETS['e2e'])} |",
+        f"| the same, every transformer block compiled (`torch.compile`, dense and SLA alike) | "
+        f"{at_least(best_compiled)} (attention is {compiled_bound.group(1)}% of the compiled cuDNN forward: bound "
+        f"{compiled_bound.group(2)}x) | {status(best_compiled >= TARGETS['e2e'])} |",
         "",
         'Status is judged on the default linear scope "rest"; ratios against a ">=" target are rounded down.',
     ])
@@ -120,6 +128,16 @@ Below L=16K our times are fixed costs (the launches of the custom ops and their 
 {e2e_table}
 ```
 
+```
+{compiled_table}
+```
+
+The attention kernels each row's forward ran (torch.profiler, one forward each):
+
+```
+{kernels_ran}
+```
+
 ## GPU correctness (`benchmarks/kernel.py check`: outputs poisoned with NaN before each run, bf16/fp16/fp32 vs a
 float32 restatement, and the golden files of the public reference)
 
@@ -144,10 +162,16 @@ provider's.
 ```
 
 **The whole Wan2.1-T2V-1.3B transformer**, random bf16 weights, 81 frames at 480×832 = 32,760 tokens
-(`python benchmarks/e2e_wan.py`; the train step is forward + backward with gradient checkpointing for every variant):
+(`python benchmarks/e2e_wan.py --compile`; the train step is forward + backward with gradient checkpointing for every
+variant; the second table compiles every transformer block with `torch.compile`, dense and SLA alike, which is how a
+served model runs):
 
 ```
 {e2e_table}
+```
+
+```
+{compiled_table}
 ```
 
 **Our targets, met or not:**

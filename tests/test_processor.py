@@ -135,8 +135,8 @@ def test_sparse_sla_changes_output_and_runs_in_every_self_attention_layer(family
 
 @pytest.mark.parametrize("family", ["wan", "flux"])
 def test_compiled_blocks_run_sla_in_one_graph_each_without_recompiling(family):
-    # torch.compile per transformer block, as diffusers' `compile_repeated_blocks` does. A counting backend (no
-    # inductor: fast) shows how many graphs each forward runs: one per block means the SLA processor broke no graph.
+    # diffusers' regional compilation (torch.compile per transformer block). A counting backend (no inductor: fast)
+    # shows how many graphs each forward runs: one per block means the SLA processor broke no graph.
     from torch._dynamo.utils import counters
 
     model, make_inputs = build_tiny_model(family)
@@ -155,11 +155,10 @@ def test_compiled_blocks_run_sla_in_one_graph_each_without_recompiling(family):
 
         return run
 
-    blocks = [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
     torch._dynamo.reset()
     try:
-        for block in blocks:
-            block.compile(backend=counting_backend)
+        model.compile_repeated_blocks(backend=counting_backend)
         _run(model, inputs)  # compiles
         compiled_graphs = counters["stats"]["unique_graphs"]
         graphs_run[0] = 0
@@ -180,6 +179,35 @@ def test_compiled_blocks_run_sla_in_one_graph_each_without_recompiling(family):
         if layer.compiled_route == "sla":
             assert 0.0 < layer.compiled_density <= 1.0
     assert "compiled route" in str(sla_summary(model))
+
+
+def test_compiled_blocks_train_like_eager():
+    # forward + backward through compiled blocks (aot_eager: dynamo and autograd's tracing, no code generation)
+    # gives the eager loss and gradients, proj_l's included
+    model, make_inputs = build_tiny_model("wan")
+    model.train()
+    inputs = make_inputs(seed=3)
+    enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
+    _randomize_proj_l(model)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        forward_output(model, inputs).square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    eager = step()
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(backend="aot_eager")
+        compiled = step()
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert compiled.keys() == eager.keys() and any(".sla.proj_l." in name for name in eager)
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
