@@ -15,10 +15,11 @@ forward spent in attention and the speed-up bound that fraction implies (Amdahl:
     python benchmarks/e2e_wan.py --frames 21 --topk 0.05 0.1 --skip-train
     python benchmarks/e2e_wan.py --compile        # also the forward with torch.compile, every variant
 
-`--compile` adds a second forward table in which each of the 30 transformer blocks runs through `torch.compile`
-(diffusers' `compile_repeated_blocks`: one compiled graph shared by all blocks), for the dense backends and
-for SLA alike: what a served model runs. Compilation is redone for every variant (fresh dynamo caches), so the dense
-backend is chosen at trace time inside its `sdpa_kernel` context.
+`--compile` adds a second table (forward and train step) in which each of the 30 transformer blocks runs through
+`torch.compile` (diffusers' `compile_repeated_blocks`: one compiled graph shared by all blocks), for the dense
+backends and for SLA alike: what a served model runs. Compilation is redone for every variant (fresh dynamo caches);
+the dense rows set diffusers' "_native_flash" / "_native_cudnn" attention backends, whose SDPA backend choice the
+compiled graph keeps, and every row prints the attention kernels it ran.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def main() -> None:
         print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else ""),
               flush=True)
 
-    compiled = {}  # name -> forward ms with compiled blocks
+    compiled = {}  # name -> (forward ms, train step ms or None) with compiled blocks
     if args.compile:
         def compiled_forward_ms(label):
             torch._dynamo.reset()
@@ -149,7 +150,17 @@ def main() -> None:
                 ms = cuda_time_ms(forward, args.warmup, args.repeat)
                 print(f"  {label} (compiled): forward {ms:.1f} ms; attention kernels: {attention_kernels(forward)}",
                       flush=True)
-                return ms
+                train = None
+                if not args.skip_train:
+                    model.enable_gradient_checkpointing()
+                    try:
+                        train = cuda_time_ms(train_step, 1, max(2, args.repeat // 2))  # the first call compiles
+                        print(f"  {label} (compiled): train step {train:.1f} ms", flush=True)
+                    except Exception as exc:  # report it in the table's place and go on
+                        print(f"  {label} (compiled): train step failed: {exc!r}"[:400], flush=True)
+                    finally:
+                        model.disable_gradient_checkpointing()
+                return ms, train
             finally:
                 for block in model.blocks:  # back to eager for the next variant
                     block._compiled_call_impl = None
@@ -195,15 +206,19 @@ def main() -> None:
         print(f"{name}: self-attention is {fraction:.0%} of the forward; infinitely fast attention would bound the "
               f"end-to-end forward speed-up at {1 / (1 - fraction):.2f}x")
     if compiled:
-        fastest = min(ms for name, ms in compiled.items() if name in DENSE_BACKENDS)
+        fastest = min(fwd for name, (fwd, _) in compiled.items() if name in DENSE_BACKENDS)
+        dense_trains = [train for name, (_, train) in compiled.items() if name in DENSE_BACKENDS and train]
+        fastest_train = min(dense_trains) if dense_trains else None
         print()
-        print("Forward with every transformer block compiled (torch.compile, default mode), same run:")
-        print("| attention | compiled forward ms | compiled speed-up | eager forward ms |")
-        print("| --- | --- | --- | --- |")
-        for name, fwd, _ in rows:
-            print(f"| {name} | {compiled[name]:.1f} | {fastest / compiled[name]:.2f}x | {fwd:.1f} |")
+        print("Forward with every transformer block compiled (torch.compile), and a train step, same run:")
+        print("| attention | compiled forward ms | compiled speed-up | compiled train step ms | train speed-up |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, _, _ in rows:
+            fwd, train = compiled[name]
+            train_cells = (f"{train:.1f} | {fastest_train / train:.2f}x" if train and fastest_train else "- | -")
+            print(f"| {name} | {fwd:.1f} | {fastest / fwd:.2f}x | {train_cells} |")
         for name in DENSE_BACKENDS:
-            fraction = min(core[name] * layers / compiled[name], 0.999)
+            fraction = min(core[name] * layers / compiled[name][0], 0.999)
             print(f"{name} (compiled): self-attention is {fraction:.0%} of the forward; "
                   f"bound {1 / (1 - fraction):.2f}x")
     for topk, summary in densities.items():
