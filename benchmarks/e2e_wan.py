@@ -135,10 +135,11 @@ def main() -> None:
         model.disable_gradient_checkpointing()
         summary = sla_summary(model)
         densities[topk] = summary
+        kernels = attention_kernels(forward)
         disable_sla(model)
         rows.append((f"SLA topk={topk}", fwd, train))
-        print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else ""),
-              flush=True)
+        print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
+              f"; attention kernels: {kernels}", flush=True)
 
     compiled = {}  # name -> (forward ms, train step ms or None) with compiled blocks
     if args.compile:
