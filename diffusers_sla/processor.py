@@ -54,11 +54,33 @@ _logged_once_lock = threading.Lock()
 
 
 def _log_once(key, level: int, message: str) -> None:
+    if torch.compiler.is_compiling():  # dynamo traces on one thread, and cannot enter the lock
+        if key not in _logged_once:
+            _logged_once.add(key)
+            _log(level, message)
+        return
     with _logged_once_lock:
         if key in _logged_once:
             return
         _logged_once.add(key)
     logger.log(level, message)
+
+
+def _log(level: int, message: str) -> None:
+    """`logger.log`, also from torch.compile'd code: a logging call there breaks the graph (an error under
+    `fullgraph=True`), so the message is logged while dynamo traces the call instead (`comptime`). The callers log
+    once: the set they remember that in changes, and the next call recompiles without the message."""
+    if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime
+
+        comptime(_log_while_tracing)
+    else:
+        logger.log(level, message)
+
+
+def _log_while_tracing(ctx) -> None:
+    # runs inside dynamo: `level` and `message` are the traced constants of `_log`'s frame
+    logger.log(ctx.get_local("level").as_python_constant(), ctx.get_local("message").as_python_constant())
 
 
 def _is_linear_attention_processor(processor) -> bool:
@@ -254,10 +276,8 @@ class SLAAttnProcessor:
             "runs unchanged",
         }
         level = logging.INFO if reason in _POLICY_REASONS else logging.WARNING
-        # (inside torch.compile'd code this breaks the graph once: the next call recompiles without the message, as
-        # the set of logged reasons changed)
-        logger.log(level, "SLA: %s (first seen in %s; counted per layer in `sla_summary(model)`).",
-                   messages[reason], type(attn).__name__)
+        _log(level, f"SLA: {messages[reason]} (first seen in {type(attn).__name__}; counted per layer in "
+             "`sla_summary(model)`).")
 
 
 def _call_parameters(processor) -> tuple[frozenset, bool]:

@@ -159,7 +159,7 @@ def test_compiled_blocks_run_sla_in_one_graph_each_without_recompiling(family):
     blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
     torch._dynamo.reset()
     try:
-        model.compile_repeated_blocks(backend=counting_backend)
+        model.compile_repeated_blocks(backend=counting_backend, fullgraph=True)
         _run(model, inputs)  # compiles
         compiled_graphs = counters["stats"]["unique_graphs"]
         graphs_run[0] = 0
@@ -180,6 +180,30 @@ def test_compiled_blocks_run_sla_in_one_graph_each_without_recompiling(family):
         if layer.compiled_route == "sla":
             assert 0.0 < layer.compiled_density <= 1.0
     assert "compiled route" in str(sla_summary(model))
+
+
+def test_compiled_first_call_logs_its_dense_reasons_under_fullgraph(caplog):
+    # the first call ever runs compiled: the once-per-reason log lines come out while dynamo traces (a logging call
+    # in the graph would be an error under fullgraph=True), once, and the summary shows the compiled routes
+    model, make_inputs = build_tiny_model("wan")
+    inputs = make_inputs(seed=3)
+    enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(backend="eager", fullgraph=True)
+        with caplog.at_level(logging.INFO, logger="diffusers_sla"):
+            for _ in range(3):
+                _run(model, inputs)
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+    lines = [r.getMessage() for r in caplog.records if "cross-attention calls run dense" in r.getMessage()]
+    assert len(lines) == 1, lines
+    routes = {layer.path: layer.compiled_route for layer in sla_summary(model).layers}
+    assert routes == {"blocks.0.attn1": "sla", "blocks.0.attn2": "cross_attention", "blocks.1.attn1": "sla",
+                      "blocks.1.attn2": "cross_attention"}
 
 
 def test_compiled_blocks_train_like_eager():
