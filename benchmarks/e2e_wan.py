@@ -14,6 +14,7 @@ forward spent in attention and the speed-up bound that fraction implies (Amdahl:
     python benchmarks/e2e_wan.py                  # the full table
     python benchmarks/e2e_wan.py --frames 21 --topk 0.05 0.1 --skip-train
     python benchmarks/e2e_wan.py --compile        # also the forward with torch.compile, every variant
+    python benchmarks/e2e_wan.py --frames 3 --cuda-graph --skip-train   # a short sequence, replayed from a CUDA graph
 
 `--compile` adds a second table (forward and train step) in which each of the 30 transformer blocks runs through
 `torch.compile` (diffusers' `compile_repeated_blocks`: one compiled graph shared by all blocks), for the dense
@@ -84,6 +85,11 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="time inference only")
     parser.add_argument("--compile", action="store_true",
                         help="also time the forward with every transformer block compiled (torch.compile)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time the forward captured whole in one CUDA graph (no host time: short sequences)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode for --compile (reduce-overhead: CUDA graphs, for short sequences)")
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -141,11 +147,46 @@ def main() -> None:
         print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
               f"; attention kernels: {kernels}", flush=True)
 
+    graphed = {}  # name -> forward ms replayed from one CUDA graph
+    if args.cuda_graph:
+        def graphed_forward_ms(label):
+            outputs = {}
+
+            def forward_kept():  # the output stays referenced: the replay writes it in place
+                with torch.no_grad():
+                    outputs["o"] = model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
+                                         return_dict=False)[0]
+
+            forward_kept()
+            eager_out = outputs["o"].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+                forward_kept()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                forward_kept()
+            ms = cuda_time_ms(graph.replay, args.warmup, args.repeat)
+            graph.replay()
+            torch.cuda.synchronize()
+            same = torch.equal(outputs["o"], eager_out)
+            print(f"  {label} (one CUDA graph): forward {ms:.1f} ms; replay equals eager: {same}", flush=True)
+            return ms
+
+        for name, backend in DENSE_BACKENDS.items():
+            with sdpa_kernel(backend):
+                graphed[name] = graphed_forward_ms(name)
+        for topk in args.topk:
+            enable_sla(model, SLAConfig(topk=topk, blkq=args.blkq, blkk=args.blkk))
+            graphed[f"SLA topk={topk}"] = graphed_forward_ms(f"SLA topk={topk}")
+            disable_sla(model)
+
     compiled = {}  # name -> (forward ms, train step ms or None) with compiled blocks
     if args.compile:
         def compiled_forward_ms(label):
             torch._dynamo.reset()
-            model.compile_repeated_blocks()
+            model.compile_repeated_blocks(mode=args.compile_mode)
             try:
                 forward()  # compiles (untimed)
                 ms = cuda_time_ms(forward, args.warmup, args.repeat)
@@ -206,12 +247,21 @@ def main() -> None:
         fraction = min(core[name] * layers / next(f for n, f, _ in rows if n == name), 0.999)
         print(f"{name}: self-attention is {fraction:.0%} of the forward; infinitely fast attention would bound the "
               f"end-to-end forward speed-up at {1 / (1 - fraction):.2f}x")
+    if graphed:
+        fastest = min(ms for name, ms in graphed.items() if name in DENSE_BACKENDS)
+        print()
+        print("Forward captured whole in one CUDA graph (torch.cuda.CUDAGraph: no host time), same run:")
+        print("| attention | graph replay ms | graph speed-up | eager forward ms |")
+        print("| --- | --- | --- | --- |")
+        for name, fwd, _ in rows:
+            print(f"| {name} | {graphed[name]:.1f} | {fastest / graphed[name]:.2f}x | {fwd:.1f} |")
     if compiled:
         fastest = min(fwd for name, (fwd, _) in compiled.items() if name in DENSE_BACKENDS)
         dense_trains = [train for name, (_, train) in compiled.items() if name in DENSE_BACKENDS and train]
         fastest_train = min(dense_trains) if dense_trains else None
         print()
-        print("Forward with every transformer block compiled (torch.compile), and a train step, same run:")
+        print(f"Forward with every transformer block compiled (torch.compile, mode {args.compile_mode}), and a train "
+              "step, same run:")
         print("| attention | compiled forward ms | compiled speed-up | compiled train step ms | train speed-up |")
         print("| --- | --- | --- | --- | --- |")
         for name, _, _ in rows:
