@@ -48,7 +48,10 @@ def preload_backends() -> None:
 
     for name in _BACKENDS:
         if name != "triton" or is_triton_available():
-            _load_backend(name)
+            try:
+                _load_backend(name)
+            except ImportError:  # a broken install: the error comes back, unchanged, when that backend is used
+                pass
 
 
 def triton_backend_usable(device: torch.device) -> bool:
