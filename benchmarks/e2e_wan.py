@@ -98,6 +98,7 @@ def main() -> None:
 
     from diffusers_sla import SLAConfig, disable_sla, enable_sla, sla_summary
     from diffusers_sla.ops import sparse_linear_attention
+    from diffusers_sla.utils.cuda_graph import capture_cuda_graph
 
     torch.manual_seed(0)
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -150,27 +151,17 @@ def main() -> None:
     graphed = {}  # name -> forward ms replayed from one CUDA graph
     if args.cuda_graph:
         def graphed_forward_ms(label):
-            outputs = {}
-
-            def forward_kept():  # the output stays referenced: the replay writes it in place
+            def forward_out():
                 with torch.no_grad():
-                    outputs["o"] = model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
-                                         return_dict=False)[0]
+                    return model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
+                                 return_dict=False)[0]
 
-            forward_kept()
-            eager_out = outputs["o"].clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-                forward_kept()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                forward_kept()
+            eager_out = forward_out()
+            graph, out = capture_cuda_graph(forward_out)  # `out`: the tensor every replay writes
             ms = cuda_time_ms(graph.replay, args.warmup, args.repeat)
             graph.replay()
             torch.cuda.synchronize()
-            same = torch.equal(outputs["o"], eager_out)
+            same = torch.equal(out, eager_out)
             print(f"  {label} (one CUDA graph): forward {ms:.1f} ms; replay equals eager: {same}", flush=True)
             return ms
 

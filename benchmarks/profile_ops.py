@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.kernel import bench_ms, wan_inputs  # noqa: E402
 from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
+from diffusers_sla.utils.cuda_graph import capture_cuda_graph  # noqa: E402
 
 
 def kernel_table(fn, calls=10):
@@ -50,16 +51,8 @@ def kernel_table(fn, calls=10):
 def graph_ms(fn):
     """Median ms of `fn` replayed from a CUDA graph (no host overhead), or None when it cannot be captured."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return bench_ms(g.replay)
+        graph, _ = capture_cuda_graph(fn, warmup=3)
+        return bench_ms(graph.replay)
     except Exception as exc:  # report and go on: capture is a diagnostic here
         print(f"  graph capture failed: {exc!r}"[:300])
         return None

@@ -34,6 +34,7 @@ from diffusers_sla.processor import (
     reset_sla_stats,
     sla_summary,
 )
+from diffusers_sla.utils.cuda_graph import capture_cuda_graph
 
 EXACT_ATOL = 1e-4
 
@@ -280,19 +281,7 @@ def test_gpu_whole_model_replays_from_one_cuda_graph():
     enable_sla(model, topk=0.5, backend="triton", **TEST_SLA_OVERRIDES)
     _randomize_proj_l(model)
     static = {name: value.cuda() for name, value in make_inputs(seed=3).items()}
-    outputs = {}
-
-    def forward():
-        outputs["o"] = _run(model, static)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
+    graph, out = capture_cuda_graph(lambda: _run(model, static))
     for seed in (4, 5):
         fresh = make_inputs(seed=seed)
         for name, value in static.items():
@@ -300,7 +289,7 @@ def test_gpu_whole_model_replays_from_one_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         eager = _run(model, {name: value.cuda() for name, value in fresh.items()})
-        assert torch.equal(outputs["o"], eager), seed
+        assert torch.equal(out, eager), seed
     assert sla_summary(model)["blocks.0.attn1"].sla_calls > 0
 
 

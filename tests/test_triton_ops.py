@@ -481,6 +481,7 @@ def test_gpu_operator_replays_in_a_cuda_graph():
     needs every step on the device with no host synchronisation and no allocation that outlives the capture: replays
     on new inputs must equal eager calls."""
     from diffusers_sla.ops.autograd import sla_triton
+    from diffusers_sla.utils.cuda_graph import capture_cuda_graph
 
     torch.manual_seed(0)
     B, H, L, D = 1, 4, 1500, 128
@@ -489,14 +490,7 @@ def test_gpu_operator_replays_in_a_cuda_graph():
     call = lambda q, k, v: sla_triton(q, k, v, w, b, topk=0.2, blkq=128, blkk=64, feature_map="softmax",
                                       linear_scope="rest")
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (compilation, allocator) off the capture
-            call(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call(*static)
+        graph, out = capture_cuda_graph(lambda: call(*static))
         for seed in (1, 2):
             torch.manual_seed(seed)
             fresh = [torch.randn_like(x) for x in static]
