@@ -47,24 +47,28 @@ def rel_err(out, ref):
 
 
 @contextlib.contextmanager
-def forward_kernel(name):
-    """Force `custom_ops`' forward kernel ("portable" or "hopper") inside the block."""
-    old = os.environ.get("DIFFUSERS_SLA_FWD_KERNEL")
-    os.environ["DIFFUSERS_SLA_FWD_KERNEL"] = name
+def kernels(name):
+    """Force `custom_ops`' choice of forward and dK/dV kernels ("portable" or "hopper") inside the block."""
+    old = {env: os.environ.get(env) for env in custom_ops.KERNEL_ENV.values()}
+    os.environ.update({env: name for env in old})
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["DIFFUSERS_SLA_FWD_KERNEL"]
-        else:
-            os.environ["DIFFUSERS_SLA_FWD_KERNEL"] = old
+        for env, value in old.items():
+            if value is None:
+                del os.environ[env]
+            else:
+                os.environ[env] = value
 
 
-def auto_forward_kernel(q, k, topk, blkq, blkk, scope):
-    """The forward kernel "auto" picks for these inputs (float32 inputs run in bfloat16)."""
+def auto_kernels(q, k, topk, blkq, blkk, scope):
+    """The forward and dK/dV kernels "auto" picks for these inputs (float32 inputs run in bfloat16)."""
     qc = q if q.dtype != torch.float32 else q.to(torch.bfloat16)
     lut = custom_ops.fast_select_blocks(qc, k.to(qc.dtype), topk, blkq, blkk)
-    return custom_ops._forward_kernel(qc, custom_ops._geometry(qc, k, lut, blkq, blkk, scope), blkq, blkk, "tf32")
+    g = custom_ops._geometry(qc, k, lut, blkq, blkk, scope)
+    fwd = custom_ops._forward_kernel(qc, g, blkq, blkk, "tf32")
+    dkdv = custom_ops._dkdv_kernel(qc, g, blkq, blkk, "tf32")
+    return fwd if fwd == dkdv else f"forward {fwd}, dK/dV {dkdv}"
 
 
 def load_public_reference():
@@ -156,17 +160,17 @@ def check(args):
             ok &= finite and e <= 2e-2
         same = all(torch.equal(a, c) for a, c in zip(ours, again))
         ok &= same and same_lut
-        kernel = auto_forward_kernel(q, k, topk, blkq, blkk, scope)
-        if kernel != "portable":  # the two forward kernels against each other (same function, other rounding order)
-            with forward_kernel("portable"):
+        kernel = auto_kernels(q, k, topk, blkq, blkk, scope)
+        if kernel != "portable":  # the Hopper kernels against the portable ones (same function, other rounding order)
+            with kernels("portable"):
                 portable = _run_ours(q, k, v, w, b, do, **kw)
             vs = [rel_err(a, r) if r.norm() > 0 else float(a.abs().max()) for a, r in zip(ours, portable)]
             ok &= max(vs) <= 1e-2
-            kernel += f" (vs portable: o={vs[0]:.1e} dq={vs[1]:.1e} dW={vs[4]:.1e})"
+            kernel += f" (vs portable: o={vs[0]:.1e} dq={vs[1]:.1e} dk={vs[2]:.1e} dv={vs[3]:.1e} dW={vs[4]:.1e})"
         failures += not ok
         log(f"[check {'ok' if ok else 'FAIL'}] B{B} H{H} Lq{Lq} Lk{Lk} D{D} {blkq}x{blkk} top{topk} {fm} {scope} "
             f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same} lut_equal={same_lut} "
-            f"forward={kernel}")
+            f"kernels={kernel}")
 
     # top_blocks' tie rule (lower index first) against torch.topk on this GPU, on scores with many ties
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -297,7 +301,7 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
         del hb, zkb, z_parts
     parts["sla_fwd (inference)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
-    with forward_kernel("portable"):
+    with kernels("portable"):
         parts["sla_fwd (inference, portable)"] = bench_ms(
             lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
     saved = ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32")
@@ -306,6 +310,9 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
     parts["column LUT"] = bench_ms(lambda: custom_ops.column_lut(lut, n_k))
     parts["sla_bwd (all kernels)"] = bench_ms(
         lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
+    with kernels("portable"):
+        parts["sla_bwd (portable dK/dV)"] = bench_ms(
+            lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
     for name, ms in parts.items():
         log(f"  {name:<28s} {ms:8.3f} ms")
     return parts
@@ -335,7 +342,7 @@ def bench(args, PublicSLA):
         log(f"public reference / ours(rest): fwd {public[0] / ours[0]:.2f}x, bwd {public[1] / ours[1]:.2f}x")
     if public and ours_all:
         log(f"public reference / ours(all):  fwd {public[0] / ours_all[0]:.2f}x, bwd {public[1] / ours_all[1]:.2f}x")
-    log(f"forward kernel ('auto'): {auto_forward_kernel(inputs[0], inputs[1], topk, blkq, blkk, 'rest')}")
+    log(f"kernels ('auto'): {auto_kernels(inputs[0], inputs[1], topk, blkq, blkk, 'rest')}")
     del inputs, do
     torch.cuda.empty_cache()
     log("breakdown, ours (rest):")

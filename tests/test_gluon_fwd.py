@@ -15,7 +15,7 @@ import torch
 
 from diffusers_sla.utils.import_utils import is_triton_available
 
-from testing_utils import rel_err
+from testing_utils import HOPPER_CASES, hopper_case_inputs, rel_err, require_hopper
 
 pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not installed")
 
@@ -65,37 +65,14 @@ def test_forward_kernel_knob_names_its_values_and_refuses_an_impossible_choice(m
         _choose(monkeypatch, "hopper", q)
 
 
-def _hopper_gpu() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-# B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, (B, L, H, D) view
-HOPPER_CASES = {
-    "wan_like_rest_bf16_view": (1, 2, 2000, 2000, 128, 128, 64, 0.1, "softmax", "rest", torch.bfloat16, True),
-    "partial_blocks_all_fp16": (2, 2, 1000, 777, 128, 128, 64, 0.2, "elu", "all", torch.float16, False),
-    "d72_padded_relu_rest": (1, 3, 700, 900, 72, 64, 64, 0.3, "relu", "rest", torch.bfloat16, False),
-    "blocks128_d64_rest": (1, 2, 640, 900, 64, 128, 128, 0.4, "softmax", "rest", torch.bfloat16, True),
-    "every_block_selected": (1, 1, 256, 256, 128, 128, 64, 1.0, "softmax", "rest", torch.bfloat16, False),
-}
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _hopper_gpu(), reason="the Hopper kernel needs a CUDA device of compute capability 9.0")
+@require_hopper
 @pytest.mark.parametrize("name", sorted(HOPPER_CASES))
 def test_hopper_kernel_matches_the_portable_kernel(monkeypatch, name):
     from diffusers_sla.ops import custom_ops
 
     B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]
-    g = torch.Generator(device="cuda").manual_seed(3)
-
-    def make(L):
-        shape = (B, L, H, D) if view else (B, H, L, D)
-        x = torch.randn(shape, generator=g, device="cuda", dtype=dtype)
-        return x.transpose(1, 2) if view else x
-
-    q, k, v = make(Lq), make(Lk), make(Lk)
-    w = torch.randn(D, D, generator=g, device="cuda") * D**-0.5
-    b = torch.randn(D, generator=g, device="cuda")
+    q, k, v, w, b, _ = hopper_case_inputs(name)
     lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
     custom_ops.POISON_OUTPUTS = True  # an element a kernel does not write stays NaN
     try:

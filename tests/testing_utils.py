@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""Shared test helpers: markers for optional hardware, the golden-data location, error metrics."""
+"""Shared test helpers: markers for optional hardware, the golden-data location, error metrics, the Hopper cases."""
 
 from __future__ import annotations
 
@@ -34,3 +34,39 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ computed in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def is_hopper_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+require_hopper = pytest.mark.skipif(not is_hopper_gpu(),
+                                    reason="the Hopper kernels need a CUDA device of compute capability 9.0")
+
+# Launches on which a Hopper (Gluon) kernel runs against its portable Triton twin:
+# B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, linear_scope, dtype, (B, L, H, D) view
+HOPPER_CASES = {
+    "wan_like_rest_bf16_view": (1, 2, 2000, 2000, 128, 128, 64, 0.1, "softmax", "rest", torch.bfloat16, True),
+    "partial_blocks_all_fp16": (2, 2, 1000, 777, 128, 128, 64, 0.2, "elu", "all", torch.float16, False),
+    "d72_padded_relu_rest": (1, 3, 700, 900, 72, 64, 64, 0.3, "relu", "rest", torch.bfloat16, False),
+    "blocks128_d64_rest": (1, 2, 640, 900, 64, 128, 128, 0.4, "softmax", "rest", torch.bfloat16, True),
+    "every_block_selected": (1, 1, 256, 256, 128, 128, 64, 1.0, "softmax", "rest", torch.bfloat16, False),
+    # 2 of 32 key blocks per query block: most key blocks are selected by no query block
+    "unselected_key_blocks": (1, 2, 256, 2048, 128, 128, 64, 0.05, "elu", "rest", torch.bfloat16, False),
+}
+
+
+def hopper_case_inputs(name: str, seed: int = 3):
+    """q, k, v (in the case's memory layout), proj_l's weight and bias, and an output gradient, on the GPU."""
+    B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def make(L):
+        shape = (B, L, H, D) if view else (B, H, L, D)
+        x = torch.randn(shape, generator=g, device="cuda", dtype=dtype)
+        return x.transpose(1, 2) if view else x
+
+    q, k, v, do = make(Lq), make(Lk), make(Lk), make(Lq)
+    w = torch.randn(D, D, generator=g, device="cuda") * D**-0.5
+    b = torch.randn(D, generator=g, device="cuda")
+    return q, k, v, w, b, do

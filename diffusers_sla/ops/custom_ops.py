@@ -17,7 +17,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import gluon_fwd
+from . import gluon_bwd, gluon_fwd
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
@@ -111,7 +111,9 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, blkq: int, bl
                      _has_linear(linear_scope, kept, n_kblk))
 
 
-FORWARD_KERNELS = ("auto", "portable", "hopper")
+KERNEL_CHOICES = ("auto", "portable", "hopper")
+# the environment variable that picks each Hopper (Gluon) kernel's portable twin
+KERNEL_ENV = {"forward": "DIFFUSERS_SLA_FWD_KERNEL", "dk/dv": "DIFFUSERS_SLA_BWD_KERNEL"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,25 +121,39 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:
-    """"hopper" (`gluon_fwd`, asynchronous tensor-core products) or "portable" (`triton_fwd._attn_fwd`).
-    `DIFFUSERS_SLA_FWD_KERNEL`: "auto" (default: hopper wherever it can run), "portable", or "hopper" (an error
-    where it cannot run, with the reason). Both compute the same function; they differ only in rounding order (the
-    GPU checks in `benchmarks/kernel.py` compare them)."""
-    choice = os.environ.get("DIFFUSERS_SLA_FWD_KERNEL", "auto")
-    if choice not in FORWARD_KERNELS:
-        raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL={choice!r}: allowed values are {FORWARD_KERNELS}")
+def _choose_kernel(part: str, q: torch.Tensor, hopper_reason) -> str:
+    """"hopper" (Gluon, asynchronous tensor-core products) or "portable" (Triton) for one part of the operator.
+    `KERNEL_ENV[part]`: "auto" (default: hopper wherever it can run), "portable", or "hopper" (an error where it cannot
+    run, with the reason). Both compute the same function; they differ only in rounding order (the GPU checks in
+    `benchmarks/kernel.py` and the GPU tests compare them). hopper_reason() -> None, or why Gluon cannot run it."""
+    env = KERNEL_ENV[part]
+    choice = os.environ.get(env, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{env}={choice!r}: allowed values are {KERNEL_CHOICES}")
     if choice == "portable":
         return "portable"
     if not (is_cuda() and q.is_cuda) or _capability(q.device.index) != (9, 0):
         reason = "needs a CUDA device of compute capability 9.0 (Hopper)"
     else:
-        reason = gluon_fwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D, g.kept, dot_precision)
+        reason = hopper_reason()
     if reason is None:
         return "hopper"
     if choice == "hopper":
-        raise ValueError(f"DIFFUSERS_SLA_FWD_KERNEL=hopper cannot run this call: {reason}")
+        raise ValueError(f"{env}=hopper cannot run this call: {reason}")
     return "portable"
+
+
+def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:
+    """The forward kernel: `gluon_fwd._attn_fwd_hopper` or `triton_fwd._attn_fwd` (`_choose_kernel`)."""
+    return _choose_kernel("forward", q, lambda: gluon_fwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D,
+                                                                   g.kept, dot_precision))
+
+
+def _dkdv_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:
+    """The backward's key-block (dK, dV) kernel: `gluon_bwd._attn_bwd_dkdv_hopper` or the key-block programs of
+    `triton_bwd._attn_bwd` (`_choose_kernel`). The dQ programs are Triton's on every device."""
+    return _choose_kernel("dk/dv", q, lambda: gluon_bwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D,
+                                                                 dot_precision))
 
 
 def _proj_precision(dot_precision: str) -> str:
@@ -419,7 +435,8 @@ def _sla_bwd(
     feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv (in q's dtype, contiguous), d proj_weight (D, D) and d proj_bias (D,) in float32."""
-    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = _geometry(q, k, lut, blkq, blkk, linear_scope)
+    g = _geometry(q, k, lut, blkq, blkk, linear_scope)
+    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
     fm = FEATURE_MAPS[feature_map]
     dev = q.device
     warps = 4 if block_d <= 64 and blkq <= 64 else 8
@@ -471,7 +488,7 @@ def _sla_bwd(
         db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
         dht, dzt, dhb, dzbk = ht, zt, drb, dzb  # unused
 
-    # -- dK, dV over the column LUT, dQ over the LUT: two launches ----
+    # -- dK, dV over the column LUT (Gluon on Hopper), dQ over the LUT: two launches ----
     qd, kd, vd, dod = _tma_ready(q), _tma_ready(k), _tma_ready(v), _tma_ready(do)
     col_q, col_off, col_cnt = column_lut(lut, n_kblk)
     dq = _empty(B, H, Lq, D, device=dev, dtype=q.dtype)
@@ -480,7 +497,16 @@ def _sla_bwd(
     # 64-row query tiles in both backward launches (H100, Wan shape, NOTES.md v5): dK/dV 2.91 -> 1.95 ms,
     # dQ 1.33 -> 1.01 ms
     dkdv_rows, dq_rows = _rows(blkq, "DKDV", 64), _rows(blkq, "DQ", 64)
-    for program, n_prog, rows in ((0, n_kblk, dkdv_rows), (1, n_qblk * (blkq // dq_rows), dq_rows)):
+    launches = [(1, n_qblk * (blkq // dq_rows), dq_rows)]
+    if _dkdv_kernel(q, g, blkq, blkk, dot_precision) == "hopper":
+        # dh tiles in the input dtype: "rest" dh_j per key block; "all" the per-head dH, rounded as `_attn_bwd`
+        # rounds it before its products
+        dh_in, dz_in = (dhb, dzbk) if rest else (dht.to(q.dtype), dzt)
+        gluon_bwd.launch_dkdv(qd, kd, vd, dod, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_in, dz_in, scale,
+                              n_qblk, n_kblk, kept, block_d, blkq, blkk, rest, has_linear, fm)
+    else:
+        launches.insert(0, (0, n_kblk, dkdv_rows))
+    for program, n_prog, rows in launches:
         _attn_bwd[(n_prog, B * H)](
             qd, kd, vd, dod, _head_tiles(qd, rows, block_d), _head_tiles(kd, blkk, block_d),
             _head_tiles(vd, blkk, block_d), _head_tiles(dod, rows, block_d),

@@ -1,0 +1,249 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""SLA backward key-block programs (dK, dV) for Hopper (sm_90) in Gluon.
+
+The same computation as the key-block programs of `triton_bwd._attn_bwd` (PROGRAM 0; read that file first): one
+program per key block walks the column LUT, i.e. only the query blocks that selected its key block, STEP_M query
+rows at a time. `tl.dot` waits for each product as soon as it is issued (benchmarks/NOTES.md v6); here the four
+products of a step are asynchronous `wgmma` instructions, so the CUDA-core work of a step runs under them:
+
+    issue dP^T = V dO^T                        (tensor cores)
+    P^T = exp2(S^T - lse)                      (runs while dP^T is computed)
+    issue dV += P^T dO
+    wait for dP^T; dS^T = P^T (dP^T - delta)   (runs while dV is computed)
+    issue dK += dS^T Q;  wait for this step's q/dO tiles... of the next step, issue S^T = K Q^T for it
+    wait for all; refill the ring slot of this step with the tiles of step + STAGES (TMA)
+
+The key block's K and V stay in shared memory for the whole program; the q and dO tiles of the visited query rows
+arrive by TMA into a ring of STAGES slots (one mbarrier per slot). Every product has the key block's rows as its M
+dimension, so a 64-row key block is one warpgroup (4 warps), and two programs fit on an SM.
+
+The epilogue adds the linear branch's part (dh_j and dz_j, formed before the launch, as in `_attn_bwd`): its
+BLOCK_D x BLOCK_D tile arrives by TMA into the ring, free by then. dK and dV leave by TMA through K's and V's shared
+memory.
+
+Only compiled on CUDA devices of compute capability 9.0; `custom_ops._sla_bwd` picks it there (`supports`), the
+portable `_attn_bwd` everywhere else and under the Triton interpreter, which does not run Gluon.
+"""
+
+from __future__ import annotations
+
+from .gluon_fwd import GLUON_AVAILABLE, _descriptor
+
+if GLUON_AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    from .gluon_fwd import _box, _feature_map_gl
+
+
+# Launch shape, key-block size -> (query rows per step, warps, ring stages); measured on the H200 at the Wan shape
+# (benchmarks/NOTES.md v11).
+LAUNCH = {64: (64, 4, 2)}
+
+
+def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int, dot_precision: str) -> str | None:
+    """None when the Hopper dK/dV kernel can run this launch, else the reason it cannot (for the error of a forced
+    choice)."""
+    if not GLUON_AVAILABLE:
+        return "this Triton has no Gluon Hopper API (triton.experimental.gluon)"
+    if dtype_bytes != 2:
+        return "inputs must be float16 or bfloat16"
+    if dot_precision == "ieee":
+        return "full float32 products (dot_precision 'ieee') run on the portable kernel"
+    if blkk not in LAUNCH:
+        return f"blkk must be one of {sorted(LAUNCH)} (got {blkk})"
+    rows = LAUNCH[blkk][0]
+    if blkq < rows or blkq % rows:
+        return f"blkq must be a multiple of {rows} for blkk={blkk} (got {blkq})"
+    if block_d not in (64, 128) or head_dim % 8:
+        return f"head_dim must be a multiple of 8 in 33..128 (got {head_dim})"
+    return None
+
+
+if GLUON_AVAILABLE:
+
+    @gluon.jit
+    def _feature_map_bwd_gl(phi, dphi, FEATURE_MAP: gl.constexpr):
+        # `triton_fwd._feature_map_bwd` for Gluon tensors, from phi alone, so that x need not stay in registers:
+        # elu(x) + 1 > 1 exactly where x > 0 (at x = 0 both branches give dphi), relu(x) > 0 exactly where x > 0
+        if FEATURE_MAP == 0:
+            dx = phi * (dphi - gl.sum(dphi * phi, 1)[:, None])
+        elif FEATURE_MAP == 1:
+            dx = gl.where(phi > 1.0, dphi, dphi * phi)
+        else:
+            dx = gl.where(phi > 0.0, dphi, 0.0)
+        return dx
+
+    @gluon.jit
+    def _query_row(COLQ, step, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr, STEP_M: gl.constexpr, valid=None):
+        # first query row of LUT step `step`: query block COLQ[step // SPLIT], its (step % SPLIT)-th STEP_M rows
+        # (row 0 where not `valid`: an index past this key block's LUT entries)
+        if valid is None:
+            block = gl.load(COLQ + step // SPLIT)
+        else:
+            block = gl.load(COLQ + step // SPLIT, mask=valid, other=0)
+        return block * BLOCK_M + (step % SPLIT) * STEP_M
+
+    @gluon.jit
+    def _issue_qdo(desc_q, desc_do, COLQ, step, n_steps, off_z, off_h, q_slot, do_slot, bar,
+                   SPLIT: gl.constexpr, BLOCK_M: gl.constexpr, STEP_M: gl.constexpr, TILE_BYTES: gl.constexpr,
+                   ALWAYS: gl.constexpr = False):
+        # TMA loads of the q and dO tiles of step `step` into one ring slot, one barrier for both (nothing when
+        # step >= n_steps, unless ALWAYS)
+        ok = (step < n_steps) | ALWAYS
+        start_m = _query_row(COLQ, step, SPLIT, BLOCK_M, STEP_M, valid=step < n_steps)
+        mbarrier.expect(bar, 2 * TILE_BYTES, pred=ok)
+        tma.async_copy_global_to_shared(desc_q, [off_z, off_h, start_m, 0], bar, _box(q_slot, desc_q), pred=ok)
+        tma.async_copy_global_to_shared(desc_do, [off_z, off_h, start_m, 0], bar, _box(do_slot, desc_do), pred=ok)
+
+    @gluon.jit
+    def _attn_bwd_dkdv_hopper(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, desc_dh,  #
+                              M, Delta, COLQ, COFF, CCNT, DZ,  #
+                              sm_scale, H, N_CTX_Q, N_QBLK, N_KBLK, KEPT,  #
+                              HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                              STEP_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                              REST: gl.constexpr, HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr,
+                              num_warps: gl.constexpr):
+        # Arguments as `_attn_bwd` (PROGRAM 0), except that q, dO, k, v, dk, dv come as host-built 4-D (B, H, L, D)
+        # tensor descriptors (`launch`) and the linear branch's dh as desc_dh over BLOCK_D x BLOCK_D tiles in the
+        # input dtype, one per key block for "rest" (dh_j), one per head for "all" (dH), with DZ the matching dz
+        # vectors (float32).
+        dtype: gl.constexpr = desc_q.dtype
+        start_n = gl.program_id(0)
+        off_hz = gl.program_id(1)
+        off_z = off_hz // H
+        off_h = off_hz % H
+
+        # wgmma accumulators: S^T and dP^T (key rows x STEP_M query columns), dK and dV (key rows x BLOCK_D); P^T and
+        # dS^T as register A operands of the dV and dK products
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, STEP_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BLOCK_D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], tile_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], tile_layout)
+        # the ring: q tiles in slots 0..STAGES-1, dO tiles in STAGES..2*STAGES-1; the epilogue reuses it for dh
+        ring = gl.allocate_shared_memory(dtype, [2 * STAGES, STEP_M, BLOCK_D], tile_layout)
+        bar_kv = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar_kv, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bar.index(s), count=1)
+
+        col = off_hz.to(gl.int64) * N_KBLK + start_n  # this key block's row in the column LUT and the side tensors
+        SPLIT: gl.constexpr = BLOCK_M // STEP_M
+        n_steps = gl.load(CCNT + col) * SPLIT
+        COLQ += off_hz.to(gl.int64) * N_QBLK * KEPT + gl.load(COFF + col)
+        TILE_BYTES: gl.constexpr = STEP_M * BLOCK_D * 2
+        mbarrier.expect(bar_kv, 2 * BLOCK_N * BLOCK_D * 2)
+        tma.async_copy_global_to_shared(desc_k, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(k_smem, desc_k))
+        tma.async_copy_global_to_shared(desc_v, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(v_smem, desc_v))
+        # step 0 is loaded even for a key block no query block selected (its rows then come from query block 0 and
+        # are never used): the first S^T product below needs a tile
+        for s in gl.static_range(STAGES):
+            _issue_qdo(desc_q, desc_do, COLQ, s, n_steps, off_z, off_h, ring.index(s), ring.index(STAGES + s),
+                       bar.index(s), SPLIT, BLOCK_M, STEP_M, TILE_BYTES, ALWAYS=s == 0)
+
+        row_base = off_hz.to(gl.int64) * N_CTX_Q
+        offs_c = gl.arange(0, STEP_M, layout=gl.SliceLayout(0, s_layout))  # a step's query rows: columns of S^T
+        dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, layout=acc_layout)
+        dv = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, layout=acc_layout)
+        zero_s = gl.zeros([BLOCK_N, STEP_M], gl.float32, layout=s_layout)
+        qk_scale = sm_scale * 1.44269504  # 1/log(2)
+
+        mbarrier.wait(bar_kv, 0)
+        mbarrier.wait(bar.index(0), 0)
+        s_cur = warpgroup_mma(k_smem, ring.index(0).permute((1, 0)), zero_s, use_acc=False)
+        start_m = _query_row(COLQ, 0, SPLIT, BLOCK_M, STEP_M, valid=n_steps > 0)
+        for j in range(0, n_steps):
+            slot = j % STAGES
+            q_tile = ring.index(slot)
+            do_tile = ring.index(STAGES + slot)
+            dp_tok = warpgroup_mma(v_smem, do_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            # rows past N_CTX_Q are zeros (TMA), and their lse is +inf: P^T = 0 there
+            rows = start_m + offs_c
+            m = gl.load(M + row_base + rows, mask=rows < N_CTX_Q, other=float("inf"))
+            di = gl.load(Delta + row_base + rows, mask=rows < N_CTX_Q, other=0.0)
+            p_t = gl.exp2(s_cur * qk_scale - m[None, :])
+            dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_tile, dv, is_async=True)
+            dp_t = warpgroup_mma_wait(1, deps=(dp_tok,))
+            ds_t = p_t * (dp_t - di[None, :])
+            dk_tok = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_tile, dk, is_async=True)
+            # the next step's scores (on the last step a repeat of this one, never read) run after dK
+            jn = gl.minimum(j + 1, n_steps - 1)
+            mbarrier.wait(bar.index(jn % STAGES), (jn // STAGES) & 1)
+            s_tok = warpgroup_mma(k_smem, ring.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                  is_async=True)
+            start_m = _query_row(COLQ, jn, SPLIT, BLOCK_M, STEP_M)
+            dv, dk, s_cur = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, s_tok))
+            # every warp is done with this slot: refill it with the tiles of step j + STAGES
+            gl.thread_barrier()
+            _issue_qdo(desc_q, desc_do, COLQ, j + STAGES, n_steps, off_z, off_h, q_tile, do_tile, bar.index(slot),
+                       SPLIT, BLOCK_M, STEP_M, TILE_BYTES)
+
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bar.index(s))
+        dk = dk * sm_scale
+
+        # -- epilogue: the linear branch, dv += phi(k) dh, dk += phi'(k) (v dh^T + dz) ----
+        # dV leaves first, through a ring slot, so that dV, dK, dphi(k) and phi(k) are never all in registers
+        gl.static_assert(2 * STAGES * STEP_M >= BLOCK_D + BLOCK_N, "the ring must hold the dh tile and dV")
+        dv_smem = ring.index(BLOCK_D // STEP_M)._reinterpret(dtype, [BLOCK_N, BLOCK_D], tile_layout)
+        gl.thread_barrier()
+        if HAS_LINEAR:
+            dh_smem = ring.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], desc_dh.layout)
+            dh_row = col if REST else off_hz.to(gl.int64)  # dh_j of this key block, or the head's dH
+            mbarrier.expect(bar_kv, BLOCK_D * BLOCK_D * 2)
+            tma.async_copy_global_to_shared(desc_dh, [(dh_row * BLOCK_D).to(gl.int32), 0], bar_kv, dh_smem)
+            # phi(k) straight in the A-operand layout of the product with dh (rows past N_CTX_KV hold zeros; their
+            # dk, dv are never stored)
+            offs_dp = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, op_layout))
+            phik = _feature_map_gl(k_smem.load(op_layout).to(gl.float32), offs_dp < HEAD_DIM, FEATURE_MAP)
+            mbarrier.wait(bar_kv, 1)
+            dv = warpgroup_mma(phik.to(dtype), dh_smem, dv)
+        dv_smem.store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_dv, [off_z, off_h, start_n * BLOCK_N, 0], _box(dv_smem, desc_dv))
+        if HAS_LINEAR:
+            offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, acc_layout))
+            dz = gl.load(DZ + dh_row * BLOCK_D + offs_d)
+            dphik = warpgroup_mma(v_smem, dh_smem.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_D], gl.float32,
+                                                                             layout=acc_layout), use_acc=False)
+            phik = _feature_map_gl(k_smem.load(acc_layout).to(gl.float32), offs_d < HEAD_DIM, FEATURE_MAP)
+            dk += _feature_map_bwd_gl(phik, dphik + dz[None, :], FEATURE_MAP)
+        mbarrier.invalidate(bar_kv)
+
+        # dK leaves through K's shared memory (no longer read) and TMA, which (as for dV) clips rows past N_CTX_KV
+        # and columns past HEAD_DIM
+        gl.thread_barrier()
+        k_smem.store(dk.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_dk, [off_z, off_h, start_n * BLOCK_N, 0], _box(k_smem, desc_dk))
+        tma.store_wait(0)
+
+
+def launch_dkdv(q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_tiles, dz, scale: float, n_qblk: int,
+                n_kblk: int, kept: int, block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool,
+                feature_map: int):
+    """Runs `_attn_bwd_dkdv_hopper` (the caller checked `supports`). q, k, v, do, dk, dv: (B, H, L, D) with unit
+    inner stride and 16-byte aligned rows (`custom_ops._tma_ready`); dh_tiles: (n, block_d, block_d) in q's dtype,
+    one tile per key block ("rest") or per head ("all"), dz the matching float32 vectors; other arguments as
+    `_attn_bwd`."""
+    B, H, Lq, D = q.shape
+    rows, warps, stages = LAUNCH[blkk]
+    # (without a linear branch nothing reads dh, but a descriptor needs a real tile)
+    dh2d = dh_tiles.reshape(-1, block_d) if has_linear else q.new_zeros(block_d, block_d)
+    _attn_bwd_dkdv_hopper[(n_kblk, B * H)](
+        _descriptor(q, [1, 1, rows, block_d]), _descriptor(do, [1, 1, rows, block_d]),
+        _descriptor(k, [1, 1, blkk, block_d]), _descriptor(v, [1, 1, blkk, block_d]),
+        _descriptor(dk, [1, 1, blkk, block_d]), _descriptor(dv, [1, 1, blkk, block_d]),
+        _descriptor(dh2d, [block_d, block_d]),
+        lse, delta, col_q, col_off, col_cnt, dz, scale, H, Lq, n_qblk, n_kblk, kept,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, STEP_M=rows, BLOCK_N=blkk, STAGES=stages, REST=rest,
+        HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, num_warps=warps,
+    )
