@@ -48,7 +48,7 @@ def rel_err(out, ref):
 
 @contextlib.contextmanager
 def kernels(name):
-    """Force `custom_ops`' choice of forward and dK/dV kernels ("portable" or "hopper") inside the block."""
+    """Force `custom_ops`' choice of forward and backward kernels ("portable" or "hopper") inside the block."""
     old = {env: os.environ.get(env) for env in custom_ops.KERNEL_ENV.values()}
     os.environ.update({env: name for env in old})
     try:
@@ -62,13 +62,13 @@ def kernels(name):
 
 
 def auto_kernels(q, k, topk, blkq, blkk, scope):
-    """The forward and dK/dV kernels "auto" picks for these inputs (float32 inputs run in bfloat16)."""
+    """The forward and backward kernels "auto" picks for these inputs (float32 inputs run in bfloat16)."""
     qc = q if q.dtype != torch.float32 else q.to(torch.bfloat16)
     lut = custom_ops.fast_select_blocks(qc, k.to(qc.dtype), topk, blkq, blkk)
     g = custom_ops._geometry(qc, k, lut, blkq, blkk, scope)
     fwd = custom_ops._forward_kernel(qc, g, blkq, blkk, "tf32")
-    dkdv = custom_ops._dkdv_kernel(qc, g, blkq, blkk, "tf32")
-    return fwd if fwd == dkdv else f"forward {fwd}, dK/dV {dkdv}"
+    bwd = custom_ops._backward_kernel(qc, g, blkq, blkk, "tf32")
+    return fwd if fwd == bwd else f"forward {fwd}, backward {bwd}"
 
 
 def load_public_reference():
@@ -311,7 +311,7 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
     parts["sla_bwd (all kernels)"] = bench_ms(
         lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
     with kernels("portable"):
-        parts["sla_bwd (portable dK/dV)"] = bench_ms(
+        parts["sla_bwd (portable kernels)"] = bench_ms(
             lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
     for name, ms in parts.items():
         log(f"  {name:<28s} {ms:8.3f} ms")

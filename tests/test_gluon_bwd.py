@@ -1,9 +1,9 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""The Hopper dK/dV kernel (`ops/gluon_bwd.py`) and how `custom_ops` chooses it.
+"""The Hopper backward kernels (`ops/gluon_bwd.py`: dK/dV and dQ) and how `custom_ops` chooses them.
 
 Gluon does not run under the Triton interpreter, so on a CPU machine only the choice is tested (which launches the
-kernel can take, the error of a forced choice); on a Hopper GPU the whole backward runs with it against the portable
-key-block programs of `triton_bwd._attn_bwd`.
+kernels can take, the error of a forced choice); on a Hopper GPU the whole backward runs with them against the
+portable `triton_bwd._attn_bwd`.
 """
 
 from __future__ import annotations
@@ -48,19 +48,19 @@ def test_backward_kernel_knob_names_its_values_and_refuses_an_impossible_choice(
     lut = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
     g = custom_ops._geometry(q, q, lut, 128, 64, "rest")
     monkeypatch.delenv("DIFFUSERS_SLA_BWD_KERNEL", raising=False)
-    assert custom_ops._dkdv_kernel(q, g, 128, 64, "tf32") == "portable"
+    assert custom_ops._backward_kernel(q, g, 128, 64, "tf32") == "portable"
     monkeypatch.setenv("DIFFUSERS_SLA_BWD_KERNEL", "fast")
     with pytest.raises(ValueError, match="DIFFUSERS_SLA_BWD_KERNEL='fast': allowed values are"):
-        custom_ops._dkdv_kernel(q, g, 128, 64, "tf32")
+        custom_ops._backward_kernel(q, g, 128, 64, "tf32")
     monkeypatch.setenv("DIFFUSERS_SLA_BWD_KERNEL", "hopper")
     with pytest.raises(ValueError, match="DIFFUSERS_SLA_BWD_KERNEL=hopper cannot run this call: needs a CUDA"):
-        custom_ops._dkdv_kernel(q, g, 128, 64, "tf32")
+        custom_ops._backward_kernel(q, g, 128, 64, "tf32")
 
 
 @pytest.mark.gpu
 @require_hopper
 @pytest.mark.parametrize("name", sorted(n for n, case in HOPPER_CASES.items() if case[6] == 64))
-def test_hopper_dkdv_kernel_matches_the_portable_kernel(monkeypatch, name):
+def test_hopper_backward_kernel_matches_the_portable_kernel(monkeypatch, name):
     from diffusers_sla.ops import custom_ops
 
     B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]

@@ -113,7 +113,7 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, blkq: int, bl
 
 KERNEL_CHOICES = ("auto", "portable", "hopper")
 # the environment variable that picks each Hopper (Gluon) kernel's portable twin
-KERNEL_ENV = {"forward": "DIFFUSERS_SLA_FWD_KERNEL", "dk/dv": "DIFFUSERS_SLA_BWD_KERNEL"}
+KERNEL_ENV = {"forward": "DIFFUSERS_SLA_FWD_KERNEL", "backward": "DIFFUSERS_SLA_BWD_KERNEL"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,11 +149,11 @@ def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_pre
                                                                    g.kept, dot_precision))
 
 
-def _dkdv_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:
-    """The backward's key-block (dK, dV) kernel: `gluon_bwd._attn_bwd_dkdv_hopper` or the key-block programs of
-    `triton_bwd._attn_bwd` (`_choose_kernel`). The dQ programs are Triton's on every device."""
-    return _choose_kernel("dk/dv", q, lambda: gluon_bwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D,
-                                                                 dot_precision))
+def _backward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:
+    """The backward's dK/dV and dQ kernels: `gluon_bwd`'s two or the two program kinds of `triton_bwd._attn_bwd`
+    (`_choose_kernel`). The preprocess and the proj_l gradients are Triton kernels on every device."""
+    return _choose_kernel("backward", q, lambda: gluon_bwd.supports(q.element_size(), blkq, blkk, g.block_d, g.D,
+                                                                    dot_precision))
 
 
 def _proj_precision(dot_precision: str) -> str:
@@ -488,25 +488,26 @@ def _sla_bwd(
         db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
         dht, dzt, dhb, dzbk = ht, zt, drb, dzb  # unused
 
-    # -- dK, dV over the column LUT (Gluon on Hopper), dQ over the LUT: two launches ----
+    # -- dK, dV over the column LUT, dQ over the LUT: two launches (Gluon kernels on Hopper) ----
     qd, kd, vd, dod = _tma_ready(q), _tma_ready(k), _tma_ready(v), _tma_ready(do)
     col_q, col_off, col_cnt = column_lut(lut, n_kblk)
     dq = _empty(B, H, Lq, D, device=dev, dtype=q.dtype)
     dk = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
     dv = _empty(B, H, Lk, D, device=dev, dtype=q.dtype)
+    if _backward_kernel(q, g, blkq, blkk, dot_precision) == "hopper":
+        # dh and R tiles in the input dtype: "rest" one per key block / query block; "all" the per-head totals,
+        # rounded as `_attn_bwd` rounds them before its products
+        dh_in, dz_in = (dhb, dzbk) if rest else (dht.to(q.dtype), dzt)
+        r_in, z_in = (rb, zb) if rest else (ht.to(q.dtype), zt)
+        gluon_bwd.launch_dkdv(qd, kd, vd, dod, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_in, dz_in, scale,
+                              n_qblk, n_kblk, kept, block_d, blkq, blkk, rest, has_linear, fm)
+        gluon_bwd.launch_dq(qd, kd, vd, dod, dq, lut, lse, delta, dn, dd, r_in, z_in, scale, n_qblk, kept, block_d,
+                            blkq, blkk, rest, has_linear, fm)
+        return dq, dk, dv, dw, db
     # 64-row query tiles in both backward launches (H100, Wan shape, NOTES.md v5): dK/dV 2.91 -> 1.95 ms,
     # dQ 1.33 -> 1.01 ms
     dkdv_rows, dq_rows = _rows(blkq, "DKDV", 64), _rows(blkq, "DQ", 64)
-    launches = [(1, n_qblk * (blkq // dq_rows), dq_rows)]
-    if _dkdv_kernel(q, g, blkq, blkk, dot_precision) == "hopper":
-        # dh tiles in the input dtype: "rest" dh_j per key block; "all" the per-head dH, rounded as `_attn_bwd`
-        # rounds it before its products
-        dh_in, dz_in = (dhb, dzbk) if rest else (dht.to(q.dtype), dzt)
-        gluon_bwd.launch_dkdv(qd, kd, vd, dod, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_in, dz_in, scale,
-                              n_qblk, n_kblk, kept, block_d, blkq, blkk, rest, has_linear, fm)
-    else:
-        launches.insert(0, (0, n_kblk, dkdv_rows))
-    for program, n_prog, rows in launches:
+    for program, n_prog, rows in ((0, n_kblk, dkdv_rows), (1, n_qblk * (blkq // dq_rows), dq_rows)):
         _attn_bwd[(n_prog, B * H)](
             qd, kd, vd, dod, _head_tiles(qd, rows, block_d), _head_tiles(kd, blkk, block_d),
             _head_tiles(vd, blkk, block_d), _head_tiles(dod, rows, block_d),

@@ -1,31 +1,37 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""SLA backward key-block programs (dK, dV) for Hopper (sm_90) in Gluon.
+"""SLA backward for Hopper (sm_90) in Gluon: the dK/dV and the dQ programs.
 
-The same computation as the key-block programs of `triton_bwd._attn_bwd` (PROGRAM 0; read that file first): one
-program per key block walks the column LUT, i.e. only the query blocks that selected its key block, STEP_M query
-rows at a time. `tl.dot` waits for each product as soon as it is issued (benchmarks/NOTES.md v6); here the four
-products of a step are asynchronous `wgmma` instructions, so the CUDA-core work of a step runs under them:
+The same computation as `triton_bwd._attn_bwd` (read that file first: this one only differs in how the loops are
+scheduled). `tl.dot` waits for each product as soon as it is issued (benchmarks/NOTES.md v6); here the products are
+asynchronous `wgmma` instructions, so each step's CUDA-core work runs under its tensor-core work.
+
+Key-block programs (dK, dV), one per key block, walk the column LUT, i.e. only the query blocks that selected their
+key block, STEP_M query rows at a time:
 
     issue dP^T = V dO^T                        (tensor cores)
     P^T = exp2(S^T - lse)                      (runs while dP^T is computed)
     issue dV += P^T dO
     wait for dP^T; dS^T = P^T (dP^T - delta)   (runs while dV is computed)
-    issue dK += dS^T Q;  wait for this step's q/dO tiles... of the next step, issue S^T = K Q^T for it
+    issue dK += dS^T Q, then the next step's S^T = K Q^T
     wait for all; refill the ring slot of this step with the tiles of step + STAGES (TMA)
 
-The key block's K and V stay in shared memory for the whole program; the q and dO tiles of the visited query rows
-arrive by TMA into a ring of STAGES slots (one mbarrier per slot). Every product has the key block's rows as its M
-dimension, so a 64-row key block is one warpgroup (4 warps), and two programs fit on an SM.
+K and V stay in shared memory for the whole program; the q and dO tiles arrive by TMA into a ring of STAGES slots.
+Every product has the key block's rows as its M dimension, so a 64-row key block is one warpgroup (4 warps).
 
-The epilogue adds the linear branch's part (dh_j and dz_j, formed before the launch, as in `_attn_bwd`): its
-BLOCK_D x BLOCK_D tile arrives by TMA into the ring, free by then. dK and dV leave by TMA through K's and V's shared
-memory.
+Query programs (dQ), BLOCK_M rows each, walk the forward's LUT with K/V tiles in a TMA ring, as
+`gluon_fwd._attn_fwd_hopper` does: issue dP = dO V^T and the next S = Q K^T, P = exp2(S - lse) under both,
+dS = P (dP - delta), issue dQ += dS K.
 
-Only compiled on CUDA devices of compute capability 9.0; `custom_ops._sla_bwd` picks it there (`supports`), the
-portable `_attn_bwd` everywhere else and under the Triton interpreter, which does not run Gluon.
+The epilogues add the linear branch's part (dh_j, dz_j for dK/dV; R_i, z_i for dQ, as in `_attn_bwd`): its
+BLOCK_D x BLOCK_D tile arrives by TMA into the ring, free by then. Results leave by TMA through shared memory.
+
+Only compiled on CUDA devices of compute capability 9.0; `custom_ops._sla_bwd` picks these kernels there
+(`supports`), the portable `_attn_bwd` everywhere else and under the Triton interpreter, which does not run Gluon.
 """
 
 from __future__ import annotations
+
+import os
 
 from .gluon_fwd import GLUON_AVAILABLE, _descriptor
 
@@ -35,17 +41,18 @@ if GLUON_AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from .gluon_fwd import _box, _feature_map_gl
+    from .gluon_fwd import _box, _feature_map_gl, _issue_kv
 
 
-# Launch shape, key-block size -> (query rows per step, warps, ring stages); measured on the H200 at the Wan shape
-# (benchmarks/NOTES.md v11).
-LAUNCH = {64: (64, 4, 2)}
+# Launch shapes, key-block size -> (query rows per step or program, warps, ring stages); measured on the H200 at the
+# Wan shape (benchmarks/NOTES.md v11). `DIFFUSERS_SLA_DKDV_STAGES` / `_DQ_STAGES` override the stages.
+LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DKDV_STAGES", "2")))}
+DQ_LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DQ_STAGES", "2")))}
 
 
 def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int, dot_precision: str) -> str | None:
-    """None when the Hopper dK/dV kernel can run this launch, else the reason it cannot (for the error of a forced
-    choice)."""
+    """None when the Hopper backward kernels can run this launch, else the reason they cannot (for the error of a
+    forced choice)."""
     if not GLUON_AVAILABLE:
         return "this Triton has no Gluon Hopper API (triton.experimental.gluon)"
     if dtype_bytes != 2:
@@ -227,6 +234,126 @@ if GLUON_AVAILABLE:
         tma.store_wait(0)
 
 
+    @gluon.jit
+    def _attn_bwd_dq_hopper(desc_q, desc_do, desc_k, desc_v, desc_dq, desc_r, LUT, M, Delta, DN, DD, ZB,  #
+                            sm_scale, H, N_CTX_Q, N_QBLK, KEPT,  #
+                            HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
+                            HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, num_warps: gl.constexpr):
+        # The query programs (dQ) of `_attn_bwd` (PROGRAM 1): BLOCK_M query rows each, SPLIT per query block, walking
+        # the forward's LUT with K/V tiles in a TMA ring as `gluon_fwd._attn_fwd_hopper` does. Per step:
+        #   issue dP = dO V^T, then the next step's S = Q K^T; P = exp2(S - lse) under both; wait for dP;
+        #   dS = P (dP - delta); issue dQ += dS K; wait for all; refill the ring slot.
+        # desc_r covers the linear branch's R tiles in the input dtype (R_i per query block for "rest", the head's
+        # total for "all"), ZB the matching z vectors; DN, DD: dN (B, H, L, D) and dd (B, H, L) of the preprocess.
+        dtype: gl.constexpr = desc_q.dtype
+        start_m = gl.program_id(0)
+        off_hz = gl.program_id(1)
+        off_z = off_hz // H
+        off_h = off_hz % H
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BLOCK_D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
+        # the ring: K tiles in slots 0..STAGES-1, V tiles in STAGES..2*STAGES-1; the epilogue reuses it for R
+        kv_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, BLOCK_N, BLOCK_D], tile_layout)
+        bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bar_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        bar_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar_q, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bar_k.index(s), count=1)
+            mbarrier.init(bar_v.index(s), count=1)
+
+        blk = off_hz.to(gl.int64) * N_QBLK + start_m // SPLIT  # this query block's row in the LUT and side tensors
+        LUT += blk * KEPT
+        TILE_BYTES: gl.constexpr = BLOCK_N * BLOCK_D * 2
+        mbarrier.expect(bar_q, 2 * BLOCK_M * BLOCK_D * 2)
+        tma.async_copy_global_to_shared(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
+        tma.async_copy_global_to_shared(desc_do, [off_z, off_h, start_m * BLOCK_M, 0], bar_q,
+                                        _box(do_smem, desc_do))
+        for s in gl.static_range(STAGES):
+            _issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
+                      bar_k.index(s), bar_v.index(s), BLOCK_N, TILE_BYTES)
+
+        # rows past N_CTX_Q are zeros (TMA); their dq is never stored. Keys past N_CTX_KV are zero rows of k and v:
+        # their P is not 0, but dS K adds nothing for them
+        rows = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        row = off_hz.to(gl.int64) * N_CTX_Q + rows
+        m = gl.load(M + row, mask=rows < N_CTX_Q, other=0.0)
+        di = gl.load(Delta + row, mask=rows < N_CTX_Q, other=0.0)
+        dq = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, layout=acc_layout)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        qk_scale = sm_scale * 1.44269504  # 1/log(2)
+
+        mbarrier.wait(bar_q, 0)
+        mbarrier.wait(bar_k.index(0), 0)
+        s_cur = warpgroup_mma(q_smem, kv_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+        for j in range(0, KEPT):
+            slot = j % STAGES
+            mbarrier.wait(bar_v.index(slot), (j // STAGES) & 1)
+            dp_tok = warpgroup_mma(do_smem, kv_smem.index(STAGES + slot).permute((1, 0)), zero_s, use_acc=False,
+                                   is_async=True)
+            # the next step's scores (on the last step a repeat of this one, never read)
+            jn = gl.minimum(j + 1, KEPT - 1)
+            mbarrier.wait(bar_k.index(jn % STAGES), (jn // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, kv_smem.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                  is_async=True)
+            p = gl.exp2(s_cur * qk_scale - m[:, None])
+            dp = warpgroup_mma_wait(1, deps=(dp_tok,))
+            ds = p * (dp - di[:, None])
+            dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), kv_smem.index(slot), dq,
+                                   is_async=True)
+            dq, s_cur = warpgroup_mma_wait(0, deps=(dq_tok, s_tok))
+            # every warp is done with this slot: refill it with the tiles of step j + STAGES
+            gl.thread_barrier()
+            _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
+                      kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
+
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bar_k.index(s))
+            mbarrier.invalidate(bar_v.index(s))
+        dq = dq * sm_scale
+
+        # -- epilogue: the linear branch, dq += phi'(q) (dN R^T + dd z^T) ----
+        if HAS_LINEAR:
+            r_smem = kv_smem.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], desc_r.layout)
+            r_row = blk if REST else off_hz.to(gl.int64)  # R_i of this query block, or the head's total
+            gl.thread_barrier()
+            mbarrier.expect(bar_q, BLOCK_D * BLOCK_D * 2)
+            tma.async_copy_global_to_shared(desc_r, [(r_row * BLOCK_D).to(gl.int32), 0], bar_q, r_smem)
+            ep_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+            rows_ep = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ep_layout))
+            offs_ep = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ep_layout))
+            dn_mask = (rows_ep < N_CTX_Q)[:, None] & (offs_ep < HEAD_DIM)[None, :]
+            dn = gl.load(DN + (off_hz.to(gl.int64) * N_CTX_Q + rows_ep)[:, None] * HEAD_DIM + offs_ep[None, :],
+                         mask=dn_mask, other=0.0)
+            offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, acc_layout))
+            z = gl.load(ZB + r_row * BLOCK_D + offs_d)
+            rows_acc = gl.convert_layout(rows, gl.SliceLayout(1, acc_layout))
+            dd = gl.load(DD + off_hz.to(gl.int64) * N_CTX_Q + rows_acc, mask=rows_acc < N_CTX_Q, other=0.0)
+            mbarrier.wait(bar_q, 1)
+            dphiq = warpgroup_mma(gl.convert_layout(dn.to(dtype), op_layout), r_smem.permute((1, 0)),
+                                  dd[:, None] * z[None, :])
+            phiq = _feature_map_gl(q_smem.load(acc_layout).to(gl.float32), offs_d < HEAD_DIM, FEATURE_MAP)
+            dq += _feature_map_bwd_gl(phiq, dphiq, FEATURE_MAP)
+        mbarrier.invalidate(bar_q)
+
+        # dq leaves through q's shared memory (no longer read) and TMA, which clips rows past N_CTX_Q and columns
+        # past HEAD_DIM
+        gl.thread_barrier()
+        q_smem.store(dq.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_dq, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_dq))
+        tma.store_wait(0)
+
+
 def launch_dkdv(q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_tiles, dz, scale: float, n_qblk: int,
                 n_kblk: int, kept: int, block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool,
                 feature_map: int):
@@ -245,5 +372,23 @@ def launch_dkdv(q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_til
         _descriptor(dh2d, [block_d, block_d]),
         lse, delta, col_q, col_off, col_cnt, dz, scale, H, Lq, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, STEP_M=rows, BLOCK_N=blkk, STAGES=stages, REST=rest,
+        HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, num_warps=warps,
+    )
+
+
+def launch_dq(q, k, v, do, dq, lut, lse, delta, dn, dd, r_tiles, z, scale: float, n_qblk: int, kept: int,
+              block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int):
+    """Runs `_attn_bwd_dq_hopper` (the caller checked `supports`). q, k, v, do, dq: (B, H, L, D) with unit inner
+    stride and 16-byte aligned rows; r_tiles: (n, block_d, block_d) in q's dtype, one tile per query block ("rest")
+    or per head ("all"), z the matching float32 vectors (as `gluon_fwd.launch`); other arguments as `_attn_bwd`."""
+    B, H, Lq, D = q.shape
+    rows, warps, stages = DQ_LAUNCH[blkk]
+    r2d = r_tiles.reshape(-1, block_d) if has_linear else q.new_zeros(block_d, block_d)
+    _attn_bwd_dq_hopper[(n_qblk * (blkq // rows), B * H)](
+        _descriptor(q, [1, 1, rows, block_d]), _descriptor(do, [1, 1, rows, block_d]),
+        _descriptor(k, [1, 1, blkk, block_d]), _descriptor(v, [1, 1, blkk, block_d]),
+        _descriptor(dq, [1, 1, rows, block_d]), _descriptor(r2d, [block_d, block_d]),
+        lut, lse, delta, dn, dd, z, scale, H, Lq, n_qblk, kept,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, num_warps=warps,
     )
