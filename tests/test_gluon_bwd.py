@@ -22,11 +22,11 @@ pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not
 GOOD = dict(dtype_bytes=2, blkq=128, blkk=64, block_d=128, head_dim=128, dot_precision="tf32")
 
 
-def test_supports_the_wan_launch_and_names_what_it_cannot_run():
+def test_supports_the_wan_launch_and_names_what_it_cannot_run(monkeypatch):
     from diffusers_sla.ops import gluon_bwd
 
-    if not gluon_bwd.GLUON_AVAILABLE:
-        pytest.skip("this Triton has no Gluon Hopper API")
+    # the launch rules, whatever Triton is installed here (the version gate has its own test)
+    monkeypatch.setattr(gluon_bwd, "GLUON_AVAILABLE", True)
     assert gluon_bwd.supports(**GOOD) is None
     assert gluon_bwd.supports(**GOOD | dict(blkq=64, head_dim=64, block_d=64)) is None
     cases = [

@@ -22,11 +22,11 @@ pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not
 GOOD = dict(dtype_bytes=2, blkq=128, blkk=64, block_d=128, head_dim=128, kept=25, dot_precision="tf32")
 
 
-def test_supports_the_wan_launch_and_names_what_it_cannot_run():
+def test_supports_the_wan_launch_and_names_what_it_cannot_run(monkeypatch):
     from diffusers_sla.ops import gluon_fwd
 
-    if not gluon_fwd.GLUON_AVAILABLE:
-        pytest.skip("this Triton has no Gluon Hopper API")
+    # the launch rules, whatever Triton is installed here (the version gate has its own test)
+    monkeypatch.setattr(gluon_fwd, "GLUON_AVAILABLE", True)
     assert gluon_fwd.supports(**GOOD) is None
     assert gluon_fwd.supports(**GOOD | dict(blkq=128, blkk=128)) is None
     cases = [
@@ -41,6 +41,18 @@ def test_supports_the_wan_launch_and_names_what_it_cannot_run():
     for change, message in cases:
         reason = gluon_fwd.supports(**GOOD | change)
         assert reason is not None and re.search(message, reason), (change, reason)
+
+
+def test_hopper_kernels_run_only_on_the_triton_their_gluon_api_is_written_for():
+    from diffusers_sla.ops import gluon_bwd, gluon_fwd
+
+    assert gluon_fwd.GLUON_AVAILABLE == gluon_bwd.GLUON_AVAILABLE
+    if gluon_fwd.TRITON_VERSION != gluon_fwd.GLUON_TRITON:
+        bwd_launch = {k: v for k, v in GOOD.items() if k != "kept"}
+        for reason in (gluon_fwd.supports(**GOOD), gluon_bwd.supports(**bwd_launch)):
+            assert re.search(r"written for the Gluon API of Triton 3\.6 .* this is Triton \d+\.\d+", reason), reason
+    else:
+        assert gluon_fwd.GLUON_AVAILABLE  # the Triton the kernels are written for: Gluon must import
 
 
 def _choose(monkeypatch, value, q):

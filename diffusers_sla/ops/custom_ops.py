@@ -10,6 +10,7 @@ synchronisation.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import NamedTuple
 
@@ -23,6 +24,8 @@ from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
                          _row_sums, _top_blocks_kernel, is_cuda)
 
+
+logger = logging.getLogger(__name__)
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
 # wrote shows up in the result.
@@ -132,15 +135,21 @@ def _choose_kernel(part: str, q: torch.Tensor, hopper_reason) -> str:
         raise ValueError(f"{env}={choice!r}: allowed values are {KERNEL_CHOICES}")
     if choice == "portable":
         return "portable"
-    if not (is_cuda() and q.is_cuda) or _capability(q.device.index) != (9, 0):
-        reason = "needs a CUDA device of compute capability 9.0 (Hopper)"
-    else:
-        reason = hopper_reason()
+    on_hopper = is_cuda() and q.is_cuda and _capability(q.device.index) == (9, 0)
+    reason = hopper_reason() if on_hopper else "needs a CUDA device of compute capability 9.0 (Hopper)"
     if reason is None:
         return "hopper"
     if choice == "hopper":
         raise ValueError(f"{env}=hopper cannot run this call: {reason}")
+    if on_hopper:
+        _warn_portable_once(part, reason)
     return "portable"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_portable_once(part: str, reason: str) -> None:
+    # same results, slower: said once per reason, not per call
+    logger.warning("SLA %s on a Hopper GPU runs the portable Triton kernel (%s).", part, reason)
 
 
 def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 
-from .gluon_fwd import GLUON_AVAILABLE, _descriptor
+from .gluon_fwd import GLUON_AVAILABLE, _descriptor, gluon_unavailable_reason
 
 if GLUON_AVAILABLE:
     from triton.experimental import gluon
@@ -54,7 +54,7 @@ def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int
     """None when the Hopper backward kernels can run this launch, else the reason they cannot (for the error of a
     forced choice)."""
     if not GLUON_AVAILABLE:
-        return "this Triton has no Gluon Hopper API (triton.experimental.gluon)"
+        return gluon_unavailable_reason()
     if dtype_bytes != 2:
         return "inputs must be float16 or bfloat16"
     if dot_precision == "ieee":

@@ -28,16 +28,29 @@ from __future__ import annotations
 
 import functools
 
-try:  # Gluon is experimental: a Triton without it (or with another API) keeps the portable kernel
+import triton
+
+# Gluon is experimental and its API changes between Triton releases (Triton 3.9, for one, renamed the TMA copies
+# and `_reinterpret`): the Hopper kernels run on the release they are written and tested for, the portable kernels
+# on any other.
+GLUON_TRITON = (3, 6)
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    GLUON_AVAILABLE = True
+    GLUON_AVAILABLE = TRITON_VERSION == GLUON_TRITON
 except ImportError:  # pragma: no cover - depends on the installed Triton
     GLUON_AVAILABLE = False
+
+
+def gluon_unavailable_reason() -> str:
+    return (f"the Hopper kernels are written for the Gluon API of Triton {'.'.join(map(str, GLUON_TRITON))} "
+            f"(experimental, it changes between releases); this is Triton {triton.__version__}")
 
 
 # Launch shape by key-block size, measured on the H100 at the Wan shape (benchmarks/NOTES.md v7):
@@ -50,7 +63,7 @@ def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int
     """None when the Hopper kernel can run this launch, else the reason it cannot (for the error of a forced choice).
     """
     if not GLUON_AVAILABLE:
-        return "this Triton has no Gluon Hopper API (triton.experimental.gluon)"
+        return gluon_unavailable_reason()
     if dtype_bytes != 2:
         return "inputs must be float16 or bfloat16"
     if dot_precision == "ieee":
