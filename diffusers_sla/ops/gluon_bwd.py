@@ -41,7 +41,7 @@ if GLUON_AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from .gluon_fwd import _box, _feature_map_gl, _issue_kv
+    from .gluon_fwd import _box, _feature_map_gl, _init_barriers, _invalidate_barriers, _issue_kv
 
 
 # Launch shapes, key-block size -> (query rows per step or program, warps, ring stages); measured on the H200 at the
@@ -137,11 +137,8 @@ if GLUON_AVAILABLE:
         v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], tile_layout)
         # the ring: q tiles in slots 0..STAGES-1, dO tiles in STAGES..2*STAGES-1; the epilogue reuses it for dh
         ring = gl.allocate_shared_memory(dtype, [2 * STAGES, STEP_M, BLOCK_D], tile_layout)
-        bar_kv = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(bar_kv, count=1)
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bar.index(s), count=1)
+        bar_kv = _init_barriers(1).index(0)
+        bar = _init_barriers(STAGES)  # one per ring slot, for its q and dO tiles
 
         col = off_hz.to(gl.int64) * N_KBLK + start_n  # this key block's row in the column LUT and the side tensors
         SPLIT: gl.constexpr = BLOCK_M // STEP_M
@@ -209,8 +206,7 @@ if GLUON_AVAILABLE:
             _issue_qdo(desc_q, desc_do, COLQ, j + STAGES, n_steps, off_z, off_h, q_tile, do_tile, bar.index(slot),
                        SPLIT, BLOCK_M, STEP_M, TILE_BYTES)
 
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(bar.index(s))
+        _invalidate_barriers(bar, STAGES)
         dk = dk * sm_scale
 
         # -- epilogue: the linear branch, dv += phi(k) dh, dk += phi'(k) (v dh^T + dz) ----
@@ -279,13 +275,9 @@ if GLUON_AVAILABLE:
         do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
         # the ring: K tiles in slots 0..STAGES-1, V tiles in STAGES..2*STAGES-1; the epilogue reuses it for R
         kv_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, BLOCK_N, BLOCK_D], tile_layout)
-        bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bar_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        bar_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(bar_q, count=1)
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bar_k.index(s), count=1)
-            mbarrier.init(bar_v.index(s), count=1)
+        bar_q = _init_barriers(1).index(0)
+        bar_k = _init_barriers(STAGES)
+        bar_v = _init_barriers(STAGES)
 
         blk = off_hz.to(gl.int64) * N_QBLK + start_m // SPLIT  # this query block's row in the LUT and side tensors
         LUT += blk * KEPT
@@ -332,9 +324,8 @@ if GLUON_AVAILABLE:
             _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
                       kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
 
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(bar_k.index(s))
-            mbarrier.invalidate(bar_v.index(s))
+        _invalidate_barriers(bar_k, STAGES)
+        _invalidate_barriers(bar_v, STAGES)
         dq = dq * sm_scale
 
         # -- epilogue: the linear branch, dq += phi'(q) (dN R^T + dd z^T) ----

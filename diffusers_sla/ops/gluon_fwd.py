@@ -109,6 +109,19 @@ if GLUON_AVAILABLE:
         tma.async_copy_global_to_shared(desc_v, [off_z, off_h, start_n, 0], bar_v, _box(v_slot, desc_v), pred=ok)
 
     @gluon.jit
+    def _init_barriers(n: gl.constexpr):
+        # n mbarriers in shared memory, each completed by one arrival (a TMA transaction count on top)
+        bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(n):
+            mbarrier.init(bars.index(s), count=1)
+        return bars
+
+    @gluon.jit
+    def _invalidate_barriers(bars, n: gl.constexpr):
+        for s in gl.static_range(n):
+            mbarrier.invalidate(bars.index(s))
+
+    @gluon.jit
     def _box(tile, desc):
         # a 2-D shared-memory tile seen as the 4-D box of `desc` (leading unit dims: the same bytes and swizzle)
         return tile._reinterpret(tile.dtype, desc.block_type.shape, desc.layout)
@@ -142,13 +155,9 @@ if GLUON_AVAILABLE:
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
         # the ring: K tiles in slots 0..STAGES-1, V tiles in STAGES..2*STAGES-1; the epilogue reuses it
         kv_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, BLOCK_N, BLOCK_D], tile_layout)
-        bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bar_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        bar_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(bar_q, count=1)
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bar_k.index(s), count=1)
-            mbarrier.init(bar_v.index(s), count=1)
+        bar_q = _init_barriers(1).index(0)
+        bar_k = _init_barriers(STAGES)
+        bar_v = _init_barriers(STAGES)
 
         blk = off_hz.to(gl.int64) * N_QBLK + start_m // SPLIT  # this query block's row in the side tensors
         LUT += blk * KEPT
@@ -204,9 +213,8 @@ if GLUON_AVAILABLE:
             _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
                       kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
 
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(bar_k.index(s))
-            mbarrier.invalidate(bar_v.index(s))
+        _invalidate_barriers(bar_k, STAGES)
+        _invalidate_barriers(bar_v, STAGES)
 
         offs_m = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         gl.store(M + off_hz.to(gl.int64) * N_CTX_Q + offs_m, m_i + gl.log2(l_i), mask=offs_m < N_CTX_Q)
