@@ -48,7 +48,6 @@ if GLUON_AVAILABLE:
 # Wan shape (benchmarks/NOTES.md v11). `DIFFUSERS_SLA_DKDV_STAGES` / `_DQ_STAGES` override the stages.
 LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DKDV_STAGES", "2")))}
 DQ_LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DQ_STAGES", "2")))}
-DKDV_PREFETCH = os.environ.get("DIFFUSERS_SLA_DKDV_PREFETCH", "0") == "1"
 
 
 def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int, dot_precision: str) -> str | None:
@@ -113,7 +112,7 @@ if GLUON_AVAILABLE:
                               HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                               STEP_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                               REST: gl.constexpr, HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr,
-                              PREFETCH: gl.constexpr, num_warps: gl.constexpr):
+                              num_warps: gl.constexpr):
         # Arguments as `_attn_bwd` (PROGRAM 0), except that q, dO, k, v, dk, dv come as host-built 4-D (B, H, L, D)
         # tensor descriptors (`launch`) and the linear branch's dh as desc_dh over BLOCK_D x BLOCK_D tiles in the
         # input dtype, one per key block for "rest" (dh_j), one per head for "all" (dH), with DZ the matching dz
@@ -155,7 +154,6 @@ if GLUON_AVAILABLE:
                        bar.index(s), SPLIT, BLOCK_M, STEP_M, TILE_BYTES, ALWAYS=s == 0)
 
         row_base = off_hz.to(gl.int64) * N_CTX_Q
-        offs_c = gl.arange(0, STEP_M, layout=gl.SliceLayout(0, s_layout))  # a step's query rows: columns of S^T
         dk = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, layout=acc_layout)
         dv = gl.zeros([BLOCK_N, BLOCK_D], gl.float32, layout=acc_layout)
         zero_s = gl.zeros([BLOCK_N, STEP_M], gl.float32, layout=s_layout)
@@ -165,8 +163,9 @@ if GLUON_AVAILABLE:
         mbarrier.wait(bar.index(0), 0)
         s_cur = warpgroup_mma(k_smem, ring.index(0).permute((1, 0)), zero_s, use_acc=False)
         start_m = _query_row(COLQ, 0, SPLIT, BLOCK_M, STEP_M, valid=n_steps > 0)
-        # PREFETCH: each step's lse and delta rows are loaded one step ahead, 64 floats spread over the warpgroup
-        # (a register or two per thread), and moved into the scores' column layout when used
+        # each step's lse and delta rows are loaded one step ahead, 64 floats spread over the warpgroup (a register or
+        # two per thread), and moved into the scores' column layout when used (H200, Wan shape: 1.372 -> 1.145 ms
+        # against loading them in the step that uses them; NOTES.md v11)
         row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         offs_r = gl.arange(0, STEP_M, layout=row_layout)
         m_next = gl.load(M + row_base + start_m + offs_r, mask=start_m + offs_r < N_CTX_Q, other=float("inf"))
@@ -177,22 +176,16 @@ if GLUON_AVAILABLE:
             do_tile = ring.index(STAGES + slot)
             dp_tok = warpgroup_mma(v_smem, do_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             # rows past N_CTX_Q are zeros (TMA), and their lse is +inf: P^T = 0 there
-            if PREFETCH:
-                m = gl.convert_layout(m_next, gl.SliceLayout(0, s_layout))
-                di = gl.convert_layout(di_next, gl.SliceLayout(0, s_layout))
-            else:
-                rows = start_m + offs_c
-                m = gl.load(M + row_base + rows, mask=rows < N_CTX_Q, other=float("inf"))
-                di = gl.load(Delta + row_base + rows, mask=rows < N_CTX_Q, other=0.0)
+            m = gl.convert_layout(m_next, gl.SliceLayout(0, s_layout))
+            di = gl.convert_layout(di_next, gl.SliceLayout(0, s_layout))
             p_t = gl.exp2(s_cur * qk_scale - m[None, :])
             dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_tile, dv, is_async=True)
             # the next step (on the last step a repeat of this one, never read)
             jn = gl.minimum(j + 1, n_steps - 1)
             start_m = _query_row(COLQ, jn, SPLIT, BLOCK_M, STEP_M)
-            if PREFETCH:
-                rows_n = start_m + offs_r
-                m_next = gl.load(M + row_base + rows_n, mask=rows_n < N_CTX_Q, other=float("inf"))
-                di_next = gl.load(Delta + row_base + rows_n, mask=rows_n < N_CTX_Q, other=0.0)
+            rows_n = start_m + offs_r
+            m_next = gl.load(M + row_base + rows_n, mask=rows_n < N_CTX_Q, other=float("inf"))
+            di_next = gl.load(Delta + row_base + rows_n, mask=rows_n < N_CTX_Q, other=0.0)
             dp_t = warpgroup_mma_wait(1, deps=(dp_tok,))
             ds_t = p_t * (dp_t - di[None, :])
             dk_tok = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_tile, dk, is_async=True)
@@ -379,7 +372,7 @@ def launch_dkdv(q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_til
         _descriptor(dh2d, [block_d, block_d]),
         lse, delta, col_q, col_off, col_cnt, dz, scale, H, Lq, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, STEP_M=rows, BLOCK_N=blkk, STAGES=stages, REST=rest,
-        HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, PREFETCH=DKDV_PREFETCH, num_warps=warps,
+        HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, num_warps=warps,
     )
 
 
