@@ -44,8 +44,9 @@ if GLUON_AVAILABLE:
     from .gluon_fwd import _box, _feature_map_gl, _init_barriers, _invalidate_barriers, _issue_kv
 
 
-# Launch shapes, key-block size -> (query rows per step or program, warps, ring stages); measured on the H200 at the
-# Wan shape (benchmarks/NOTES.md v11). `DIFFUSERS_SLA_DKDV_STAGES` / `_DQ_STAGES` override the stages.
+# Launch shapes, key-block size -> (query rows per step or program, warps, ring stages), the shapes timed on the H200
+# at the Wan shape (benchmarks/NOTES.md v11): 2 stages keep a program at ~96 KB of shared memory, so two fit on an
+# SM; 3 stages are not measured yet. `DIFFUSERS_SLA_DKDV_STAGES` / `_DQ_STAGES` override the stages.
 LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DKDV_STAGES", "2")))}
 DQ_LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DQ_STAGES", "2")))}
 
