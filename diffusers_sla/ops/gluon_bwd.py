@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 
-from .gluon_fwd import GLUON_AVAILABLE, _descriptor, gluon_unavailable_reason
+from .gluon_fwd import GLUON_AVAILABLE, _descriptor, gluon_unavailable_reason, launch_reason, linear_tiles_2d
 
 if GLUON_AVAILABLE:
     from triton.experimental import gluon
@@ -56,18 +56,8 @@ def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int
     forced choice)."""
     if not GLUON_AVAILABLE:
         return gluon_unavailable_reason()
-    if dtype_bytes != 2:
-        return "inputs must be float16 or bfloat16"
-    if dot_precision == "ieee":
-        return "full float32 products (dot_precision 'ieee') run on the portable kernel"
-    if blkk not in LAUNCH:
-        return f"blkk must be one of {sorted(LAUNCH)} (got {blkk})"
-    rows = LAUNCH[blkk][0]
-    if blkq < rows or blkq % rows:
-        return f"blkq must be a multiple of {rows} for blkk={blkk} (got {blkq})"
-    if block_d not in (64, 128) or head_dim % 8:
-        return f"head_dim must be a multiple of 8 in 33..128 (got {head_dim})"
-    return None
+    # (DQ_LAUNCH has the same keys and rows)
+    return launch_reason(LAUNCH, dtype_bytes, blkq, blkk, block_d, head_dim, dot_precision)
 
 
 if GLUON_AVAILABLE:
@@ -364,8 +354,7 @@ def launch_dkdv(q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_til
     `_attn_bwd`."""
     B, H, Lq, D = q.shape
     rows, warps, stages = LAUNCH[blkk]
-    # (without a linear branch nothing reads dh, but a descriptor needs a real tile)
-    dh2d = dh_tiles.reshape(-1, block_d) if has_linear else q.new_zeros(block_d, block_d)
+    dh2d = linear_tiles_2d(dh_tiles, has_linear, q, block_d)
     _attn_bwd_dkdv_hopper[(n_kblk, B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(do, [1, 1, rows, block_d]),
         _descriptor(k, [1, 1, blkk, block_d]), _descriptor(v, [1, 1, blkk, block_d]),
@@ -384,7 +373,7 @@ def launch_dq(q, k, v, do, dq, lut, lse, delta, dn, dd, r_tiles, z, scale: float
     or per head ("all"), z the matching float32 vectors (as `gluon_fwd.launch`); other arguments as `_attn_bwd`."""
     B, H, Lq, D = q.shape
     rows, warps, stages = DQ_LAUNCH[blkk]
-    r2d = r_tiles.reshape(-1, block_d) if has_linear else q.new_zeros(block_d, block_d)
+    r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
     _attn_bwd_dq_hopper[(n_qblk * (blkq // rows), B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(do, [1, 1, rows, block_d]),
         _descriptor(k, [1, 1, blkk, block_d]), _descriptor(v, [1, 1, blkk, block_d]),

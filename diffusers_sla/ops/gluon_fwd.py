@@ -58,23 +58,33 @@ def gluon_unavailable_reason() -> str:
 LAUNCH = {64: (64, 4, 3), 128: (128, 8, 3)}
 
 
+def launch_reason(launch: dict, dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int,
+                  dot_precision: str) -> str | None:
+    """The launch rules every Hopper kernel shares (`launch`: its table of block_n -> (rows, ...)): None, or why this
+    launch breaks them."""
+    if dtype_bytes != 2:
+        return "inputs must be float16 or bfloat16"
+    if dot_precision == "ieee":
+        return "full float32 products (dot_precision 'ieee') run on the portable kernel"
+    if blkk not in launch:
+        return f"blkk must be one of {sorted(launch)} (got {blkk})"
+    rows = launch[blkk][0]
+    if blkq < rows or blkq % rows:
+        return f"blkq must be a multiple of {rows} for blkk={blkk} (got {blkq})"
+    if block_d not in (64, 128) or head_dim % 8:
+        return f"head_dim must be a multiple of 8 in 33..128 (got {head_dim})"
+    return None
+
+
 def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int, kept: int,
              dot_precision: str) -> str | None:
     """None when the Hopper kernel can run this launch, else the reason it cannot (for the error of a forced choice).
     """
     if not GLUON_AVAILABLE:
         return gluon_unavailable_reason()
-    if dtype_bytes != 2:
-        return "inputs must be float16 or bfloat16"
-    if dot_precision == "ieee":
-        return "full float32 products (dot_precision 'ieee') run on the portable kernel"
-    if blkk not in LAUNCH:
-        return f"blkk must be one of {sorted(LAUNCH)} (got {blkk})"
-    rows = LAUNCH[blkk][0]
-    if blkq < rows or blkq % rows:
-        return f"blkq must be a multiple of {rows} for blkk={blkk} (got {blkq})"
-    if block_d not in (64, 128) or head_dim % 8:
-        return f"head_dim must be a multiple of 8 in 33..128 (got {head_dim})"
+    reason = launch_reason(LAUNCH, dtype_bytes, blkq, blkk, block_d, head_dim, dot_precision)
+    if reason is not None:
+        return reason
     if kept < 1:
         return "at least one key block must be selected"
     return None
@@ -297,6 +307,12 @@ def _descriptor(x, box, element_bits: int = 16):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), list(box), _tile_layout(element_bits, len(box)))
 
 
+def linear_tiles_2d(tiles, has_linear: bool, like, block_d: int):
+    """(n, block_d, block_d) tiles as the (n * block_d, block_d) matrix a 2-D descriptor covers. Without a linear
+    branch nothing reads them, but a descriptor needs a real tile: one of zeros, in like's dtype and device."""
+    return tiles.reshape(-1, block_d) if has_linear else like.new_zeros(block_d, block_d)
+
+
 def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, scale: float, n_qblk: int, kept: int,
            block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int, store_bwd: bool,
            eps: float):
@@ -305,8 +321,7 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
     block ("rest") or per head ("all"), z the matching float32 vectors; other arguments as `_attn_fwd`."""
     B, H, Lq, D = q.shape
     rows, warps, stages = LAUNCH[blkk]
-    # (without a linear branch nothing reads R, but a descriptor needs a real tile)
-    r2d = r_tiles.reshape(-1, block_d) if has_linear else q.new_zeros(block_d, block_d)
+    r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
     _attn_fwd_hopper[(n_qblk * (blkq // rows), B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
