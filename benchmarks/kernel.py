@@ -303,10 +303,6 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
     parts["selection: k pooling"] = bench_ms(lambda: custom_ops.block_means(k, blkk, center=True))
     parts["linear totals H,Z"] = bench_ms(
         lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=scope == "rest"))
-    pooled_k = torch.empty(B, H, -(-L // blkk), D, device="cuda")
-    parts["linear totals + k mean, pooling"] = bench_ms(
-        lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=scope == "rest",
-                                          pool_into=pooled_k))
     if scope == "rest":
         _, z_parts, hb, zkb = custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=True)
         parts["rest weights, z_i (gather)"] = bench_ms(
@@ -319,15 +315,9 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
         del hb, zkb, z_parts
     parts["sla_fwd (inference)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
-    select_fwd = (q, k, v, w, b, topk, scale, feature_map, scope, blkq, blkk, False, "tf32")
-    parts["sla_fwd_select (selects too)"] = bench_ms(lambda: ops.sla_fwd_select(*select_fwd))
-    log(f"  sla_fwd_select vs torch selection: LUT entries that differ: "
-        f"{(ops.sla_fwd_select(*select_fwd)[-1] != lut).float().mean().item():.2e}")
     kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=scope)
     with torch.no_grad():
         parts["whole forward"] = bench_ms(lambda: sla_triton(q, k, v, w, b, topk=topk, **kw))
-        parts["whole forward, selection apart"] = bench_ms(lambda: sla_triton_with_lut(
-            q, k, v, w, b, custom_ops.fast_select_blocks(q, k, topk, blkq, blkk), **kw))
         parts["whole forward: host time"] = host_ms(lambda: sla_triton(q, k, v, w, b, topk=topk, **kw))
     with kernels("portable"):
         parts["sla_fwd (inference, portable)"] = bench_ms(

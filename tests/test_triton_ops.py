@@ -197,10 +197,6 @@ COMPILE_SCRIPT = textwrap.dedent('''
     torch.library.opcheck(torch.ops.diffusers_sla.sla_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     saved = torch.ops.diffusers_sla.sla_fwd(*args)
-    select_args = (q, k, v, w, b, 0.5, 32**-0.5, "elu", "rest", 32, 32, True, "ieee")
-    torch.library.opcheck(torch.ops.diffusers_sla.sla_fwd_select.default, select_args,
-                          test_utils=("test_schema", "test_faketensor"))
-    assert torch.equal(torch.ops.diffusers_sla.sla_fwd_select(*select_args)[-1], lut)
     torch.library.opcheck(torch.ops.diffusers_sla.sla_bwd.default,
                           (do, q, k, v, w, b, *saved, lut, 32**-0.5, "elu", "rest", 32, 32, "ieee"),
                           test_utils=("test_schema", "test_faketensor"))
@@ -210,7 +206,7 @@ COMPILE_SCRIPT = textwrap.dedent('''
 
 def test_torch_compile_fullgraph_and_fake_impls():
     """torch.compile(fullgraph=True) through the custom ops (no graph break), same values as eager, and opcheck of
-    the forward ops' (given and self-selected block map) and the backward op's schemas and fake implementations."""
+    both ops' schemas and fake implementations."""
     if torch.cuda.is_available():
         env = dict(os.environ)
     else:
@@ -339,23 +335,6 @@ GLUE_SCRIPT = textwrap.dedent('''
         assert torch.equal(custom_ops._fast_select_blocks(q, k, topk, blkq, blkk),
                            select_blocks(q, k, topk, blkq, blkk)), (Lq, Lk, dtype)
 
-    # the forward op that selects its own blocks (keys pooled in its linear-state pass): the LUT of
-    # `selection.select_blocks`, and the outputs of the forward op given that LUT (both scopes, fp32 and fp16, strided
-    # q, Lq != Lk, partial blocks, every key block selected)
-    select_cases = ((300, 450, 32, 64, 32, 0.3, torch.float32, "rest", "softmax"),
-                    (200, 130, 24, 32, 64, 0.5, torch.float16, "all", "elu"),
-                    (128, 1000, 16, 128, 32, 0.1, torch.float16, "rest", "relu"),
-                    (96, 100, 16, 32, 32, 1.0, torch.float32, "rest", "elu"))
-    for Lq, Lk, D, blkq, blkk, topk, dtype, scope, fm in select_cases:
-        q, k, v = make(2, 2, Lq, D, dtype, True), make(2, 2, Lk, D, dtype, False), make(2, 2, Lk, D, dtype, False)
-        w, b = torch.randn(D, D, generator=g).to(device) * 0.1, torch.randn(D, generator=g).to(device) * 0.1
-        args = (D**-0.5, fm, scope, blkq, blkk, True, "ieee")
-        *outs, lut = custom_ops._sla_fwd_select(q, k, v, w, b, topk, *args)
-        expected_lut = select_blocks(q, k, topk, blkq, blkk)
-        assert torch.equal(lut, expected_lut), (Lq, Lk, dtype)
-        for ours, expected in zip(outs, custom_ops._sla_fwd(q, k, v, w, b, expected_lut, *args)):
-            assert torch.equal(ours, expected), (Lq, Lk, dtype)
-
     # scope "rest": z_i = Z - the selected z_j against the float32 0/1 product over the unselected z_j
     for B, H, Lq, Lk, D, blkq, blkk, topk, fm, dtype in ((1, 1, 200, 300, 24, 32, 32, 0.3, "softmax", torch.float32),
                                                          (1, 2, 96, 160, 32, 32, 32, 0.25, "elu", torch.float16),
@@ -388,41 +367,36 @@ GLUE_SCRIPT = textwrap.dedent('''
 
 def test_selection_and_rest_state_glue_kernels():
     """The key mean's row sums and the centred pooling that adds them (against the torch statement of
-    `selection.block_scores`; the fused selection's LUT, and that of the forward op that selects its own blocks, equal
-    to `select_blocks`), and scope "rest"'s z_i formed as Z minus the selected z_j (against the float32 0/1 product it
-    replaces)."""
+    `selection.block_scores`; the fused selection's LUT equal to `select_blocks`), and scope "rest"'s z_i formed as
+    Z minus the selected z_j (against the float32 0/1 product it replaces)."""
     _run_kernel_script(GLUE_SCRIPT, "GLUE_OK")
 
 
 GOLDEN_LUT_SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json
     from pathlib import Path
     import torch
     from safetensors.torch import load_file
     from diffusers_sla.ops import custom_ops
     from diffusers_sla.ops.selection import lut_to_block_map
 
-    golden = Path(sys.argv[1])
+    GOLDEN = None  # set by the test
+    golden = Path(GOLDEN)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name, cfg in json.loads((golden / "index.json").read_text()).items():
         t = {key: val.to(device) for key, val in load_file(golden / f"{name}.safetensors").items()}
-        D = t["q"].shape[-1]
-        scope = {"main": "all", "sla1": "rest"}[cfg["variant"]]
-        # the bf16 inputs as they are (the selection reads them; the interpreter's bf16 products only touch outputs
-        # this test does not read)
-        *_, lut = custom_ops._sla_fwd_select(t["q"], t["k"], t["v"], t["proj_l.weight"], t["proj_l.bias"],
-                                             cfg["topk"], D**-0.5, cfg["feature_map"], scope, cfg["blkq"],
-                                             cfg["blkk"], False, "ieee")
+        # the bf16 inputs as they are: the interpreter's bf16 products do not enter the selection
+        lut = custom_ops._fast_select_blocks(t["q"], t["k"], cfg["topk"], cfg["blkq"], cfg["blkk"])
         assert torch.equal(lut_to_block_map(lut, t["block_map"].shape[-1]), t["block_map"].bool()), name
     print("GOLDEN_LUT_OK")
 ''')
 
 
 @require_golden
-def test_self_selecting_forward_picks_the_golden_block_maps():
-    """The forward op that selects its own blocks (keys pooled inside its linear-state pass) picks exactly the public
-    reference's block maps on the golden inputs (bf16)."""
-    _run_kernel_script(GOLDEN_LUT_SCRIPT.replace("sys.argv[1]", repr(str(GOLDEN_DIR))), "GOLDEN_LUT_OK")
+def test_fused_selection_picks_the_golden_block_maps():
+    """The Triton block selection (`fast_select_blocks`: pooling and top-k kernels) picks exactly the public
+    reference's block maps on the golden inputs (bf16), on the CPU too (the GPU tests check it through the outputs)."""
+    _run_kernel_script(GOLDEN_LUT_SCRIPT.replace("GOLDEN = None", f"GOLDEN = {str(GOLDEN_DIR)!r}"), "GOLDEN_LUT_OK")
 
 
 def test_unaligned_inputs_are_copied_to_an_aligned_tensor():

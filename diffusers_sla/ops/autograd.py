@@ -13,11 +13,9 @@ Precision policy for float32 (and float64) inputs, set with `set_fp32_compute` o
 
 float16 and bfloat16 inputs always run in their own dtype. Block selection always sees the caller's tensors.
 
-Block selection: `DIFFUSERS_SLA_SELECT="fused"` (default) pools q and k in Triton (the same roundings, scores and
-top-k as `selection.select_blocks`, only the order of the float32 sums inside a block differs): inside the forward op
-(`custom_ops.sla_fwd_select`, whose linear-state pass over k pools the keys too) when the kernels run in the inputs'
-dtype, else before it on the caller's tensors (`custom_ops.fast_select_blocks`); `"torch"` calls
-`selection.select_blocks` itself.
+Block selection: `DIFFUSERS_SLA_SELECT="fused"` (default) pools q and k with one Triton pass each
+(`custom_ops.fast_select_blocks`: the same roundings, scores and top-k as `selection.select_blocks`, only the order
+of the float32 sums inside a block differs); `"torch"` calls `selection.select_blocks` itself.
 """
 
 from __future__ import annotations
@@ -70,16 +68,12 @@ def _compute_dtype_and_precision(dtype: torch.dtype, device: torch.device) -> tu
 
 class _SLATriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, proj_weight, proj_bias, lut, topk, scale, feature_map, linear_scope, blkq, blkk,
+    def forward(ctx, q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
                 dot_precision):
-        # lut None: the forward op selects the blocks itself (`topk`), on q and k as given
         store_bwd = any(ctx.needs_input_grad[:5])
-        args = (scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision)
-        if lut is None:
-            o, lse, den, o_l, rb, zb, ht, zt, lut = custom_ops.forward_selecting(
-                q, k, v, proj_weight, proj_bias, topk, *args)
-        else:
-            o, lse, den, o_l, rb, zb, ht, zt = custom_ops.forward(q, k, v, proj_weight, proj_bias, lut, *args)
+        o, lse, den, o_l, rb, zb, ht, zt = custom_ops.forward(
+            q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd,
+            dot_precision)
         if store_bwd:
             ctx.save_for_backward(q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut)
             ctx.args = (scale, feature_map, linear_scope, blkq, blkk, dot_precision)
@@ -90,7 +84,7 @@ class _SLATriton(torch.autograd.Function):
         q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
         dq, dk, dv, dw, db = custom_ops.backward(
             do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *ctx.args)
-        return dq, dk, dv, dw, db, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dw, db, None, None, None, None, None, None, None
 
 
 def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
@@ -110,20 +104,14 @@ def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
 def sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale=None):
     """`sla_triton` with a given block map `lut` (int32 (B, H, n_q, kept), ascending rows): tests and benchmarks
     share one map with the reference through this."""
-    return _apply(q, k, v, proj_weight, proj_bias, lut.to(torch.int32).contiguous(), 0.0, blkq=blkq, blkk=blkk,
-                  feature_map=feature_map, linear_scope=linear_scope, scale=scale)
-
-
-def _apply(q, k, v, proj_weight, proj_bias, lut, topk, *, blkq, blkk, feature_map, linear_scope, scale):
-    # lut None: the forward op selects (valid only when q, k keep their dtype: selection sees the caller's tensors)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
     w = proj_weight.to(torch.float32).contiguous()
     b = proj_bias.to(torch.float32).contiguous()
-    o = _SLATriton.apply(qc, kc, vc, w, b, lut, float(topk), float(scale), feature_map, linear_scope, blkq, blkk,
-                         dot_precision)
+    o = _SLATriton.apply(qc, kc, vc, w, b, lut.to(torch.int32).contiguous(), float(scale), feature_map,
+                         linear_scope, blkq, blkk, dot_precision)
     return o.to(q.dtype)
 
 
@@ -154,11 +142,9 @@ def sla_triton(
             _warned_fallback = True
         return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
                              feature_map=feature_map, linear_scope=linear_scope, scale=scale)
-    kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
-    if _select == "torch":
-        return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, select_blocks(q, k, topk, blkq, blkk), **kw)
-    if _compute_dtype_and_precision(q.dtype, q.device)[0] != q.dtype or k.dtype != q.dtype:
-        # the kernels see q, k in another dtype than the caller's: selection runs on the caller's own
-        return sla_triton_with_lut(q, k, v, proj_weight, proj_bias,
-                                   custom_ops.select_blocks_fused(q, k, topk, blkq, blkk), **kw)
-    return _apply(q, k, v, proj_weight, proj_bias, None, topk, **kw)
+    if _select == "fused":
+        lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+    else:
+        lut = select_blocks(q, k, topk, blkq, blkk)
+    return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, blkq=blkq, blkk=blkk, feature_map=feature_map,
+                               linear_scope=linear_scope, scale=scale)

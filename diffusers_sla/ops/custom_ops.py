@@ -1,6 +1,5 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""`torch.library` ops around the Triton kernels: `diffusers_sla::sla_fwd` (given a block map),
-`diffusers_sla::sla_fwd_select` (selects its own), `diffusers_sla::sla_bwd` and `diffusers_sla::select_blocks`.
+"""`torch.library` ops around the Triton kernels: `diffusers_sla::sla_fwd` and `diffusers_sla::sla_bwd`.
 
 Opaque to `torch.compile` (no graph break), each with a `register_fake` twin that only allocates correctly shaped
 outputs. Inputs are dense (B, H, L, D) tensors of one dtype (any strides); `lut` is the int32 (B, H, n_q, kept)
@@ -105,13 +104,12 @@ class _Geometry(NamedTuple):
     has_linear: bool
 
 
-def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor | None, blkq: int, blkk: int,
-              linear_scope: str, topk: float = 0.0) -> _Geometry:
-    """`lut` None: the forward selects its own blocks, `topk` of them."""
+def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, blkq: int, blkk: int,
+              linear_scope: str) -> _Geometry:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk)
+    kept = lut.shape[-1]
     return _Geometry(B, H, Lq, Lk, D, n_qblk, n_kblk, kept, _block_d(D), linear_scope == "rest",
                      _has_linear(linear_scope, kept, n_kblk))
 
@@ -227,13 +225,12 @@ def _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):
     return (B, H, Lq), (B, H, Lq, D), *rz
 
 
-def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=False, pool_into=None):
+def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=False):
     """Without `store_blocks` (scope "all"): per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and
     Z = sum phi(k) (B, H, BLOCK_D), float32. With `store_blocks` ("rest", where H is not used): each key block's h_j
     (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D) float32, an empty H, and in place of Z its
     float32 partial sums, one per split of the key blocks (B*H, splits, BLOCK_D), which `_rest_weights` adds.
-    `pool_into`: (B, H, n_k, D) float32, filled in the same pass with block selection's centred key pooling
-    (`block_means(k, blkk, center=True, round_to_input=k is 16-bit)`). -> H, Z, h_j, z_j."""
+    -> H, Z, h_j, z_j."""
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
     _use_descriptors()
@@ -248,15 +245,10 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
         hs = _empty(B * H, split, block_d, block_d, device=k.device, dtype=torch.float32)
         hb, zb = k.new_empty(0), k.new_empty(0, dtype=torch.float32)
     zs = _empty(B * H, split, block_d, device=k.device, dtype=torch.float32)
-    pool = pool_into is not None
-    parts = _row_sum_parts(kd) if pool else zs.new_empty(0)
     _linear_state[(split, B * H)](
-        kd, vd, hb, zb, hs, zs, parts, pool_into if pool else zs.new_empty(0), *_strides(kd), *_strides(vd), H, Lk,
-        n_kblk, split, B * H * n_kblk * block_d, parts.shape[1] if pool else 0,
+        kd, vd, hb, zb, hs, zs, *_strides(kd), *_strides(vd), H, Lk, n_kblk, split, B * H * n_kblk * block_d,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
-        DOT_PREC=dot_precision, POOL=pool, ROUND=k.dtype in (torch.float16, torch.bfloat16),
-        PART_P2=triton.next_power_of_2(max(1, parts.shape[1] if pool else 1)),
-        num_warps=_LS_WARPS or (8 if store_blocks and block_d > 64 else 4),
+        DOT_PREC=dot_precision, num_warps=_LS_WARPS or (8 if store_blocks and block_d > 64 else 4),
         num_stages=(_LS_STAGES or 2) if is_cuda() else 1,
     )
     if store_blocks:
@@ -324,16 +316,11 @@ def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int
     float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
     `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
     differs. -> int32 (B, H, n_q, kept), ascending rows."""
-    half = q.dtype in (torch.float16, torch.bfloat16)  # pooled vectors rounded to the input dtype inside the kernel
-    pooled_k = block_means(k, blkk, center=True, round_to_input=half)
-    return _select_from_pooled_keys(q, pooled_k, topk, blkq)
-
-
-def _select_from_pooled_keys(q: torch.Tensor, pooled_k: torch.Tensor, topk: float, blkq: int) -> torch.Tensor:
-    """The rest of `_fast_select_blocks` once the centred keys are pooled (by `block_means`, or by `_linear_state`
-    in the forward that selects its own blocks): query pooling, scores, top-k."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    pooled_q = block_means(q, blkq, center=False, round_to_input=dtype != torch.float32)
+    # pooled vectors rounded to the input dtype inside the kernel (float32/float64 inputs: float32, as there)
+    half = dtype != torch.float32
+    pooled_q = block_means(q, blkq, center=False, round_to_input=half)
+    pooled_k = block_means(k, blkk, center=True, round_to_input=half)
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     # scores rounded to the input dtype, as `selection.block_scores` does: bfloat16 inside the top-k launch (two
     # elementwise launches fewer), float16 here
@@ -367,21 +354,21 @@ def _(q, k, topk, blkq, blkk):
     return q.new_empty(B, H, num_blocks(Lq, blkq), num_kept_blocks(topk, n_kblk), dtype=torch.int32)
 
 
-def _forward(q, k, v, proj_weight, proj_bias, lut, topk, scale, feature_map, linear_scope, blkq, blkk, store_bwd,
-             dot_precision):
-    """Both forward ops: `sla_fwd` with a given `lut`, `sla_fwd_select` with lut None, which selects `topk` of the key
-    blocks itself: the centred key pooling then rides on the linear-state pass over k (one read of k fewer than
-    `fast_select_blocks` and then `sla_fwd`; the same LUT up to the order of float32 sums inside a block).
-    -> (the 8 outputs of `sla_fwd`), lut."""
-    g = _geometry(q, k, lut, blkq, blkk, linear_scope, topk)
+def _sla_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+    lut: torch.Tensor, scale: float, feature_map: str, linear_scope: str, blkq: int, blkk: int, store_bwd: bool,
+    dot_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """-> o (B, H, Lq, D) in q's dtype and memory layout, lse (B, H, Lq) float32 in log2 units, and what backward
+    needs: the linear denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block
+    ("rest"), the per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty."""
+    g = _geometry(q, k, lut, blkq, blkk, linear_scope)
     B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
     _use_descriptors()
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
-    pooled_k = _empty(B, H, n_kblk, D, device=k.device, dtype=torch.float32) if lut is None else None
     ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, block_d, feature_map, dot_precision,
-                                     store_blocks=rest and has_linear, pool_into=pooled_k)
-    if lut is None:
-        lut = _select_from_pooled_keys(q, pooled_k, topk, blkq)
+                                     store_blocks=rest and has_linear)
     if rest and has_linear:  # zt holds Z's per-split partials, read by `_rest_weights` only
         z_parts, zt = zt, zt.new_empty(0)
     o = _empty_like_input(q)
@@ -406,7 +393,7 @@ def _forward(q, k, v, proj_weight, proj_bias, lut, topk, scale, feature_map, lin
             o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
         gluon_fwd.launch(qd, kd, vd, lut, o, lse, den, o_l, r_in, z_in, proj_weight, proj_bias, scale, n_qblk, kept,
                          block_d, blkq, blkk, rest, has_linear, FEATURE_MAPS[feature_map], store_bwd, LINEAR_EPS)
-        return (o, lse, den, o_l, rb, zb, ht, zt), lut
+        return o, lse, den, o_l, rb, zb, ht, zt
     rows = _rows(blkq, "FWD", blkq)
     _attn_fwd[(n_qblk * (blkq // rows), B * H)](
         qd, kd, vd, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
@@ -417,36 +404,15 @@ def _forward(q, k, v, proj_weight, proj_bias, lut, topk, scale, feature_map, lin
         DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
         FOLD_SCALE=scale > 0,
     )
-    return (o, lse, den, o_l, rb, zb, ht, zt), lut
+    return o, lse, den, o_l, rb, zb, ht, zt
 
 
-def _sla_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-    lut: torch.Tensor, scale: float, feature_map: str, linear_scope: str, blkq: int, blkk: int, store_bwd: bool,
-    dot_precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """-> o (B, H, Lq, D) in q's dtype and memory layout, lse (B, H, Lq) float32 in log2 units, and what backward
-    needs: the linear denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block
-    ("rest"), the per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty."""
-    return _forward(q, k, v, proj_weight, proj_bias, lut, 0.0, scale, feature_map, linear_scope, blkq, blkk,
-                    store_bwd, dot_precision)[0]
+sla_fwd = torch.library.custom_op("diffusers_sla::sla_fwd", mutates_args=())(_sla_fwd)
 
 
-def _sla_fwd_select(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-    topk: float, scale: float, feature_map: str, linear_scope: str, blkq: int, blkk: int, store_bwd: bool,
-    dot_precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
-    """`sla_fwd` that selects its own blocks (`topk`, as `fast_select_blocks`; q and k are its selection inputs, so
-    they must be the caller's tensors): its 8 outputs, then the int32 LUT it selected."""
-    outs, lut = _forward(q, k, v, proj_weight, proj_bias, None, topk, scale, feature_map, linear_scope, blkq, blkk,
-                         store_bwd, dot_precision)
-    return (*outs, lut)
-
-
-def _fake_forward_outputs(q, g: _Geometry, store_bwd: bool, linear_scope: str):
+@sla_fwd.register_fake
+def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision):
+    g = _geometry(q, k, lut, blkq, blkk, linear_scope)
     B, H, Lq, block_d, has_linear = g.B, g.H, g.Lq, g.block_d, g.has_linear
     s_den, s_ol, s_rb, s_zb = _side_shapes(q, g.n_qblk, block_d, store_bwd, g.rest, has_linear)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -456,22 +422,6 @@ def _fake_forward_outputs(q, g: _Geometry, store_bwd: bool, linear_scope: str):
             q.new_empty(s_rb), torch.empty(s_zb, **f32),
             torch.empty((B, H, block_d, block_d) if totals else (0,), **f32),
             torch.empty((B, H, block_d) if totals else (0,), **f32))
-
-
-sla_fwd = torch.library.custom_op("diffusers_sla::sla_fwd", mutates_args=())(_sla_fwd)
-sla_fwd_select = torch.library.custom_op("diffusers_sla::sla_fwd_select", mutates_args=())(_sla_fwd_select)
-
-
-@sla_fwd.register_fake
-def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision):
-    return _fake_forward_outputs(q, _geometry(q, k, lut, blkq, blkk, linear_scope), store_bwd, linear_scope)
-
-
-@sla_fwd_select.register_fake
-def _(q, k, v, proj_weight, proj_bias, topk, scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision):
-    g = _geometry(q, k, None, blkq, blkk, linear_scope, topk)
-    lut = q.new_empty(g.B, g.H, g.n_qblk, g.kept, dtype=torch.int32)
-    return (*_fake_forward_outputs(q, g, store_bwd, linear_scope), lut)
 
 
 def column_lut(lut: torch.Tensor, n_kblk: int):
@@ -613,5 +563,4 @@ def _eager_or_op(op, impl):
 # What `autograd.py` calls.
 select_blocks_fused = _eager_or_op(fast_select_blocks, _fast_select_blocks)
 forward = _eager_or_op(sla_fwd, _sla_fwd)
-forward_selecting = _eager_or_op(sla_fwd_select, _sla_fwd_select)
 backward = _eager_or_op(sla_bwd, _sla_bwd)

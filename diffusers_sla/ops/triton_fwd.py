@@ -97,30 +97,6 @@ def _row_sums(X, Parts,  #
 
 
 @triton.jit
-def _key_mean(Parts, off_hz, N_PART, N_CTX, offs_k, d_ok, DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
-              PART_P2: tl.constexpr):
-    # The key mean of one head: (sum of its N_PART row sums from `_row_sums`, added in a fixed order) / N_CTX, rounded
-    # to the inputs' dtype as `selection.block_scores` rounds k.mean(); float32 (BLOCK_D,).
-    offs_p = tl.arange(0, PART_P2)
-    parts = tl.load(Parts + (off_hz.to(tl.int64) * N_PART + offs_p[:, None]) * BLOCK_D + offs_k[None, :],
-                    mask=(offs_p < N_PART)[:, None] & d_ok[None, :], other=0.0)
-    return (tl.sum(parts, 0) / N_CTX).to(DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _pool_rows(x, rows_ok, count, mu, CENTER: tl.constexpr, ROUND: tl.constexpr):
-    # The pooled vector of one block x (rows, BLOCK_D) of which rows_ok are real: the float32 mean of x, or of
-    # (x - mu) rounded to x's dtype (centred keys), rounded to x's dtype with ROUND, as `selection.block_scores`.
-    xf = x.to(tl.float32)
-    if CENTER:
-        xf = (xf - mu[None, :]).to(x.dtype).to(tl.float32)
-    mean = tl.sum(tl.where(rows_ok[:, None], xf, 0.0), 0) / count
-    if ROUND:
-        mean = mean.to(x.dtype).to(tl.float32)
-    return mean
-
-
-@triton.jit
 def _block_mean(X, Parts, Out,  #
                 stride_xz, stride_xh, stride_xm, stride_xk,  #
                 H, N_CTX, N_BLK, N_PART,  #
@@ -128,8 +104,8 @@ def _block_mean(X, Parts, Out,  #
                 ROUND: tl.constexpr, PART_P2: tl.constexpr):
     # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
-    # CENTER: each program adds its head's few row-sum parts itself (`_key_mean`), so the mean needs no launch of its
-    # own.
+    # CENTER: mean = (sum of the N_PART row sums of `_row_sums`, in a fixed order) / N_CTX, rounded to x's dtype; each
+    # program adds the few parts itself, so the key mean needs no launch of its own.
     blk = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -140,11 +116,17 @@ def _block_mean(X, Parts, Out,  #
     d_ok = offs_k < HEAD_DIM
     x = tl.load(X + off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh + offs_m[:, None] * stride_xm +
                 offs_k[None, :] * stride_xk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    mu = tl.zeros([BLOCK_D], dtype=tl.float32)
+    xf = x.to(tl.float32)
     if CENTER:
-        mu = _key_mean(Parts, off_hz, N_PART, N_CTX, offs_k, d_ok, X.dtype.element_ty, BLOCK_D, PART_P2)
+        offs_p = tl.arange(0, PART_P2)
+        parts = tl.load(Parts + (off_hz.to(tl.int64) * N_PART + offs_p[:, None]) * BLOCK_D + offs_k[None, :],
+                        mask=(offs_p < N_PART)[:, None] & d_ok[None, :], other=0.0)
+        mu = (tl.sum(parts, 0) / N_CTX).to(X.dtype.element_ty).to(tl.float32)
+        xf = tl.where(m_ok[:, None], (xf - mu[None, :]).to(x.dtype).to(tl.float32), 0.0)
     count = tl.minimum(N_CTX - blk * BLOCK, BLOCK).to(tl.float32)
-    mean = _pool_rows(x, m_ok, count, mu, CENTER, ROUND)
+    mean = tl.sum(xf, 0) / count
+    if ROUND:  # rounded to x's dtype, as `selection.block_scores` rounds the pooled vectors
+        mean = mean.to(X.dtype.element_ty).to(tl.float32)
     tl.store(Out + (off_hz.to(tl.int64) * N_BLK + blk) * HEAD_DIM + offs_k, mean, mask=d_ok)
 
 
@@ -213,21 +195,12 @@ def _rest_weights_kernel(LUT, W, W32, ZB, ZS, ZI, N_QBLK, N_KBLK, KEPT, N_SPLIT,
 
 
 @triton.jit
-def _store_pooled_key(PK, k, n_ok, mu, off_hz, blk, N_KV, N_KBLK, offs_k, d_ok, HEAD_DIM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, ROUND: tl.constexpr):
-    count = tl.minimum(N_KV - blk * BLOCK_N, BLOCK_N).to(tl.float32)
-    pooled = _pool_rows(k, n_ok, count, mu, True, ROUND)
-    tl.store(PK + (off_hz.to(tl.int64) * N_KBLK + blk) * HEAD_DIM + offs_k, pooled, mask=d_ok)
-
-
-@triton.jit
-def _linear_state(K, V, HB, ZB, HS, ZS, Parts, PK,  #
+def _linear_state(K, V, HB, ZB, HS, ZS,  #
                   stride_kz, stride_kh, stride_kn, stride_kk,  #
                   stride_vz, stride_vh, stride_vn, stride_vk,  #
-                  H, N_KV, N_KBLK, SPLIT, HB_ROWS, N_PART,  #
+                  H, N_KV, N_KBLK, SPLIT, HB_ROWS,  #
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,  #
-                  FEATURE_MAP: tl.constexpr, STORE_BLOCKS: tl.constexpr, DOT_PREC: tl.constexpr,
-                  POOL: tl.constexpr, ROUND: tl.constexpr, PART_P2: tl.constexpr):
+                  FEATURE_MAP: tl.constexpr, STORE_BLOCKS: tl.constexpr, DOT_PREC: tl.constexpr):
     # Scope "all" (STORE_BLOCKS off): partial per-head totals H = sum phi(k)^T v and Z = sum phi(k) over key blocks
     # split, split + SPLIT, ... (HS, ZS; summed over the splits on the host side).
     # Scope "rest" (STORE_BLOCKS): each key block's h_j = phi(k_j)^T v_j (B*H, N_KBLK, BLOCK_D, BLOCK_D) in the
@@ -235,8 +208,6 @@ def _linear_state(K, V, HB, ZB, HS, ZS, Parts, PK,  #
     # R_i = sum of h_j over the blocks query block i did not select is then one 0/1 matrix product (no cancellation,
     # nothing D x D inside the attention loop), z_i = Z - the selected z_j (`_rest_weights_kernel`). K/V tiles come
     # through tensor descriptors (rows past N_KV and columns past HEAD_DIM are zeros), h_j leaves through one as well.
-    # POOL: block selection's centred key pooling rides along (PK (B*H, N_KBLK, HEAD_DIM) float32, as `_block_mean`
-    # with CENTER; Parts are the key mean's row sums): the key blocks are read once for both (NOTES.md v12).
     split = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -250,9 +221,6 @@ def _linear_state(K, V, HB, ZB, HS, ZS, Parts, PK,  #
                                        block_shape=[BLOCK_N, BLOCK_D])
     desc_v = tl.make_tensor_descriptor(V, shape=[N_KV, HEAD_DIM], strides=[stride_vn, 1],
                                        block_shape=[BLOCK_N, BLOCK_D])
-    mu = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if POOL:
-        mu = _key_mean(Parts, off_hz, N_PART, N_KV, offs_k, d_ok, K.dtype.element_ty, BLOCK_D, PART_P2)
     z = tl.zeros([BLOCK_D], dtype=tl.float32)
     if STORE_BLOCKS:
         desc_h = tl.make_tensor_descriptor(HB, shape=[HB_ROWS, BLOCK_D], strides=[BLOCK_D, 1],
@@ -261,8 +229,6 @@ def _linear_state(K, V, HB, ZB, HS, ZS, Parts, PK,  #
             n_ok = (blk * BLOCK_N + offs_n) < N_KV
             k = desc_k.load([blk * BLOCK_N, 0])
             v = desc_v.load([blk * BLOCK_N, 0])
-            if POOL:
-                _store_pooled_key(PK, k, n_ok, mu, off_hz, blk, N_KV, N_KBLK, offs_k, d_ok, HEAD_DIM, BLOCK_N, ROUND)
             phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
             zj = tl.sum(phik.to(tl.float32), 0)
             z += zj
@@ -276,8 +242,6 @@ def _linear_state(K, V, HB, ZB, HS, ZS, Parts, PK,  #
             n_ok = (blk * BLOCK_N + offs_n) < N_KV
             k = desc_k.load([blk * BLOCK_N, 0])
             v = desc_v.load([blk * BLOCK_N, 0])
-            if POOL:
-                _store_pooled_key(PK, k, n_ok, mu, off_hz, blk, N_KV, N_KBLK, offs_k, d_ok, HEAD_DIM, BLOCK_N, ROUND)
             phik = tl.where(n_ok[:, None], _feature_map(k.to(tl.float32), d_ok, FEATURE_MAP), 0.0).to(v.dtype)
             z += tl.sum(phik.to(tl.float32), 0)
             h = tl.dot(tl.trans(phik), v, h, input_precision=DOT_PREC)
