@@ -16,16 +16,21 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_bwd, gluon_fwd
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
-from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _linear_state, _rest_weights_kernel,
-                         _row_sums, _top_blocks_kernel, is_cuda)
+from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _key_mean, _linear_state,
+                         _rest_weights_kernel, _row_sums, _top_blocks_kernel, is_cuda)
 
 
 logger = logging.getLogger(__name__)
+
+# the Triton element type of each input dtype (for roundings inside kernels that do not read the tensor itself)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
 
 # Debug switch for GPU validation: outputs start as NaN instead of uninitialised memory, so that an element no kernel
 # wrote shows up in the result.
@@ -45,14 +50,14 @@ _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 # v4, which took 0.31 ms at the Wan shape against 0.10 ms with 132 (NOTES.md).
 _PROJ_GRAD_TARGET = int(os.environ.get("DIFFUSERS_SLA_PROJ_GRAD_TARGET", "132"))
 # `_row_sums` (the key mean's first pass) launch shape, measured on the H100 at the Wan shape (NOTES.md, "Glue"):
-# programs aimed for (528: 43 row ranges per head, 50 us; 264: 60 us; 1056: 53 us, but the pooling then adds 86
-# parts per program: 151 us for the whole key pooling against 91), rows per tile, warps, stages (2-4: same time).
+# programs aimed for (528: 43 row ranges per head, 50 us; 264: 60 us; 1056: 53 us), rows per tile, warps, stages
+# (2-4: same time). `_key_mean` then adds a head's parts once.
 _ROW_SUMS_TARGET = int(os.environ.get("DIFFUSERS_SLA_ROW_SUMS_TARGET", "528"))
 _ROW_SUMS_ROWS = 64
 _ROW_SUMS_WARPS = 4
 _ROW_SUMS_STAGES = 2
-# at most this many parts per head: every `_block_mean` program holds all of its head's parts in registers, and few
-# heads with long sequences would otherwise ask for hundreds (the Wan shape's 12 heads get 44)
+# at most this many parts per head: a head's `_key_mean` program holds all of them in registers, and few heads with
+# long sequences would otherwise ask for hundreds (the Wan shape's 12 heads get 44)
 _ROW_SUMS_MAX_PARTS = 64
 
 
@@ -298,16 +303,19 @@ def _row_sum_parts(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
 
 def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
-    `selection.block_scores` centres keys), in one pass over x (two with `center`: the mean's row sums first)."""
+    `selection.block_scores` centres keys), in one pass over x (two with `center`: the mean's row sums first, then
+    one tiny launch adds them up per head)."""
     B, H, L, D = x.shape
-    n = num_blocks(L, block)
-    parts = _row_sum_parts(x) if center else x.new_empty(0, dtype=torch.float32)
-    n_part = parts.shape[1] if center else 0
+    n, block_d = num_blocks(L, block), _block_d(D)
+    mean = torch.empty(B * H, block_d, device=x.device, dtype=torch.float32) if center else x.new_empty(0).float()
+    if center:
+        parts = _row_sum_parts(x)
+        _key_mean[(B * H,)](parts, mean, parts.shape[1], L, BLOCK_D=block_d,
+                            PART_P2=triton.next_power_of_2(parts.shape[1]), DTYPE=_TL_DTYPES[x.dtype], num_warps=2)
     out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
     # 2 warps: 49 us against 54 with 4 for the Wan shape's query pooling on the H100 (NOTES.md v5)
-    _block_mean[(n, B * H)](x, parts, out, *_strides(x), H, L, n, n_part, HEAD_DIM=D, BLOCK_D=_block_d(D),
-                            BLOCK=block, CENTER=center, ROUND=round_to_input,
-                            PART_P2=triton.next_power_of_2(max(1, n_part)), num_warps=2, num_stages=1)
+    _block_mean[(n, B * H)](x, mean, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=block,
+                            CENTER=center, ROUND=round_to_input, num_warps=2, num_stages=1)
     return out
 
 

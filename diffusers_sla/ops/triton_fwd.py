@@ -97,15 +97,27 @@ def _row_sums(X, Parts,  #
 
 
 @triton.jit
-def _block_mean(X, Parts, Out,  #
+def _key_mean(Parts, Mean, N_PART, N_CTX, BLOCK_D: tl.constexpr, PART_P2: tl.constexpr, DTYPE: tl.constexpr):
+    # Second pass of the key mean, one program per head: (sum of the N_PART row sums of `_row_sums`, in a fixed order)
+    # / N_CTX, rounded to the keys' dtype DTYPE as `selection.block_scores` rounds k.mean(); float32 (B*H, BLOCK_D).
+    # Once per head: when every pooling program added the parts itself, it read more parts than keys (NOTES.md v12).
+    off_hz = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, PART_P2)
+    parts = tl.load(Parts + (off_hz * N_PART + offs_p[:, None]) * BLOCK_D + offs_k[None, :],
+                    mask=(offs_p < N_PART)[:, None], other=0.0)
+    tl.store(Mean + off_hz * BLOCK_D + offs_k, (tl.sum(parts, 0) / N_CTX).to(DTYPE).to(tl.float32))
+
+
+@triton.jit
+def _block_mean(X, Mean, Out,  #
                 stride_xz, stride_xh, stride_xm, stride_xk,  #
-                H, N_CTX, N_BLK, N_PART,  #
+                H, N_CTX, N_BLK,  #
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr,
-                ROUND: tl.constexpr, PART_P2: tl.constexpr):
+                ROUND: tl.constexpr):
     # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
-    # CENTER: mean = (sum of the N_PART row sums of `_row_sums`, in a fixed order) / N_CTX, rounded to x's dtype; each
-    # program adds the few parts itself, so the key mean needs no launch of its own.
+    # CENTER: Mean is the head's rounded key mean (`_key_mean`, float32 (B*H, BLOCK_D)).
     blk = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -118,10 +130,7 @@ def _block_mean(X, Parts, Out,  #
                 offs_k[None, :] * stride_xk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     xf = x.to(tl.float32)
     if CENTER:
-        offs_p = tl.arange(0, PART_P2)
-        parts = tl.load(Parts + (off_hz.to(tl.int64) * N_PART + offs_p[:, None]) * BLOCK_D + offs_k[None, :],
-                        mask=(offs_p < N_PART)[:, None] & d_ok[None, :], other=0.0)
-        mu = (tl.sum(parts, 0) / N_CTX).to(X.dtype.element_ty).to(tl.float32)
+        mu = tl.load(Mean + off_hz.to(tl.int64) * BLOCK_D + offs_k)
         xf = tl.where(m_ok[:, None], (xf - mu[None, :]).to(x.dtype).to(tl.float32), 0.0)
     count = tl.minimum(N_CTX - blk * BLOCK, BLOCK).to(tl.float32)
     mean = tl.sum(xf, 0) / count
