@@ -3,6 +3,7 @@
 
     python benchmarks/profile_ops.py            # Wan layer shape: per-kernel GPU times, eager vs CUDA-graph replay
     python benchmarks/profile_ops.py --once     # one forward + backward per scope, nothing else (for ncu)
+    python benchmarks/profile_ops.py --host-profile --scopes rest   # and where the forward's host time goes
 
 `kernel.py` times the whole operator the way a caller sees it (eager, CUDA events around each call). This script
 says how much of that is GPU work (the torch.profiler kernel table, and the same call replayed from a CUDA graph,
@@ -48,6 +49,24 @@ def kernel_table(fn, calls=10):
     return sorted(rows.items(), key=lambda kv: -kv[1])
 
 
+def host_profile(fn, calls=20, top=25):
+    """cProfile of `calls` eager calls of fn with the GPU kept busy (no call waits for it): where the host time goes,
+    by cumulative time."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
+
+
 def graph_ms(fn):
     """Median ms of `fn` replayed from a CUDA graph (no host overhead), or None when it cannot be captured."""
     try:
@@ -66,6 +85,7 @@ def main():
     parser.add_argument("--scopes", nargs="+", default=["rest", "all"])
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timings")
     parser.add_argument("--top", type=int, default=40, help="kernels listed per table")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile of the eager forward's host time")
     args = parser.parse_args()
     B, H, L, D, blkq, blkk = 1, 12, args.L, 128, 128, 64
     (q, k, v, w, b), do = wan_inputs(B, H, L, D)
@@ -79,6 +99,9 @@ def main():
             torch.cuda.synchronize()
             continue
         with torch.no_grad():
+            if args.host_profile:
+                print(f"== host profile, forward, scope {scope}: 20 calls ==")
+                host_profile(fwd)
             eager = bench_ms(fwd)
             replay = None if args.no_graph else graph_ms(fwd)
             table = kernel_table(fwd)
