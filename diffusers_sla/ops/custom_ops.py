@@ -307,7 +307,7 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
     one tiny launch adds them up per head)."""
     B, H, L, D = x.shape
     n, block_d = num_blocks(L, block), _block_d(D)
-    mean = torch.empty(B * H, block_d, device=x.device, dtype=torch.float32) if center else x.new_empty(0).float()
+    mean = torch.empty(B * H if center else 0, block_d, device=x.device, dtype=torch.float32)
     if center:
         parts = _row_sum_parts(x)
         _key_mean[(B * H,)](parts, mean, parts.shape[1], L, BLOCK_D=block_d,

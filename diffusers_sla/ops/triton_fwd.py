@@ -100,7 +100,8 @@ def _row_sums(X, Parts,  #
 def _key_mean(Parts, Mean, N_PART, N_CTX, BLOCK_D: tl.constexpr, PART_P2: tl.constexpr, DTYPE: tl.constexpr):
     # Second pass of the key mean, one program per head: (sum of the N_PART row sums of `_row_sums`, in a fixed order)
     # / N_CTX, rounded to the keys' dtype DTYPE as `selection.block_scores` rounds k.mean(); float32 (B*H, BLOCK_D).
-    # Once per head: when every pooling program added the parts itself, it read more parts than keys (NOTES.md v12).
+    # Once per head, so that each pooling program reads one vector, not its head's parts (22 KB at the Wan shape, more
+    # than its 16 KB block; on the GPU the two ways time the same, NOTES.md v12).
     off_hz = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, PART_P2)
