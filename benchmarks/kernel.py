@@ -226,12 +226,17 @@ def bench_ms(fn, warmup=25, rep=100):
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def host_ms(fn, calls=20):
-    """Host time per call of fn (Python, launches), with the GPU kept busy so that no launch waits for it: what an
-    eager call costs even when its kernels take no time."""
+def queue_gpu_spin(fn):
+    """Warms fn up, then queues ~0.5 s of GPU spinning, so that the host calls that follow never wait for the GPU:
+    what they take is host time alone (`host_ms`, `profile_ops.host_profile`)."""
     fn()
     torch.cuda.synchronize()
-    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU spinning queued ahead of the calls
+    torch.cuda._sleep(1_000_000_000)
+
+
+def host_ms(fn, calls=20):
+    """Host time per call of fn (Python, launches): what an eager call costs even when its kernels take no time."""
+    queue_gpu_spin(fn)
     start = time.perf_counter()
     for _ in range(calls):
         fn()

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.kernel import bench_ms, wan_inputs  # noqa: E402
+from benchmarks.kernel import bench_ms, queue_gpu_spin, wan_inputs  # noqa: E402
 from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
 from diffusers_sla.utils.cuda_graph import capture_cuda_graph  # noqa: E402
 
@@ -55,9 +55,7 @@ def host_profile(fn, calls=20, top=25):
     import cProfile
     import pstats
 
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(1_000_000_000)
+    queue_gpu_spin(fn)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
