@@ -39,10 +39,10 @@ POISON_OUTPUTS = False
 # Programs the linear-state kernel aims for (split of the key blocks of each head).
 _SPLIT_TARGET = int(os.environ.get("DIFFUSERS_SLA_SPLIT_TARGET", "264"))
 # `_linear_state` launch shape at the Wan shape (L=32760, D=128, bf16; benchmarks/NOTES.md v3, v5, v12): programs for
-# the per-key-block states of scope "rest" / for the per-head totals of scope "all", and warps / stages (0: per-scope
-# default: "rest" 8 warps, 2 stages; "all" 4 warps, 2 stages: 136 us on the H100 against 189 with v3's 132 programs,
-# 8 warps, 3 stages). "rest" with 4 warps: 138 us against 151 on the H200 (same outputs), not yet the default: the
-# README's figures were measured with 8, and switching needs a run of the whole benchmark.
+# the per-key-block states of scope "rest" / for the per-head totals of scope "all", and warps / stages (0: the
+# defaults: 2 stages, 4 warps, 8 for the per-block states of 128-key blocks, not measured with 4; "all": 136 us on the
+# H100 against 189 with v3's 132 programs, 8 warps, 3 stages; "rest": 138 us against 151 with 8 warps on the H200,
+# same outputs).
 _BLOCKS_TARGET = int(os.environ.get("DIFFUSERS_SLA_BLOCKS_TARGET", "264"))
 _TOTALS_TARGET = int(os.environ.get("DIFFUSERS_SLA_TOTALS_TARGET", "264"))
 _LS_WARPS = int(os.environ.get("DIFFUSERS_SLA_LS_WARPS", "0"))
@@ -254,7 +254,7 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     _linear_state[(split, B * H)](
         kd, vd, hb, zb, hs, zs, *_strides(kd), *_strides(vd), H, Lk, n_kblk, split, B * H * n_kblk * block_d,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
-        DOT_PREC=dot_precision, num_warps=_LS_WARPS or (8 if store_blocks and block_d > 64 else 4),
+        DOT_PREC=dot_precision, num_warps=_LS_WARPS or (8 if store_blocks and blkk > 64 and block_d > 64 else 4),
         num_stages=(_LS_STAGES or 2) if is_cuda() else 1,
     )
     if store_blocks:

@@ -10,6 +10,8 @@ core work never overlap (benchmarks/NOTES.md v6). Here the products are asynchro
     wait V[j]   -> issue acc += P[j] V[j]
     wait for both products; refill the ring slot of step j with the tiles of step j + STAGES (TMA)
 
+(`_step` is one such step; with 64-key tiles the loop takes two per iteration and keeps q in registers.)
+
 K/V tiles of the selected key blocks arrive by TMA into a ring of STAGES shared-memory slots, each with an mbarrier
 per tile. Every tensor descriptor is built on the host (`launch`): 4-D (B, H, L, D) boxes for q, k, v and the
 output, so any layout with a unit inner stride (diffusers' (B, L, H, D) view included) needs no copy. A query
@@ -137,6 +139,46 @@ if GLUON_AVAILABLE:
         return tile._reinterpret(tile.dtype, desc.block_type.shape, desc.layout)
 
     @gluon.jit
+    def _step(j, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z, off_h,
+              desc_k, desc_v, zero_s, offs_n, qk_scale, dtype: gl.constexpr, p_layout: gl.constexpr,
+              o_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TILE_BYTES: gl.constexpr,
+              FOLD_SCALE: gl.constexpr):
+        # one step of the loop: s_cur holds this step's scores, start_n its first key
+        slot = j % STAGES
+        # the next step's scores (on the last step a repeat of this one, never read) run during this softmax
+        jn = gl.minimum(j + 1, KEPT - 1)
+        mbarrier.wait(bar_k.index(jn % STAGES), (jn // STAGES) & 1)
+        s_tok = warpgroup_mma(q_op, kv_smem.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False,
+                              is_async=True)
+        next_n = gl.load(LUT + jn) * BLOCK_N
+
+        # online softmax of this step; scores past N_KV are -inf (TMA fills those K rows with zeros). FOLD_SCALE
+        # (scale > 0): row max on raw scores, the scale folded into the exponent's FMA
+        qk = s_cur if FOLD_SCALE else s_cur * qk_scale
+        if start_n + BLOCK_N > N_CTX_KV:  # only a key block that runs past the last key needs the mask
+            qk = gl.where(((start_n + offs_n) < N_CTX_KV)[None, :], qk, float("-inf"))
+        if FOLD_SCALE:
+            m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            p = gl.exp2(qk * qk_scale - m_ij[:, None])
+        else:
+            m_ij = gl.maximum(m_i, gl.max(qk, 1))
+            p = gl.exp2(qk - m_ij[:, None])
+        alpha = gl.exp2(m_i - m_ij)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        mbarrier.wait(bar_v.index(slot), (j // STAGES) & 1)
+        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), kv_smem.index(STAGES + slot), acc,
+                                is_async=True)
+        acc, s_cur = warpgroup_mma_wait(0, deps=(acc_tok, s_tok))
+        m_i = m_ij
+        start_n = next_n
+        # every warp is done with this slot: refill it with the tiles of step j + STAGES
+        gl.thread_barrier()
+        _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
+                  kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
+        return acc, s_cur, m_i, l_i, start_n
+
+    @gluon.jit
     def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, desc_r, desc_w, LUT, M, Den, OL, ZB, Bias,  #
                          sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT,  #
                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -186,42 +228,40 @@ if GLUON_AVAILABLE:
         qk_scale = sm_scale * 1.44269504  # 1/log(2)
 
         mbarrier.wait(bar_q, 0)
+        # 64-key tiles: q stays in registers as the A operand of every S product (each product then reads only K
+        # from shared memory), and the loop takes two steps per iteration, so that the scores alternate between two
+        # register sets instead of being copied out of the product's registers at every step (32 moves per thread).
+        # 5-7% off the kernel (H200, benchmarks/NOTES.md v13); with 128-key tiles both would spill.
+        LEAN: gl.constexpr = BLOCK_N == 64
+        if LEAN:
+            q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        else:
+            q_op = q_smem
         mbarrier.wait(bar_k.index(0), 0)
-        s_tok = warpgroup_mma(q_smem, kv_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_op, kv_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s_cur = warpgroup_mma_wait(0, deps=(s_tok,))
         start_n = gl.load(LUT) * BLOCK_N
-        for j in range(0, KEPT):
-            slot = j % STAGES
-            # the next step's scores (on the last step a repeat of this one, never read) run during this softmax
-            jn = gl.minimum(j + 1, KEPT - 1)
-            mbarrier.wait(bar_k.index(jn % STAGES), (jn // STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, kv_smem.index(jn % STAGES).permute((1, 0)), zero_s, use_acc=False,
-                                  is_async=True)
-            next_n = gl.load(LUT + jn) * BLOCK_N
-
-            # online softmax of this step; scores past N_KV are -inf (TMA fills those K rows with zeros)
-            n_ok = (start_n + offs_n) < N_CTX_KV
-            if FOLD_SCALE:  # scale > 0: row max on raw scores, the scale folded into the exponent
-                qk = gl.where(n_ok[None, :], s_cur, float("-inf"))
-                m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-                p = gl.exp2(qk * qk_scale - m_ij[:, None])
-            else:
-                qk = gl.where(n_ok[None, :], s_cur * qk_scale, float("-inf"))
-                m_ij = gl.maximum(m_i, gl.max(qk, 1))
-                p = gl.exp2(qk - m_ij[:, None])
-            alpha = gl.exp2(m_i - m_ij)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            mbarrier.wait(bar_v.index(slot), (j // STAGES) & 1)
-            acc_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), kv_smem.index(STAGES + slot), acc,
-                                    is_async=True)
-            acc, s_cur = warpgroup_mma_wait(0, deps=(acc_tok, s_tok))
-            m_i = m_ij
-            start_n = next_n
-            # every warp is done with this slot: refill it with the tiles of step j + STAGES
-            gl.thread_barrier()
-            _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
-                      kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
+        if LEAN:
+            if KEPT % 2 == 1:
+                acc, s_cur, m_i, l_i, start_n = _step(
+                    0, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
+                    off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
+                    TILE_BYTES, FOLD_SCALE)
+            for j in range(KEPT % 2, KEPT, 2):
+                acc, s_cur, m_i, l_i, start_n = _step(
+                    j, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
+                    off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
+                    TILE_BYTES, FOLD_SCALE)
+                acc, s_cur, m_i, l_i, start_n = _step(
+                    j + 1, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
+                    off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
+                    TILE_BYTES, FOLD_SCALE)
+        else:
+            for j in range(0, KEPT):
+                acc, s_cur, m_i, l_i, start_n = _step(
+                    j, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
+                    off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
+                    TILE_BYTES, FOLD_SCALE)
 
         _invalidate_barriers(bar_k, STAGES)
         _invalidate_barriers(bar_v, STAGES)
