@@ -50,6 +50,9 @@ _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 # `_proj_grad` programs (each sums dO^T o_l over a strided set of row tiles): one per SM of the H100. It was 33 before
 # v4, which took 0.31 ms at the Wan shape against 0.10 ms with 132 (NOTES.md).
 _PROJ_GRAD_TARGET = int(os.environ.get("DIFFUSERS_SLA_PROJ_GRAD_TARGET", "132"))
+# `_top_blocks_kernel` warps (0: by row length): one warp sorts a row of up to 512 scores in registers and shuffles,
+# 34 us at the Wan shape (H200) against 46 with 4 warps, whose sort steps go through shared memory (NOTES.md v13)
+_TOPK_WARPS = int(os.environ.get("DIFFUSERS_SLA_TOPK_WARPS", "0"))
 # `_row_sums` (the key mean's first pass) launch shape, measured on the H100 at the Wan shape (NOTES.md, "Glue"):
 # programs aimed for (528: 43 row ranges per head, 50 us; 264: 60 us; 1056: 53 us), rows per tile, warps, stages
 # (2-4: same time). `_key_mean` then adds a head's parts once.
@@ -305,7 +308,7 @@ def _row_sum_parts(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
 def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool = False) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, D) float32 block means of x (or of `x - mean(x)` rounded to x's dtype, as
     `selection.block_scores` centres keys), in one pass over x (two with `center`: the mean's row sums first, then
-    one tiny launch adds them up per head)."""
+    one tiny launch adds them up per head). `round_to_input`: rounded to x's dtype and returned in it."""
     B, H, L, D = x.shape
     n, block_d = num_blocks(L, block), _block_d(D)
     mean = torch.empty(B * H if center else 0, block_d, device=x.device, dtype=torch.float32)
@@ -313,7 +316,7 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
         parts = _row_sum_parts(x)
         _key_mean[(B * H,)](parts, mean, parts.shape[1], L, BLOCK_D=block_d,
                             PART_P2=triton.next_power_of_2(parts.shape[1]), DTYPE=_TL_DTYPES[x.dtype], num_warps=2)
-    out = torch.empty(B, H, n, D, device=x.device, dtype=torch.float32)
+    out = torch.empty(B, H, n, D, device=x.device, dtype=x.dtype if round_to_input else torch.float32)
     # 2 warps: 49 us against 54 with 4 for the Wan shape's query pooling on the H100 (NOTES.md v5)
     _block_mean[(n, B * H)](x, mean, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=block,
                             CENTER=center, ROUND=round_to_input, num_warps=2, num_stages=1)
@@ -324,32 +327,29 @@ def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int
     """`selection.select_blocks` with its pooling fused into one Triton pass per tensor (the PyTorch version makes
     float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
     `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
-    differs. -> int32 (B, H, n_q, kept), ascending rows."""
+    (and of the score products' float32 sums) differs. -> int32 (B, H, n_q, kept), ascending rows."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    # pooled vectors rounded to the input dtype inside the kernel (float32/float64 inputs: float32, as there)
     half = dtype != torch.float32
+    # pooled vectors rounded to the input dtype inside the kernel and stored in it (float32/float64 inputs: float32)
     pooled_q = block_means(q, blkq, center=False, round_to_input=half)
     pooled_k = block_means(k, blkk, center=True, round_to_input=half)
+    # 16-bit operands, float32 accumulation, scores rounded to the input dtype: what `selection.block_scores`
+    # computes (its operands are those rounded values, its products exact in float32), on the tensor cores
     scores = pooled_q @ pooled_k.transpose(-1, -2)
-    # scores rounded to the input dtype, as `selection.block_scores` does: bfloat16 inside the top-k launch (two
-    # elementwise launches fewer), float16 here
-    round_bf16 = dtype == torch.bfloat16
-    if dtype == torch.float16:
-        scores = scores.to(dtype).float()
-    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]), round_bf16=round_bf16)
+    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
 
 
-def top_blocks_triton(scores: torch.Tensor, kept: int, round_bf16: bool = False) -> torch.Tensor:
+def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
     """`selection.top_blocks` in one Triton launch (one program per row): the same indices, ties to the lower index.
-    `round_bf16`: rank float32 `scores` as if they were first rounded to bfloat16 (`scores.bfloat16().float()`).
+    `scores` in any float dtype (ranked as their float32 values).
     -> int32 (..., kept), ascending rows."""
     n_k = scores.shape[-1]
     lut = torch.empty(*scores.shape[:-1], kept, device=scores.device, dtype=torch.int32)
     rows = lut.numel() // kept if kept else 0
     if rows:
         n_k_p2 = triton.next_power_of_2(n_k)
-        _top_blocks_kernel[(rows,)](scores.float().contiguous(), lut, n_k, kept, N_K_P2=n_k_p2,
-                                    ROUND_BF16=round_bf16, num_warps=4 if n_k_p2 <= 1024 else 8)
+        _top_blocks_kernel[(rows,)](scores.contiguous(), lut, n_k, kept, N_K_P2=n_k_p2,
+                                    num_warps=_TOPK_WARPS or (1 if n_k_p2 <= 512 else 4 if n_k_p2 <= 1024 else 8))
     return lut
 
 

@@ -137,24 +137,18 @@ def _block_mean(X, Mean, Out,  #
     mean = tl.sum(xf, 0) / count
     if ROUND:  # rounded to x's dtype, as `selection.block_scores` rounds the pooled vectors
         mean = mean.to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Out + (off_hz.to(tl.int64) * N_BLK + blk) * HEAD_DIM + offs_k, mean, mask=d_ok)
+    tl.store(Out + (off_hz.to(tl.int64) * N_BLK + blk) * HEAD_DIM + offs_k, mean.to(Out.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
-def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr, ROUND_BF16: tl.constexpr):
-    # Block selection's top-k for one row of scores: the KEPT largest, ties to the lower index (as
-    # `selection.top_blocks`), written ascending. Each score becomes a unique 64-bit key (its float32 bits mapped to an
-    # order-preserving integer, then the reversed index), one sort gives the KEPT-th largest key, and a prefix sum
-    # over the row places every selected index in order.
-    # ROUND_BF16: the float32 scores are first rounded to bfloat16 (to nearest, ties to even, on the bits: exact, and
-    # the same on the GPU and under the interpreter), as `selection.block_scores` rounds them to the input dtype.
+def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr):
+    # Block selection's top-k for one row of scores (any float dtype, ranked as float32): the KEPT largest, ties to the
+    # lower index (as `selection.top_blocks`), written ascending. Each score becomes a unique 64-bit key (its float32
+    # bits mapped to an order-preserving integer, then the reversed index), one sort gives the KEPT-th largest key,
+    # and a prefix sum over the row places every selected index in order.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, N_K_P2)
-    s = tl.load(S + row * N_K + offs, mask=offs < N_K, other=float("-inf"))
-    if ROUND_BF16:
-        raw = s.to(tl.int32, bitcast=True)
-        raw = (raw + (0x7FFF + ((raw >> 16) & 1))) & -65536  # -65536 = 0xFFFF0000: keep the bfloat16 bits
-        s = raw.to(tl.float32, bitcast=True)
+    s = tl.load(S + row * N_K + offs, mask=offs < N_K, other=float("-inf")).to(tl.float32)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with +0.0, as in a float sort
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-integer order = float order
