@@ -16,6 +16,7 @@ Feature maps are constexpr ids: 0 = softmax over head_dim, 1 = elu + 1, 2 = relu
 two run in a padded BLOCK_D with masked columns (padded columns are 0 after every feature map).
 """
 
+import functools
 import os
 
 import triton
@@ -25,13 +26,19 @@ LINEAR_EPS = 1e-5  # same constant as reference.LINEAR_EPS
 FEATURE_MAPS = {"softmax": 0, "elu": 1, "relu": 2}
 
 
-def _backend():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "interpreter"
+@functools.cache
+def _driver_backend():
+    # asked once per process: the forward consults it for several launches, and each query costs host time
     try:
         return triton.runtime.driver.active.get_current_target().backend
     except RuntimeError:  # no GPU driver on this machine (CPU-only CI without the interpreter)
         return None
+
+
+def _backend():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter"
+    return _driver_backend()
 
 
 def is_hip():
