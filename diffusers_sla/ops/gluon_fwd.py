@@ -241,25 +241,16 @@ if GLUON_AVAILABLE:
         s_tok = warpgroup_mma(q_op, kv_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s_cur = warpgroup_mma_wait(0, deps=(s_tok,))
         start_n = gl.load(LUT) * BLOCK_N
-        if LEAN:
-            if KEPT % 2 == 1:
+        UNROLL: gl.constexpr = 2 if LEAN else 1
+        if KEPT % UNROLL == 1:  # the odd first step of a two-step loop
+            acc, s_cur, m_i, l_i, start_n = _step(
+                0, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z, off_h,
+                desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES, TILE_BYTES,
+                FOLD_SCALE)
+        for j0 in range(KEPT % UNROLL, KEPT, UNROLL):
+            for u in gl.static_range(UNROLL):
                 acc, s_cur, m_i, l_i, start_n = _step(
-                    0, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
-                    off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
-                    TILE_BYTES, FOLD_SCALE)
-            for j in range(KEPT % 2, KEPT, 2):
-                acc, s_cur, m_i, l_i, start_n = _step(
-                    j, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
-                    off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
-                    TILE_BYTES, FOLD_SCALE)
-                acc, s_cur, m_i, l_i, start_n = _step(
-                    j + 1, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
-                    off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
-                    TILE_BYTES, FOLD_SCALE)
-        else:
-            for j in range(0, KEPT):
-                acc, s_cur, m_i, l_i, start_n = _step(
-                    j, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
+                    j0 + u, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z,
                     off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
                     TILE_BYTES, FOLD_SCALE)
 
