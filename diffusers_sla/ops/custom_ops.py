@@ -319,7 +319,7 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
     out = torch.empty(B, H, n, D, device=x.device, dtype=x.dtype if round_to_input else torch.float32)
     # 2 warps: 49 us against 54 with 4 for the Wan shape's query pooling on the H100 (NOTES.md v5)
     _block_mean[(n, B * H)](x, mean, out, *_strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=block,
-                            CENTER=center, ROUND=round_to_input, num_warps=2, num_stages=1)
+                            CENTER=center, num_warps=2, num_stages=1)
     return out
 
 

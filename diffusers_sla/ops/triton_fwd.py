@@ -121,8 +121,7 @@ def _key_mean(Parts, Mean, N_PART, N_CTX, BLOCK_D: tl.constexpr, PART_P2: tl.con
 def _block_mean(X, Mean, Out,  #
                 stride_xz, stride_xh, stride_xm, stride_xk,  #
                 H, N_CTX, N_BLK,  #
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr,
-                ROUND: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, CENTER: tl.constexpr):
     # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
     # CENTER: Mean is the head's rounded key mean (`_key_mean`, float32 (B*H, BLOCK_D)).
@@ -142,8 +141,7 @@ def _block_mean(X, Mean, Out,  #
         xf = tl.where(m_ok[:, None], (xf - mu[None, :]).to(x.dtype).to(tl.float32), 0.0)
     count = tl.minimum(N_CTX - blk * BLOCK, BLOCK).to(tl.float32)
     mean = tl.sum(xf, 0) / count
-    if ROUND:  # rounded to x's dtype, as `selection.block_scores` rounds the pooled vectors
-        mean = mean.to(X.dtype.element_ty).to(tl.float32)
+    # Out in x's 16-bit dtype rounds the pooled vectors as `selection.block_scores` does; in float32 it keeps them
     tl.store(Out + (off_hz.to(tl.int64) * N_BLK + blk) * HEAD_DIM + offs_k, mean.to(Out.dtype.element_ty), mask=d_ok)
 
 
