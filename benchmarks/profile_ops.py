@@ -51,7 +51,7 @@ def kernel_table(fn, calls=10):
 
 def host_profile(fn, calls=20, top=25):
     """cProfile of `calls` eager calls of fn with the GPU kept busy (no call waits for it): where the host time goes,
-    by cumulative time."""
+    by cumulative time, then by time spent in each function itself."""
     import cProfile
     import pstats
 
@@ -63,6 +63,7 @@ def host_profile(fn, calls=20, top=25):
     profiler.disable()
     torch.cuda.synchronize()
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
 def graph_ms(fn):

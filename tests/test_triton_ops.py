@@ -530,3 +530,34 @@ def test_gpu_operator_replays_in_a_cuda_graph():
             graph.replay()
             expected = call(*fresh)
             assert torch.equal(out, expected), f"replay {seed} differs from the eager call"
+
+
+@pytest.mark.gpu
+@require_cuda
+@pytest.mark.parametrize("scope", ["rest", "all"])
+def test_fast_launches_match_plain_launches(monkeypatch, scope):
+    """`ops/launch.py` on the GPU: after the first call, the forward's launches skip `kernel[grid]`, and the outputs
+    (block map, o, lse and the side outputs) are bit-identical to those of plain launches."""
+    from diffusers_sla.ops import custom_ops, gluon_fwd, launch
+
+    torch.manual_seed(0)
+    B, H, L, D = 1, 3, 1500, 128
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w, b = torch.randn(D, D, device="cuda") * 0.05, torch.randn(D, device="cuda") * 0.1
+
+    def forward():
+        lut = custom_ops.select_blocks_fused(q, k, 0.2, 128, 64)
+        return (lut, *custom_ops.forward(q, k, v, w, b, lut, D**-0.5, "softmax", scope, 128, 64, True, "tf32"))
+
+    monkeypatch.setattr(launch, "ENABLED", False)
+    plain = forward()
+    monkeypatch.setattr(launch, "ENABLED", True)
+    launchers = [custom_ops._block_mean, custom_ops._top_blocks_kernel, custom_ops._linear_state]
+    if gluon_fwd.GLUON_AVAILABLE:
+        launchers.append(gluon_fwd._attn_fwd_hopper_launcher)
+    before = [x.fast_calls for x in launchers]
+    forward()
+    fast = forward()
+    assert all(x.fast_calls > n for x, n in zip(launchers, before)), "a launch did not take the shortcut"
+    for i, (ours, ref) in enumerate(zip(fast, plain)):
+        assert torch.equal(ours, ref), f"output {i} differs"

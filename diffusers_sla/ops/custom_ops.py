@@ -19,12 +19,18 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import gluon_bwd, gluon_fwd
+from . import gluon_bwd, gluon_fwd, triton_fwd
+from .launch import Launcher
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
-from .triton_fwd import (FEATURE_MAPS, LINEAR_EPS, _attn_fwd, _block_mean, _key_mean, _linear_state,
-                         _rest_weights_kernel, _row_sums, _top_blocks_kernel, is_cuda)
+from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, is_cuda
 
+# The selection's and the linear branch's kernels, launched with less host work per call (launch.py): an eager
+# forward at the Wan shape can wait on its launches' host time. The backward's launches are hidden behind its GPU work.
+_row_sums, _key_mean, _block_mean, _top_blocks_kernel, _linear_state, _rest_weights_kernel = (
+    Launcher(kernel) for kernel in (triton_fwd._row_sums, triton_fwd._key_mean, triton_fwd._block_mean,
+                                    triton_fwd._top_blocks_kernel, triton_fwd._linear_state,
+                                    triton_fwd._rest_weights_kernel))
 
 logger = logging.getLogger(__name__)
 

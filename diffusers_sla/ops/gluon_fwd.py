@@ -32,6 +32,8 @@ import functools
 
 import triton
 
+from .launch import Launcher
+
 # Gluon is experimental and its API changes between Triton releases (Triton 3.9, for one, renamed the TMA copies
 # and `_reinterpret`): the Hopper kernels run on the release they are written and tested for, the portable kernels
 # on any other.
@@ -324,6 +326,10 @@ if GLUON_AVAILABLE:
         mbarrier.invalidate(bar_q)
 
 
+    # launched with less host work per call (launch.py): its host-built descriptors make it the costliest launch
+    _attn_fwd_hopper_launcher = Launcher(_attn_fwd_hopper)
+
+
 @functools.lru_cache(maxsize=None)
 def _tile_layout(element_bits: int, rank: int):
     # built once: constructing a layout object costs more host time than the rest of a descriptor
@@ -334,8 +340,16 @@ def _descriptor(x, box, element_bits: int = 16):
     """A host-built TMA descriptor over all of x (4-D (B, H, L, D) or 2-D), in the 128-byte swizzle the kernel's
     shared-memory tiles use. Built on the host once per call: descriptors built on the device cost each program
     ~8% of its time in global-memory fences (ncu; the kernel 0.08 ms faster at the Wan shape, benchmarks/NOTES.md
-    v8), for ~0.1 ms more host time per call (less with the cached layouts)."""
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), list(box), _tile_layout(element_bits, len(box)))
+    v8), for ~0.1 ms more host time per call (less with the cached layouts).
+
+    Built without the dataclass's checks (`TensorDescriptor.__post_init__`: 16-byte alignment, unit inner stride,
+    power-of-two box), which cost more host time than the rest of the launch's arguments together: every caller
+    passes a tensor `custom_ops._tma_ready` made addressable, and a power-of-two box. The fields are the ones
+    `TensorDescriptor(...)` would hold (test_gluon_fwd compares them)."""
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(base=x, shape=list(x.shape), strides=list(x.stride()), block_shape=list(box),
+                         layout=_tile_layout(element_bits, len(box)), padding="zero")
+    return desc
 
 
 def linear_tiles_2d(tiles, has_linear: bool, like, block_d: int):
@@ -353,7 +367,7 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
     B, H, Lq, D = q.shape
     rows, warps, stages = LAUNCH[blkk]
     r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
-    _attn_fwd_hopper[(n_qblk * (blkq // rows), B * H)](
+    _attn_fwd_hopper_launcher[(n_qblk * (blkq // rows), B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
         _descriptor(r2d, [block_d, block_d]), _descriptor(proj_weight, [block_d, block_d], 32),
