@@ -391,6 +391,57 @@ def test_fused_selection_picks_the_golden_block_maps():
     _run_kernel_script(GOLDEN_LUT_SCRIPT.replace("GOLDEN = None", f"GOLDEN = {str(GOLDEN_DIR)!r}"), "GOLDEN_LUT_OK")
 
 
+OVERLAP_SCRIPT = textwrap.dedent('''
+    import torch
+    from diffusers_sla.ops import autograd, custom_ops
+
+    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    precision = "tf32" if device == "cuda" else "ieee"
+    # (B, H, Lq, Lk, D, blkq, blkk, topk): partial blocks and Lq != Lk; on the GPU also the Wan head size
+    cases = [(1, 2, 200, 330, 32, 64, 32, 0.3), (2, 1, 96, 96, 24, 32, 64, 0.5)]
+    if device == "cuda":
+        cases.append((1, 3, 1500, 1500, 128, 128, 64, 0.2))
+    for B, H, Lq, Lk, D, blkq, blkk, topk in cases:
+        q = (torch.randn(B, H, Lq, D, generator=g) + 0.3).to(device, dtype)
+        k = (torch.randn(B, Lk, H, D, generator=g) + 0.3).to(device, dtype).transpose(1, 2)  # strided, as diffusers
+        v = torch.randn(B, H, Lk, D, generator=g).to(device, dtype)
+        w, b = (torch.randn(D, D, generator=g) * 0.05).to(device), (torch.randn(D, generator=g) * 0.1).to(device)
+        for scope in ("rest", "all"):
+            args = (D**-0.5, "softmax", scope, blkq, blkk, True, precision)
+            lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+            apart = (lut, *custom_ops.forward(q, k, v, w, b, lut, *args))
+            for overlap in (True, False):
+                custom_ops.OVERLAP = overlap
+                lut2, outs = custom_ops.select_and_forward(q, k, q, k, v, w, b, topk, *args)
+                for i, (ours, ref) in enumerate(zip((lut2, *outs), apart)):
+                    assert torch.equal(ours, ref), (Lq, scope, overlap, i)
+            custom_ops.OVERLAP = True
+            # the autograd glue: `sla_triton` (selecting inside the Function) against the map passed in
+            kw = dict(blkq=blkq, blkk=blkk, feature_map="softmax", linear_scope=scope)
+            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, w, b)]
+            leaves_lut = [x.detach().clone().requires_grad_() for x in (q, k, v, w, b)]
+            out = autograd.sla_triton(*leaves, topk=topk, **kw)
+            out_lut = autograd.sla_triton_with_lut(*leaves_lut, lut, **kw)
+            assert torch.equal(out, out_lut), (Lq, scope)
+            grad = torch.randn(out.shape, generator=g).to(device, dtype)
+            out.backward(grad)
+            out_lut.backward(grad)
+            for i, (x, y) in enumerate(zip(leaves, leaves_lut)):
+                assert torch.equal(x.grad, y.grad), (Lq, scope, "grad", i)
+    print("OVERLAP_OK")
+''')
+
+
+def test_selection_beside_the_linear_state_changes_nothing():
+    """`custom_ops.select_and_forward` (the eager `sla_triton` path: the block selection queued beside the linear
+    state, on a second stream on the GPU) gives the block map, the output and every side output bit for bit as
+    `select_blocks_fused` then `forward`, with the overlap on and off; `sla_triton`'s output and gradients equal
+    `sla_triton_with_lut`'s on the same map."""
+    _run_kernel_script(OVERLAP_SCRIPT, "OVERLAP_OK")
+
+
 def test_unaligned_inputs_are_copied_to_an_aligned_tensor():
     """A contiguous view at an offset that is not a multiple of 16 bytes cannot back a tensor descriptor: `_tma_ready`
     must hand the kernels a fresh (aligned) copy with the same values, not the view itself."""

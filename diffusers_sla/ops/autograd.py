@@ -69,11 +69,16 @@ def _compute_dtype_and_precision(dtype: torch.dtype, device: torch.device) -> tu
 class _SLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
-                dot_precision):
+                dot_precision, selection=None):
+        # lut None: selected here from selection = (q_sel, k_sel, topk), beside the forward's first kernels
         store_bwd = any(ctx.needs_input_grad[:5])
-        o, lse, den, o_l, rb, zb, ht, zt = custom_ops.forward(
-            q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd,
-            dot_precision)
+        args = (scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision)
+        if lut is None:
+            q_sel, k_sel, topk = selection
+            lut, outs = custom_ops.select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, *args)
+        else:
+            outs = custom_ops.forward(q, k, v, proj_weight, proj_bias, lut, *args)
+        o, lse, den, o_l, rb, zb, ht, zt = outs
         if store_bwd:
             ctx.save_for_backward(q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut)
             ctx.args = (scale, feature_map, linear_scope, blkq, blkk, dot_precision)
@@ -84,7 +89,7 @@ class _SLATriton(torch.autograd.Function):
         q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
         dq, dk, dv, dw, db = custom_ops.backward(
             do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *ctx.args)
-        return dq, dk, dv, dw, db, None, None, None, None, None, None, None
+        return dq, dk, dv, dw, db, None, None, None, None, None, None, None, None
 
 
 def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
@@ -104,14 +109,20 @@ def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
 def sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale=None):
     """`sla_triton` with a given block map `lut` (int32 (B, H, n_q, kept), ascending rows): tests and benchmarks
     share one map with the reference through this."""
+    return _run(q, k, v, proj_weight, proj_bias, lut.to(torch.int32).contiguous(), None, blkq=blkq, blkk=blkk,
+                feature_map=feature_map, linear_scope=linear_scope, scale=scale)
+
+
+def _run(q, k, v, proj_weight, proj_bias, lut, selection, *, blkq, blkk, feature_map, linear_scope, scale):
+    # inputs in the compute dtype, proj_l in float32; lut None: the Function selects from `selection`
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
     w = proj_weight.to(torch.float32).contiguous()
     b = proj_bias.to(torch.float32).contiguous()
-    o = _SLATriton.apply(qc, kc, vc, w, b, lut.to(torch.int32).contiguous(), float(scale), feature_map,
-                         linear_scope, blkq, blkk, dot_precision)
+    o = _SLATriton.apply(qc, kc, vc, w, b, lut, float(scale), feature_map, linear_scope, blkq, blkk,
+                         dot_precision, selection)
     return o.to(q.dtype)
 
 
@@ -142,9 +153,12 @@ def sla_triton(
             _warned_fallback = True
         return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
                              feature_map=feature_map, linear_scope=linear_scope, scale=scale)
+    kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
+    if _select == "fused" and not torch.compiler.is_compiling():
+        # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`)
+        return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk), **kw)
     if _select == "fused":
         lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
     else:
         lut = select_blocks(q, k, topk, blkq, blkk)
-    return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, blkq=blkq, blkk=blkk, feature_map=feature_map,
-                               linear_scope=linear_scope, scale=scale)
+    return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw)

@@ -9,6 +9,7 @@ synchronisation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -119,12 +120,13 @@ class _Geometry(NamedTuple):
     has_linear: bool
 
 
-def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor, blkq: int, blkk: int,
-              linear_scope: str) -> _Geometry:
+def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor | None, blkq: int, blkk: int,
+              linear_scope: str, topk: float | None = None) -> _Geometry:
+    """From the block map's shape, or (lut None) from the `topk` the map will be selected with."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    kept = lut.shape[-1]
+    kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk)
     return _Geometry(B, H, Lq, Lk, D, n_qblk, n_kblk, kept, _block_d(D), linear_scope == "rest",
                      _has_linear(linear_scope, kept, n_kblk))
 
@@ -334,6 +336,11 @@ def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int
     float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
     `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
     (and of the score products' float32 sums) differs. -> int32 (B, H, n_q, kept), ascending rows."""
+    return _select_into(q, k, topk, blkq, blkk, None)
+
+
+def _select_into(q, k, topk, blkq, blkk, out):
+    # `_fast_select_blocks`, writing the block map into `out` when given (allocated by the caller's stream)
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     half = dtype != torch.float32
     # pooled vectors rounded to the input dtype inside the kernel and stored in it (float32/float64 inputs: float32)
@@ -342,15 +349,16 @@ def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int
     # 16-bit operands, float32 accumulation, scores rounded to the input dtype: what `selection.block_scores`
     # computes (its operands are those rounded values, its products exact in float32), on the tensor cores
     scores = pooled_q @ pooled_k.transpose(-1, -2)
-    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
+    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]), out)
 
 
-def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
+def top_blocks_triton(scores: torch.Tensor, kept: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """`selection.top_blocks` in one Triton launch (one program per row): the same indices, ties to the lower index.
-    `scores` in any float dtype (ranked as their float32 values).
+    `scores` in any float dtype (ranked as their float32 values); `out`: a contiguous int32 (..., kept) to write.
     -> int32 (..., kept), ascending rows."""
     n_k = scores.shape[-1]
-    lut = torch.empty(*scores.shape[:-1], kept, device=scores.device, dtype=torch.int32)
+    lut = out if out is not None else torch.empty(*scores.shape[:-1], kept, device=scores.device,
+                                                   dtype=torch.int32)
     rows = lut.numel() // kept if kept else 0
     if rows:
         n_k_p2 = triton.next_power_of_2(n_k)
@@ -379,13 +387,37 @@ def _sla_fwd(
     needs: the linear denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block
     ("rest"), the per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty."""
     g = _geometry(q, k, lut, blkq, blkk, linear_scope)
-    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
     _use_descriptors()
     qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
-    ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, block_d, feature_map, dot_precision,
-                                     store_blocks=rest and has_linear)
-    if rest and has_linear:  # zt holds Z's per-split partials, read by `_rest_weights` only
-        z_parts, zt = zt, zt.new_empty(0)
+    state = _linear_state_of(kd, vd, g, blkk, feature_map, dot_precision)
+    return _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state, g, scale, feature_map, blkq, blkk, store_bwd,
+                   dot_precision)
+
+
+class _LinearState(NamedTuple):
+    """What the linear branch needs from k and v alone (`_linear_totals`): the per-head totals H, Z (scope "all";
+    empty for "rest"), and for "rest" each key block's h_j, z_j and Z's per-split partials (else empty / None)."""
+
+    ht: torch.Tensor
+    zt: torch.Tensor
+    hb: torch.Tensor
+    zkb: torch.Tensor
+    z_parts: torch.Tensor | None
+
+
+def _linear_state_of(kd, vd, g: _Geometry, blkk, feature_map, dot_precision) -> _LinearState:
+    ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, g.block_d, feature_map, dot_precision,
+                                     store_blocks=g.rest and g.has_linear)
+    if g.rest and g.has_linear:  # zt holds Z's per-split partials, read by `_rest_weights` only
+        return _LinearState(ht, zt.new_empty(0), hb, zkb, zt)
+    return _LinearState(ht, zt, hb, zkb, None)
+
+
+def _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: _LinearState, g: _Geometry, scale, feature_map,
+            blkq, blkk, store_bwd, dot_precision):
+    """The forward after the linear state: R_i, z_i ("rest"), then the attention kernel. -> `_sla_fwd`'s outputs."""
+    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
+    ht, zt, hb, zkb, z_parts = state
     o = _empty_like_input(q)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
     s_den, s_ol, s_rb, _ = _side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear)
@@ -579,3 +611,44 @@ def _eager_or_op(op, impl):
 select_blocks_fused = _eager_or_op(fast_select_blocks, _fast_select_blocks)
 forward = _eager_or_op(sla_fwd, _sla_fwd)
 backward = _eager_or_op(sla_bwd, _sla_bwd)
+
+# The block selection (pooling, scores, top-k) reads q and k; the linear state (`_linear_state`) reads k and v: neither
+# needs the other. In eager calls on the GPU the selection runs on a second stream while the linear state runs on the
+# caller's (`select_and_forward`). DIFFUSERS_SLA_OVERLAP=0: one after the other, `select_blocks_fused` then `forward`.
+OVERLAP = os.environ.get("DIFFUSERS_SLA_OVERLAP", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device_index)
+
+
+def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scale, feature_map, linear_scope, blkq,
+                       blkk, store_bwd, dot_precision):
+    """`select_blocks_fused(q_sel, k_sel, ...)` then `forward(q, k, v, ..., lut, ...)`, -> (lut, forward's outputs).
+
+    With `OVERLAP`, outside torch.compile: the same kernels in another order: the linear state first, on the
+    caller's stream, then the selection, on a second stream when the tensors are on the GPU (one after the other
+    elsewhere), joined before the rest of the forward reads the block map. Same outputs, bit for bit."""
+    if not OVERLAP or torch.compiler.is_compiling():
+        lut = select_blocks_fused(q_sel, k_sel, topk, blkq, blkk)
+        return lut, forward(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
+                            store_bwd, dot_precision)
+    with torch.no_grad():
+        g = _geometry(q, k, None, blkq, blkk, linear_scope, topk)
+        # allocated on the caller's stream, which reads it after the join: no other stream's memory escapes
+        lut = torch.empty(g.B, g.H, g.n_qblk, g.kept, device=q.device, dtype=torch.int32)
+        side = None
+        if q.is_cuda:
+            main, side = torch.cuda.current_stream(q.device), _side_stream(q.device.index)
+            side.wait_stream(main)  # for the producers of q_sel and k_sel, not for the linear state queued next
+        _use_descriptors()
+        qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+        state = _linear_state_of(kd, vd, g, blkk, feature_map, dot_precision)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            # the selection's temporaries come from (and return to) the side stream's memory: only it uses them
+            _select_into(q_sel, k_sel, topk, blkq, blkk, lut)
+        if side is not None:
+            main.wait_stream(side)
+        return lut, _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state, g, scale, feature_map, blkq, blkk,
+                            store_bwd, dot_precision)
