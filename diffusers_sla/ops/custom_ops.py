@@ -336,29 +336,30 @@ def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int
     float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
     `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
     (and of the score products' float32 sums) differs. -> int32 (B, H, n_q, kept), ascending rows."""
-    return _select_into(q, k, topk, blkq, blkk, None)
+    return _rank_blocks(*_pooled_for_selection(q, k, blkq, blkk), topk)
 
 
-def _select_into(q, k, topk, blkq, blkk, out):
-    # `_fast_select_blocks`, writing the block map into `out` when given (allocated by the caller's stream)
-    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    half = dtype != torch.float32
-    # pooled vectors rounded to the input dtype inside the kernel and stored in it (float32/float64 inputs: float32)
-    pooled_q = block_means(q, blkq, center=False, round_to_input=half)
-    pooled_k = block_means(k, blkk, center=True, round_to_input=half)
+def _pooled_for_selection(q, k, blkq, blkk):
+    # the selection's passes over q and k: q's block means and k's centred block means, rounded to the input dtype
+    # inside the kernel and stored in it (float32/float64 inputs: float32)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return (block_means(q, blkq, center=False, round_to_input=half),
+            block_means(k, blkk, center=True, round_to_input=half))
+
+
+def _rank_blocks(pooled_q, pooled_k, topk):
     # 16-bit operands, float32 accumulation, scores rounded to the input dtype: what `selection.block_scores`
     # computes (its operands are those rounded values, its products exact in float32), on the tensor cores
     scores = pooled_q @ pooled_k.transpose(-1, -2)
-    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]), out)
+    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
 
 
-def top_blocks_triton(scores: torch.Tensor, kept: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
     """`selection.top_blocks` in one Triton launch (one program per row): the same indices, ties to the lower index.
-    `scores` in any float dtype (ranked as their float32 values); `out`: a contiguous int32 (..., kept) to write.
+    `scores` in any float dtype (ranked as their float32 values).
     -> int32 (..., kept), ascending rows."""
     n_k = scores.shape[-1]
-    lut = out if out is not None else torch.empty(*scores.shape[:-1], kept, device=scores.device,
-                                                   dtype=torch.int32)
+    lut = torch.empty(*scores.shape[:-1], kept, device=scores.device, dtype=torch.int32)
     rows = lut.numel() // kept if kept else 0
     if rows:
         n_k_p2 = triton.next_power_of_2(n_k)
@@ -612,9 +613,11 @@ select_blocks_fused = _eager_or_op(fast_select_blocks, _fast_select_blocks)
 forward = _eager_or_op(sla_fwd, _sla_fwd)
 backward = _eager_or_op(sla_bwd, _sla_bwd)
 
-# The block selection (pooling, scores, top-k) reads q and k; the linear state (`_linear_state`) reads k and v: neither
-# needs the other. In eager calls on the GPU the selection runs on a second stream while the linear state runs on the
-# caller's (`select_and_forward`). DIFFUSERS_SLA_OVERLAP=0: one after the other, `select_blocks_fused` then `forward`.
+# The selection's passes over q and k (`_pooled_for_selection`) and the linear state (`_linear_state_of`, a pass over k
+# and v) need nothing from each other. In eager calls on the GPU the pooling runs on a second stream while the linear
+# state runs on the caller's (`select_and_forward`). The score product and top-k stay on the caller's stream: a cuBLAS
+# call on another stream costs ~50 us more host time (measured on the H200, benchmarks/NOTES.md v14) for 4 us of GPU
+# work. DIFFUSERS_SLA_OVERLAP=0: one after the other, `select_blocks_fused` then `forward`.
 OVERLAP = os.environ.get("DIFFUSERS_SLA_OVERLAP", "1") != "0"
 
 
@@ -627,17 +630,15 @@ def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scal
                        blkk, store_bwd, dot_precision):
     """`select_blocks_fused(q_sel, k_sel, ...)` then `forward(q, k, v, ..., lut, ...)`, -> (lut, forward's outputs).
 
-    With `OVERLAP`, outside torch.compile: the same kernels in another order: the linear state first, on the
-    caller's stream, then the selection, on a second stream when the tensors are on the GPU (one after the other
-    elsewhere), joined before the rest of the forward reads the block map. Same outputs, bit for bit."""
+    With `OVERLAP`, outside torch.compile: the same kernels in another order: the linear state on the caller's
+    stream and the pooling on a second stream when the tensors are on the GPU (one after the other elsewhere), joined
+    before the scores and the top-k. Same outputs, bit for bit."""
     if not OVERLAP or torch.compiler.is_compiling():
         lut = select_blocks_fused(q_sel, k_sel, topk, blkq, blkk)
         return lut, forward(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
                             store_bwd, dot_precision)
     with torch.no_grad():
         g = _geometry(q, k, None, blkq, blkk, linear_scope, topk)
-        # allocated on the caller's stream, which reads it after the join: no other stream's memory escapes
-        lut = torch.empty(g.B, g.H, g.n_qblk, g.kept, device=q.device, dtype=torch.int32)
         side = None
         if q.is_cuda:
             main, side = torch.cuda.current_stream(q.device), _side_stream(q.device.index)
@@ -646,9 +647,11 @@ def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scal
         qd, kd, vd = _tma_ready(q), _tma_ready(k), _tma_ready(v)
         state = _linear_state_of(kd, vd, g, blkk, feature_map, dot_precision)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            # the selection's temporaries come from (and return to) the side stream's memory: only it uses them
-            _select_into(q_sel, k_sel, topk, blkq, blkk, lut)
+            pooled = _pooled_for_selection(q_sel, k_sel, blkq, blkk)
         if side is not None:
             main.wait_stream(side)
+            for x in pooled:  # made on the side stream, read on the caller's: not reused before that read is done
+                x.record_stream(main)
+        lut = _rank_blocks(*pooled, topk)
         return lut, _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state, g, scale, feature_map, blkq, blkk,
                             store_bwd, dot_precision)
