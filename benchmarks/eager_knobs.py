@@ -7,7 +7,8 @@
     python benchmarks/eager_knobs.py            # Wan layer shape, both scopes
 
 For each variant: the whole eager forward (no autograd) as a caller sees it (CUDA events, `kernel.bench_ms`), its
-host time alone (`kernel.host_ms`), and forward + backward. Outputs are compared with the all-off variant: every knob
+host time alone (`kernel.host_ms`), one call on an idle GPU (host and GPU time in series, as `e2e_wan.py`'s
+attention-core column measures it), and forward + backward. Outputs are compared with the all-off variant: every knob
 must leave them bit-identical.
 """
 
@@ -27,6 +28,20 @@ sys.path.insert(0, str(REPO))
 from benchmarks.kernel import bench_ms, host_ms, wan_inputs  # noqa: E402
 from diffusers_sla.ops import custom_ops, launch  # noqa: E402
 from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
+
+
+def single_call_ms(fn, calls=20):
+    """Median ms of one call started on an idle GPU: the GPU waits for each launch the host has not made yet."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def set_knobs(overlap: bool, fast_launch: bool) -> None:
@@ -53,7 +68,7 @@ def main():
             out = sla_triton(q, k, v, w, b, **kw)
             return torch.autograd.grad(out, (q, k, v, w, b), do)
 
-        times = {var: {"fwd": [], "host": [], "fwd+bwd": []} for var in variants}
+        times = {var: {"fwd": [], "host": [], "single": [], "fwd+bwd": []} for var in variants}
         with torch.no_grad():
             set_knobs(False, False)
             expected = fwd()
@@ -65,16 +80,18 @@ def main():
                     assert torch.equal(fwd(), expected), f"{scope} {var}: the output changed"
                     times[var]["fwd"].append(bench_ms(fwd))
                     times[var]["host"].append(host_ms(fwd))
+                    times[var]["single"].append(single_call_ms(fwd))
                 times[var]["fwd+bwd"].append(bench_ms(train, warmup=5, rep=50))
         for var in variants:
             grads = (set_knobs(*var), train())[1]
             assert all(torch.equal(x, y) for x, y in zip(grads, expected_grads)), f"{scope} {var}: a gradient changed"
         base = {key: statistics.median(vals) for key, vals in times[(False, False)].items()}
-        print(f"scope {scope!r}: {'overlap':>7s} {'fast':>5s} {'fwd ms':>8s} {'host ms':>8s} {'fwd+bwd':>8s} "
-              f"{'fwd/base':>8s}")
+        print(f"scope {scope!r}: {'overlap':>7s} {'fast':>5s} {'fwd ms':>8s} {'host ms':>8s} {'single':>8s} "
+              f"{'fwd+bwd':>8s} {'fwd/base':>8s}")
         for var in variants:
             med = {key: statistics.median(vals) for key, vals in times[var].items()}
             print(f"{'':12s} {str(var[0]):>7s} {str(var[1]):>5s} {med['fwd']:8.3f} {med['host']:8.3f} "
+                  f"{med['single']:8.3f} "
                   f"{med['fwd+bwd']:8.3f} {med['fwd'] / base['fwd']:8.3f}")
     set_knobs(True, True)
     print("outputs and gradients bit-identical across variants")
