@@ -15,7 +15,10 @@ float16 and bfloat16 inputs always run in their own dtype. Block selection alway
 
 Block selection: `DIFFUSERS_SLA_SELECT="fused"` (default) pools q and k with one Triton pass each
 (`custom_ops.fast_select_blocks`: the same roundings, scores and top-k as `selection.select_blocks`, only the order
-of the float32 sums inside a block differs); `"torch"` calls `selection.select_blocks` itself.
+of the float32 sums inside a block differs); `"torch"` calls `selection.select_blocks` itself. In eager calls the
+fused selection runs inside the Function's forward (`custom_ops.select_and_forward`: its pooling on a second CUDA
+stream beside the linear branch's first pass; `DIFFUSERS_SLA_OVERLAP=0` runs them in sequence); under
+`torch.compile` it is its own op, ahead of the forward op.
 """
 
 from __future__ import annotations
