@@ -25,23 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.e2e_wan import cuda_time_ms  # noqa: E402
 from benchmarks.kernel import bench_ms, host_ms, wan_inputs  # noqa: E402
 from diffusers_sla.ops import custom_ops, launch  # noqa: E402
 from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
-
-
-def single_call_ms(fn, calls=20):
-    """Median ms of one call started on an idle GPU: the GPU waits for each launch the host has not made yet."""
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def set_knobs(overlap: bool, fast_launch: bool) -> None:
@@ -80,10 +67,12 @@ def main():
                     assert torch.equal(fwd(), expected), f"{scope} {var}: the output changed"
                     times[var]["fwd"].append(bench_ms(fwd))
                     times[var]["host"].append(host_ms(fwd))
-                    times[var]["single"].append(single_call_ms(fwd))
+                    torch.cuda.synchronize()  # one call on an idle GPU: it waits for each launch not yet made
+                    times[var]["single"].append(cuda_time_ms(fwd, warmup=0, repeat=20))
                 times[var]["fwd+bwd"].append(bench_ms(train, warmup=5, rep=50))
         for var in variants:
-            grads = (set_knobs(*var), train())[1]
+            set_knobs(*var)
+            grads = train()
             assert all(torch.equal(x, y) for x, y in zip(grads, expected_grads)), f"{scope} {var}: a gradient changed"
         base = {key: statistics.median(vals) for key, vals in times[(False, False)].items()}
         print(f"scope {scope!r}: {'overlap':>7s} {'fast':>5s} {'fwd ms':>8s} {'host ms':>8s} {'single':>8s} "
