@@ -1,0 +1,220 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""Compile the Hopper (Gluon) kernels for sm_90 on a machine without a GPU, and say what ptxas made of them.
+
+    pip install triton==3.6.0                       # the Triton release the Gluon kernels are written for
+    python benchmarks/offline_compile.py            # forward, dK/dV and dQ kernels at the Wan layer shape
+    python benchmarks/offline_compile.py fwd --scope all --store-bwd
+
+For each kernel: registers, spill bytes, shared memory, and whether ptxas kept the wgmma products asynchronous.
+ptxas serialises every wgmma of a kernel (one `WARPGROUP.DEPBAR` per product instead of a handful) when a non-wgmma
+instruction reads an in-flight product's accumulator (advisory C7514) or when registers run out (C7511); such a
+kernel compiles, runs correctly and is slow. Catching that here costs no device time (benchmarks/NOTES.md v11, v13,
+v15). Nothing runs: correctness and speed still need the GPU tests and `kernel.py`.
+
+How: a stand-in Triton driver whose target is sm_90, and `JITFunction.run` made to compile only (Triton's warmup
+path), so the real launch functions (`gluon_fwd.launch`, `gluon_bwd.launch_dkdv`, `gluon_bwd.launch_dq`) build
+their descriptors and arguments from CPU tensors of the right shapes. ptxas and cuobjdump are Triton's own copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+class PtxasReport:
+    """What `ptxas -v` and the SASS say about one kernel."""
+
+    def __init__(self, ptxas_log: str, sass: str, shared_bytes: int):
+        regs = re.search(r"Used (\d+) registers", ptxas_log)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+        self.registers = int(regs.group(1)) if regs else None
+        self.spill_stores, self.spill_loads = (int(spills.group(1)), int(spills.group(2))) if spills else (0, 0)
+        self.advisories = sorted(set(re.findall(r"\((C75\d\d)\)", ptxas_log)))
+        self.products = sass.count("HGMMA")
+        self.depbars = sass.count("WARPGROUP.DEPBAR")
+        self.shared_bytes = shared_bytes
+
+    @property
+    def serialised(self) -> bool:
+        # ptxas's advisories C7510-C7519 all mean "wgmma serialised"; without one, every product is asynchronous
+        return bool(self.advisories)
+
+    def line(self, name: str) -> str:
+        state = f"SERIALISED ({', '.join(self.advisories)})" if self.serialised else "asynchronous"
+        return (f"{name:<40s} {self.registers} registers, spills {self.spill_stores}/{self.spill_loads} B, "
+                f"shared {self.shared_bytes} B, {self.products} wgmma / {self.depbars} waits: {state}")
+
+
+def _fake_driver():
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class Sm90Driver(DriverBase):
+        # what JITFunction.run asks of a driver before it compiles; nothing here touches a GPU
+        def is_active(self):
+            return True
+
+        def map_python_to_cpp_type(self, ty):
+            return "void*"
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 128)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise NotImplementedError
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def get_empty_cache_for_benchmark(self):
+            raise NotImplementedError
+
+        def clear_cache(self, cache):
+            pass
+
+    return Sm90Driver()
+
+
+def compile_only(launch, *args, **kwargs):
+    """Calls a launch function with every kernel launch turned into a compile: -> the compiled kernels."""
+    from triton.runtime.jit import JITFunction
+
+    compiled, functions, run = [], set(), JITFunction.run
+
+    def warmup_run(self, *a, grid, warmup, **kw):
+        kernel = run(self, *a, grid=grid, warmup=True, **kw)
+        compiled.append((self.fn.__name__, kernel))
+        functions.add(self)
+        return kernel
+
+    JITFunction.run = warmup_run
+    try:
+        launch(*args, **kwargs)
+    finally:
+        JITFunction.run = run
+        for fn in functions:  # compiled for the stand-in driver: a real launch later compiles afresh
+            fn.device_caches.clear()
+    return compiled
+
+
+def inspect(kernel) -> PtxasReport:
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
+        ptx.write_text(kernel.asm["ptx"])
+        log = subprocess.run([str(bin_dir / "ptxas"), "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)],
+                             capture_output=True, text=True)
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True)
+    return PtxasReport(log.stdout + log.stderr, sass.stdout, kernel.metadata.shared)
+
+
+def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
+    """(name, launch function, args) for the Hopper kernels at the Wan layer shape, on CPU tensors."""
+    import torch
+
+    from diffusers_sla.ops import gluon_bwd, gluon_fwd
+    from diffusers_sla.ops.triton_fwd import LINEAR_EPS
+
+    B, H, D, blkq, blkk = 1, 12, 128, 128, 64
+    n_q, n_k = -(-L // blkq), -(-L // blkk)
+    rest = scope == "rest"
+    bf16, f32, i32 = torch.bfloat16, torch.float32, torch.int32
+
+    def t(*shape, dtype=bf16):
+        return torch.empty(*shape, dtype=dtype)
+
+    q, k, v, o, do, dq, dk, dv = (t(B, H, L, D) for _ in range(8))
+    lut = t(B, H, n_q, kept, dtype=i32)
+    lse, delta, den = t(B, H, L, dtype=f32), t(B, H, L, dtype=f32), t(B, H, L, dtype=f32)
+    o_l = t(B, H, L, D) if store_bwd else t(0)
+    r = t(B * H * (n_q if rest else 1), D, D)
+    z = t(B * H * (n_q if rest else 1), D, dtype=f32)
+    dh, dz = t(B * H * (n_k if rest else 1), D, D), t(B * H * (n_k if rest else 1), D, dtype=f32)
+    w, b = t(D, D, dtype=f32), t(D, dtype=f32)
+    col_q, col_off, col_cnt = t(B * H * n_q * kept, dtype=i32), t(B * H * n_k, dtype=i32), t(B * H * n_k, dtype=i32)
+    scale = D**-0.5
+    common = dict(block_d=D, blkq=blkq, blkk=blkk, rest=rest, has_linear=True, feature_map=0)
+    return [
+        ("forward", gluon_fwd.launch,
+         (q, k, v, lut, o, lse, den if store_bwd else t(0, dtype=f32), o_l, r, z, w, b, scale, n_q, kept),
+         dict(common, store_bwd=store_bwd, eps=LINEAR_EPS)),
+        ("backward dK/dV", gluon_bwd.launch_dkdv,
+         (q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh, dz, scale, n_q, n_k, kept), common),
+        ("backward dQ", gluon_bwd.launch_dq,
+         (q, k, v, do, dq, lut, lse, delta, t(B, H, L, D), t(B, H, L, dtype=f32), r, z, scale, n_q, kept), common),
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("which", nargs="*", help="any of fwd, dkdv, dq (default: all three)")
+    parser.add_argument("--scope", choices=["rest", "all"], default="rest")
+    parser.add_argument("--store-bwd", action="store_true", help="the training forward (stores o_l, den)")
+    args = parser.parse_args(argv)
+    args.which = args.which or ["fwd", "dkdv", "dq"]
+    unknown = sorted(set(args.which) - {"fwd", "dkdv", "dq"})
+    if unknown:
+        parser.error(f"kernels must be among fwd, dkdv, dq (got {', '.join(unknown)})")
+
+    from triton.runtime import driver
+
+    from diffusers_sla.ops import gluon_fwd
+
+    if not gluon_fwd.GLUON_AVAILABLE:
+        print(f"cannot compile the Hopper kernels here: {gluon_fwd.gluon_unavailable_reason()}")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="sla-offline-") as cache:
+        saved_cache = os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = cache  # kernels built for the stand-in driver stay out of the real cache
+        previous = driver._active  # None until something asked for the real driver: leave it so afterwards
+        driver.set_active(_fake_driver())
+        try:
+            return _report(args)
+        finally:
+            driver._active = previous
+            if saved_cache is None:
+                os.environ.pop("TRITON_CACHE_DIR")
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved_cache
+
+
+def _report(args) -> int:
+    import triton
+
+    print(f"Triton {triton.__version__}, target sm_90a, Wan layer shape, scope {args.scope}"
+          f"{', training forward' if args.store_bwd else ''}")
+    wanted = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ"}
+    worst = 0
+    for name, launch, largs, kwargs in wan_launches(args.scope, args.store_bwd):
+        if name not in {wanted[w] for w in args.which}:
+            continue
+        for kernel_name, kernel in compile_only(launch, *largs, **kwargs):
+            report = inspect(kernel)
+            print(report.line(f"{name} ({kernel_name})"))
+            worst = max(worst, 1 if report.serialised else 0)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())

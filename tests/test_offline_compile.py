@@ -1,0 +1,68 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""`benchmarks/offline_compile.py`: what it reads out of ptxas and the SASS, and how it refuses a Triton whose Gluon
+API the Hopper kernels are not written for."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import offline_compile  # noqa: E402
+from diffusers_sla.ops import gluon_fwd  # noqa: E402
+
+# the shape of `ptxas -v` output for an sm_90a kernel, as ptxas 12.x prints it
+ASYNC_LOG = """ptxas info    : Compiling entry function '_attn_fwd_hopper' for 'sm_90a'
+ptxas info    : Function properties for _attn_fwd_hopper
+    24 bytes stack frame, 24 bytes spill stores, 20 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 24 bytes cumulative stack size
+"""
+SERIAL_LOG = ASYNC_LOG.replace("24 bytes spill stores, 20", "0 bytes spill stores, 0") + (
+    "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non "
+    "wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in "
+    "the function '_attn_fwd_hopper'\n")
+
+
+def _sass(products: int, waits: int) -> str:
+    return "\n".join(["HGMMA.64x64x16.F32.BF16 R24, R244, gdesc[UR16], RZ, !UPT, gsb0 ;"] * products
+                     + ["WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"] * waits)
+
+
+def test_report_reads_registers_spills_and_asynchronous_products():
+    report = offline_compile.PtxasReport(ASYNC_LOG, _sass(68, 6), 114760)
+    assert (report.registers, report.spill_stores, report.spill_loads) == (255, 24, 20)
+    assert (report.products, report.depbars, report.shared_bytes) == (68, 6, 114760)
+    assert not report.serialised
+    assert "asynchronous" in report.line("forward")
+
+
+def test_report_flags_serialised_products_with_the_advisory():
+    report = offline_compile.PtxasReport(SERIAL_LOG, _sass(80, 80), 114760)
+    assert report.serialised and report.advisories == ["C7514"]
+    assert (report.spill_stores, report.spill_loads) == (0, 0)
+    assert "SERIALISED (C7514)" in report.line("forward")
+
+
+@pytest.mark.skipif(gluon_fwd.GLUON_AVAILABLE, reason="this Triton has the Gluon API the kernels are written for")
+def test_refuses_a_triton_without_the_kernels_gluon_api(capsys):
+    assert offline_compile.main([]) == 2
+    assert "Gluon API of Triton 3.6" in capsys.readouterr().out
+
+
+def test_names_the_kernels_it_knows_when_given_another():
+    with pytest.raises(SystemExit):
+        offline_compile.main(["fwd", "attention"])
+
+
+@pytest.mark.skipif(not gluon_fwd.GLUON_AVAILABLE, reason="compiling the Gluon kernels needs Triton 3.6 (pip install "
+                    "triton==3.6.0); this machine has another release")
+def test_compiles_the_three_hopper_kernels_with_asynchronous_products(capsys):
+    from triton.runtime import driver
+
+    before = driver._active
+    assert offline_compile.main([]) == 0
+    assert driver._active is before  # the stand-in driver is gone again
+    out = capsys.readouterr().out
+    for kernel in ("_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"):
+        assert kernel in out and "SERIALISED" not in out
