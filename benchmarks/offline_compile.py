@@ -98,7 +98,9 @@ def compile_only(launch, *args, **kwargs):
     """Calls a launch function with every kernel launch turned into a compile: -> the compiled kernels."""
     from triton.runtime.jit import JITFunction
 
-    compiled, functions, run = [], set(), JITFunction.run
+    from diffusers_sla.ops import launch as fast_launch
+
+    compiled, functions, run, fast = [], set(), JITFunction.run, fast_launch.ENABLED
 
     def warmup_run(self, *a, grid, warmup, **kw):
         kernel = run(self, *a, grid=grid, warmup=True, **kw)
@@ -107,10 +109,12 @@ def compile_only(launch, *args, **kwargs):
         return kernel
 
     JITFunction.run = warmup_run
+    fast_launch.ENABLED = False  # every launch through `kernel[grid]`: no Launcher remembers a stand-in kernel
     try:
         launch(*args, **kwargs)
     finally:
         JITFunction.run = run
+        fast_launch.ENABLED = fast
         for fn in functions:  # compiled for the stand-in driver: a real launch later compiles afresh
             fn.device_caches.clear()
     return compiled

@@ -2,6 +2,7 @@
 """`benchmarks/offline_compile.py`: what it reads out of ptxas and the SASS, and how it refuses a Triton whose Gluon
 API the Hopper kernels are not written for."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,12 +58,17 @@ def test_names_the_kernels_it_knows_when_given_another():
 
 @pytest.mark.skipif(not gluon_fwd.GLUON_AVAILABLE, reason="compiling the Gluon kernels needs Triton 3.6 (pip install "
                     "triton==3.6.0); this machine has another release")
-def test_compiles_the_three_hopper_kernels_with_asynchronous_products(capsys):
+def test_compiles_the_three_hopper_kernels_with_asynchronous_products(capsys, monkeypatch):
     from triton.runtime import driver
 
+    from diffusers_sla.ops import launch
+
+    # as on a GPU machine, where the Launcher would take its shortcut (it must not, for a compile-only run)
+    monkeypatch.setattr(launch, "is_cuda", lambda: True)
     before = driver._active
     assert offline_compile.main([]) == 0
     assert driver._active is before  # the stand-in driver is gone again
+    assert launch.ENABLED == (os.environ.get("DIFFUSERS_SLA_FAST_LAUNCH", "1") != "0")
     out = capsys.readouterr().out
     for kernel in ("_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"):
         assert kernel in out and "SERIALISED" not in out
