@@ -29,6 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# the kernels this compiles, by the name the command line takes
+KERNELS = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ"}
+# ptxas's advisory when it serialises a kernel's wgmma products; the code (C7511, C7514, ...) names the reason
+_SERIALISED = re.compile(r"\((C\d+)\) Potential Performance Loss: wgmma\.mma_async instructions are serialized")
+
 
 class PtxasReport:
     """What `ptxas -v` and the SASS say about one kernel."""
@@ -38,14 +43,13 @@ class PtxasReport:
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
         self.registers = int(regs.group(1)) if regs else None
         self.spill_stores, self.spill_loads = (int(spills.group(1)), int(spills.group(2))) if spills else (0, 0)
-        self.advisories = sorted(set(re.findall(r"\((C75\d\d)\)", ptxas_log)))
+        self.advisories = sorted(set(_SERIALISED.findall(ptxas_log)))
         self.products = sass.count("HGMMA")
         self.depbars = sass.count("WARPGROUP.DEPBAR")
         self.shared_bytes = shared_bytes
 
     @property
     def serialised(self) -> bool:
-        # ptxas's advisories C7510-C7519 all mean "wgmma serialised"; without one, every product is asynchronous
         return bool(self.advisories)
 
     def line(self, name: str) -> str:
@@ -134,7 +138,7 @@ def inspect(kernel) -> PtxasReport:
 
 
 def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
-    """(name, launch function, args) for the Hopper kernels at the Wan layer shape, on CPU tensors."""
+    """{KERNELS key: (launch function, args, kwargs)} for the Hopper kernels at the Wan layer shape, on CPU tensors."""
     import torch
 
     from diffusers_sla.ops import gluon_bwd, gluon_fwd
@@ -151,6 +155,7 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     q, k, v, o, do, dq, dk, dv = (t(B, H, L, D) for _ in range(8))
     lut = t(B, H, n_q, kept, dtype=i32)
     lse, delta, den = t(B, H, L, dtype=f32), t(B, H, L, dtype=f32), t(B, H, L, dtype=f32)
+    dn, dd = t(B, H, L, D), t(B, H, L, dtype=f32)  # the backward's linear-branch terms, read by the dQ programs
     o_l = t(B, H, L, D) if store_bwd else t(0)
     r = t(B * H * (n_q if rest else 1), D, D)
     z = t(B * H * (n_q if rest else 1), D, dtype=f32)
@@ -159,27 +164,26 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     col_q, col_off, col_cnt = t(B * H * n_q * kept, dtype=i32), t(B * H * n_k, dtype=i32), t(B * H * n_k, dtype=i32)
     scale = D**-0.5
     common = dict(block_d=D, blkq=blkq, blkk=blkk, rest=rest, has_linear=True, feature_map=0)
-    return [
-        ("forward", gluon_fwd.launch,
-         (q, k, v, lut, o, lse, den if store_bwd else t(0, dtype=f32), o_l, r, z, w, b, scale, n_q, kept),
-         dict(common, store_bwd=store_bwd, eps=LINEAR_EPS)),
-        ("backward dK/dV", gluon_bwd.launch_dkdv,
-         (q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh, dz, scale, n_q, n_k, kept), common),
-        ("backward dQ", gluon_bwd.launch_dq,
-         (q, k, v, do, dq, lut, lse, delta, t(B, H, L, D), t(B, H, L, dtype=f32), r, z, scale, n_q, kept), common),
-    ]
+    return {
+        "fwd": (gluon_fwd.launch,
+                (q, k, v, lut, o, lse, den if store_bwd else t(0, dtype=f32), o_l, r, z, w, b, scale, n_q, kept),
+                dict(common, store_bwd=store_bwd, eps=LINEAR_EPS)),
+        "dkdv": (gluon_bwd.launch_dkdv,
+                 (q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh, dz, scale, n_q, n_k, kept), common),
+        "dq": (gluon_bwd.launch_dq, (q, k, v, do, dq, lut, lse, delta, dn, dd, r, z, scale, n_q, kept), common),
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("which", nargs="*", help="any of fwd, dkdv, dq (default: all three)")
+    parser.add_argument("which", nargs="*", help=f"any of {', '.join(KERNELS)} (default: all)")
     parser.add_argument("--scope", choices=["rest", "all"], default="rest")
     parser.add_argument("--store-bwd", action="store_true", help="the training forward (stores o_l, den)")
     args = parser.parse_args(argv)
-    args.which = args.which or ["fwd", "dkdv", "dq"]
-    unknown = sorted(set(args.which) - {"fwd", "dkdv", "dq"})
+    args.which = args.which or list(KERNELS)
+    unknown = sorted(set(args.which) - set(KERNELS))
     if unknown:
-        parser.error(f"kernels must be among fwd, dkdv, dq (got {', '.join(unknown)})")
+        parser.error(f"kernels must be among {', '.join(KERNELS)} (got {', '.join(unknown)})")
 
     from triton.runtime import driver
 
@@ -208,14 +212,15 @@ def _report(args) -> int:
 
     print(f"Triton {triton.__version__}, target sm_90a, Wan layer shape, scope {args.scope}"
           f"{', training forward' if args.store_bwd else ''}")
-    wanted = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ"}
     worst = 0
-    for name, launch, largs, kwargs in wan_launches(args.scope, args.store_bwd):
-        if name not in {wanted[w] for w in args.which}:
+    launches = wan_launches(args.scope, args.store_bwd)
+    for key in KERNELS:
+        if key not in args.which:
             continue
+        launch, largs, kwargs = launches[key]
         for kernel_name, kernel in compile_only(launch, *largs, **kwargs):
             report = inspect(kernel)
-            print(report.line(f"{name} ({kernel_name})"))
+            print(report.line(f"{KERNELS[key]} ({kernel_name})"))
             worst = max(worst, 1 if report.serialised else 0)
     return worst
 

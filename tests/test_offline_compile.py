@@ -2,7 +2,6 @@
 """`benchmarks/offline_compile.py`: what it reads out of ptxas and the SASS, and how it refuses a Triton whose Gluon
 API the Hopper kernels are not written for."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -65,10 +64,10 @@ def test_compiles_the_three_hopper_kernels_with_asynchronous_products(capsys, mo
 
     # as on a GPU machine, where the Launcher would take its shortcut (it must not, for a compile-only run)
     monkeypatch.setattr(launch, "is_cuda", lambda: True)
-    before = driver._active
+    before, fast_launches = driver._active, launch.ENABLED
     assert offline_compile.main([]) == 0
     assert driver._active is before  # the stand-in driver is gone again
-    assert launch.ENABLED == (os.environ.get("DIFFUSERS_SLA_FAST_LAUNCH", "1") != "0")
+    assert launch.ENABLED == fast_launches
     out = capsys.readouterr().out
     for kernel in ("_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"):
         assert kernel in out and "SERIALISED" not in out
