@@ -278,7 +278,7 @@ GLUE_SCRIPT = textwrap.dedent('''
     import functools
     import torch
     from diffusers_sla.ops import custom_ops
-    from diffusers_sla.ops.selection import mean_pool_blocks, num_blocks, select_blocks
+    from diffusers_sla.ops.selection import mean_pool_blocks, num_blocks, select_blocks, top_blocks
 
     g = torch.Generator().manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -353,6 +353,15 @@ GLUE_SCRIPT = textwrap.dedent('''
     expected = z_parts.sum(1).view(B, H, 1, block_d) - selected.view(B, H, n_q, kept, block_d).sum(3)
     assert torch.allclose(zi, expected, rtol=1e-5, atol=1e-5), (zi - expected).abs().max()
     assert int(w.sum()) == B * H * n_q * (n_k - kept)
+    # the eager forward's top-k launch that also builds W and z_i: the same LUT, W and z_i, bit for bit, as the
+    # top-k and `_rest_weights` apart (tied scores, and more splits and selected blocks than one unrolled step)
+    for kept_fused, dtype in ((kept, torch.bfloat16), (3, torch.float16), (n_k, torch.float32)):
+        scores = (torch.randint(0, 7, (B, H, n_q, n_k), generator=g).float() / 4).to(device, dtype)
+        lut_f, w_f, zi_f = custom_ops.top_blocks_and_rest(scores, kept_fused, dtype, zkb, z_parts)
+        lut_a = custom_ops.top_blocks_triton(scores, kept_fused)
+        w_a, zi_a = custom_ops._rest_weights(lut_a, n_k, dtype, zkb, z_parts)
+        assert torch.equal(lut_f, lut_a) and torch.equal(lut_a, top_blocks(scores.float(), kept_fused)), kept_fused
+        assert w_f.dtype == dtype and torch.equal(w_f, w_a) and torch.equal(zi_f, zi_a), kept_fused
     print("GLUE_OK")
 ''')
 

@@ -57,8 +57,8 @@ _LS_STAGES = int(os.environ.get("DIFFUSERS_SLA_LS_STAGES", "0"))
 # `_proj_grad` programs (each sums dO^T o_l over a strided set of row tiles): one per SM of the H100. It was 33 before
 # v4, which took 0.31 ms at the Wan shape against 0.10 ms with 132 (NOTES.md).
 _PROJ_GRAD_TARGET = int(os.environ.get("DIFFUSERS_SLA_PROJ_GRAD_TARGET", "132"))
-# `_top_blocks_kernel` warps (0: by row length): one warp sorts a row of up to 512 scores in registers and shuffles,
-# 34 us at the Wan shape (H200) against 46 with 4 warps, whose sort steps go through shared memory (NOTES.md v13)
+# `_top_blocks_kernel` warps (0: by row length): one warp per row of up to 512 scores, whose reductions stay in
+# registers and shuffles (with a sort per row: 34 us at the Wan shape on the H200 against 46 with 4 warps, NOTES.md v13)
 _TOPK_WARPS = int(os.environ.get("DIFFUSERS_SLA_TOPK_WARPS", "0"))
 # `_row_sums` (the key mean's first pass) launch shape, measured on the H100 at the Wan shape (NOTES.md, "Glue"):
 # programs aimed for (528: 43 row ranges per head, 50 us; 264: 60 us; 1056: 53 us), rows per tile, warps, stages
@@ -246,7 +246,7 @@ def _linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks
     """Without `store_blocks` (scope "all"): per-head H = sum phi(k)^T v (B, H, BLOCK_D, BLOCK_D) and
     Z = sum phi(k) (B, H, BLOCK_D), float32. With `store_blocks` ("rest", where H is not used): each key block's h_j
     (B, H, n_k, BLOCK_D, BLOCK_D) in k's dtype and z_j (B, H, n_k, BLOCK_D) float32, an empty H, and in place of Z its
-    float32 partial sums, one per split of the key blocks (B*H, splits, BLOCK_D), which `_rest_weights` adds.
+    float32 partial sums, one per split of the key blocks (B*H, splits, BLOCK_D), which `triton_fwd._z_rest` adds.
     -> H, Z, h_j, z_j."""
     B, H, Lk, D = k.shape
     n_kblk = num_blocks(Lk, blkk)
@@ -278,7 +278,8 @@ def _rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype, z_blocks: 
     """The (B, H, n_q, n_k) 0/1 matrix that is 1 where key block j feeds query block i's linear branch ("rest": not
     selected), in `dtype`, and in the same launch either the matrix in float32 (backward: dz_j = W^T dz_i) or, given
     the per-key-block z_j (B, H, n_k, BLOCK_D) and Z's per-split partials from `_linear_totals(store_blocks=True)`,
-    z_i = Z - the z_j query block i selected (forward), (B, H, n_q, BLOCK_D) float32. -> (W, W32 or z_i)."""
+    z_i = Z - the z_j query block i selected (forward), (B, H, n_q, BLOCK_D) float32. -> (W, W32 or z_i).
+    Eager forwards get both from the top-k's launch instead (`top_blocks_and_rest`), with the same bits."""
     B, H, n_qblk, kept = lut.shape
     w = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=dtype)
     z_rest = z_blocks is not None
@@ -294,7 +295,7 @@ def _rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype, z_blocks: 
     lut = lut.contiguous()
     _rest_weights_kernel[(n_qblk, B * H)](lut, w, w32, zb, zs, zi, n_qblk, n_kblk, kept, n_split,
                                           KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, BLOCK_D=block_d,
-                                          BLOCK_E=32, STORE_W32=not z_rest, Z_REST=z_rest, num_warps=4)
+                                          STORE_W32=not z_rest, Z_REST=z_rest, num_warps=4)
     return w, second
 
 
@@ -347,10 +348,14 @@ def _pooled_for_selection(q, k, blkq, blkk):
             block_means(k, blkk, center=True, round_to_input=half))
 
 
-def _rank_blocks(pooled_q, pooled_k, topk):
+def _block_scores(pooled_q, pooled_k):
     # 16-bit operands, float32 accumulation, scores rounded to the input dtype: what `selection.block_scores`
     # computes (its operands are those rounded values, its products exact in float32), on the tensor cores
-    scores = pooled_q @ pooled_k.transpose(-1, -2)
+    return pooled_q @ pooled_k.transpose(-1, -2)
+
+
+def _rank_blocks(pooled_q, pooled_k, topk):
+    scores = _block_scores(pooled_q, pooled_k)
     return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
 
 
@@ -358,14 +363,36 @@ def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
     """`selection.top_blocks` in one Triton launch (one program per row): the same indices, ties to the lower index.
     `scores` in any float dtype (ranked as their float32 values).
     -> int32 (..., kept), ascending rows."""
+    return _top_blocks(scores, kept)[0]
+
+
+def top_blocks_and_rest(scores: torch.Tensor, kept: int, dtype: torch.dtype, z_blocks: torch.Tensor,
+                        z_parts: torch.Tensor):
+    """`top_blocks_triton` and, from the same launch, what `_rest_weights(lut, n_k, dtype, z_blocks, z_parts)` returns
+    (the 0/1 matrix W in `dtype` and z_i, bit for bit): scope "rest" in eager calls, where the linear state is ready
+    before the top-k runs. scores: (B, H, n_q, n_k). -> (lut, W, z_i)."""
+    return _top_blocks(scores, kept, (dtype, z_blocks, z_parts))
+
+
+def _top_blocks(scores, kept, rest=None):
     n_k = scores.shape[-1]
     lut = torch.empty(*scores.shape[:-1], kept, device=scores.device, dtype=torch.int32)
     rows = lut.numel() // kept if kept else 0
+    if rest is None:
+        w = zi = zb = zs = lut.new_empty(0, dtype=torch.float32)
+        n_qblk, n_split, block_d = 1, 0, 16
+    else:
+        dtype, zb, zs = rest
+        B, H, n_qblk, _ = scores.shape
+        n_split, block_d = zs.shape[1], zb.shape[-1]
+        w = torch.empty(B, H, n_qblk, n_k, device=scores.device, dtype=dtype)
+        zi = _empty(B, H, n_qblk, block_d, device=scores.device, dtype=torch.float32)
     if rows:
         n_k_p2 = triton.next_power_of_2(n_k)
-        _top_blocks_kernel[(rows,)](scores.contiguous(), lut, n_k, kept, N_K_P2=n_k_p2,
+        _top_blocks_kernel[(rows,)](scores.contiguous(), lut, w, zb, zs, zi, n_k, kept, n_qblk, n_split,
+                                    N_K_P2=n_k_p2, REST=rest is not None, BLOCK_D=block_d,
                                     num_warps=_TOPK_WARPS or (1 if n_k_p2 <= 512 else 4 if n_k_p2 <= 1024 else 8))
-    return lut
+    return lut, w, zi
 
 
 fast_select_blocks = torch.library.custom_op("diffusers_sla::select_blocks", mutates_args=())(_fast_select_blocks)
@@ -415,8 +442,9 @@ def _linear_state_of(kd, vd, g: _Geometry, blkk, feature_map, dot_precision) -> 
 
 
 def _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: _LinearState, g: _Geometry, scale, feature_map,
-            blkq, blkk, store_bwd, dot_precision):
-    """The forward after the linear state: R_i, z_i ("rest"), then the attention kernel. -> `_sla_fwd`'s outputs."""
+            blkq, blkk, store_bwd, dot_precision, rest_weights=None):
+    """The forward after the linear state: R_i, z_i ("rest"), then the attention kernel. -> `_sla_fwd`'s outputs.
+    rest_weights: ("rest") the 0/1 matrix and z_i when the top-k already made them (`top_blocks_and_rest`)."""
     B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
     ht, zt, hb, zkb, z_parts = state
     o = _empty_like_input(q)
@@ -428,7 +456,7 @@ def _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: _LinearState, g: 
         # R_i = sum of h_j over the key blocks query block i did not select, a 0/1 matrix product; z_i = Z - the
         # selected z_j, formed in the matrix's launch (H100, Wan shape: 26-28 us for both against 16 + 28 us for the
         # matrices and the float32 product; NOTES.md, "Glue")
-        weights, zb = _rest_weights(lut, n_kblk, q.dtype, zkb, z_parts)
+        weights, zb = rest_weights or _rest_weights(lut, n_kblk, q.dtype, zkb, z_parts)
         rb = torch.matmul(weights, hb.view(B, H, n_kblk, block_d * block_d)).view(s_rb)
     else:
         rb = q.new_empty(0)
@@ -652,6 +680,11 @@ def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scal
             main.wait_stream(side)
             for x in pooled:  # made on the side stream, read on the caller's: not reused before that read is done
                 x.record_stream(main)
-        lut = _rank_blocks(*pooled, topk)
+        rest_weights = None
+        if g.rest and g.has_linear:  # the top-k's launch also builds the 0/1 matrix and z_i (one launch fewer)
+            scores = _block_scores(*pooled)
+            lut, *rest_weights = top_blocks_and_rest(scores, g.kept, q.dtype, state.zkb, state.z_parts)
+        else:
+            lut = _rank_blocks(*pooled, topk)
         return lut, _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state, g, scale, feature_map, blkq, blkk,
-                            store_bwd, dot_precision)
+                            store_bwd, dot_precision, rest_weights)

@@ -146,35 +146,80 @@ def _block_mean(X, Mean, Out,  #
 
 
 @triton.jit
-def _top_blocks_kernel(S, LUT, N_K, KEPT, N_K_P2: tl.constexpr):
+def _kth_largest(ordered, valid, KEPT):
+    # The KEPT-th largest of the int32 values `ordered` over the lanes where `valid` (1 <= KEPT <= their count): a
+    # bisection over the int32 range, each of its 32 steps one compare and one sum over the row (a sort of the row
+    # costs ~45 compare-exchange passes).
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in tl.static_range(32):
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.sum(((ordered >= mid.to(tl.int32)) & valid).to(tl.int32), 0)
+        above = count >= KEPT
+        lo = tl.where(above, mid, lo)
+        hi = tl.where(above, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _z_rest(LUT, ZB, ZS, ZI, row, hz, N_KBLK, KEPT, N_SPLIT, BLOCK_D: tl.constexpr):
+    # Scope "rest": z_i = Z - the sum of the z_j of the blocks query block `row` selected (LUT row), Z the sum of
+    # `_linear_state`'s N_SPLIT per-split partials (ZS), into ZI. Every z_j is >= 0 (phi is positive for all three
+    # feature maps), so the subtraction cancels nothing: its error stays at float32 rounding of z_i itself (relative
+    # ~1e-6 against a product over the unselected blocks). Summed one vector after another, four loads in flight:
+    # the same order, and so the same bits, with any number of warps (`_top_blocks_kernel` fuses this,
+    # `_rest_weights_kernel` does it apart).
+    offs_k = tl.arange(0, BLOCK_D)
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, N_SPLIT, 4):
+        for u in tl.static_range(4):
+            ok = (offs_k * 0 + s0 + u) < N_SPLIT
+            total += tl.load(ZS + (hz * N_SPLIT + s0 + u) * BLOCK_D + offs_k, mask=ok, other=0.0)
+    for e0 in range(0, KEPT, 4):
+        for u in tl.static_range(4):
+            ok = (offs_k * 0 + e0 + u) < KEPT
+            blk = tl.load(LUT + row * KEPT + tl.minimum(e0 + u, KEPT - 1))
+            total -= tl.load(ZB + (hz * N_KBLK + blk) * BLOCK_D + offs_k, mask=ok, other=0.0)
+    tl.store(ZI + row * BLOCK_D + offs_k, total)
+
+
+@triton.jit
+def _top_blocks_kernel(S, LUT, W, ZB, ZS, ZI, N_K, KEPT, N_QBLK, N_SPLIT,  #
+                       N_K_P2: tl.constexpr, REST: tl.constexpr, BLOCK_D: tl.constexpr):
     # Block selection's top-k for one row of scores (any float dtype, ranked as float32): the KEPT largest, ties to the
-    # lower index (as `selection.top_blocks`), written ascending. Each score becomes a unique 64-bit key (its float32
-    # bits mapped to an order-preserving integer, then the reversed index), one sort gives the KEPT-th largest key,
-    # and a prefix sum over the row places every selected index in order.
+    # lower index (as `selection.top_blocks`), written ascending. Each score's float32 bits become an order-preserving
+    # int32; the KEPT-th largest value comes from a bisection (`_kth_largest`); every larger score is chosen, and of
+    # the scores equal to it the lowest indices, as many as are still needed; a prefix sum places the chosen indices
+    # in order.
+    # REST (scope "rest" in eager calls, where the linear state is ready when the top-k runs): this program also
+    # writes its row of the 0/1 matrix W (1 = not selected) in W's dtype and z_i (`_z_rest`), which
+    # `_rest_weights_kernel` would otherwise build from the LUT in a launch of its own.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, N_K_P2)
-    s = tl.load(S + row * N_K + offs, mask=offs < N_K, other=float("-inf")).to(tl.float32)
+    valid = offs < N_K
+    s = tl.load(S + row * N_K + offs, mask=valid, other=float("-inf")).to(tl.float32)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with +0.0, as in a float sort
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-integer order = float order
-    key = (ordered.to(tl.int64) << 32) | (N_K_P2 - 1 - offs).to(tl.int64)
-    ranked = tl.sort(key, descending=True)
-    threshold = tl.min(tl.where(offs < KEPT, ranked, 0x7FFFFFFFFFFFFFFF))
-    chosen = key >= threshold
+    kth = _kth_largest(ordered, valid, KEPT)
+    above = (ordered > kth) & valid
+    tied = (ordered == kth) & valid
+    still_needed = KEPT - tl.sum(above.to(tl.int32), 0)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= still_needed))
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
     tl.store(LUT + row * KEPT + slot, offs.to(tl.int32), mask=chosen)
+    if REST:
+        tl.store(W + row * N_K + offs, tl.where(chosen, 0.0, 1.0).to(W.dtype.element_ty), mask=valid)
+        tl.debug_barrier()  # the LUT row just stored, read back by `_z_rest` (other lanes wrote it)
+        _z_rest(LUT, ZB, ZS, ZI, row, row // N_QBLK, N_K, KEPT, N_SPLIT, BLOCK_D)
 
 
 @triton.jit
 def _rest_weights_kernel(LUT, W, W32, ZB, ZS, ZI, N_QBLK, N_KBLK, KEPT, N_SPLIT,  #
                          KEPT_P2: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_E: tl.constexpr, STORE_W32: tl.constexpr, Z_REST: tl.constexpr):
+                         STORE_W32: tl.constexpr, Z_REST: tl.constexpr):
     # Scope "rest": the (B*H, n_q, n_k) 0/1 matrix (1 = key block j not selected by query block i) in the compute
-    # dtype (W) and, with STORE_W32, in float32 (W32), from the LUT in one launch.
-    # Z_REST: z_i (B*H, n_q, BLOCK_D) = Z - sum of the z_j of the selected blocks, Z = the sum of `_linear_state`'s
-    # N_SPLIT per-split partials ZS, the z_j (ZB) gathered through the LUT row: no float32 0/1 product. Every z_j is
-    # >= 0 (phi is positive for all three feature maps), so the subtraction cancels nothing: its error stays at float32
-    # rounding of z_i itself (relative ~1e-6 against the product's sum over the unselected blocks).
+    # dtype (W) and, with STORE_W32, in float32 (W32), from the LUT in one launch; with Z_REST also z_i (`_z_rest`).
     hz = tl.program_id(1).to(tl.int64)
     row = hz * N_QBLK + tl.program_id(0)
     offs_e = tl.arange(0, KEPT_P2)
@@ -187,20 +232,7 @@ def _rest_weights_kernel(LUT, W, W32, ZB, ZS, ZI, N_QBLK, N_KBLK, KEPT, N_SPLIT,
         if STORE_W32:
             tl.store(W32 + row * N_KBLK + js, w, mask=js < N_KBLK)
     if Z_REST:
-        offs_k = tl.arange(0, BLOCK_D)
-        offs_b = tl.arange(0, BLOCK_E)
-        total = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s0 in range(0, N_SPLIT, BLOCK_E):
-            parts = tl.load(ZS + (hz * N_SPLIT + s0 + offs_b[:, None]) * BLOCK_D + offs_k[None, :],
-                            mask=(s0 + offs_b < N_SPLIT)[:, None], other=0.0)
-            total += tl.sum(parts, 0)
-        picked = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for e0 in range(0, KEPT, BLOCK_E):
-            e_ok = e0 + offs_b < KEPT
-            blk = tl.load(LUT + row * KEPT + e0 + offs_b, mask=e_ok, other=0)
-            zj = tl.load(ZB + (hz * N_KBLK + blk[:, None]) * BLOCK_D + offs_k[None, :], mask=e_ok[:, None], other=0.0)
-            picked += tl.sum(zj, 0)
-        tl.store(ZI + row * BLOCK_D + offs_k, total - picked)
+        _z_rest(LUT, ZB, ZS, ZI, row, hz, N_KBLK, KEPT, N_SPLIT, BLOCK_D)
 
 
 @triton.jit
