@@ -1,0 +1,168 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""Where the Hopper forward kernel's time goes, program by program (no hardware counters needed).
+
+    python benchmarks/fwd_timeline.py                       # Wan layer shape, scope rest, topk 0.05
+    python benchmarks/fwd_timeline.py --topk 0.1 --scope all
+
+Each program of `gluon_fwd._attn_fwd_hopper` (launched with `timeline=`) writes its SM, the SM clock at entry, at its
+first scores (the prologue: q and the first K/V tiles arrived), after its loop and at exit (the epilogue: the linear
+branch, proj_l and the output store), and the global timer at entry and exit. From those this prints the mean
+prologue / loop / epilogue of one program, the kernel's span, and how the programs that share an SM overlap: the
+share of SM time with two programs in their loops, one, or none (an SM whose programs are all in prologue or
+epilogue does no attention work). The kernel is launched exactly as the operator launches it (same arguments,
+captured from one forward call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.kernel import wan_inputs  # noqa: E402
+from diffusers_sla.ops import custom_ops, gluon_fwd  # noqa: E402
+from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
+
+
+def captured_launch(fwd):
+    """The positional and keyword arguments of the forward's `gluon_fwd.launch` call."""
+    seen = []
+    real = gluon_fwd.launch
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    custom_ops.gluon_fwd.launch = spy
+    try:
+        fwd()
+        torch.cuda.synchronize()
+    finally:
+        custom_ops.gluon_fwd.launch = real
+    if not seen:
+        raise SystemExit("the forward did not run the Hopper kernel (needs an sm_90 GPU and Triton 3.6)")
+    return seen[-1]
+
+
+def phases(rows: torch.Tensor) -> dict:
+    """rows: int64 (programs, 8) as `_timeline` writes them -> per-program phases and per-SM overlap shares."""
+    t = rows.cpu().double()
+    sm = rows[:, 1].cpu()
+    entry, first, loop_end, exit_ = t[:, 0], t[:, 2], t[:, 3], t[:, 4]
+    ns = (t[:, 6] - t[:, 5]).clamp(min=1)
+    cycles_per_ns = ((exit_ - entry) / ns).median().item()
+    out = {
+        "programs": rows.shape[0],
+        "clock GHz": cycles_per_ns,
+        "span us": (t[:, 6].max() - t[:, 5].min()).item() / 1e3,
+        "prologue us": ((first - entry) / cycles_per_ns).mean().item() / 1e3,
+        "loop us": ((loop_end - first) / cycles_per_ns).mean().item() / 1e3,
+        "epilogue us": ((exit_ - loop_end) / cycles_per_ns).mean().item() / 1e3,
+    }
+    # overlap on each SM: sweep the (time, +1/-1) events of "resident" and "in loop"
+    share = {"loop 2": 0.0, "loop 1": 0.0, "loop 0 resident": 0.0, "empty": 0.0}
+    total = 0.0
+    starts = []
+    for s in sm.unique().tolist():
+        pick = sm == s
+        e, f, le, x = entry[pick], first[pick], loop_end[pick], exit_[pick]
+        events = sorted([(v, 0, +1) for v in e.tolist()] + [(v, 0, -1) for v in x.tolist()] +
+                        [(v, 1, +1) for v in f.tolist()] + [(v, 1, -1) for v in le.tolist()])
+        t0, t_end = e.min().item(), x.max().item()
+        resident = looping = 0
+        last = t0
+        for when, kind, delta in events:
+            span = when - last
+            if looping >= 2:
+                share["loop 2"] += span
+            elif looping == 1:
+                share["loop 1"] += span
+            elif resident:
+                share["loop 0 resident"] += span
+            else:
+                share["empty"] += span
+            last = when
+            if kind == 0:
+                resident += delta
+            else:
+                looping += delta
+        total += t_end - t0
+        order = e.sort().values
+        starts.append(order)
+    out.update({f"SM time, {k}": v / total for k, v in share.items()})
+    # phase: offset between the entries of an SM's programs, as a share of one program's time (0 = in lockstep)
+    lengths = (exit_ - entry).median().item()
+    offsets = []
+    for order in starts:
+        if order.numel() >= 4:
+            gaps = (order[1::2][: order.numel() // 2] - order[0::2][: order.numel() // 2]).abs()
+            offsets.append((gaps / lengths).median().item())
+    out["entry offset of SM pairs / program time"] = sum(offsets) / max(1, len(offsets))
+    return out
+
+
+def time_staggers(largs, kwargs, staggers, rounds=6):
+    """Median ms of the kernel alone for each `gluon_fwd.STAGGER_NS` value, the values alternating over rounds."""
+    import triton
+
+    times = {ns: [] for ns in staggers}
+    for _ in range(rounds):
+        for ns in staggers:
+            gluon_fwd.STAGGER_NS = ns
+            times[ns].append(triton.testing.do_bench(lambda: gluon_fwd.launch(*largs, **kwargs), warmup=25, rep=100,
+                                                     return_mode="median"))
+    gluon_fwd.STAGGER_NS = 0
+    return {ns: sorted(ts)[len(ts) // 2] for ns, ts in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--L", type=int, default=32760)
+    parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1])
+    parser.add_argument("--scope", nargs="+", default=["rest", "all"])
+    parser.add_argument("--out", help="save the raw rows (torch.save) here")
+    parser.add_argument("--stagger", type=int, nargs="*", default=[],
+                        help="also time the kernel with these DIFFUSERS_SLA_FWD_STAGGER_NS values (and 0), and print "
+                             "the timeline of each")
+    args = parser.parse_args()
+    B, H, L, D, blkq, blkk = 1, 12, args.L, 128, 128, 64
+    (q, k, v, w, b), _ = wan_inputs(B, H, L, D)
+    raw = {}
+    for scope in args.scope:
+        for topk in args.topk:
+            def fwd():
+                with torch.no_grad():
+                    return sla_triton(q, k, v, w, b, topk=topk, blkq=blkq, blkk=blkk, feature_map="softmax",
+                                      linear_scope=scope)
+
+            largs, kwargs = captured_launch(fwd)
+            lut = largs[3]
+            grid = lut.shape[2] * (blkq // gluon_fwd.LAUNCH[blkk][0]) * lut.shape[0] * lut.shape[1]
+            for ns in [0] + [ns for ns in args.stagger if ns]:
+                gluon_fwd.STAGGER_NS = ns
+                rows = torch.full((grid, 8), -1, dtype=torch.int64, device="cuda")
+                for _ in range(3):  # warm: compile the TIMELINE variant, settle the clocks
+                    gluon_fwd.launch(*largs, **kwargs, timeline=rows)
+                torch.cuda.synchronize()
+                gluon_fwd.STAGGER_NS = 0
+                report = phases(rows)
+                raw[(scope, topk, ns)] = rows.cpu()
+                print(f"== scope {scope}, topk {topk}, kept {lut.shape[-1]}, stagger {ns} ns: "
+                      f"{report.pop('programs')} programs ==")
+                for key, value in report.items():
+                    print(f"  {key:<42s} {value:9.3f}")
+            if args.stagger:
+                medians = time_staggers(largs, kwargs, [0] + [ns for ns in args.stagger if ns])
+                print("  kernel alone, median ms by stagger: " +
+                      ", ".join(f"{ns} ns {ms:.4f}" for ns, ms in medians.items()))
+    if args.out:
+        torch.save(raw, args.out)
+
+
+if __name__ == "__main__":
+    main()
