@@ -11,6 +11,12 @@ prologue / loop / epilogue of one program, the kernel's span, and how the progra
 share of SM time with two programs in their loops, one, or none (an SM whose programs are all in prologue or
 epilogue does no attention work). The kernel is launched exactly as the operator launches it (same arguments,
 captured from one forward call).
+
+First reading (H200, Wan shape, rest, topk 0.05; benchmarks/NOTES.md v16): prologue 2.0 us, loop 24.9 us, epilogue
+5.3 us per program; an SM's two programs are out of phase by themselves (entries a third of a program apart), so
+an SM holds no loop only 3.6% of the time. Starting the first wave's second programs later (to force the offset)
+took that to 1.2% and made the kernel slower (0.864 -> 0.868 / 0.875 ms): the epilogue already runs beside the other
+program's loop, and what it costs is the loop running alone meanwhile.
 """
 
 from __future__ import annotations
@@ -106,29 +112,12 @@ def phases(rows: torch.Tensor) -> dict:
     return out
 
 
-def time_staggers(largs, kwargs, staggers, rounds=6):
-    """Median ms of the kernel alone for each `gluon_fwd.STAGGER_NS` value, the values alternating over rounds."""
-    import triton
-
-    times = {ns: [] for ns in staggers}
-    for _ in range(rounds):
-        for ns in staggers:
-            gluon_fwd.STAGGER_NS = ns
-            times[ns].append(triton.testing.do_bench(lambda: gluon_fwd.launch(*largs, **kwargs), warmup=25, rep=100,
-                                                     return_mode="median"))
-    gluon_fwd.STAGGER_NS = 0
-    return {ns: sorted(ts)[len(ts) // 2] for ns, ts in times.items()}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--L", type=int, default=32760)
     parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1])
     parser.add_argument("--scope", nargs="+", default=["rest", "all"])
     parser.add_argument("--out", help="save the raw rows (torch.save) here")
-    parser.add_argument("--stagger", type=int, nargs="*", default=[],
-                        help="also time the kernel with these DIFFUSERS_SLA_FWD_STAGGER_NS values (and 0), and print "
-                             "the timeline of each")
     args = parser.parse_args()
     B, H, L, D, blkq, blkk = 1, 12, args.L, 128, 128, 64
     (q, k, v, w, b), _ = wan_inputs(B, H, L, D)
@@ -143,23 +132,15 @@ def main():
             largs, kwargs = captured_launch(fwd)
             lut = largs[3]
             grid = lut.shape[2] * (blkq // gluon_fwd.LAUNCH[blkk][0]) * lut.shape[0] * lut.shape[1]
-            for ns in [0] + [ns for ns in args.stagger if ns]:
-                gluon_fwd.STAGGER_NS = ns
-                rows = torch.full((grid, 8), -1, dtype=torch.int64, device="cuda")
-                for _ in range(3):  # warm: compile the TIMELINE variant, settle the clocks
-                    gluon_fwd.launch(*largs, **kwargs, timeline=rows)
-                torch.cuda.synchronize()
-                gluon_fwd.STAGGER_NS = 0
-                report = phases(rows)
-                raw[(scope, topk, ns)] = rows.cpu()
-                print(f"== scope {scope}, topk {topk}, kept {lut.shape[-1]}, stagger {ns} ns: "
-                      f"{report.pop('programs')} programs ==")
-                for key, value in report.items():
-                    print(f"  {key:<42s} {value:9.3f}")
-            if args.stagger:
-                medians = time_staggers(largs, kwargs, [0] + [ns for ns in args.stagger if ns])
-                print("  kernel alone, median ms by stagger: " +
-                      ", ".join(f"{ns} ns {ms:.4f}" for ns, ms in medians.items()))
+            rows = torch.full((grid, 8), -1, dtype=torch.int64, device="cuda")
+            for _ in range(3):  # warm: compile the TIMELINE variant, settle the clocks
+                gluon_fwd.launch(*largs, **kwargs, timeline=rows)
+            torch.cuda.synchronize()
+            report = phases(rows)
+            raw[(scope, topk)] = rows.cpu()
+            print(f"== scope {scope}, topk {topk}, kept {lut.shape[-1]}: {report.pop('programs')} programs ==")
+            for key, value in report.items():
+                print(f"  {key:<42s} {value:9.3f}")
     if args.out:
         torch.save(raw, args.out)
 

@@ -152,16 +152,6 @@ if GLUON_AVAILABLE:
             gl.store(row + 1, sm.to(gl.int64))
 
     @gluon.jit
-    def _spin_ns(ns: gl.constexpr, dummy):
-        # waits about ns nanoseconds (global timer), sleeping between reads
-        t0 = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=gl.int64, is_pure=False,
-                                       pack=1)
-        now = t0
-        while now - t0 < ns:
-            now = gl.inline_asm_elementwise("nanosleep.u32 128;\n\tmov.u64 $0, %globaltimer;", "=l,r", [dummy],
-                                            dtype=gl.int64, is_pure=False, pack=1)
-
-    @gluon.jit
     def _box(tile, desc):
         # a 2-D shared-memory tile seen as the 4-D box of `desc` (leading unit dims: the same bytes and swizzle)
         return tile._reinterpret(tile.dtype, desc.block_type.shape, desc.layout)
@@ -208,12 +198,12 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, desc_r, desc_w, LUT, M, Den, OL, ZB, Bias, TL,  #
-                         sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT, N_SM,  #
+                         sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT,  #
                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
                          HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, STORE_BWD: gl.constexpr,
                          EPS: gl.constexpr, FOLD_SCALE: gl.constexpr, TIMELINE: gl.constexpr,
-                         STAGGER_NS: gl.constexpr, num_warps: gl.constexpr):
+                         num_warps: gl.constexpr):
         # Arguments as `_attn_fwd`, except that q, k, v and out come as host-built 4-D (B, H, L, D) tensor
         # descriptors (`launch`) and the linear state as desc_r, over BLOCK_D x BLOCK_D tiles in the input dtype, one
         # per query block for "rest" (R_i), one per head for "all" (the total H), with ZB the matching z vectors
@@ -225,12 +215,6 @@ if GLUON_AVAILABLE:
         if TIMELINE:
             tl_row = TL + (off_hz * gl.num_programs(0) + start_m).to(gl.int64) * 8
             _timeline(tl_row, 0, start_m, True, False)
-        if STAGGER_NS > 0:
-            # experiment (`STAGGER_NS`): the first wave's second program on each SM starts later, so that the two
-            # programs an SM holds are out of phase for the rest of the launch
-            pid = off_hz * gl.num_programs(0) + start_m
-            if (pid >= N_SM) & (pid < 2 * N_SM):
-                _spin_ns(STAGGER_NS, start_m)
         off_z = off_hz // H
         off_h = off_hz % H
 
@@ -372,19 +356,6 @@ if GLUON_AVAILABLE:
     _attn_fwd_hopper_launcher = Launcher(_attn_fwd_hopper)
 
 
-# Experiment, set only by `benchmarks/fwd_timeline.py --stagger` (0: off, the kernel as always): the first wave's
-# second program on each SM waits this many ns before it starts, to test whether the two programs an SM holds run in
-# phase (their prologues and epilogues then overlap no loop). Not measured yet (benchmarks/NOTES.md v16).
-STAGGER_NS = 0
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=None)
 def _tile_layout(element_bits: int, rank: int):
     # built once: constructing a layout object costs more host time than the rest of a descriptor
@@ -429,8 +400,8 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
         _descriptor(r2d, [block_d, block_d]), _descriptor(proj_weight, [block_d, block_d], 32),
         lut, lse, den, o_l, z, proj_bias, lse if timeline is None else timeline, scale, H, Lq, k.shape[2], n_qblk,
-        kept, _sm_count(q.device.index) if STAGGER_NS else 0,
+        kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, STORE_BWD=store_bwd, EPS=eps, FOLD_SCALE=scale > 0,
-        TIMELINE=timeline is not None, STAGGER_NS=STAGGER_NS, num_warps=warps,
+        TIMELINE=timeline is not None, num_warps=warps,
     )
