@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Where the Hopper forward kernel's time goes, program by program (no hardware counters needed).
 
-    python benchmarks/fwd_timeline.py                       # Wan layer shape, scope rest, topk 0.05
-    python benchmarks/fwd_timeline.py --topk 0.1 --scope all
+    python benchmarks/fwd_timeline.py                       # Wan layer shape, scopes rest and all, topk 0.05 and 0.1
+    python benchmarks/fwd_timeline.py --topk 0.05 --scope rest
 
 Each program of `gluon_fwd._attn_fwd_hopper` (launched with `timeline=`) writes its SM, the SM clock at entry, at its
 first scores (the prologue: q and the first K/V tiles arrived), after its loop and at exit (the epilogue: the linear
@@ -131,8 +131,8 @@ def main():
 
             largs, kwargs = captured_launch(fwd)
             lut = largs[3]
-            grid = lut.shape[2] * (blkq // gluon_fwd.LAUNCH[blkk][0]) * lut.shape[0] * lut.shape[1]
-            rows = torch.full((grid, 8), -1, dtype=torch.int64, device="cuda")
+            programs, batch_heads = gluon_fwd.launch_grid(lut.shape[2], blkq, blkk, lut.shape[0] * lut.shape[1])
+            rows = torch.full((programs * batch_heads, 8), -1, dtype=torch.int64, device="cuda")
             for _ in range(3):  # warm: compile the TIMELINE variant, settle the clocks
                 gluon_fwd.launch(*largs, **kwargs, timeline=rows)
             torch.cuda.synchronize()

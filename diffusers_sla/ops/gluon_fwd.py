@@ -384,6 +384,11 @@ def linear_tiles_2d(tiles, has_linear: bool, like, block_d: int):
     return tiles.reshape(-1, block_d) if has_linear else like.new_zeros(block_d, block_d)
 
 
+def launch_grid(n_qblk: int, blkq: int, blkk: int, batch_heads: int) -> tuple[int, int]:
+    """`launch`'s grid: each query block as blkq / rows programs of `LAUNCH[blkk]` rows, for every (batch, head)."""
+    return n_qblk * (blkq // LAUNCH[blkk][0]), batch_heads
+
+
 def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, scale: float, n_qblk: int, kept: int,
            block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int, store_bwd: bool,
            eps: float, timeline=None):
@@ -395,12 +400,12 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
     B, H, Lq, D = q.shape
     rows, warps, stages = LAUNCH[blkk]
     r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
-    _attn_fwd_hopper_launcher[(n_qblk * (blkq // rows), B * H)](
+    _attn_fwd_hopper_launcher[launch_grid(n_qblk, blkq, blkk, B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
         _descriptor(r2d, [block_d, block_d]), _descriptor(proj_weight, [block_d, block_d], 32),
-        lut, lse, den, o_l, z, proj_bias, lse if timeline is None else timeline, scale, H, Lq, k.shape[2], n_qblk,
-        kept,
+        lut, lse, den, o_l, z, proj_bias, lse if timeline is None else timeline,  # TL: unread without a timeline
+        scale, H, Lq, k.shape[2], n_qblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, STORE_BWD=store_bwd, EPS=eps, FOLD_SCALE=scale > 0,
         TIMELINE=timeline is not None, num_warps=warps,
