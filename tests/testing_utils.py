@@ -53,8 +53,8 @@ HOPPER_CASES = {
     "every_block_selected": (1, 1, 256, 256, 128, 128, 64, 1.0, "softmax", "rest", torch.bfloat16, False),
     # 2 of 32 key blocks per query block: most key blocks are selected by no query block
     "unselected_key_blocks": (1, 2, 256, 2048, 128, 128, 64, 0.05, "elu", "rest", torch.bfloat16, False),
-    # 2 key blocks per query block, fewer than the forward's ring slots: the epilogue's tiles are issued in the
-    # prologue, beside the first K/V tiles
+    # 2 key blocks per query block, fewer than the forward's ring slots: the prologue issues TMA loads for only
+    # part of the ring, and the epilogue reuses a ring that never filled
     "two_blocks_selected": (1, 2, 384, 600, 128, 128, 64, 0.2, "softmax", "rest", torch.bfloat16, False),
 }
 
