@@ -60,13 +60,14 @@ PRESETS = {
         "lengths": {"4k": (16, 32, 32), "16k": (64, 32, 32)},
         "block": 64,
         "topks": (0.05, 0.10),
-        "teacher_steps": {"4k": 2000, "16k": 300},
-        "tune_steps": {"4k": 400, "16k": 150},
+        "teacher_steps": {"4k": 3000, "16k": 600},
+        "tune_steps": {"4k": 400, "16k": 200},
         "batch": {"4k": 8, "16k": 2},
         "val_videos": {"4k": 32, "16k": 8},
         "sample_videos": {"4k": 8, "16k": 4},
         "sample_steps": 20,
-        "eval_every": {"4k": 50, "16k": 30},
+        "eval_every": {"4k": 50, "16k": 25},
+        "teacher_eval_every": {"4k": 150, "16k": 50},
         "teacher_lr": 5e-4,
         "tune_lr": 1e-4,
         "seeds": (0, 1, 2),
@@ -84,6 +85,7 @@ PRESETS = {
         "sample_videos": {"toy": 2, "toy2": 2},
         "sample_steps": 3,
         "eval_every": {"toy": 4, "toy2": 3},
+        "teacher_eval_every": {"toy": 4, "toy2": 3},
         "teacher_lr": 2e-3,
         "tune_lr": 5e-4,
         "seeds": (0, 1),
@@ -189,14 +191,20 @@ def predict(model, x, timesteps, cond):
     return model(hidden_states=x, timestep=timesteps, encoder_hidden_states=cond, return_dict=False)[0]
 
 
-def flow_matching_loss(model, scheduler, x0, noise, index, cond) -> torch.Tensor:
-    """MSE between the predicted and the true velocity (noise - x0) at the scheduler's training sigma `index`."""
+def flow_matching_loss(model, scheduler, x0, noise, index, cond, teacher=None) -> torch.Tensor:
+    """MSE between the predicted and the true velocity (noise - x0) at the scheduler's training sigma `index`; with
+    `teacher`, MSE to the teacher's prediction instead (distillation)."""
     sigmas = scheduler.sigmas.to(x0.device)[index].view(-1, 1, 1, 1, 1)
     timesteps = scheduler.timesteps.to(x0.device)[index]
     x_t = (1.0 - sigmas) * x0 + sigmas * noise
     with autocast(x0.device):
         pred = predict(model, x_t, timesteps, cond)
-    return F.mse_loss(pred.float(), (noise - x0).float())
+        if teacher is not None:
+            with torch.no_grad():
+                target = predict(teacher, x_t, timesteps, cond)
+    if teacher is None:
+        target = noise - x0
+    return F.mse_loss(pred.float(), target.float())
 
 
 class ValSet:
@@ -290,7 +298,8 @@ def apply_variant(model, variant: dict, preset: dict, args) -> str:
     kind = variant["kind"]
     if kind == "dense":
         return "dense attention"
-    sla = dict(blkq=preset["block"], blkk=preset["block"], min_kv_blocks=2, feature_map=args.feature_map)
+    sla = dict(blkq=preset["block"], blkk=preset["block"], min_kv_blocks=2, feature_map=args.feature_map,
+               backend=args.backend)
     if kind == "sparse":
         mode = sparse_only_mode()
         if mode == "linear_scope=none":
@@ -394,14 +403,15 @@ def _probe_forward(self, q, k, v, scale=None, key_padding_mask=None):
             lin = linear_attention_reference(qf, kf, vf, lut, c.blkq, c.blkk, c.feature_map, "rest")
             resid = (dense - sparse).reshape(-1, D).double()
             x = torch.cat([lin.reshape(-1, D).double(), torch.ones_like(resid[:, :1])], dim=1)
-            stats = self._probe_stats.setdefault(t, {"outside": 0.0, "rows": 0, "xtx": 0, "xty": 0, "yty": 0.0,
-                                                      "resid2": 0.0, "dense2": 0.0})
+            stats = self._probe_stats.setdefault(t, {"outside": 0.0, "rows": 0, "dense2": 0.0,
+                                                      "split": [{"xtx": 0, "xty": 0, "y2": 0.0} for _ in range(2)]})
             stats["outside"] += float(outside[t])
             stats["rows"] += B * H * L
-            stats["xtx"] = stats["xtx"] + x.T @ x
-            stats["xty"] = stats["xty"] + x.T @ resid
-            stats["resid2"] += float(resid.pow(2).sum())
             stats["dense2"] += float(dense.double().pow(2).sum())
+            split = stats["split"][self._probe_split]
+            split["xtx"] = split["xtx"] + x.T @ x
+            split["xty"] = split["xty"] + x.T @ resid
+            split["y2"] += float(resid.pow(2).sum())
     return dense.to(q.dtype)
 
 
@@ -450,9 +460,11 @@ def teacher_probe(model, val: ValSet, preset: dict, args, n_videos: int) -> dict
                feature_map=args.feature_map)
     scheduler = make_scheduler()
     topks = list(preset["topks"])
-    with patched_forward(model, _probe_forward, _probe_topks=topks, _probe_stats={}) as layers:
+    with patched_forward(model, _probe_forward, _probe_topks=topks, _probe_stats={}, _probe_split=0) as layers:
         model.eval()
         for i in range(n_videos):
+            for layer in layers:
+                layer._probe_split = i % 2  # even videos fit, odd ones score the fit (held-out R^2)
             sl = slice(i, i + 1)
             flow_matching_loss(model, scheduler, val.x0[sl], val.noise[sl], val.index[sl], val.cond[sl])
         out = {}
@@ -460,19 +472,39 @@ def teacher_probe(model, val: ValSet, preset: dict, args, n_videos: int) -> dict
             per_layer = []
             for layer in layers:
                 s = layer._probe_stats[t]
-                xtx = s["xtx"] + 1e-6 * torch.eye(s["xtx"].shape[0], device=s["xtx"].device, dtype=torch.float64)
-                w = torch.linalg.solve(xtx, s["xty"])  # (D+1, D): rows 0..D-1 = proj_l.weight.T, row D = bias
-                explained = float((2 * (w * s["xty"]).sum() - (w * (s["xtx"] @ w)).sum()))
-                per_layer.append({
+                fit_half, test_half = s["split"]
+                both = {k: fit_half[k] + test_half[k] for k in ("xtx", "xty", "y2")} if test_half["y2"] else fit_half
+                w = _ridge_fit(both, args.lsfit_ridge)  # (D+1, D): rows 0..D-1 = proj_l.weight.T, row D = bias
+                entry = {
                     "mass_outside": s["outside"] / s["rows"],
-                    "resid_rel": math.sqrt(s["resid2"] / s["dense2"]),
-                    "lsfit_r2": explained / s["resid2"] if s["resid2"] > 0 else 0.0,
+                    "resid_rel": math.sqrt(both["y2"] / s["dense2"]),
+                    "lsfit_r2": _explained(w, both),
+                    "lsfit_r2_heldout": (_explained(_ridge_fit(fit_half, args.lsfit_ridge), test_half)
+                                         if test_half["y2"] else None),
                     "weight": w[:-1].T.float().cpu().tolist(),
                     "bias": w[-1].float().cpu().tolist(),
-                })
+                }
+                per_layer.append(entry)
             out[f"{t:.4f}"] = per_layer
     disable_sla(model)
     return out
+
+
+def _ridge_fit(stats: dict, ridge: float) -> torch.Tensor:
+    """argmin_W ||X W - Y||^2 + lam ||W||^2 from X^T X and X^T Y; lam = ridge * mean diagonal of X^T X, because the
+    linear branch's outputs are nearly collinear (phi(q) R / phi(q).z is close to a mean of v) and an unregularised
+    fit blows up outside the videos it was fitted on."""
+    xtx = stats["xtx"]
+    lam = ridge * float(torch.diagonal(xtx).mean())
+    return torch.linalg.solve(xtx + lam * torch.eye(xtx.shape[0], device=xtx.device, dtype=xtx.dtype), stats["xty"])
+
+
+def _explained(w: torch.Tensor, stats: dict) -> float:
+    """1 - ||X W - Y||^2 / ||Y||^2 (Y = dense - sparse): the share of the missing output W explains."""
+    if not stats["y2"]:
+        return 0.0
+    residual = stats["y2"] - float(2 * (w * stats["xty"]).sum() - (w * (stats["xtx"] @ w)).sum())
+    return 1.0 - residual / stats["y2"]
 
 
 @torch.no_grad()
@@ -564,8 +596,9 @@ class Clock:
 
 def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, seed: int, device, val: ValSet,
           eval_every: int, *, warmup: int, cosine: bool, proj_l_lr_mult: float = 1.0, deadline: float | None = None,
-          track_proj_l: bool = False) -> dict:
-    """AdamW on every trainable parameter with the flow-matching loss; returns the curve and proj_l gradient norms."""
+          track_proj_l: bool = False, teacher=None) -> dict:
+    """AdamW on every trainable parameter with the flow-matching loss (or distillation from `teacher`); returns the
+    validation curve (always the flow-matching loss) and proj_l gradient norms."""
     shape = preset["lengths"][length]
     text_dim = preset["model"]["text_dim"]
     batch = preset["batch"][length]
@@ -594,7 +627,8 @@ def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, se
         x0, labels = make_videos(batch, *shape, data_gen, device)
         noise = torch.randn(x0.shape, generator=noise_gen).to(device)
         index = torch.randint(0, 1000, (batch,), generator=noise_gen).to(device)
-        loss = flow_matching_loss(model, scheduler, x0, noise, index, conditioning(labels, text_dim).to(device))
+        loss = flow_matching_loss(model, scheduler, x0, noise, index, conditioning(labels, text_dim).to(device),
+                                  teacher=teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if track_proj_l:
@@ -654,8 +688,8 @@ def _setup(args):
     meta = runlog.data["meta"]
     if meta.get("preset", args.preset) != args.preset:
         raise SystemExit(f"{args.out} holds a {meta['preset']!r} run; use another --out for preset {args.preset!r}.")
-    meta.update({"preset": args.preset, "preset_config": _jsonable(preset), "env": environment(device),
-                 "sparse_only_mode": sparse_only_mode()})
+    meta.update({"preset": args.preset, "backend": args.backend, "preset_config": _jsonable(preset),
+                 "env": environment(device), "sparse_only_mode": sparse_only_mode()})
     return preset, device, runlog
 
 
@@ -705,7 +739,7 @@ def cmd_teacher(args) -> None:
     train_deadline = None if deadline is None else stage_start + 0.85 * args.time_budget_s
     with clock.phase("train"):
         result = train(model, scheduler, preset, length, steps, args.lr or preset["teacher_lr"], 0, device, val,
-                       preset["eval_every"][length] * (2 if length in ("4k",) else 1), warmup=max(1, steps // 20),
+                       preset["teacher_eval_every"][length], warmup=max(1, steps // 20),
                        cosine=True, deadline=train_deadline)
     log(f"teacher {length}: {result['steps_done']}/{steps} steps in {clock.times['train']:.1f} s, "
         f"val loss {result['curve'][-1][1]:.4f}")
@@ -715,21 +749,27 @@ def cmd_teacher(args) -> None:
     runlog.samples[f"{length}/labels"] = sample_labels(preset["sample_videos"][length])
     runlog.samples[f"{length}/teacher"] = videos
     with clock.phase("probe"):
-        probe = teacher_probe(model, val, preset, args, min(args.probe_videos, val.x0.shape[0]))
+        # videos of their own, so that the least-squares fits are not scored on the data they were fitted to
+        probe_set = ValSet(args.probe_videos, shape, text_dim, device, seed=999)
+        probe = teacher_probe(model, probe_set, preset, args, args.probe_videos)
     untuned = {}
     for topk in preset["topks"]:
-        name = f"sla_{round(topk * 100)}_untuned"
-        m = copy.deepcopy(model)
-        untuned_args = argparse.Namespace(**{**vars(args), "proj_l_init": "zero", "linear_scope": "rest"})
-        apply_variant(m, {"kind": "sla", "topk": topk}, preset, untuned_args)
-        r, v = _eval_row(m, preset, length, device, val, args, clock)
-        untuned[name] = r
-        runlog.samples[f"{length}/{name}"] = v
-        log(f"  {name}: val loss {r['val_loss']:.4f}")
+        for proj_init in ("zero", "lsfit"):
+            name = f"sla_{round(topk * 100)}_{'lsfit_' if proj_init == 'lsfit' else ''}untuned"
+            m = copy.deepcopy(model)
+            untuned_args = argparse.Namespace(**{**vars(args), "proj_l_init": proj_init, "linear_scope": "rest",
+                                                 "teacher_fits": probe})
+            apply_variant(m, {"kind": "sla", "topk": topk}, preset, untuned_args)
+            r, v = _eval_row(m, preset, length, device, val, args, clock)
+            untuned[name] = r
+            runlog.samples[f"{length}/{name}"] = v
+            log(f"  {name}: val loss {r['val_loss']:.4f}")
     for t, layers in probe.items():
         log(f"  probe topk {float(t):.2f}: mass outside " + " ".join(f"{x['mass_outside']:.3f}" for x in layers)
             + " | resid/dense " + " ".join(f"{x['resid_rel']:.3f}" for x in layers)
-            + " | LS proj_l R2 " + " ".join(f"{x['lsfit_r2']:.3f}" for x in layers))
+            + " | LS proj_l R2 " + " ".join(f"{x['lsfit_r2']:.3f}" for x in layers)
+            + " | held out " + " ".join("-" if x["lsfit_r2_heldout"] is None else f"{x['lsfit_r2_heldout']:.3f}"
+                                        for x in layers))
     runlog.data["teachers"][length] = {
         "steps": steps, "init_from": init, "params": n_params, "tokens": shape[0] * shape[1] * shape[2] // 4,
         "lr": args.lr or preset["teacher_lr"], "batch": preset["batch"][length], **result, **row,
@@ -765,12 +805,19 @@ def cmd_tune(args) -> None:
     steps = args.steps or preset["tune_steps"][length]
     lr = args.lr or preset["tune_lr"]
     recipe = {"steps": steps, "lr": lr, "proj_l_lr_mult": args.proj_l_lr_mult, "proj_l_init": args.proj_l_init,
-              "feature_map": args.feature_map, "linear_scope": args.linear_scope, "batch": preset["batch"][length]}
+              "feature_map": args.feature_map, "linear_scope": args.linear_scope, "batch": preset["batch"][length],
+              "objective": args.objective}
+    teacher_model = None
+    if args.objective == "distill":
+        teacher_model = build_model(preset)
+        teacher_model.load_state_dict(state)
+        teacher_model.to(device).eval().requires_grad_(False)
     row_times = []
     # seeds outermost: if the budget runs out, every variant has the same seeds
     for seed in seeds:
         for name in names:
-            key = f"{length}/{name}/seed{seed}"
+            row_name = f"{name}+{args.tag}" if args.tag else name
+            key = f"{length}/{row_name}/seed{seed}"
             if key in runlog.data["rows"] and not args.force:
                 continue
             if args.time_budget_s and row_times:
@@ -792,13 +839,13 @@ def cmd_tune(args) -> None:
                 result = train(model, make_scheduler(), preset, length, steps, lr, seed, device, val,
                                preset["eval_every"][length], warmup=min(20, steps // 5 + 1), cosine=False,
                                proj_l_lr_mult=args.proj_l_lr_mult,
-                               track_proj_l=variants[name]["kind"] != "dense")
+                               track_proj_l=variants[name]["kind"] != "dense", teacher=teacher_model)
             row, videos = _eval_row(model, preset, length, device, val, args, clock)
             if is_sla and variants[name]["kind"] == "sla":
                 with clock.phase("diagnostics"):
                     row["val_loss_without_linear"] = loss_without_linear(model, val, preset["batch"][length])
                     row["linear_over_sparse"] = tuned_probe(model, val, min(args.probe_videos, val.x0.shape[0]))
-            runlog.data["rows"][key] = {"length": length, "variant": name, "seed": seed, "how": how,
+            runlog.data["rows"][key] = {"length": length, "variant": row_name, "seed": seed, "how": how,
                                         "recipe": recipe, **result, **row, "wall_s": dict(clock.times)}
             runlog.samples[key] = videos
             runlog.save()
@@ -840,12 +887,12 @@ def shape_classifier(height: int, width: int, crop: int, seed: int = 777):
     from sklearn.linear_model import LogisticRegression
 
     gen = torch.Generator().manual_seed(seed)
-    videos, labels = make_videos(900, 4, height, width, gen)
+    videos, labels = make_videos(600, 4, height, width, gen)
     frames = videos[:, 0].reshape(-1, height, width)
     y = labels.repeat_interleave(4)
     x = _crop_features(frames, crop)
     split = 3 * x.shape[0] // 4
-    clf = LogisticRegression(max_iter=2000, C=0.1)
+    clf = LogisticRegression(max_iter=500, C=0.1)
     clf.fit(x[:split].numpy(), y[:split].numpy())
     return clf, float(clf.score(x[split:].numpy(), y[split:].numpy()))
 
@@ -931,11 +978,17 @@ def compute_metrics(data: dict, samples: dict) -> dict:
         for name, record in teacher["untuned"].items():
             add(name, record, f"{length}/{name}")
         tuned = [r for r in data["rows"].values() if r["length"] == length]
-        order = list(variants_for(preset))
-        for r in sorted(tuned, key=lambda r: (order.index(r["variant"]) if r["variant"] in order else 99, r["seed"])):
+        for r in sorted(tuned, key=lambda r: (_variant_order(preset, r["variant"]), r["seed"])):
             add(r["variant"], r, f"{length}/{r['variant']}/seed{r['seed']}")
         out[length] = {"classifier_acc_real": real_acc, "crop": crop, "rows": rows}
     return out
+
+
+def _variant_order(preset: dict, variant: str) -> tuple:
+    """Untagged rows in the study's order, then each tag's rows in the same order."""
+    order = list(variants_for(preset))
+    base, _, tag = variant.partition("+")
+    return (tag, order.index(base) if base in order else len(order), variant)
 
 
 ROW_NOTES = {
@@ -946,9 +999,14 @@ ROW_NOTES = {
 
 
 def _row_label(variant: str) -> str:
+    base, _, tag = variant.partition("+")
+    if tag:
+        return f"{variant} {_row_label(base)[len(base) + 1:-1]}, recipe +{tag})"
     if variant in ROW_NOTES:
         return f"{variant} ({ROW_NOTES[variant]})"
     parts = variant.split("_")
+    if variant.endswith("_lsfit_untuned"):
+        return f"{variant} (SLA topk {parts[1]} %, proj_l = teacher's LS fit, not tuned)"
     if variant.endswith("_untuned"):
         return f"{variant} (SLA topk {parts[1]} %, not tuned)"
     if parts[0] == "sla":
@@ -969,17 +1027,26 @@ def render_table(data: dict, metrics: dict) -> str:
     ]
     for length, m in metrics.items():
         teacher = data["teachers"][length]
-        recipes = {json.dumps(r["recipe"], sort_keys=True) for r in data["rows"].values() if r["length"] == length}
+        recipes = {json.dumps(r["recipe"], sort_keys=True) for r in data["rows"].values()
+                   if r["length"] == length and "+" not in r["variant"]}
         recipe = json.loads(recipes.pop()) if len(recipes) == 1 else None
+        tagged = {}
+        for r in data["rows"].values():
+            if r["length"] == length and "+" in r["variant"]:
+                tagged.setdefault(r["variant"].partition("+")[2], r["recipe"])
         lines.append(
             f"**{teacher['tokens']} tokens** ({length}): teacher {teacher['params'] / 1e6:.2f}M params, "
             f"{teacher['steps_done']} steps" + (f" from the {teacher['init_from']} teacher" if teacher["init_from"]
                                                 else " from scratch")
             + (f"; tuning {recipe['steps']} steps, lr {recipe['lr']:g}, batch {recipe['batch']}, proj_l lr x"
                f"{recipe['proj_l_lr_mult']:g}, proj_l init {recipe['proj_l_init']}, feature map "
-               f"{recipe['feature_map']}, scope {recipe['linear_scope']}" if recipe else
+               f"{recipe['feature_map']}, scope {recipe['linear_scope']}, objective {recipe.get('objective', 'fm')}"
+               if recipe else
                ("; rows tuned with different recipes" if recipes else ""))
             + f". Classifier accuracy on real frames: {m['classifier_acc_real']:.3f}.")
+        for tag, rec in sorted(tagged.items()):
+            diff = {k: v for k, v in rec.items() if recipe is None or recipe.get(k) != v}
+            lines.append(f"Rows tagged +{tag}: " + ", ".join(f"{k} {v}" for k, v in sorted(diff.items())) + ".")
         lines.append("")
         lines.append("| Variant | Val. loss | Val. loss, proj_l = 0 | PSNR vs teacher (dB) | SSIM vs teacher "
                      "| Class acc. | ‖proj_l(lin)‖/‖sparse‖ | n |")
@@ -1004,22 +1071,29 @@ def _diagnostics_table(data: dict, length: str) -> list[str]:
     probe = teacher["probe"]
     topks = sorted(probe, key=float)
     rows = [r for r in data["rows"].values() if r["length"] == length]
-    sla_names = [f"sla_{round(float(t) * 100)}" for t in topks]
+    sla_names = [v for v in _tuned_variants(data, length) if v.startswith("sla_")]
     header = ["Layer"]
     for t in topks:
         pct = round(float(t) * 100)
-        header += [f"mass outside {pct} %", f"‖dense−sparse‖/‖dense‖ {pct} %", f"LS proj_l R² {pct} %"]
+        header += [f"mass outside {pct} %", f"‖dense−sparse‖/‖dense‖ {pct} %",
+                   f"LS proj_l R² {pct} % (held out)"]
     header += [f"‖proj_l(lin)‖/‖sparse‖ {n}" for n in sla_names]
     header += [f"‖∇proj_l‖ {n}" for n in sla_names]
-    lines = ["Diagnostics per layer (teacher probe on validation videos; tuned ratios and proj_l gradient norms "
-             "averaged over seeds; gradient norms averaged over the tuning steps):", "",
+    lines = ["Diagnostics per layer. Teacher probe (videos of its own): attention mass outside the selected blocks; "
+             "the part of the dense output the sparse branch misses; R² = the share of that part's energy that the "
+             "best (ridge least-squares) proj_l over the linear branch's output explains, in-sample and, in "
+             "parentheses, fitted on half the videos and scored on the other half. Tuned rows: "
+             "‖proj_l(linear)‖/‖sparse‖ and proj_l's gradient norm (mean over tuning steps), mean ± std over seeds.",
+             "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     n_layers = len(probe[topks[0]])
     for i in range(n_layers):
         cells = [str(i)]
         for t in topks:
             p = probe[t][i]
-            cells += [f"{p['mass_outside']:.3f}", f"{p['resid_rel']:.3f}", f"{p['lsfit_r2']:.3f}"]
+            held = p.get("lsfit_r2_heldout")
+            cells += [f"{p['mass_outside']:.3f}", f"{p['resid_rel']:.3f}",
+                      f"{p['lsfit_r2']:.3f} ({'–' if held is None else f'{held:.3f}'})"]
         for name in sla_names:
             vals = [r["linear_over_sparse"][i] for r in rows if r["variant"] == name and "linear_over_sparse" in r]
             cells.append(_fmt(vals, 3))
@@ -1035,6 +1109,12 @@ def _diagnostics_table(data: dict, length: str) -> list[str]:
     return lines
 
 
+def _tuned_variants(data: dict, length: str) -> list[str]:
+    preset = data["meta"]["preset_config"]
+    names = {r["variant"] for r in data["rows"].values() if r["length"] == length}
+    return sorted(names, key=lambda v: _variant_order(preset, v))
+
+
 def plot_curves(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -1043,10 +1123,9 @@ def plot_curves(data: dict, path: Path) -> None:
 
     lengths = list(data["teachers"])
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
-    order = list(variants_for(data["meta"]["preset_config"]))
     for ax, length in zip(axes[0], lengths):
         teacher = data["teachers"][length]
-        for k, variant in enumerate(order):
+        for k, variant in enumerate(_tuned_variants(data, length)):
             runs = [r for r in data["rows"].values() if r["length"] == length and r["variant"] == variant]
             if not runs:
                 continue
@@ -1078,7 +1157,7 @@ def plot_samples(data: dict, samples: dict, length: str, path: Path, n_frames: i
 
     keys = [("teacher", f"{length}/teacher")]
     keys += [(name, f"{length}/{name}") for name in data["teachers"][length]["untuned"]]
-    for variant in variants_for(data["meta"]["preset_config"]):
+    for variant in _tuned_variants(data, length):
         seeds = sorted(r["seed"] for r in data["rows"].values() if r["length"] == length and r["variant"] == variant)
         if seeds:
             keys.append((f"{variant} (seed {seeds[0]})", f"{length}/{variant}/seed{seeds[0]}"))
@@ -1149,9 +1228,13 @@ def main(argv=None) -> None:
         p.add_argument("--time-budget-s", type=float, default=None,
                        help="Stop cleanly before this many seconds, writing what is done.")
         p.add_argument("--sample-steps", type=int, default=None, help="Euler steps when sampling.")
-        p.add_argument("--probe-videos", type=int, default=4, help="Validation videos the probes run on.")
+        p.add_argument("--probe-videos", type=int, default=4, help="Videos the probes run on.")
+        p.add_argument("--lsfit-ridge", type=float, default=1e-3,
+                       help="Ridge of the teacher probe's least-squares proj_l, relative to mean(diag X^T X).")
         p.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"])
         p.add_argument("--device", default=None)
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                       help="SLA backend of the tuned rows: auto = Triton on CUDA (the package default).")
         p.add_argument("--force", action="store_true", help="Redo what the log already has.")
         if name == "teacher":
             p.add_argument("--init-from", default=None, help="Start from the cached teacher of this length.")
@@ -1162,6 +1245,10 @@ def main(argv=None) -> None:
             p.add_argument("--proj-l-init", default="zero", choices=["zero", "lsfit"],
                            help="SLA rows' proj_l: zero (the package's) or the teacher probe's least-squares fit.")
             p.add_argument("--linear-scope", default="rest", choices=["rest", "all"], help="SLA rows' linear scope.")
+            p.add_argument("--tag", default="",
+                           help="Suffix of these rows' names (variant+TAG): a recipe kept beside the main rows.")
+            p.add_argument("--objective", default="fm", choices=["fm", "distill"],
+                           help="fm: the flow-matching loss on the data; distill: MSE to the teacher's velocity.")
     p = sub.add_parser("render")
     p.add_argument("--out", required=True, nargs="+", help="Run folder(s) written by teacher/tune.")
     p.add_argument("--figures", default="docs/figures", help="Where the table, plot and sample grid go.")
