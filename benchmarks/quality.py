@@ -358,6 +358,13 @@ def proj_l_params(model) -> list[torch.nn.Parameter]:
     return [p for _, _, layer in iter_sla_layers(model) for p in layer.proj_l.parameters()]
 
 
+def proj_l_weight_rms(model) -> list[float]:
+    """Per SLA layer, the root mean square of proj_l's weight entries (Adam moves each by about lr per step)."""
+    from diffusers_sla import iter_sla_layers
+
+    return [float(layer.proj_l.weight.detach().float().pow(2).mean().sqrt()) for _, _, layer in iter_sla_layers(model)]
+
+
 def proj_l_grad_norms(model) -> list[float | None]:
     """Per SLA layer, ||grad|| of proj_l (weight and bias together); None where it has no gradient."""
     from diffusers_sla import iter_sla_layers
@@ -474,13 +481,18 @@ def teacher_probe(model, val: ValSet, preset: dict, args, n_videos: int) -> dict
                 s = layer._probe_stats[t]
                 fit_half, test_half = s["split"]
                 both = {k: fit_half[k] + test_half[k] for k in ("xtx", "xty", "y2")} if test_half["y2"] else fit_half
-                w = _ridge_fit(both, args.lsfit_ridge)  # (D+1, D): rows 0..D-1 = proj_l.weight.T, row D = bias
+                # the ridge that scores best on the held-out half, unless one is given
+                ridges = [args.lsfit_ridge] if args.lsfit_ridge is not None else list(RIDGES)
+                held = {r: _explained(_ridge_fit(fit_half, r), test_half) for r in ridges} if test_half["y2"] else {}
+                ridge = max(held, key=held.get) if held else ridges[0]
+                w = _ridge_fit(both, ridge)  # (D+1, D): rows 0..D-1 = proj_l.weight.T, row D = bias
                 entry = {
                     "mass_outside": s["outside"] / s["rows"],
                     "resid_rel": math.sqrt(both["y2"] / s["dense2"]),
                     "lsfit_r2": _explained(w, both),
-                    "lsfit_r2_heldout": (_explained(_ridge_fit(fit_half, args.lsfit_ridge), test_half)
-                                         if test_half["y2"] else None),
+                    "lsfit_r2_heldout": held.get(ridge),
+                    "lsfit_ridge": ridge,
+                    "lsfit_weight_rms": float(w[:-1].pow(2).mean().sqrt()),
                     "weight": w[:-1].T.float().cpu().tolist(),
                     "bias": w[-1].float().cpu().tolist(),
                 }
@@ -488,6 +500,9 @@ def teacher_probe(model, val: ValSet, preset: dict, args, n_videos: int) -> dict
             out[f"{t:.4f}"] = per_layer
     disable_sla(model)
     return out
+
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def _ridge_fit(stats: dict, ridge: float) -> torch.Tensor:
@@ -845,6 +860,7 @@ def cmd_tune(args) -> None:
                 with clock.phase("diagnostics"):
                     row["val_loss_without_linear"] = loss_without_linear(model, val, preset["batch"][length])
                     row["linear_over_sparse"] = tuned_probe(model, val, min(args.probe_videos, val.x0.shape[0]))
+                    row["proj_l_weight_rms"] = proj_l_weight_rms(model)
             runlog.data["rows"][key] = {"length": length, "variant": row_name, "seed": seed, "how": how,
                                         "recipe": recipe, **result, **row, "wall_s": dict(clock.times)}
             runlog.samples[key] = videos
@@ -1070,43 +1086,52 @@ def _diagnostics_table(data: dict, length: str) -> list[str]:
     teacher = data["teachers"][length]
     probe = teacher["probe"]
     topks = sorted(probe, key=float)
-    rows = [r for r in data["rows"].values() if r["length"] == length]
-    sla_names = [v for v in _tuned_variants(data, length) if v.startswith("sla_")]
     header = ["Layer"]
     for t in topks:
         pct = round(float(t) * 100)
         header += [f"mass outside {pct} %", f"‖dense−sparse‖/‖dense‖ {pct} %",
-                   f"LS proj_l R² {pct} % (held out)"]
-    header += [f"‖proj_l(lin)‖/‖sparse‖ {n}" for n in sla_names]
-    header += [f"‖∇proj_l‖ {n}" for n in sla_names]
-    lines = ["Diagnostics per layer. Teacher probe (videos of its own): attention mass outside the selected blocks; "
-             "the part of the dense output the sparse branch misses; R² = the share of that part's energy that the "
-             "best (ridge least-squares) proj_l over the linear branch's output explains, in-sample and, in "
-             "parentheses, fitted on half the videos and scored on the other half. Tuned rows: "
-             "‖proj_l(linear)‖/‖sparse‖ and proj_l's gradient norm (mean over tuning steps), mean ± std over seeds.",
-             "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    n_layers = len(probe[topks[0]])
-    for i in range(n_layers):
+                   f"LS proj_l R² {pct} % (held out)", f"LS proj_l rms {pct} %"]
+    lines = ["Teacher probe per layer (videos of its own): the attention mass outside the selected blocks (what "
+             "the linear branch must stand in for); ‖dense − sparse‖/‖dense‖, the part of the output the sparse "
+             "branch misses; R², the share of that part's energy that the best (ridge least-squares) proj_l over the "
+             "linear branch's output explains, in-sample and, in parentheses, fitted on half the videos and scored on "
+             "the other half (the ridge is chosen on that half); the rms of the fit's weight entries.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i in range(len(probe[topks[0]])):
         cells = [str(i)]
         for t in topks:
             p = probe[t][i]
             held = p.get("lsfit_r2_heldout")
             cells += [f"{p['mass_outside']:.3f}", f"{p['resid_rel']:.3f}",
-                      f"{p['lsfit_r2']:.3f} ({'–' if held is None else f'{held:.3f}'})"]
-        for name in sla_names:
-            vals = [r["linear_over_sparse"][i] for r in rows if r["variant"] == name and "linear_over_sparse" in r]
-            cells.append(_fmt(vals, 3))
-        for name in sla_names:
-            vals = []
-            for r in rows:
-                if r["variant"] == name and r["proj_l_grad_norm"]:
-                    window = [w[1][i] for w in r["proj_l_grad_norm"] if w[1] and w[1][i] is not None]
-                    vals.append(_mean(window))
-            cells.append(_fmt(vals, 4))
+                      f"{p['lsfit_r2']:.3f} ({'–' if held is None else f'{held:.3f}'})",
+                      f"{p.get('lsfit_weight_rms', float('nan')):.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+
+    rows = [r for r in data["rows"].values() if r["length"] == length]
+    sla_names = [v for v in _tuned_variants(data, length) if v.startswith("sla_")]
+    if not sla_names:
+        return lines
+    lines += ["Tuned SLA rows, per layer 0, 1, …, mean over seeds: ‖proj_l(linear)‖/‖sparse output‖ on probe "
+              "videos, the rms of proj_l's weight entries after tuning (Adam moves each by about lr per step, so at "
+              "most about lr × steps from its start), and proj_l's gradient norm (mean over the tuning steps).", "",
+              "| Row | ‖proj_l(lin)‖/‖sparse‖ | proj_l rms | ‖∇proj_l‖ |", "|---|---|---|---|"]
+    for name in sla_names:
+        runs = [r for r in rows if r["variant"] == name]
+        ratio = _layer_means([r.get("linear_over_sparse") for r in runs])
+        rms = _layer_means([r.get("proj_l_weight_rms") for r in runs])
+        grads = _layer_means([_mean_columns([w for _, w in r["proj_l_grad_norm"] if w]) for r in runs])
+        lines.append(f"| {name} | {_cells(ratio, '.3f')} | {_cells(rms, '.3g')} | {_cells(grads, '.3g')} |")
+    lines.append("")
     return lines
+
+
+def _layer_means(per_run: list) -> list:
+    return _mean_columns([r for r in per_run if r])
+
+
+def _cells(values: list, spec: str) -> str:
+    return " ".join("–" if v is None else format(v, spec) for v in values) or "–"
 
 
 def _tuned_variants(data: dict, length: str) -> list[str]:
@@ -1228,9 +1253,10 @@ def main(argv=None) -> None:
         p.add_argument("--time-budget-s", type=float, default=None,
                        help="Stop cleanly before this many seconds, writing what is done.")
         p.add_argument("--sample-steps", type=int, default=None, help="Euler steps when sampling.")
-        p.add_argument("--probe-videos", type=int, default=4, help="Videos the probes run on.")
-        p.add_argument("--lsfit-ridge", type=float, default=1e-3,
-                       help="Ridge of the teacher probe's least-squares proj_l, relative to mean(diag X^T X).")
+        p.add_argument("--probe-videos", type=int, default=8, help="Videos the probes run on.")
+        p.add_argument("--lsfit-ridge", type=float, default=None,
+                       help="Ridge of the teacher probe's least-squares proj_l, relative to mean(diag X^T X); "
+                            f"default: the one of {list(RIDGES)} that scores best on the held-out half.")
         p.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"])
         p.add_argument("--device", default=None)
         p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],

@@ -78,7 +78,7 @@ def test_every_variant_runs_for_every_seed(quality, toy_run):
     assert samples["toy/sla_25/seed1"].shape == samples["toy/teacher"].shape == (2, 4, 16, 16)
 
 
-def test_teacher_loss_decreases_and_probe_is_filled(toy_run):
+def test_teacher_loss_decreases_and_probe_is_filled(quality, toy_run):
     teacher = toy_run["log"]["teachers"]["toy"]
     curve = [loss for _, loss in teacher["curve"]]
     assert curve[-1] < 0.8 * curve[0]
@@ -90,6 +90,7 @@ def test_teacher_loss_decreases_and_probe_is_filled(toy_run):
             assert 0.0 < layer["resid_rel"]
             assert -1e-6 <= layer["lsfit_r2"] <= 1.0 + 1e-6
             assert layer["lsfit_r2_heldout"] is not None and layer["lsfit_r2_heldout"] <= 1.0 + 1e-6
+            assert layer["lsfit_ridge"] in quality.RIDGES and layer["lsfit_weight_rms"] > 0
     # a larger topk leaves less attention mass outside the kept blocks
     assert teacher["probe"]["0.5000"][0]["mass_outside"] < teacher["probe"]["0.2500"][0]["mass_outside"]
 
@@ -106,6 +107,7 @@ def test_proj_l_gradients_sla_rows_only(toy_run):
         assert all(w == [] for _, w in rows[f"toy/full/seed{seed}"]["proj_l_grad_norm"])
         sla = rows[f"toy/sla_25/seed{seed}"]
         assert len(sla["linear_over_sparse"]) == 2 and all(r > 0 for r in sla["linear_over_sparse"])
+        assert len(sla["proj_l_weight_rms"]) == 2 and all(r > 0 for r in sla["proj_l_weight_rms"])
         assert math.isfinite(sla["val_loss_without_linear"])
         # before tuning, SLA (proj_l = 0) and sparse-only compute the same function
         assert sla["curve"][0][1] == pytest.approx(rows[f"toy/sparse_25/seed{seed}"]["curve"][0][1], rel=1e-5)
@@ -128,7 +130,7 @@ def test_report_renders(quality, toy_run):
     for name in ("teacher", "sla_25_untuned", "sla_25_lsfit_untuned", "full", "sla_25", "sparse_50", "linear_only",
                  "sla_25+lsfit"):
         assert f"| {name} (" in table, name
-    assert "± " in table and "Diagnostics per layer" in table
+    assert "± " in table and "Teacher probe per layer" in table and "| sla_25+lsfit | " in table
     assert "Rows tagged +lsfit: objective distill, proj_l_init lsfit." in table
     for name in ("quality_loss.png", "quality_samples_toy.png"):
         assert (figures / name).read_bytes()[:4] == b"\x89PNG", name
