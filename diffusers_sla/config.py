@@ -21,7 +21,7 @@ from typing import Any
 
 ALLOWED_BLOCK_SIZES = (32, 64, 128)
 ALLOWED_FEATURE_MAPS = ("softmax", "elu", "relu")
-ALLOWED_LINEAR_SCOPES = ("rest", "all")
+ALLOWED_LINEAR_SCOPES = ("rest", "all", "none")
 ALLOWED_ROUTES = ("sla", "dense")
 
 # Fields that change what the operator computes; the rest only decide which calls use it.
@@ -48,6 +48,8 @@ class SLAConfig:
         linear_scope (`str`, *optional*, defaults to `"rest"`):
             `"rest"`: the linear branch covers the key blocks not selected for the sparse branch (the paper's design).
             `"all"`: the linear branch covers every key block (the reference implementation's main branch).
+            `"none"`: no linear branch: the output is the sparse part alone (exact softmax over the selected blocks),
+            `proj_l` is neither read nor given a gradient. For sparse-only baselines and ablations.
         cross_attention (`str`, *optional*, defaults to `"dense"`):
             Route for cross-attention calls (keys from another sequence than the queries, e.g. text): `"dense"` keeps
             the model's own attention, `"sla"` uses SLA.
@@ -65,7 +67,8 @@ class SLAConfig:
     feature_map: str = field(default="softmax", metadata={"help": "Linear-branch feature map: softmax, elu or relu."})
     tie_feature_map_qk: bool = field(default=True, metadata={"help": "Same feature map for queries and keys."})
     linear_scope: str = field(
-        default="rest", metadata={"help": "Key blocks of the linear branch: 'rest' (not selected) or 'all'."}
+        default="rest",
+        metadata={"help": "Key blocks of the linear branch: 'rest' (not selected), 'all', or 'none' (sparse only)."},
     )
     cross_attention: str = field(default="dense", metadata={"help": "Route for cross-attention: 'dense' or 'sla'."})
     masked_attention: str = field(

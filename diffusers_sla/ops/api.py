@@ -6,7 +6,7 @@ Backends are plain functions with the signature of `reference.sla_reference`:
     fn(q, k, v, proj_weight, proj_bias, *, topk, blkq, blkk, feature_map, linear_scope, scale) -> o
 
 They see dense (B, H, L, D) tensors of one dtype; input checks, key padding masks and the missing-projection default
-are handled here, once, for all of them.
+are handled here, once, for all of them. With `linear_scope="none"` the projection may be None: backends never read it.
 """
 
 from __future__ import annotations
@@ -147,8 +147,9 @@ def sparse_linear_attention(
         k (`torch.Tensor`): keys, (batch, heads, Lk, head_dim). Lk may differ from Lq (cross or joint attention).
         v (`torch.Tensor`): values, (batch, heads, Lk, head_dim).
         proj_weight (`torch.Tensor`, *optional*): (head_dim, head_dim) weight of the linear branch's projection
-            (`proj_l`); None means the identity.
-        proj_bias (`torch.Tensor`, *optional*): (head_dim,) bias of that projection; None means zero.
+            (`proj_l`); None means the identity. Not read with `linear_scope="none"` (no gradient reaches it).
+        proj_bias (`torch.Tensor`, *optional*): (head_dim,) bias of that projection; None means zero. Not read with
+            `linear_scope="none"`.
         config (`SLAConfig`, `dict` or JSON, *optional*): operator settings; keyword overrides such as `topk=0.1` win.
         scale (`float`, *optional*): softmax scale, `head_dim ** -0.5` when None.
         key_padding_mask (`torch.Tensor`, *optional*): (batch, Lk) bool, True for keys to attend to. Masked keys take
@@ -163,10 +164,11 @@ def sparse_linear_attention(
     _check_qkv(q, k, v)
     head_dim = q.shape[-1]
     _check_projection(proj_weight, proj_bias, head_dim)
-    if proj_weight is None:
-        proj_weight = torch.eye(head_dim, device=q.device, dtype=torch.float32)
-    if proj_bias is None:
-        proj_bias = torch.zeros(head_dim, device=q.device, dtype=proj_weight.dtype)
+    if cfg.linear_scope != "none":  # "none": the backends read no projection, None stays None
+        if proj_weight is None:
+            proj_weight = torch.eye(head_dim, device=q.device, dtype=torch.float32)
+        if proj_bias is None:
+            proj_bias = torch.zeros(head_dim, device=q.device, dtype=proj_weight.dtype)
     with _autocast_disabled(q.device):
         return _run(_load_backend(resolve_backend(backend, q.device)), q, k, v, proj_weight, proj_bias, cfg, scale,
                     key_padding_mask)
@@ -201,8 +203,10 @@ def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask):
     for b in range(q.shape[0]):
         keep = key_padding_mask[b].nonzero().squeeze(-1)
         if keep.numel() == 0:
-            # No key to attend to: SDPA would return NaN; we return what an empty key set gives the linear branch.
-            outputs.append(torch.zeros_like(q[b : b + 1]) + proj_bias.to(q.dtype))
+            # No key to attend to: SDPA would return NaN; we return what an empty key set gives the linear branch
+            # (proj_l's bias; zero without a linear branch).
+            empty = torch.zeros_like(q[b : b + 1])
+            outputs.append(empty if cfg.linear_scope == "none" else empty + proj_bias.to(q.dtype))
             continue
         kb, vb = k[b : b + 1, :, keep], v[b : b + 1, :, keep]
         outputs.append(fn(q[b : b + 1], kb, vb, proj_weight, proj_bias, **kwargs))

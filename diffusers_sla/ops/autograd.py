@@ -2,7 +2,8 @@
 """`sla_triton`: the Triton SLA backend (registered as "triton" in `ops/api.py`), with its autograd Function.
 
 Same contract as `reference.sla_reference`: same block selection (`selection.select_blocks`), linear denominator
-`+ LINEAR_EPS`, proj_l in float32, output in q's dtype, gradients for q, k, v, proj_weight and proj_bias.
+`+ LINEAR_EPS`, proj_l in float32, output in q's dtype, gradients for q, k, v, proj_weight and proj_bias (none for
+proj_l with `linear_scope="none"`: the kernels then get empty stand-ins, never proj_l itself).
 
 Precision policy for float32 (and float64) inputs, set with `set_fp32_compute` or the environment variable
 `DIFFUSERS_SLA_TRITON_FP32` (read at import):
@@ -28,6 +29,7 @@ import os
 
 import torch
 
+from ..config import ALLOWED_LINEAR_SCOPES
 from . import custom_ops
 from .reference import sla_reference
 from .selection import select_blocks
@@ -92,6 +94,8 @@ class _SLATriton(torch.autograd.Function):
         q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
         dq, dk, dv, dw, db = custom_ops.backward(
             do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *ctx.args)
+        if ctx.args[2] == "none":  # no projection in the operator: its stand-ins get no gradient
+            dw = db = None
         return dq, dk, dv, dw, db, None, None, None, None, None, None, None, None
 
 
@@ -101,8 +105,8 @@ def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
             raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCKS)} for backend='triton', got {value!r}.")
     if feature_map not in ("softmax", "elu", "relu"):
         raise ValueError(f"`feature_map` must be one of ['softmax', 'elu', 'relu'], got {feature_map!r}.")
-    if linear_scope not in ("rest", "all"):
-        raise ValueError(f"`linear_scope` must be one of ['rest', 'all'], got {linear_scope!r}.")
+    if linear_scope not in ALLOWED_LINEAR_SCOPES:
+        raise ValueError(f"`linear_scope` must be one of {list(ALLOWED_LINEAR_SCOPES)}, got {linear_scope!r}.")
     if isinstance(topk, bool) or not isinstance(topk, (int, float)) or not 0.0 < topk <= 1.0:
         raise ValueError(f"`topk` must be a number in (0, 1], got {topk!r}.")
     if q.ndim != 4:
@@ -122,8 +126,12 @@ def _run(q, k, v, proj_weight, proj_bias, lut, selection, *, blkq, blkk, feature
         scale = q.shape[-1] ** -0.5
     compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
-    w = proj_weight.to(torch.float32).contiguous()
-    b = proj_bias.to(torch.float32).contiguous()
+    if linear_scope == "none":
+        # proj_l stays out of the graph (no gradient, None allowed); the ops' schema takes tensors: empty ones
+        w, b = qc.new_empty(0, dtype=torch.float32), qc.new_empty(0, dtype=torch.float32)
+    else:
+        w = proj_weight.to(torch.float32).contiguous()
+        b = proj_bias.to(torch.float32).contiguous()
     o = _SLATriton.apply(qc, kc, vc, w, b, lut, float(scale), feature_map, linear_scope, blkq, blkk,
                          dot_precision, selection)
     return o.to(q.dtype)

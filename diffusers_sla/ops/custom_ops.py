@@ -100,8 +100,9 @@ def _block_d(head_dim: int) -> int:
 
 
 def _has_linear(linear_scope: str, kept: int, n_kblk: int) -> bool:
-    # "rest" with every key block selected leaves the linear branch empty: o_l = 0 exactly (reference: 0 / eps).
-    return not (linear_scope == "rest" and kept == n_kblk)
+    # "rest" with every key block selected leaves the linear branch empty: o_l = 0 exactly (reference: 0 / eps);
+    # "none" has none at all
+    return linear_scope != "none" and not (linear_scope == "rest" and kept == n_kblk)
 
 
 class _Geometry(NamedTuple):
@@ -118,6 +119,7 @@ class _Geometry(NamedTuple):
     block_d: int
     rest: bool
     has_linear: bool
+    proj: bool  # proj_l is part of the operator (scope "rest" or "all"): its bias is added even to an empty o_l
 
 
 def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor | None, blkq: int, blkk: int,
@@ -128,7 +130,7 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor | None, blkq: 
     n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
     kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk)
     return _Geometry(B, H, Lq, Lk, D, n_qblk, n_kblk, kept, _block_d(D), linear_scope == "rest",
-                     _has_linear(linear_scope, kept, n_kblk))
+                     _has_linear(linear_scope, kept, n_kblk), linear_scope != "none")
 
 
 KERNEL_CHOICES = ("auto", "portable", "hopper")
@@ -434,6 +436,9 @@ class _LinearState(NamedTuple):
 
 
 def _linear_state_of(kd, vd, g: _Geometry, blkk, feature_map, dot_precision) -> _LinearState:
+    if not g.has_linear:  # no kernel reads a linear state ("none"; "rest" with every block selected): skip the pass
+        ht, zt, hb, zkb = (kd.new_empty(0, dtype=torch.float32) for _ in range(4))  # distinct: ht, zt are op outputs
+        return _LinearState(ht, zt, hb, zkb, None)
     ht, zt, hb, zkb = _linear_totals(kd, vd, blkk, g.block_d, feature_map, dot_precision,
                                      store_blocks=g.rest and g.has_linear)
     if g.rest and g.has_linear:  # zt holds Z's per-split partials, read by `_rest_weights` only
@@ -445,7 +450,7 @@ def _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: _LinearState, g: 
             blkq, blkk, store_bwd, dot_precision, rest_weights=None):
     """The forward after the linear state: R_i, z_i ("rest"), then the attention kernel. -> `_sla_fwd`'s outputs.
     rest_weights: ("rest") the 0/1 matrix and z_i when the top-k already made them (`top_blocks_and_rest`)."""
-    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
+    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear, proj = g
     ht, zt, hb, zkb, z_parts = state
     o = _empty_like_input(q)
     lse = _empty(B, H, Lq, device=q.device, dtype=torch.float32)
@@ -468,7 +473,8 @@ def _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: _LinearState, g: 
         if not _tma_addressable(o):  # the output leaves by TMA: q's layout when it can, else contiguous
             o = _empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
         gluon_fwd.launch(qd, kd, vd, lut, o, lse, den, o_l, r_in, z_in, proj_weight, proj_bias, scale, n_qblk, kept,
-                         block_d, blkq, blkk, rest, has_linear, FEATURE_MAPS[feature_map], store_bwd, LINEAR_EPS)
+                         block_d, blkq, blkk, rest, has_linear, FEATURE_MAPS[feature_map], store_bwd, LINEAR_EPS,
+                         has_proj=proj)
         return o, lse, den, o_l, rb, zb, ht, zt
     rows = _rows(blkq, "FWD", blkq)
     _attn_fwd[(n_qblk * (blkq // rows), B * H)](
@@ -476,7 +482,7 @@ def _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: _LinearState, g: 
         *_strides(qd), *_strides(kd), *_strides(vd), *_strides(o),
         scale, H, Lq, Lk, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows,
-        REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
+        REST=rest, HAS_LINEAR=has_linear, HAS_PROJ=proj, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
         DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision), EPS=LINEAR_EPS,
         FOLD_SCALE=scale > 0,
     )
@@ -492,8 +498,8 @@ def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, bl
     B, H, Lq, block_d, has_linear = g.B, g.H, g.Lq, g.block_d, g.has_linear
     s_den, s_ol, s_rb, s_zb = _side_shapes(q, g.n_qblk, block_d, store_bwd, g.rest, has_linear)
     f32 = dict(device=q.device, dtype=torch.float32)
-    # "rest" with a linear branch reads R_i, z_i, not the totals: those come back empty
-    totals = linear_scope != "rest" or not has_linear
+    # only "all" with a linear branch keeps the totals ("rest" reads R_i, z_i; no linear branch: no state at all)
+    totals = linear_scope == "all" and has_linear
     return (torch.empty_like(q), torch.empty(B, H, Lq, **f32), torch.empty(s_den, **f32), q.new_empty(s_ol),
             q.new_empty(s_rb), torch.empty(s_zb, **f32),
             torch.empty((B, H, block_d, block_d) if totals else (0,), **f32),
@@ -520,9 +526,10 @@ def _sla_bwd(
     rb: torch.Tensor, zb: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor, lut: torch.Tensor, scale: float,
     feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dk, dv (in q's dtype, contiguous), d proj_weight (D, D) and d proj_bias (D,) in float32."""
+    """-> dq, dk, dv (in q's dtype, contiguous), d proj_weight (D, D) and d proj_bias (D,) in float32 (both empty
+    for scope "none", whose operator has no proj_l)."""
     g = _geometry(q, k, lut, blkq, blkk, linear_scope)
-    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear = g
+    B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear, proj = g
     fm = FEATURE_MAPS[feature_map]
     dev = q.device
     warps = 4 if block_d <= 64 and blkq <= 64 else 8
@@ -540,7 +547,7 @@ def _sla_bwd(
     _attn_bwd_preprocess[(n_qblk, B * H)](
         o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb,
         *_strides(o), *_strides(do), *_strides(q), H, Lq, n_qblk,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, FEATURE_MAP=fm,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, HAS_PROJ=proj, FEATURE_MAP=fm,
         DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision),
         num_warps=16 if block_d * blkq >= 128 * 128 else warps, num_stages=1,  # 16: -10% on the H100 (NOTES v4)
     )
@@ -570,8 +577,11 @@ def _sla_bwd(
             dzt = dzb.view(B * H, n_qblk, block_d).sum(1)
             dhb, dzbk = drb, dzb  # unused
     else:
-        dw = torch.zeros(D, D, device=dev, dtype=torch.float32)
-        db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
+        if proj:  # an empty linear branch: proj_l's bias still reaches the output
+            dw = torch.zeros(D, D, device=dev, dtype=torch.float32)
+            db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
+        else:
+            dw, db = delta.new_empty(0), delta.new_empty(0)
         dht, dzt, dhb, dzbk = ht, zt, drb, dzb  # unused
 
     # -- dK, dV over the column LUT, dQ over the LUT: two launches (Gluon kernels on Hopper) ----
@@ -616,8 +626,9 @@ def _(do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut
       blkq, blkk, dot_precision):
     D = q.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
-    return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape), torch.empty(D, D, **f32),
-            torch.empty(D, **f32))
+    proj = linear_scope != "none"
+    return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape),
+            torch.empty((D, D) if proj else (0,), **f32), torch.empty((D,) if proj else (0,), **f32))
 
 
 def _eager_or_op(op, impl):

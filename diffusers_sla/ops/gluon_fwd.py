@@ -203,7 +203,7 @@ if GLUON_AVAILABLE:
                          BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
                          HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, STORE_BWD: gl.constexpr,
                          EPS: gl.constexpr, FOLD_SCALE: gl.constexpr, TIMELINE: gl.constexpr,
-                         num_warps: gl.constexpr):
+                         HAS_PROJ: gl.constexpr, num_warps: gl.constexpr):
         # Arguments as `_attn_fwd`, except that q, k, v and out come as host-built 4-D (B, H, L, D) tensor
         # descriptors (`launch`) and the linear state as desc_r, over BLOCK_D x BLOCK_D tiles in the input dtype, one
         # per query block for "rest" (R_i), one per head for "all" (the total H), with ZB the matching z vectors
@@ -338,8 +338,9 @@ if GLUON_AVAILABLE:
                 o_l_ep = gl.convert_layout(o_l.to(dtype), ep_layout)
                 gl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l_ep,
                          mask=m_ok[:, None] & d_ok[None, :])
-        offs_do = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
-        acc += gl.load(Bias + offs_do, mask=offs_do < HEAD_DIM, other=0.0)[None, :]
+        if HAS_PROJ:  # off for scope "none" (the sparse part alone): neither W nor the bias is read
+            offs_do = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
+            acc += gl.load(Bias + offs_do, mask=offs_do < HEAD_DIM, other=0.0)[None, :]
         # the output tile leaves through q's shared memory (no longer read) and TMA, which clips rows past N_CTX_Q
         # and columns past HEAD_DIM
         gl.thread_barrier()
@@ -391,22 +392,26 @@ def launch_grid(n_qblk: int, blkq: int, blkk: int, batch_heads: int) -> tuple[in
 
 def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, scale: float, n_qblk: int, kept: int,
            block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int, store_bwd: bool,
-           eps: float, timeline=None):
+           eps: float, timeline=None, has_proj: bool = True):
     """Runs `_attn_fwd_hopper` (the caller checked `supports`). q, k, v, o: (B, H, L, D) with unit inner stride and
     16-byte aligned rows (`custom_ops._tma_ready`); r_tiles: (n, block_d, block_d) in q's dtype, one tile per query
     block ("rest") or per head ("all"), z the matching float32 vectors; other arguments as `_attn_fwd`.
     timeline (profiling, `benchmarks/fwd_timeline.py`): an int64 (programs, 8) tensor each program fills (`_timeline`).
+    has_proj False (scope "none"): no bias is added, and proj_weight / proj_bias may be empty (never read).
     """
     B, H, Lq, D = q.shape
     rows, warps, stages = LAUNCH[blkk]
     r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
+    # without a linear branch nothing reads W, but its descriptor needs a real float32 tile (scope "none" passes an
+    # empty proj_weight); proj_bias is float32 like every proj_l tensor here
+    w2d = proj_weight if has_linear else proj_bias.new_empty(block_d, block_d)
     _attn_fwd_hopper_launcher[launch_grid(n_qblk, blkq, blkk, B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
-        _descriptor(r2d, [block_d, block_d]), _descriptor(proj_weight, [block_d, block_d], 32),
+        _descriptor(r2d, [block_d, block_d]), _descriptor(w2d, [block_d, block_d], 32),
         lut, lse, den, o_l, z, proj_bias, lse if timeline is None else timeline,  # TL: unread without a timeline
         scale, H, Lq, k.shape[2], n_qblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, STORE_BWD=store_bwd, EPS=eps, FOLD_SCALE=scale > 0,
-        TIMELINE=timeline is not None, num_warps=warps,
+        TIMELINE=timeline is not None, HAS_PROJ=has_proj, num_warps=warps,
     )

@@ -10,6 +10,8 @@ For query block i with selected key blocks S_i (see `selection.py`):
     o_linear[i] = phi(q_i) R_i / (phi(q_i) . z_i + eps)
     o[i]        = o_sparse[i] + o_linear[i] W^T + b                               W, b: the float32 `proj_l`
 
+Scope "none" has no linear branch: o[i] = o_sparse[i], and W, b are not read (they get no gradient).
+
 Everything is computed in float32 (float64 for float64 inputs) and the result is cast back to the input dtype.
 Memory stays bounded: exact attention runs over chunks of query blocks, only on their selected key blocks, and under
 autograd each chunk is recomputed in backward (activation checkpointing) instead of keeping its scores.
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..config import ALLOWED_LINEAR_SCOPES
 from .selection import num_blocks, select_blocks
 
 # Added to the linear branch's denominator, as in the reference's main branch: keeps rows whose features are all
@@ -108,8 +111,8 @@ def linear_attention_reference(q, k, v, lut, blkq, blkk, feature_map, linear_sco
         weights.scatter_(-1, lut.long(), 0.0)
     elif linear_scope == "all":
         weights = torch.ones(B, H, n_q, n_k, dtype=q.dtype, device=q.device)
-    else:
-        raise ValueError(f"`linear_scope` must be one of ['rest', 'all'], got {linear_scope!r}.")
+    else:  # "none" has no linear branch: `sla_reference` does not call this
+        raise ValueError(f"`linear_scope` of a linear branch must be one of ['rest', 'all'], got {linear_scope!r}.")
     kv = (weights @ kv_per_block.flatten(-2)).view(B, H, n_q, D, D)
     k_sum = (weights @ k_sum_per_block).view(B, H, n_q, 1, D)
 
@@ -137,7 +140,10 @@ def sla_reference(
 ) -> torch.Tensor:
     """The whole SLA operator: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
 
-    `lut` (B, H, n_q, kept), when given, replaces block selection (tests and kernels use it to share one map)."""
+    `lut` (B, H, n_q, kept), when given, replaces block selection (tests and kernels use it to share one map).
+    `linear_scope="none"`: the sparse part alone; proj_weight and proj_bias are not read."""
+    if linear_scope not in ALLOWED_LINEAR_SCOPES:
+        raise ValueError(f"`linear_scope` must be one of {list(ALLOWED_LINEAR_SCOPES)}, got {linear_scope!r}.")
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -146,6 +152,8 @@ def sla_reference(
 
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
     o_sparse = sparse_attention_reference(qc, kc, vc, lut, blkq, blkk, scale)
+    if linear_scope == "none":
+        return o_sparse.to(q.dtype)
     o_linear = linear_attention_reference(qc, kc, vc, lut, blkq, blkk, feature_map, linear_scope)
     o_linear = F.linear(o_linear, proj_weight.to(compute_dtype), proj_bias.to(compute_dtype))
     return (o_sparse + o_linear).to(q.dtype)

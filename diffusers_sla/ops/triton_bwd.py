@@ -31,7 +31,7 @@ def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
                          H, N_CTX_Q, N_QBLK,  #
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,  #
                          HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                         PROJ_PREC: tl.constexpr):
+                         PROJ_PREC: tl.constexpr, HAS_PROJ: tl.constexpr):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -46,8 +46,9 @@ def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
     do_in = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh +
                     offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
     do = do_in.to(tl.float32)
-    bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
-    delta = tl.sum(do * (o - bias[None, :]), 1)
+    if HAS_PROJ:  # o holds proj_l's bias; scope "none" (no proj_l) reads neither W nor the bias
+        o -= tl.load(Bias + offs_k, mask=d_ok, other=0.0)[None, :]
+    delta = tl.sum(do * o, 1)
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
     if HAS_LINEAR:
         ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)

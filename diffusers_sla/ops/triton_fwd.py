@@ -390,7 +390,7 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               SPLIT: tl.constexpr, REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr,
               STORE_BWD: tl.constexpr, DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr,
-              FOLD_SCALE: tl.constexpr):
+              FOLD_SCALE: tl.constexpr, HAS_PROJ: tl.constexpr):
     # BLOCK_M rows per program: a query block of SPLIT * BLOCK_M rows runs as SPLIT programs that share its LUT row
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -430,7 +430,8 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
 
     # -- linear branch: phi(q) R / (phi(q) . z + eps), then proj_l in float32 ----
     w_mask = d_ok[:, None] & d_ok[None, :]
-    bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
+    if HAS_PROJ:  # off for scope "none" (the sparse part alone): neither W nor the bias is read
+        bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
     if HAS_LINEAR:
         dd_offs = offs_k[:, None] * BLOCK_D + offs_k[None, :]
         if REST:  # R_i, z_i of this query block (custom_ops.sla_fwd, from the per-key-block states)
@@ -449,7 +450,8 @@ def _attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
         if STORE_BWD:
             tl.store(Den + row, den, mask=m_ok)
             tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
-    acc += bias[None, :]
+    if HAS_PROJ:
+        acc += bias[None, :]
     O_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + \
         offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
     tl.store(O_ptrs, acc.to(Out.dtype.element_ty), mask=q_mask)
