@@ -22,6 +22,11 @@ class SparseLinearAttention(nn.Module):
     `proj_l` is an `nn.Linear(head_dim, head_dim)` initialised to zero, so a freshly installed SLA layer adds nothing
     to the sparse branch until it is trained. It stays float32 whatever dtype the model is moved to: mixed-precision
     training keeps its small updates (see `_apply`).
+
+    With `linear_scope="none"` the layer keeps `proj_l` (a sidecar still loads into it, and a layer switched back to
+    "rest" or "all" finds its trained weights unchanged) but never reads it: its `.grad` stays None, so optimizers
+    leave it untouched (weight decay included). Its `requires_grad` is left as the user set it; DDP needs
+    `find_unused_parameters=True` or `proj_l.requires_grad_(False)` for a parameter that gets no gradient.
     """
 
     # Parameters that belong to SLA (what `sla_attention.safetensors` stores for each layer).

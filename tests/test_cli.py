@@ -53,6 +53,17 @@ def test_inspect_prints_config_layers_and_norms(saved_wan_transformer, capsys):
     assert f"{0.5 * 32 ** 0.5:.4g}" in out  # |b| of a bias filled with 0.5
 
 
+def test_inspect_shows_the_sparse_only_scope(tmp_path, capsys):
+    from diffusers_sla import enable_sla
+
+    transformer = build_tiny_pipeline("wan").transformer
+    enable_sla(transformer, linear_scope="none")
+    transformer.save_pretrained(tmp_path / "model")
+    assert main(["inspect", str(tmp_path / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "linear_scope: none" in out and "layers: 2" in out
+
+
 def test_inspect_missing_file_fails_clearly(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     assert "no sla_attention.safetensors" in capsys.readouterr().err

@@ -35,6 +35,16 @@ def test_round_trip(tmp_path, source):
     assert loaded == original
 
 
+@pytest.mark.parametrize("scope", ["rest", "all", "none", "NONE"])
+def test_every_linear_scope_round_trips(tmp_path, scope):
+    cfg = SLAConfig(linear_scope=scope)
+    assert cfg.linear_scope == scope.lower() and cfg.operator_dict()["linear_scope"] == scope.lower()
+    cfg.save_pretrained(tmp_path / "sla_config.json")
+    assert SLAConfig.coerce(str(tmp_path / "sla_config.json")) == cfg == SLAConfig.from_json(cfg.to_json())
+    if scope != "rest":  # an operator field: a file saved with another scope differs from the default
+        assert SLAConfig().operator_differences(cfg) == {"linear_scope": ("rest", scope.lower())}
+
+
 def test_overrides_win_and_are_validated():
     assert SLAConfig.coerce({"topk": 0.3}, topk=0.5).topk == 0.5
     with pytest.raises(ValueError, match="`blkk` must be one of \\[32, 64, 128\\], got 48"):
@@ -50,7 +60,7 @@ def test_overrides_win_and_are_validated():
         ({"blkq": 96}, "`blkq` must be one of \\[32, 64, 128\\], got 96"),
         ({"blkk": True}, "`blkk` must be one of"),
         ({"feature_map": "hedgehog"}, "`feature_map` must be one of \\['softmax', 'elu', 'relu'\\], got 'hedgehog'"),
-        ({"linear_scope": "none"}, "`linear_scope` must be one of \\['rest', 'all'\\]"),
+        ({"linear_scope": "sparse"}, "`linear_scope` must be one of \\['rest', 'all', 'none'\\], got 'sparse'"),
         ({"cross_attention": "maybe"}, "`cross_attention` must be one of \\['sla', 'dense'\\]"),
         ({"masked_attention": 1}, "`masked_attention` must be one of"),
         ({"tie_feature_map_qk": "yes"}, "`tie_feature_map_qk` must be true or false"),

@@ -58,3 +58,24 @@ def test_bad_arguments():
         SparseLinearAttention(64, blkq=16)
     with pytest.raises(ValueError, match="built for head_dim=64"):
         SparseLinearAttention(64)(*(torch.randn(1, 1, 10, 32) for _ in range(3)))
+
+
+def test_scope_none_keeps_proj_l_but_never_reads_it():
+    attn = SparseLinearAttention(16, blkq=32, blkk=32, topk=0.5, linear_scope="none")
+    with torch.no_grad():
+        attn.proj_l.weight.normal_()
+        attn.proj_l.bias.normal_()
+    # still a parameter (sidecars load into it, a switch back to "rest" serves it), trainable as the user set it
+    assert set(attn.state_dict()) == {"proj_l.weight", "proj_l.bias"} and attn.proj_l.weight.requires_grad
+    q, k, v = (torch.randn(1, 2, 90, 16, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v)
+    expected = sla_reference(q, k, v, None, None, topk=0.5, blkq=32, blkk=32, feature_map="softmax",
+                             linear_scope="none")
+    assert torch.equal(out, expected)
+    out.square().sum().backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v))
+    assert attn.proj_l.weight.grad is None and attn.proj_l.bias.grad is None
+    optimizer = torch.optim.AdamW(attn.parameters(), lr=0.1, weight_decay=0.1)
+    before = attn.proj_l.weight.clone()
+    optimizer.step()  # no gradient: AdamW leaves it alone, weight decay included
+    assert torch.equal(attn.proj_l.weight, before)

@@ -102,3 +102,31 @@ def test_enclosing_autocast_does_not_recast_the_operator():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = sparse_linear_attention(q, k, v, weight, bias, blkq=32, blkk=32)
     assert inside.dtype == torch.bfloat16 and torch.equal(inside, plain)
+
+
+def test_scope_none_is_the_sparse_part_without_any_projection():
+    q, k, v = make(seed=9)
+    q.requires_grad_(True)
+    weight, bias = (torch.randn(32, 32) / 6).requires_grad_(True), torch.randn(32).requires_grad_(True)
+    out = sparse_linear_attention(q, k, v, weight, bias, blkq=32, blkk=32, topk=0.3, linear_scope="none")
+    # no projection needed, and the given one is not read: the same output, and no gradient reaches it
+    assert torch.equal(out, sparse_linear_attention(q, k, v, blkq=32, blkk=32, topk=0.3, linear_scope="none"))
+    rest_zero = sparse_linear_attention(q, k, v, torch.zeros(32, 32), torch.zeros(32), blkq=32, blkk=32, topk=0.3)
+    assert torch.equal(out, rest_zero)
+    assert rel_err(out, sparse_linear_attention(q, k, v, weight, bias, blkq=32, blkk=32, topk=0.3)) > 1e-2
+    out.square().sum().backward()
+    assert weight.grad is None and bias.grad is None and q.grad is not None
+    with pytest.raises(ValueError, match="`proj_weight` must have shape \\(32, 32\\)"):  # a wrong one still fails
+        sparse_linear_attention(q, k, v, torch.zeros(16, 16), linear_scope="none")
+
+
+def test_scope_none_fully_masked_sample_gives_zeros_not_the_bias():
+    q, k, v = make(B=2, Lq=64, Lk=64, seed=6)
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    keep[1] = False
+    bias = torch.randn(32)
+    out = sparse_linear_attention(q, k, v, torch.eye(32), bias, key_padding_mask=keep, blkq=32, blkk=32,
+                                  linear_scope="none")
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0
+    expected = sparse_linear_attention(q[:1], k[:1], v[:1], blkq=32, blkk=32, linear_scope="none")
+    assert torch.equal(out[:1], expected)

@@ -424,6 +424,38 @@ def test_enable_sla_again_keeps_trained_weights_and_updates_config():
         assert torch.equal(layer.proj_l.weight, before[path]) and layer.config.topk == 0.5
 
 
+def test_linear_scope_none_runs_the_sparse_part_alone_and_switching_back_keeps_proj_l():
+    """A model switched to `linear_scope="none"` computes what "rest" computes with every proj_l at zero (the
+    sparse part alone), gives proj_l no gradient, leaves it as it was, and a switch back to "rest" serves the trained
+    proj_l again."""
+    model, make_inputs = build_tiny_model("wan")
+    inputs = make_inputs(seed=9)
+    enable_sla(model, topk=0.2, **TEST_SLA_OVERRIDES)
+    _randomize_proj_l(model)
+    trained = _run(model, inputs)
+    before = {path: [p.clone() for p in layer.proj_l.parameters()] for path, _, layer in iter_sla_layers(model)}
+    enable_sla(model, topk=0.2, linear_scope="none", **TEST_SLA_OVERRIDES)
+    sparse_only = forward_output(model, inputs)
+    sparse_only.square().mean().backward()
+    for path, _, layer in iter_sla_layers(model):
+        assert layer.config.linear_scope == "none" and "linear_scope='none'" in repr(layer)
+        assert all(p.grad is None for p in layer.proj_l.parameters()), path
+        assert all(torch.equal(p, b) for p, b in zip(layer.proj_l.parameters(), before[path]))
+    assert any(p.grad is not None for name, p in model.named_parameters() if ".sla." not in name)
+    assert _max_diff(sparse_only, trained) > 1e-3
+    with torch.no_grad():
+        for _, _, layer in iter_sla_layers(model):
+            for p in layer.proj_l.parameters():
+                p.zero_()
+    enable_sla(model, topk=0.2, **TEST_SLA_OVERRIDES)
+    assert torch.equal(_run(model, inputs), sparse_only.detach())  # "rest" with proj_l at exact zero
+    with torch.no_grad():
+        for path, _, layer in iter_sla_layers(model):
+            for p, b in zip(layer.proj_l.parameters(), before[path]):
+                p.copy_(b)
+    assert torch.equal(_run(model, inputs), trained)
+
+
 def test_disable_then_enable_with_removed_layers_keeps_weights():
     model, make_inputs = build_tiny_model("sd3")
     inputs = make_inputs(seed=8)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_sla.ops.reference import LINEAR_EPS, apply_feature_map, sla_reference
+from diffusers_sla.ops.reference import LINEAR_EPS, apply_feature_map, linear_attention_reference, sla_reference
 from diffusers_sla.ops.selection import (lut_to_block_map, mean_pool_blocks, num_kept_blocks, select_blocks,
                                         top_blocks)
 
@@ -179,6 +179,97 @@ def test_gradients_match_dense_restatement(feature_map):
     expected.backward(grad_out)
     for ours, theirs in zip(leaves, twins):
         assert rel_err(ours.grad, theirs.grad) < 1e-10
+
+
+# ----- linear_scope="none": the sparse part alone -------------------------------------------------------------------
+
+
+def masked_block_sparse_attention(q, k, v, block_map, blkq, blkk, scale):
+    """Softmax attention in float64 over full (Lq, Lk) score matrices, each query token's keys limited to the key
+    blocks its query block selected (normalised over those keys alone): no linear branch, no projection."""
+    q, k, v = (x.double() for x in (q, k, v))
+    rows = torch.arange(q.shape[2]) // blkq
+    cols = torch.arange(k.shape[2]) // blkk
+    allowed = block_map[:, :, rows][:, :, :, cols]  # (B, H, Lq, Lk) bool
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize(
+    "B, H, Lq, Lk, D, blkq, blkk, topk",
+    [
+        (1, 2, 129, 129, 64, 32, 32, 0.3),  # odd L, partial last block
+        (2, 1, 100, 257, 72, 64, 32, 0.25),  # Lq != Lk, D not a power of two
+        (1, 1, 64, 300, 64, 32, 128, 0.2),
+    ],
+)
+def test_scope_none_is_masked_block_sparse_softmax(B, H, Lq, Lk, D, blkq, blkk, topk):
+    q, k, v, weight, bias = random_inputs(B, H, Lq, Lk, D, seed=Lq + Lk)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, weight, bias)]
+    twins = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    scale = 0.7 * D**-0.5
+    lut = select_blocks(q, k, topk, blkq, blkk)
+    out = sla_reference(*leaves, topk=topk, blkq=blkq, blkk=blkk, feature_map="softmax", linear_scope="none",
+                        scale=scale)
+    expected = masked_block_sparse_attention(*twins, lut_to_block_map(lut, -(-Lk // blkk)), blkq, blkk, scale)
+    assert out.dtype == torch.float64 and rel_err(out, expected) < 1e-10
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for ours, theirs in zip(leaves, twins):
+        assert rel_err(ours.grad, theirs.grad) < 1e-10
+    assert leaves[3].grad is None and leaves[4].grad is None  # proj_l is not part of this operator
+
+
+def test_scope_none_needs_no_projection_and_ignores_a_given_one():
+    q, k, v, weight, bias = random_inputs(1, 2, 150, 190, 32, seed=11)
+    kwargs = dict(topk=0.3, blkq=64, blkk=64, feature_map="elu", linear_scope="none")
+    out = sla_reference(q, k, v, None, None, **kwargs)
+    assert torch.equal(out, sla_reference(q, k, v, weight, bias, **kwargs))
+    assert torch.equal(out, sla_reference(q, k, v, weight * 0 + float("nan"), bias, **kwargs))  # never read
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scope_none_equals_rest_with_a_zero_projection(dtype):
+    q, k, v, *_ = random_inputs(2, 2, 200, 170, 32, dtype=dtype, seed=13)
+    zero_w, zero_b = torch.zeros(32, 32, dtype=dtype), torch.zeros(32, dtype=dtype)
+    kwargs = dict(topk=0.25, blkq=32, blkk=64, feature_map="softmax")
+    rest = sla_reference(q, k, v, zero_w, zero_b, linear_scope="rest", **kwargs)
+    none = sla_reference(q, k, v, None, None, linear_scope="none", **kwargs)
+    assert torch.equal(none, rest)
+    # and not the "rest" operator once proj_l is non-zero: the test above would pass for an operator ignoring W
+    assert rel_err(none, sla_reference(q, k, v, torch.eye(32, dtype=dtype), zero_b, linear_scope="rest",
+                                       **kwargs)) > 1e-2
+
+
+@require_golden
+@pytest.mark.parametrize("case", sorted(golden_cases()) or ["<no golden files>"])
+def test_scope_none_matches_the_sparse_part_of_golden(case):
+    """The golden files hold o = sparse + proj_l(linear) and its gradients, not the sparse part alone. Their
+    sparse part is what remains after taking away the linear part, here computed by our linear branch in float64
+    (`linear_attention_reference` then proj_l, and its gradients for `do`). Scope "none" must match that
+    remainder on the golden inputs and the golden block maps."""
+    config = golden_cases()[case]
+    tensors = load_file(GOLDEN_DIR / f"{case}.safetensors")
+    blkq, blkk, topk, fm = config["blkq"], config["blkk"], config["topk"], config["feature_map"]
+    scope = {"main": "all", "sla1": "rest"}[config["variant"]]
+    q, k, v = (tensors[name].double().requires_grad_(True) for name in "qkv")
+    weight, bias = tensors["proj_l.weight"].double(), tensors["proj_l.bias"].double()
+    do = tensors["do"].double()
+    lut = select_blocks(tensors["q"], tensors["k"], topk, blkq, blkk)
+    assert torch.equal(lut_to_block_map(lut, tensors["block_map"].shape[-1]), tensors["block_map"].bool())
+
+    linear = F.linear(linear_attention_reference(q, k, v, lut, blkq, blkk, fm, scope), weight, bias)
+    linear_grads = torch.autograd.grad(linear, (q, k, v), do)
+    sparse_part = tensors["o"].double() - linear.detach()
+    assert rel_err(sparse_part, tensors["o"]) > 1e-2  # the linear part is not negligible: the test can fail
+
+    out = sla_reference(q, k, v, None, None, topk=topk, blkq=blkq, blkk=blkk, feature_map=fm, linear_scope="none",
+                        lut=lut)
+    # measured: 4.2e-3 (outputs), up to 6.5e-3 (gradients): the bf16 rounding of the golden run
+    assert rel_err(out, sparse_part) <= 1e-2
+    for name, grad, linear_grad in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), do), linear_grads):
+        assert rel_err(grad, tensors[name].double() - linear_grad) <= 1.5e-2, name
 
 
 # ----- edge cases ---------------------------------------------------------------------------------------------------

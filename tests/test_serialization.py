@@ -207,6 +207,35 @@ def test_metadata(tmp_path):
     assert set(json.loads(meta["head_dims"]).values()) == {16}
 
 
+def test_sparse_only_scope_round_trips_and_is_an_operator_difference(tmp_path):
+    """A model saved with `linear_scope="none"` writes its proj_l entries as always and "none" in the config metadata;
+    `enable_sla` with no config serves it with "none" again (same output, which proj_l does not change), and a model
+    installed with "rest" refuses the file by that field."""
+    tiny = enabled_tiny("wan", sla_seed=5, linear_scope="none")
+    inputs = tiny.make_inputs(seed=6)
+    with torch.no_grad():
+        expected = forward_output(tiny.model, inputs)
+    tiny.model.save_pretrained(tmp_path)
+    weights = read_sla_file(tmp_path / SLA_WEIGHTS_NAME)
+    assert weights.config.linear_scope == "none" and len(weights.tensors) == 2 * len(list(iter_sla_layers(tiny.model)))
+    with safe_open(str(tmp_path / SLA_WEIGHTS_NAME), framework="pt") as handle:
+        assert '"linear_scope": "none"' in handle.metadata()["sla_config"]
+
+    loaded = type(tiny.model).from_pretrained(tmp_path).eval()
+    enable_sla(loaded)  # the stored config, "none" included
+    assert all(layer.config.linear_scope == "none" for _, _, layer in iter_sla_layers(loaded))
+    assert_same_state(sla_snapshot(loaded), sla_snapshot(tiny.model))
+    with torch.no_grad():
+        assert torch.equal(forward_output(loaded, inputs), expected)
+        for tensor in get_sla_state_dict(loaded).values():  # proj_l is not part of this operator
+            tensor.zero_()
+        assert torch.equal(forward_output(loaded, inputs), expected)
+
+    rest = type(tiny.model).from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"`linear_scope` \(installed 'rest', file 'none'\)"):
+        enable_sla(rest, **TEST_SLA_OVERRIDES)
+
+
 # ===== Hub: push_to_hub and loading by repo id =====
 
 

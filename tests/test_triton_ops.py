@@ -39,6 +39,9 @@ INTERPRETER_CASES = {
     # the forward folds a positive scale into its exponent; zero and negative scales take the plain path
     "negative_scale_softmax_all_fp32": (1, 1, 100, 130, 32, 32, 32, 0.4, "softmax", "all", "float32", 0, -0.7),
     "zero_scale_relu_rest_fp32": (1, 1, 100, 130, 32, 32, 32, 0.4, "relu", "rest", "float32", 0, 0.0),
+    # the sparse part alone: dW and db must be None on both sides (proj_l is not part of the operator)
+    "sparse_only_none_strided_fp32": (1, 2, 100, 130, 32, 32, 32, 0.4, "softmax", "none", "float32", 1),
+    "sparse_only_none_fp16_batch2": (2, 1, 128, 96, 64, 64, 32, 0.5, "elu", "none", "float16", 0),
 }
 # Query tiles smaller than a query block (a block split over several programs, or several dK/dV steps): the same
 # checks with the launch-shape overrides `custom_ops._rows` reads.
@@ -53,7 +56,8 @@ TILE_OVERRIDE_CASES = {
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 2e-2}
 
 # Runs inside the subprocess and in-process on a GPU: one case, forward + backward, errors against the float64
-# operator on the same block map. A gradient that is exactly zero in the reference must be exactly zero here.
+# operator on the same block map. A gradient that is exactly zero in the reference must be exactly zero here, and
+# one the reference does not give (None: proj_l under scope "none") must not be given here either.
 CASE_CODE = textwrap.dedent('''
     import torch
     from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut
@@ -87,6 +91,9 @@ CASE_CODE = textwrap.dedent('''
         r.backward(do.double())
         errors = []
         for out, expected in zip([o] + [x.grad for x in ours] + [o_no_grad], [r] + [x.grad for x in ref] + [r]):
+            if out is None or expected is None:
+                errors.append(0.0 if out is None and expected is None else float("inf"))
+                continue
             finite = bool(torch.isfinite(out).all())
             if expected.norm() == 0:
                 errors.append(0.0 if (finite and out.abs().max() == 0) else float("inf"))
@@ -179,34 +186,43 @@ COMPILE_SCRIPT = textwrap.dedent('''
     q, k, v = (torch.randn(1, 2, 96, 32) for _ in range(3))
     w, b = torch.randn(32, 32) / 32**0.5, torch.randn(32)
     do = torch.randn(1, 2, 96, 32)
-    kw = dict(topk=0.5, blkq=32, blkk=32, feature_map="elu", linear_scope="rest")
-
-    def step(q, k, v, w, b):
-        return sla_triton(q, k, v, w, b, **kw)
-
-    grads = []
-    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
-        ins = [x.clone().requires_grad_(True) for x in (q, k, v, w, b)]
-        out = fn(*ins)
-        out.backward(do)
-        grads.append([out] + [x.grad for x in ins])
-    for a, e in zip(*grads):
-        assert ((a - e).norm() / e.norm()).item() < 1e-5
     lut = select_blocks(q, k, 0.5, 32, 32)
-    args = (q, k, v, w, b, lut, 32**-0.5, "elu", "rest", 32, 32, True, "ieee")
-    torch.library.opcheck(torch.ops.diffusers_sla.sla_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
-    saved = torch.ops.diffusers_sla.sla_fwd(*args)
-    torch.library.opcheck(torch.ops.diffusers_sla.sla_bwd.default,
-                          (do, q, k, v, w, b, *saved, lut, 32**-0.5, "elu", "rest", 32, 32, "ieee"),
-                          test_utils=("test_schema", "test_faketensor"))
+    empty = q.new_empty(0)
+    # "none": the ops get empty stand-ins for proj_l (what `autograd._run` passes) and return empty dW, db
+    for scope, (pw, pb) in (("rest", (w, b)), ("none", (empty, empty))):
+        kw = dict(topk=0.5, blkq=32, blkk=32, feature_map="elu", linear_scope=scope)
+
+        def step(q, k, v, w, b):
+            return sla_triton(q, k, v, w, b, **kw)
+
+        grads = []
+        for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+            ins = [x.clone().requires_grad_(True) for x in (q, k, v, w, b)]
+            out = fn(*ins)
+            out.backward(do)
+            grads.append([out] + [x.grad for x in ins])
+        for a, e in zip(*grads):
+            if scope == "none" and (a is None or e is None):  # proj_l's gradients: None in both
+                assert a is None and e is None
+                continue
+            assert ((a - e).norm() / e.norm()).item() < 1e-5, scope
+        assert (grads[0][4] is None) == (scope == "none")
+        args = (q, k, v, pw, pb, lut, 32**-0.5, "elu", scope, 32, 32, True, "ieee")
+        torch.library.opcheck(torch.ops.diffusers_sla.sla_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        saved = torch.ops.diffusers_sla.sla_fwd(*args)
+        bwd_args = (do, q, k, v, pw, pb, *saved, lut, 32**-0.5, "elu", scope, 32, 32, "ieee")
+        torch.library.opcheck(torch.ops.diffusers_sla.sla_bwd.default, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
+        dw, db = torch.ops.diffusers_sla.sla_bwd(*bwd_args)[3:]
+        assert (dw.shape, db.shape) == (((32, 32), (32,)) if scope == "rest" else ((0,), (0,))), scope
     print("COMPILE_OK")
 ''')
 
 
 def test_torch_compile_fullgraph_and_fake_impls():
     """torch.compile(fullgraph=True) through the custom ops (no graph break), same values as eager, and opcheck of
-    both ops' schemas and fake implementations."""
+    both ops' schemas and fake implementations, for scope "rest" and for "none" (no proj_l gradient)."""
     if torch.cuda.is_available():
         env = dict(os.environ)
     else:
@@ -463,6 +479,70 @@ def test_unaligned_inputs_are_copied_to_an_aligned_tensor():
     assert _tma_addressable(ready) and torch.equal(ready, view)
 
 
+SPARSE_ONLY_SCRIPT = textwrap.dedent('''
+    import torch
+    from diffusers_sla.ops import autograd, custom_ops
+
+    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = (torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32, torch.float16)
+
+    # scope "none" makes no linear state: the linear-state pass must not run at all
+    linear_totals = custom_ops._linear_totals
+    def no_linear_state(*args, **kwargs):
+        raise AssertionError("scope 'none' ran the linear-state pass")
+
+    for dtype in dtypes:
+        B, H, Lq, Lk, D, blkq, blkk, topk = 2, 2, 160, 200, 32, 32, 64, 0.4
+        q = torch.randn(B, H, Lq, D, generator=g).to(device, dtype)
+        k = torch.randn(B, Lk, H, D, generator=g).to(device, dtype).transpose(1, 2)  # strided, as diffusers
+        v = torch.randn(B, H, Lk, D, generator=g).to(device, dtype)
+        do = torch.randn(B, H, Lq, D, generator=g).to(device, dtype)
+        zero_w, zero_b = torch.zeros(D, D, device=device), torch.zeros(D, device=device)
+        kw = dict(topk=topk, blkq=blkq, blkk=blkk, feature_map="softmax")
+
+        rest_leaves = [x.clone().requires_grad_(True) for x in (q, k, v, zero_w, zero_b)]
+        rest = autograd.sla_triton(*rest_leaves, linear_scope="rest", **kw)
+        rest.backward(do)
+        custom_ops._linear_totals = no_linear_state
+        try:
+            for overlap in (True, False):  # the eager selection beside the (absent) linear state, and apart
+                custom_ops.OVERLAP = overlap
+                leaves = [x.clone().requires_grad_(True) for x in (q, k, v, zero_w, zero_b)]
+                none = autograd.sla_triton(*leaves, linear_scope="none", **kw)
+                # "none" is "rest" with proj_l at exact zero: the same output, bit for bit
+                assert torch.equal(none, rest), (dtype, overlap, (none.float() - rest.float()).abs().max())
+                none.backward(do)
+                assert leaves[3].grad is None and leaves[4].grad is None, "proj_l got a gradient"
+                for x, y in zip(leaves[:3], rest_leaves[:3]):  # dq, dk, dv: the sparse branch's alone
+                    err = ((x.grad.double() - y.grad.double()).norm() / y.grad.double().norm()).item()
+                    assert err < 1e-3, (dtype, err)
+            custom_ops.OVERLAP = True
+            # no projection at all (what `sparse_linear_attention` passes for "none" without one), and the ops'
+            # own outputs: no linear side outputs, empty dW and db
+            with torch.no_grad():
+                assert torch.equal(autograd.sla_triton(q, k, v, None, None, linear_scope="none", **kw), rest)
+            lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+            empty = q.new_empty(0, dtype=torch.float32)
+            args = (q.new_empty(0, dtype=torch.float32), empty, lut, D**-0.5, "softmax", "none", blkq, blkk)
+            outs = custom_ops.forward(q, k, v, *args, True, "ieee" if device == "cpu" else "tf32")
+            assert all(x.numel() == 0 for x in outs[2:]), [tuple(x.shape) for x in outs]
+            grads = custom_ops.backward(do, q, k, v, *args[:2], *outs, *args[2:],
+                                        "ieee" if device == "cpu" else "tf32")
+            assert grads[3].numel() == 0 and grads[4].numel() == 0
+        finally:
+            custom_ops._linear_totals = linear_totals
+    print("SPARSE_ONLY_OK")
+''')
+
+
+def test_scope_none_is_rest_with_zero_projection_and_runs_no_linear_pass():
+    """`linear_scope="none"` on the Triton kernels: the output of scope "rest" with proj_l at exact zero, bit for bit
+    (selection beside the forward or apart), dq/dk/dv of the sparse branch, no gradient for proj_l, no linear-state
+    pass and no linear side outputs; the ops return empty dW and db."""
+    _run_kernel_script(SPARSE_ONLY_SCRIPT, "SPARSE_ONLY_OK")
+
+
 # ----- pieces that need no kernel ------------------------------------------------------------------------------------
 
 
@@ -488,7 +568,7 @@ def test_column_lut_lists_exactly_the_query_blocks_that_selected_each_key_block(
         ({"blkq": 48}, "`blkq` must be one of \\[32, 64, 128\\]"),
         ({"blkk": 256}, "`blkk` must be one of \\[32, 64, 128\\]"),
         ({"feature_map": "hedgehog"}, "`feature_map` must be one of"),
-        ({"linear_scope": "none"}, "`linear_scope` must be one of \\['rest', 'all'\\]"),
+        ({"linear_scope": "sparse"}, "`linear_scope` must be one of \\['rest', 'all', 'none'\\]"),
         ({"topk": 0.0}, "`topk` must be a number in \\(0, 1\\]"),
     ],
 )
