@@ -4,6 +4,7 @@
     pip install triton==3.6.0                       # the Triton release the Gluon kernels are written for
     python benchmarks/offline_compile.py            # forward, dK/dV and dQ kernels at the Wan layer shape
     python benchmarks/offline_compile.py fwd --scope all --store-bwd
+    python benchmarks/offline_compile.py --scope none  # the sparse part alone: no linear epilogue, no bias
 
 For each kernel: registers, spill bytes, shared memory, and whether ptxas kept the wgmma products asynchronous.
 ptxas serialises every wgmma of a kernel (one `WARPGROUP.DEPBAR` per product instead of a handful) when a non-wgmma
@@ -160,14 +161,16 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     r = t(B * H * (n_q if rest else 1), D, D)
     z = t(B * H * (n_q if rest else 1), D, dtype=f32)
     dh, dz = t(B * H * (n_k if rest else 1), D, D), t(B * H * (n_k if rest else 1), D, dtype=f32)
-    w, b = t(D, D, dtype=f32), t(D, dtype=f32)
+    # scope "none": no linear branch, and proj_l's empty stand-ins (what `autograd._run` passes)
+    linear = scope != "none"
+    w, b = (t(D, D, dtype=f32), t(D, dtype=f32)) if linear else (t(0, dtype=f32), t(0, dtype=f32))
     col_q, col_off, col_cnt = t(B * H * n_q * kept, dtype=i32), t(B * H * n_k, dtype=i32), t(B * H * n_k, dtype=i32)
     scale = D**-0.5
-    common = dict(block_d=D, blkq=blkq, blkk=blkk, rest=rest, has_linear=True, feature_map=0)
+    common = dict(block_d=D, blkq=blkq, blkk=blkk, rest=rest, has_linear=linear, feature_map=0)
     return {
         "fwd": (gluon_fwd.launch,
                 (q, k, v, lut, o, lse, den if store_bwd else t(0, dtype=f32), o_l, r, z, w, b, scale, n_q, kept),
-                dict(common, store_bwd=store_bwd, eps=LINEAR_EPS)),
+                dict(common, store_bwd=store_bwd, eps=LINEAR_EPS, has_proj=linear)),
         "dkdv": (gluon_bwd.launch_dkdv,
                  (q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh, dz, scale, n_q, n_k, kept), common),
         "dq": (gluon_bwd.launch_dq, (q, k, v, do, dq, lut, lse, delta, dn, dd, r, z, scale, n_q, kept), common),
@@ -177,7 +180,7 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("which", nargs="*", help=f"any of {', '.join(KERNELS)} (default: all)")
-    parser.add_argument("--scope", choices=["rest", "all"], default="rest")
+    parser.add_argument("--scope", choices=["rest", "all", "none"], default="rest")
     parser.add_argument("--store-bwd", action="store_true", help="the training forward (stores o_l, den)")
     args = parser.parse_args(argv)
     args.which = args.which or list(KERNELS)

@@ -53,6 +53,14 @@ def main() -> None:
     kernels_ran = "\n".join(line.strip() for line in e2e.splitlines() if "attention kernels:" in line)
 
     rest_f, rest_b = provider_ms(layer, "SLA ours (rest)")
+    # the row of the sparse part alone (`linear_scope="none"`), in logs written since that scope exists
+    has_none = any(line.startswith("SLA ours (none)") for line in layer.splitlines())
+    ours_results = '"ours" is the whole operator (block selection + sparse + linear + `proj_l`)' + (
+        ',\n"ours (none)" the sparse part alone (`linear_scope="none"`: block selection + sparse attention, '
+        'no `proj_l`)' if has_none else "") + "."
+    ours_readme = ('"ours" is the whole operator, "ours (none)" the sparse part alone\n(`linear_scope="none"`); '
+                   "the last two columns are cuDNN's time over each provider's." if has_none else
+                   "\"ours\" is the whole operator; the last two columns are cuDNN's time over each\nprovider's.")
     all_f, all_b = provider_ms(layer, "SLA ours (all)")
     ref_f, ref_b = provider_ms(layer, "SLA public reference (all)")
     speedups = dict(re.findall(r"\| (SLA topk=[\d.]+) \| [\d.]+ \| ([\d.]+)x", e2e_table))
@@ -94,7 +102,7 @@ def main() -> None:
 
 Written by `benchmarks/render_results.py` from one GPU session's logs (`benchmarks/kernel.py all` and
 `benchmarks/e2e_wan.py`) on the code of commit {args.commit}. Timings are medians (CUDA events); "fwd" runs without
-autograd, "bwd" is the backward alone; "ours" is the whole operator (block selection + sparse + linear + `proj_l`).
+autograd, "bwd" is the backward alone; {ours_results}
 The public reference is thu-ml/SLA's `SparseLinearAttention` (linear scope "all"), imported from a git-ignored copy
 and timed in the same run. How we got here, and what did not work: `NOTES.md`.
 
@@ -154,8 +162,7 @@ float32 restatement, and the golden files of the public reference)
 `benchmarks/RESULTS.md`, the kernel work log in `benchmarks/NOTES.md`.
 
 **One Wan2.1-1.3B self-attention layer** (B=1, H=12, L=32760, D=128, topk=0.05, blocks 128×64;
-`python benchmarks/kernel.py bench`). "ours" is the whole operator; the last two columns are cuDNN's time over each
-provider's.
+`python benchmarks/kernel.py bench`). {ours_readme}
 
 ```
 {layer}

@@ -56,6 +56,8 @@ HOPPER_CASES = {
     # 2 key blocks per query block, fewer than the forward's ring slots: the prologue issues TMA loads for only
     # part of the ring, and the epilogue reuses a ring that never filled
     "two_blocks_selected": (1, 2, 384, 600, 128, 128, 64, 0.2, "softmax", "rest", torch.bfloat16, False),
+    # no linear branch at all: the epilogue adds no bias, the backward preprocess subtracts none
+    "sparse_only_none_view": (1, 2, 2000, 2000, 128, 128, 64, 0.1, "softmax", "none", torch.bfloat16, True),
 }
 
 
