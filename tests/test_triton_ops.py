@@ -647,6 +647,37 @@ def test_gpu_matches_golden(case):
 
 @pytest.mark.gpu
 @require_cuda
+@require_golden
+@pytest.mark.parametrize("case", sorted(golden_cases()) or ["<no golden files>"])
+def test_gpu_scope_none_matches_the_sparse_part_of_golden(case):
+    """The kernels under `linear_scope="none"` on the golden inputs against the golden outputs less their linear
+    part (computed by the float64 operator, as `test_reference.test_scope_none_matches_the_sparse_part_of_golden`)."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from diffusers_sla.ops.autograd import sla_triton
+    from diffusers_sla.ops.reference import linear_attention_reference
+
+    config = golden_cases()[case]
+    blkq, blkk, topk, fm = config["blkq"], config["blkk"], config["topk"], config["feature_map"]
+    scope = {"main": "all", "sla1": "rest"}[config["variant"]]
+    t = {key: val.cuda() for key, val in load_file(GOLDEN_DIR / f"{case}.safetensors").items()}
+    q64, k64, v64 = (t[name].double().requires_grad_(True) for name in "qkv")
+    lut = select_blocks(t["q"], t["k"], topk, blkq, blkk)
+    linear = F.linear(linear_attention_reference(q64, k64, v64, lut, blkq, blkk, fm, scope),
+                      t["proj_l.weight"].double(), t["proj_l.bias"].double())
+    linear_grads = torch.autograd.grad(linear, (q64, k64, v64), t["do"].double())
+    ins = [t[n].clone().requires_grad_(True) for n in ("q", "k", "v", "proj_l.weight", "proj_l.bias")]
+    out = sla_triton(*ins, topk=topk, blkq=blkq, blkk=blkk, feature_map=fm, linear_scope="none")
+    out.backward(t["do"])
+    assert rel_err(out, t["o"].double() - linear.detach()) <= 2e-2
+    for name, x, linear_grad in zip(("dq", "dk", "dv"), ins, linear_grads):
+        assert rel_err(x.grad, t[name].double() - linear_grad) <= 2e-2, name
+    assert ins[3].grad is None and ins[4].grad is None
+
+
+@pytest.mark.gpu
+@require_cuda
 def test_gpu_operator_replays_in_a_cuda_graph():
     """Below ~16K tokens the operator is host-bound (Python glue and launches); a CUDA graph removes that cost. Capture
     needs every step on the device with no host synchronisation and no allocation that outlives the capture: replays
