@@ -90,6 +90,7 @@ with() {
     local which=$1
     shift
     if [ "$which" = new ]; then
+        [ -f "$DIR/site/triton/__init__.py" ] || { echo "no carried Triton in $DIR/site: run the install step"; exit 3; }
         PYTHONPATH=$DIR/site:$REPO "$@"
     else
         PYTHONPATH=$REPO "$@"
@@ -108,8 +109,11 @@ run() {
     shift
     mkdir -p "$OUT/base" "$OUT/new"
     export PYTHONUNBUFFERED=1
+    # the golden files (carry .device/golden): kernel.py check reads them there, the GPU tests through this variable
+    [ -f "$REPO/.device/golden/index.json" ] && export DIFFUSERS_SLA_GOLDEN_DIR=$REPO/.device/golden
     local steps=${*:-$STEPS_DEFAULT}
-    echo "steps: $steps; budget ${BUDGET}s; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    echo "steps: $steps; budget ${BUDGET}s; golden: ${DIFFUSERS_SLA_GOLDEN_DIR:-none};" \
+        "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" \
         | tee -a "$OUT/summary.txt"
     for s in $steps; do
         local which=${s%%-*} what=${s#*-}
