@@ -299,7 +299,8 @@ def _across_versions(args) -> int:
     base = {r["kernel"]: r for r in rows if "error" not in r and r["triton"] == rows[0]["triton"]}
     print(f"Hopper kernels for sm_90a, Wan layer shape, scope {args.scope}"
           f"{', training forward' if args.store_bwd else ''}; spills against Triton {rows[0]['triton']}\n")
-    print("| Triton | kernel | registers | spills (stores / loads, B) | shared memory (B) | wgmma / waits | products |")
+    print("| Triton | kernel | registers | spills (stores / loads, B) | shared memory (B) | wgmma / waits | "
+          "products |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:

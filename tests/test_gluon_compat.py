@@ -46,8 +46,8 @@ def test_names_resolve_to_callables_that_do_not_raise_on_this_triton():
     for fn in (gc.barrier, gc.async_load, gc.async_store):
         assert getattr(fn, "__triton_builtin__", False), fn
         # Triton 3.9 keeps the old TMA names as stubs that raise: never pick one
-        assert fn.__name__ not in ("async_copy_global_to_shared", "async_copy_shared_to_global") or gc.TRITON_VERSION < (
-            3, 8), fn.__name__
+        old_tma = fn.__name__ in ("async_copy_global_to_shared", "async_copy_shared_to_global")
+        assert not old_tma or gc.TRITON_VERSION < (3, 8), fn.__name__
 
 
 def test_auto_takes_the_hopper_kernels_only_where_they_were_checked_on_a_gpu(monkeypatch):

@@ -4,14 +4,15 @@
 Gluon is Triton's experimental explicit-layout dialect and its names move between releases. What the kernels need,
 by release (from the Gluon sources of each wheel):
 
-    what                         3.6                          3.7                          3.8                3.9
-    CTA-wide barrier             gl.thread_barrier            gl.barrier                   gl.barrier         gl.barrier
-    TMA load (global -> shared)  tma.async_copy_global_to_shared  (same)                   tma.async_load     tma.async_load (old name raises)
-    TMA store (shared -> global) tma.async_copy_shared_to_global  (same)                   tma.async_store    tma.async_store (old name raises)
-    shared-memory view           ._reinterpret                (same)                       ._reinterpret      .reinterpret
+    what                        3.6                               3.7          3.8               3.9
+    CTA-wide barrier            gl.thread_barrier                 gl.barrier   gl.barrier        gl.barrier
+    TMA load, global -> shared  tma.async_copy_global_to_shared   (same)       tma.async_load    tma.async_load
+    TMA store, shared -> global tma.async_copy_shared_to_global   (same)       tma.async_store   tma.async_store
+    shared-memory view          ._reinterpret                     (same)       (same)            .reinterpret
 
-Since 3.8 a reinterpreted view must cover the same number of bytes as the view it comes from: the kernels take such
-views of a whole allocation only (`gluon_fwd`, `gluon_bwd`), which every release accepts.
+(3.8 keeps the old TMA names as aliases, 3.9 as stubs that raise.) From 3.8 a reinterpreted view may not cover more
+bytes than the view it comes from (3.8: exactly as many), so the kernels reinterpret whole allocations (and index the
+result) or one slot as a tile of the same size, never one slot as a larger tile.
 
 The kernels call `barrier`, `async_load`, `async_store` and `reinterpret` from here. `GPU_CHECKED` lists the releases
 on which the Hopper kernels passed the GPU tests and golden checks; `COMPILE_CHECKED` those for which they compile for
