@@ -4,6 +4,7 @@ API the Hopper kernels are not written for."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,11 @@ SERIAL_LOG = ASYNC_LOG.replace("24 bytes spill stores, 20", "0 bytes spill store
     "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non "
     "wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in "
     "the function '_attn_fwd_hopper'\n")
+
+
+# spill bytes (stores or loads, the larger) of each Hopper kernel at the Wan shape on Triton 3.6, the release they
+# were tuned on: no other release may spill more (`gluon_fwd.Q_IN_REGISTERS` is how 3.9 keeps to it)
+SPILL_CEILING = {"_attn_fwd_hopper": 24, "_attn_bwd_dkdv_hopper": 36, "_attn_bwd_dq_hopper": 0}
 
 
 def _sass(products: int, waits: int) -> str:
@@ -107,5 +113,7 @@ def test_compiles_the_three_hopper_kernels_with_asynchronous_products(capsys, mo
     assert driver._active is before  # the stand-in driver is gone again
     assert launch.ENABLED == fast_launches
     out = capsys.readouterr().out
-    for kernel in ("_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"):
+    for kernel, ceiling in SPILL_CEILING.items():
         assert kernel in out and "SERIALISED" not in out
+        stores, loads = map(int, re.search(rf"\({kernel}\) .* spills (\d+)/(\d+) B", out).groups())
+        assert max(stores, loads) <= ceiling, f"{kernel} spills {stores}/{loads} B, Triton 3.6: {ceiling} B"

@@ -50,6 +50,10 @@ def gluon_unavailable_reason() -> str:
 # Launch shape by key-block size, measured on the H100 at the Wan shape (benchmarks/NOTES.md v7):
 # BLOCK_N -> (query rows per program, warps, pipeline stages).
 LAUNCH = {64: (64, 4, 3), 128: (128, 8, 3)}
+# With 64-key tiles the loop keeps q in registers (`_attn_fwd_hopper`, LEAN). Triton 3.9's register allocation then
+# spills 308 B a thread in the loop (3.6: 24 B; `benchmarks/offline_compile.py --triton-version`); with q read from
+# shared memory it spills nothing, for ~2% of the kernel on 3.6 (NOTES.md v13: 1.288 against 1.263 ms).
+Q_IN_REGISTERS = gc.TRITON_VERSION < (3, 9)
 
 
 def launch_reason(launch: dict, dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int,
@@ -85,6 +89,7 @@ def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int
 
 
 if GLUON_AVAILABLE:
+    _Q_IN_REGISTERS = gl.constexpr(Q_IN_REGISTERS)
 
     @gluon.jit
     def _feature_map_gl(x, d_ok, FEATURE_MAP: gl.constexpr):
@@ -243,9 +248,10 @@ if GLUON_AVAILABLE:
         # 64-key tiles: q stays in registers as the A operand of every S product (each product then reads only K
         # from shared memory), and the loop takes two steps per iteration, so that the scores alternate between two
         # register sets instead of being copied out of the product's registers at every step (32 moves per thread).
-        # 5-7% off the kernel (H200, benchmarks/NOTES.md v13); with 128-key tiles both would spill.
+        # 5-7% off the kernel (H200, benchmarks/NOTES.md v13); with 128-key tiles both would spill. (q in registers
+        # only where that does not spill: `Q_IN_REGISTERS`.)
         LEAN: gl.constexpr = BLOCK_N == 64
-        if LEAN:
+        if LEAN and _Q_IN_REGISTERS:
             q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         else:
             q_op = q_smem
