@@ -8,8 +8,12 @@ latents for 81 frames at 480x832 (21 x 60 x 104 latents -> 32,760 tokens), and t
 * one training step (forward + backward, gradient checkpointing on for every variant so that 30 layers of
   activations fit): the same variants.
 
-It also times the self-attention core alone (dense backends and SLA, same shape) to report the fraction of the dense
-forward spent in attention and the speed-up bound that fraction implies (Amdahl: 1 / (1 - fraction)).
+Where the time goes inside the model: one forward per variant under torch.profiler, every GPU kernel's time summed
+and split into self-attention (the attention core only: the SDPA kernels, or everything the SLA operator runs),
+cross-attention and the rest of the model. The dense forward's self-attention share gives the speed-up that free
+self-attention would bound the forward at (Amdahl: total / (total - self-attention)), in GPU time, host time excluded.
+(Timing the attention core alone in a loop instead overstates its share: that time includes host work the model
+hides behind its GPU work.)
 
     python benchmarks/e2e_wan.py                  # the full table
     python benchmarks/e2e_wan.py --frames 21 --topk 0.05 0.1 --skip-train
@@ -26,6 +30,7 @@ compiled graph keeps, and every row prints the attention kernels it ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -72,6 +77,102 @@ def attention_kernels(fn) -> str:
     return ", ".join(name[:60] for name in names) or "none found"
 
 
+ATTENTION_MARKS = {"self": "e2e::self_attention", "cross": "e2e::cross_attention"}
+
+
+@contextlib.contextmanager
+def marked_attention():
+    """Every SDPA call inside (dense, or SLA's router, which sits on the same name) runs in a profiler range named
+    after its kind: self-attention (as many keys as queries) or cross-attention. Eager models only: a compiled graph
+    keeps the function it was traced with."""
+    from torch.profiler import record_function
+
+    inner = torch.nn.functional.scaled_dot_product_attention
+
+    def marked(query, key, *args, **kwargs):
+        kind = "self" if query.shape[-2] == key.shape[-2] else "cross"
+        with record_function(ATTENTION_MARKS[kind]):
+            return inner(query, key, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = marked
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = inner
+
+
+def _attention_kind(event) -> str | None:
+    """"self", "cross" or None (the rest of the model) for the CPU op that launched a kernel: its innermost ancestor
+    that says so. A marked range (`marked_attention`), an SLA op (`diffusers_sla::*`: self-attention), or an SDPA op,
+    self-attention when its query and key lengths agree (the compiled model, where no range is marked)."""
+    marks = {name: kind for kind, name in ATTENTION_MARKS.items()}
+    while event is not None:
+        name = event.name
+        if name in marks:
+            return marks[name]
+        if name.startswith("diffusers_sla::"):
+            return "self"
+        shapes = getattr(event, "input_shapes", None) or []
+        if "scaled_dot_product" in name and len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:
+            return "self" if shapes[0][-2] == shapes[1][-2] else "cross"
+        event = event.cpu_parent
+    return None
+
+
+def gpu_time_split(events) -> dict:
+    """{"total", "self", "cross", "rest", "unattributed"} in ms: the GPU time of the kernels of one profiled forward,
+    by the CPU op that launched each (`_attention_kind`); "unattributed": kernels on the GPU timeline that no op
+    claims (counted in "total" and "rest")."""
+    split = {"self": 0.0, "cross": 0.0, "rest": 0.0}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU or not event.kernels:
+            continue
+        split[_attention_kind(event) or "rest"] += sum(k.duration for k in event.kernels) / 1e3
+    claimed = sum(split.values())
+    on_gpu = sum(e.device_time for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                 and not getattr(e, "is_user_annotation", False)) / 1e3
+    split["unattributed"] = max(on_gpu - claimed, 0.0)
+    split["rest"] += split["unattributed"]
+    split["total"] = claimed + split["unattributed"]
+    return split
+
+
+def profile_gpu_time(fn, mark: bool = True) -> dict:
+    """`gpu_time_split` of one call of `fn` (after a warm call), with its SDPA calls marked (`marked_attention`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    context = marked_attention() if mark else contextlib.nullcontext()
+    with context:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            fn()
+            torch.cuda.synchronize()
+    return gpu_time_split(prof.events())
+
+
+def inmodel_lines(split: dict, label: str = "") -> list[str]:
+    """The in-model table and, per dense backend, the bound free self-attention implies and where SLA stands."""
+    lines = [f"In-model GPU time{label} (torch.profiler, one forward each: the kernels' time on the GPU, host time "
+             "excluded; self/cross-attention = the attention core's kernels)",
+             "| attention | GPU kernels ms | self-attention ms | cross-attention ms | rest of the model ms | "
+             "self-attention share |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, t in split.items():
+        lines.append(f"| {name} | {t['total']:.1f} | {t['self']:.1f} | {t['cross']:.1f} | {t['rest']:.1f} | "
+                     f"{t['self'] / t['total']:.0%} |")
+    sla = {name: t for name, t in split.items() if name.startswith("SLA")}
+    for name in DENSE_BACKENDS:
+        if name not in split:
+            continue
+        t = split[name]
+        share = t["self"] / t["total"]
+        stands = "; ".join(f"{n} stands at {t['total'] / s['total']:.2f}x" for n, s in sla.items())
+        lines.append(f"{name}{label} in model: self-attention is {share:.0%} of the forward's GPU time; free "
+                     f"self-attention bounds the forward at {1 / (1 - min(share, 0.999)):.2f}x"
+                     + (f" (GPU time; {stands})" if stands else ""))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
@@ -97,7 +198,6 @@ def main() -> None:
     from diffusers import WanTransformer3DModel
 
     from diffusers_sla import SLAConfig, disable_sla, enable_sla, sla_summary
-    from diffusers_sla.ops import sparse_linear_attention
     from diffusers_sla.utils.cuda_graph import capture_cuda_graph
 
     torch.manual_seed(0)
@@ -107,7 +207,6 @@ def main() -> None:
     text = torch.randn(1, 512, 4096, device=device, dtype=dtype)
     timestep = torch.tensor([500], device=device)
     tokens = args.frames * (args.height // 2) * (args.width // 2)
-    heads, head_dim = WAN_1_3B["num_attention_heads"], WAN_1_3B["attention_head_dim"]
     print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | tokens {tokens} | "
           f"params {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B | bf16", flush=True)
 
@@ -121,6 +220,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     rows = []  # (name, forward ms, train ms)
+    inmodel = {}  # name -> `gpu_time_split` of one eager forward
     for name, backend in DENSE_BACKENDS.items():
         with sdpa_kernel(backend):
             fwd = cuda_time_ms(forward, args.warmup, args.repeat)
@@ -128,6 +228,7 @@ def main() -> None:
             train = None if args.skip_train else cuda_time_ms(train_step, 1, max(2, args.repeat // 2))
             model.disable_gradient_checkpointing()
             kernels = attention_kernels(forward)
+            inmodel[name] = profile_gpu_time(forward)
         rows.append((name, fwd, train))
         print(f"  {name}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
               f"; attention kernels: {kernels}", flush=True)
@@ -143,6 +244,7 @@ def main() -> None:
         summary = sla_summary(model)
         densities[topk] = summary
         kernels = attention_kernels(forward)
+        inmodel[f"SLA topk={topk}"] = profile_gpu_time(forward)
         disable_sla(model)
         rows.append((f"SLA topk={topk}", fwd, train))
         print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
@@ -174,6 +276,7 @@ def main() -> None:
             disable_sla(model)
 
     compiled = {}  # name -> (forward ms, train step ms or None) with compiled blocks
+    compiled_inmodel = {}  # name -> `gpu_time_split` of one compiled forward
     if args.compile:
         def compiled_forward_ms(label):
             torch._dynamo.reset()
@@ -183,6 +286,7 @@ def main() -> None:
                 ms = cuda_time_ms(forward, args.warmup, args.repeat)
                 print(f"  {label} (compiled): forward {ms:.1f} ms; attention kernels: {attention_kernels(forward)}",
                       flush=True)
+                compiled_inmodel[label] = profile_gpu_time(forward, mark=False)
                 train = None
                 if not args.skip_train:
                     model.enable_gradient_checkpointing()
@@ -210,34 +314,20 @@ def main() -> None:
             compiled[f"SLA topk={topk}"] = compiled_forward_ms(f"SLA topk={topk}")
             disable_sla(model)
 
-    # The attention core alone, same shape as one self-attention call, times the 30 layers.
-    q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
-    core = {}
-    for name, backend in DENSE_BACKENDS.items():
-        with sdpa_kernel(backend):
-            core[name] = cuda_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 3, 10)
-    weight, bias = torch.zeros(head_dim, head_dim, device=device), torch.zeros(head_dim, device=device)
-    for topk in args.topk:
-        core[f"SLA topk={topk}"] = cuda_time_ms(
-            lambda: sparse_linear_attention(q, k, v, weight, bias, topk=topk, blkq=args.blkq, blkk=args.blkk), 3, 10)
-
-    layers = WAN_1_3B["num_layers"]
     fastest_dense_fwd = min(fwd for name, fwd, _ in rows if name in DENSE_BACKENDS)
     train_times = [train for name, _, train in rows if name in DENSE_BACKENDS and train]
     fastest_dense_train = min(train_times) if train_times else None
     print()
     print(f"Wan2.1-T2V-1.3B transformer, {tokens} tokens, bf16, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, blocks {args.blkq}x{args.blkk}")
-    print("| attention | forward ms | forward speed-up | train step ms | train speed-up | self-attn core ms x 30 |")
+    print("| attention | forward ms | forward speed-up | train step ms | train speed-up | self-attn GPU ms in model |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, fwd, train in rows:
         train_cells = (f"{train:.1f} | {fastest_dense_train / train:.2f}x" if train and fastest_dense_train
                        else "- | -")
-        print(f"| {name} | {fwd:.1f} | {fastest_dense_fwd / fwd:.2f}x | {train_cells} | {core[name] * layers:.1f} |")
-    for name in DENSE_BACKENDS:
-        fraction = min(core[name] * layers / next(f for n, f, _ in rows if n == name), 0.999)
-        print(f"{name}: self-attention is {fraction:.0%} of the forward; infinitely fast attention would bound the "
-              f"end-to-end forward speed-up at {1 / (1 - fraction):.2f}x")
+        print(f"| {name} | {fwd:.1f} | {fastest_dense_fwd / fwd:.2f}x | {train_cells} | {inmodel[name]['self']:.1f} |")
+    print()
+    print("\n".join(inmodel_lines(inmodel)))
     if graphed:
         fastest = min(ms for name, ms in graphed.items() if name in DENSE_BACKENDS)
         print()
@@ -259,10 +349,8 @@ def main() -> None:
             fwd, train = compiled[name]
             train_cells = (f"{train:.1f} | {fastest_train / train:.2f}x" if train and fastest_train else "- | -")
             print(f"| {name} | {fwd:.1f} | {fastest / fwd:.2f}x | {train_cells} |")
-        for name in DENSE_BACKENDS:
-            fraction = min(core[name] * layers / compiled[name][0], 0.999)
-            print(f"{name} (compiled): self-attention is {fraction:.0%} of the forward; "
-                  f"bound {1 / (1 - fraction):.2f}x")
+        print()
+        print("\n".join(inmodel_lines(compiled_inmodel, " (compiled)")))
     for topk, summary in densities.items():
         print(f"SLA topk={topk}: measured density {summary.mean_density:.3f} over the self-attention layers")
 

@@ -1,10 +1,10 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Compile the Hopper (Gluon) kernels for sm_90 on a machine without a GPU, and say what ptxas made of them.
 
-    pip install triton==3.6.0                       # the Triton release the Gluon kernels are written for
     python benchmarks/offline_compile.py            # forward, dK/dV and dQ kernels at the Wan layer shape
     python benchmarks/offline_compile.py fwd --scope all --store-bwd
     python benchmarks/offline_compile.py --scope none  # the sparse part alone: no linear epilogue, no bias
+    python benchmarks/offline_compile.py --triton-version 3.6.0 3.7.1 3.8.0 3.9.0   # one table, each release
 
 For each kernel: registers, spill bytes, shared memory, and whether ptxas kept the wgmma products asynchronous.
 ptxas serialises every wgmma of a kernel (one `WARPGROUP.DEPBAR` per product instead of a handful) when a non-wgmma
@@ -14,12 +14,17 @@ v15). Nothing runs: correctness and speed still need the GPU tests and `kernel.p
 
 How: a stand-in Triton driver whose target is sm_90, and `JITFunction.run` made to compile only (Triton's warmup
 path), so the real launch functions (`gluon_fwd.launch`, `gluon_bwd.launch_dkdv`, `gluon_bwd.launch_dq`) build
-their descriptors and arguments from CPU tensors of the right shapes. ptxas and cuobjdump are Triton's own copies.
+their descriptors and arguments from CPU tensors of the right shapes. ptxas and cuobjdump are Triton's own copies
+(the ptxas Triton runs for sm_90: `ptxas-blackwell` from 3.9). `--triton-version` runs this in a child process per
+release, with that release installed (`pip install --no-deps --target`) into a folder of its own and put first on
+the child's PYTHONPATH, so the running environment's Triton is never touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import subprocess
@@ -125,6 +130,14 @@ def compile_only(launch, *args, **kwargs):
     return compiled
 
 
+def ptxas_path() -> str:
+    """The ptxas Triton itself runs for sm_90: from 3.9 its `ptxas-blackwell`, as its own `ptxas` rejects the PTX ISA
+    9.4 that 3.9 emits."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).path
+
+
 def inspect(kernel) -> PtxasReport:
     import triton
 
@@ -132,8 +145,10 @@ def inspect(kernel) -> PtxasReport:
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(kernel.asm["ptx"])
-        log = subprocess.run([str(bin_dir / "ptxas"), "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)],
+        log = subprocess.run([ptxas_path(), "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)],
                              capture_output=True, text=True)
+        if log.returncode:
+            raise RuntimeError(f"ptxas failed on {kernel.name}:\n{log.stderr.strip()}")
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True)
     return PtxasReport(log.stdout + log.stderr, sass.stdout, kernel.metadata.shared)
 
@@ -177,31 +192,18 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("which", nargs="*", help=f"any of {', '.join(KERNELS)} (default: all)")
-    parser.add_argument("--scope", choices=["rest", "all", "none"], default="rest")
-    parser.add_argument("--store-bwd", action="store_true", help="the training forward (stores o_l, den)")
-    args = parser.parse_args(argv)
-    args.which = args.which or list(KERNELS)
-    unknown = sorted(set(args.which) - set(KERNELS))
-    if unknown:
-        parser.error(f"kernels must be among {', '.join(KERNELS)} (got {', '.join(unknown)})")
-
+@contextlib.contextmanager
+def sm90_target():
+    """Inside: Triton compiles for the stand-in sm_90 driver, into a throwaway kernel cache; both undone after."""
     from triton.runtime import driver
 
-    from diffusers_sla.ops import gluon_fwd
-
-    if not gluon_fwd.GLUON_AVAILABLE:
-        print(f"cannot compile the Hopper kernels here: {gluon_fwd.gluon_unavailable_reason()}")
-        return 2
     with tempfile.TemporaryDirectory(prefix="sla-offline-") as cache:
         saved_cache = os.environ.get("TRITON_CACHE_DIR")
         os.environ["TRITON_CACHE_DIR"] = cache  # kernels built for the stand-in driver stay out of the real cache
         previous = driver._active  # None until something asked for the real driver: leave it so afterwards
         driver.set_active(_fake_driver())
         try:
-            return _report(args)
+            yield
         finally:
             driver._active = previous
             if saved_cache is None:
@@ -210,11 +212,48 @@ def main(argv=None) -> int:
                 os.environ["TRITON_CACHE_DIR"] = saved_cache
 
 
+def compile_offline(launch, *args, **kwargs):
+    """`compile_only` for the stand-in sm_90 driver: -> [(kernel name, compiled kernel)]."""
+    with sm90_target():
+        return compile_only(launch, *args, **kwargs)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("which", nargs="*", help=f"any of {', '.join(KERNELS)} (default: all)")
+    parser.add_argument("--scope", choices=["rest", "all", "none"], default="rest")
+    parser.add_argument("--store-bwd", action="store_true", help="the training forward (stores o_l, den)")
+    parser.add_argument("--triton-version", nargs="+", metavar="VERSION",
+                        help="compile with each of these Triton releases (e.g. 3.6.0 3.7.1 3.8.0 3.9.0), each "
+                        "installed from PyPI into its own folder under --envs and put first on PYTHONPATH of a "
+                        "child process; prints one table and fails on spills beyond the first release's")
+    parser.add_argument("--envs", default=os.path.join(tempfile.gettempdir(), "sla-triton-envs"),
+                        help="where --triton-version installs each release (kept for the next run)")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one JSON line a kernel (children)
+    args = parser.parse_args(argv)
+    args.which = args.which or list(KERNELS)
+    unknown = sorted(set(args.which) - set(KERNELS))
+    if unknown:
+        parser.error(f"kernels must be among {', '.join(KERNELS)} (got {', '.join(unknown)})")
+    if args.triton_version:
+        return _across_versions(args)
+
+    from diffusers_sla.ops import gluon_fwd
+
+    if not gluon_fwd.GLUON_AVAILABLE:
+        print(json.dumps({"error": gluon_fwd.gluon_unavailable_reason()}) if args.json else
+              f"cannot compile the Hopper kernels here: {gluon_fwd.gluon_unavailable_reason()}")
+        return 2
+    with sm90_target():
+        return _report(args)
+
+
 def _report(args) -> int:
     import triton
 
-    print(f"Triton {triton.__version__}, target sm_90a, Wan layer shape, scope {args.scope}"
-          f"{', training forward' if args.store_bwd else ''}")
+    if not args.json:
+        print(f"Triton {triton.__version__}, target sm_90a, Wan layer shape, scope {args.scope}"
+              f"{', training forward' if args.store_bwd else ''}")
     worst = 0
     launches = wan_launches(args.scope, args.store_bwd)
     for key in KERNELS:
@@ -223,9 +262,62 @@ def _report(args) -> int:
         launch, largs, kwargs = launches[key]
         for kernel_name, kernel in compile_only(launch, *largs, **kwargs):
             report = inspect(kernel)
-            print(report.line(f"{KERNELS[key]} ({kernel_name})"))
+            if args.json:
+                print(json.dumps(dict(vars(report), triton=triton.__version__, kernel=kernel_name,
+                                      serialised=report.serialised)), flush=True)
+            else:
+                print(report.line(f"{KERNELS[key]} ({kernel_name})"))
             worst = max(worst, 1 if report.serialised else 0)
     return worst
+
+
+def _triton_env(version: str, envs: str) -> str | None:
+    """The folder holding Triton `version` (pip --target, installed if missing), or None for the running one."""
+    import triton
+
+    if triton.__version__ == version:
+        return None
+    folder = Path(envs, f"triton-{version}")
+    if not (folder / "triton" / "__init__.py").is_file():
+        print(f"installing triton=={version} into {folder} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder),
+                        f"triton=={version}"], check=True)
+    return str(folder)
+
+
+def _across_versions(args) -> int:
+    rows, failed = [], False
+    child_args = [*args.which, "--scope", args.scope, "--json"] + (["--store-bwd"] if args.store_bwd else [])
+    for version in args.triton_version:
+        folder = _triton_env(version, args.envs)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [p for p in (folder, str(REPO), os.environ.get("PYTHONPATH")) if p]))
+        child = subprocess.run([sys.executable, __file__, *child_args], env=env, capture_output=True, text=True)
+        got = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+        if not got or any("error" in r for r in got) or child.returncode not in (0, 1):
+            tail = [r["error"] for r in got if "error" in r] or child.stderr.strip().splitlines()[-3:]
+            rows.append({"triton": version, "error": " / ".join(tail)})
+            failed = True
+        rows.extend(r for r in got if "error" not in r)
+    base = {r["kernel"]: r for r in rows if "error" not in r and r["triton"] == rows[0]["triton"]}
+    print(f"Hopper kernels for sm_90a, Wan layer shape, scope {args.scope}"
+          f"{', training forward' if args.store_bwd else ''}; spills against Triton {rows[0]['triton']}\n")
+    print("| Triton | kernel | registers | spills (stores / loads, B) | shared memory (B) | wgmma / waits | "
+          "products |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['triton']} | does not compile | | | | | {r['error'][:200]} |")
+            continue
+        ref = base.get(r["kernel"])
+        more = ref is not None and max(r["spill_stores"], r["spill_loads"]) > max(ref["spill_stores"],
+                                                                                  ref["spill_loads"])
+        failed |= more or r["serialised"]
+        state = f"SERIALISED ({', '.join(r['advisories'])})" if r["serialised"] else "asynchronous"
+        print(f"| {r['triton']} | {r['kernel']} | {r['registers']} | {r['spill_stores']} / {r['spill_loads']}"
+              f"{' (more than ' + rows[0]['triton'] + ')' if more else ''} | {r['shared_bytes']} | "
+              f"{r['products']} / {r['depbars']} | {state} |")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import gluon_bwd, gluon_fwd, triton_fwd
+from . import gluon_bwd, gluon_compat, gluon_fwd, triton_fwd
 from .launch import Launcher
 from .selection import num_blocks, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
@@ -145,30 +145,46 @@ def _capability(index: int) -> tuple[int, int]:
 
 def _choose_kernel(part: str, q: torch.Tensor, hopper_reason) -> str:
     """"hopper" (Gluon, asynchronous tensor-core products) or "portable" (Triton) for one part of the operator.
-    `KERNEL_ENV[part]`: "auto" (default: hopper wherever it can run), "portable", or "hopper" (an error where it cannot
-    run, with the reason). Both compute the same function; they differ only in rounding order (the GPU checks in
-    `benchmarks/kernel.py` and the GPU tests compare them). hopper_reason() -> None, or why Gluon cannot run it."""
+    `KERNEL_ENV[part]`: "auto" (default: hopper wherever it can run, on a Triton release it was checked on with a GPU,
+    `gluon_compat.GPU_CHECKED`), "portable", or "hopper" (an error where it cannot run, with the reason; on any Triton
+    whose Gluon has the names the kernels use). Both compute the same function; they differ only in rounding order
+    (the GPU checks in `benchmarks/kernel.py` and the GPU tests compare them). hopper_reason() -> None, or why Gluon
+    cannot run it. On a Hopper GPU the choice and its reason are logged once."""
     env = KERNEL_ENV[part]
     choice = os.environ.get(env, "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{env}={choice!r}: allowed values are {KERNEL_CHOICES}")
     if choice == "portable":
         return "portable"
-    on_hopper = is_cuda() and q.is_cuda and _capability(q.device.index) == (9, 0)
+    on_hopper = _on_hopper(q)
     reason = hopper_reason() if on_hopper else "needs a CUDA device of compute capability 9.0 (Hopper)"
     if reason is None:
-        return "hopper"
-    if choice == "hopper":
+        unchecked = gluon_compat.auto_reason()
+        if choice == "hopper":
+            _log_choice_once(part, "hopper", f"{env}=hopper" + (f"; note: {unchecked}" if unchecked else ""))
+            return "hopper"
+        if unchecked is None:
+            _log_choice_once(part, "hopper", f"Triton {gluon_compat.version_text()} is GPU-checked for them")
+            return "hopper"
+        reason = unchecked
+    elif choice == "hopper":
         raise ValueError(f"{env}=hopper cannot run this call: {reason}")
     if on_hopper:
-        _warn_portable_once(part, reason)
+        _log_choice_once(part, "portable", reason)
     return "portable"
 
 
+def _on_hopper(q: torch.Tensor) -> bool:
+    return is_cuda() and q.is_cuda and _capability(q.device.index) == (9, 0)
+
+
 @functools.lru_cache(maxsize=None)
-def _warn_portable_once(part: str, reason: str) -> None:
-    # same results, slower: said once per reason, not per call
-    logger.warning("SLA %s on a Hopper GPU runs the portable Triton kernel (%s).", part, reason)
+def _log_choice_once(part: str, kernel: str, reason: str) -> None:
+    # said once per choice and reason, not per call: the portable kernel gives the same results, slower
+    if kernel == "hopper":
+        logger.info("SLA %s on this Hopper GPU runs the Hopper (Gluon) kernels (%s).", part, reason)
+    else:
+        logger.warning("SLA %s on a Hopper GPU runs the portable Triton kernel (%s).", part, reason)
 
 
 def _forward_kernel(q: torch.Tensor, g: _Geometry, blkq: int, blkk: int, dot_precision: str) -> str:

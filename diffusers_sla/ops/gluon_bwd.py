@@ -36,11 +36,8 @@ import os
 from .gluon_fwd import GLUON_AVAILABLE, _descriptor, gluon_unavailable_reason, launch_reason, linear_tiles_2d
 
 if GLUON_AVAILABLE:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-
+    from . import gluon_compat as gc
+    from .gluon_compat import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from .gluon_fwd import _box, _feature_map_gl, _init_barriers, _invalidate_barriers, _issue_kv
 
 
@@ -94,8 +91,8 @@ if GLUON_AVAILABLE:
         ok = (step < n_steps) | ALWAYS
         start_m = _query_row(COLQ, step, SPLIT, BLOCK_M, STEP_M, valid=step < n_steps)
         mbarrier.expect(bar, 2 * TILE_BYTES, pred=ok)
-        tma.async_copy_global_to_shared(desc_q, [off_z, off_h, start_m, 0], bar, _box(q_slot, desc_q), pred=ok)
-        tma.async_copy_global_to_shared(desc_do, [off_z, off_h, start_m, 0], bar, _box(do_slot, desc_do), pred=ok)
+        gc.async_load(desc_q, [off_z, off_h, start_m, 0], bar, _box(q_slot, desc_q), pred=ok)
+        gc.async_load(desc_do, [off_z, off_h, start_m, 0], bar, _box(do_slot, desc_do), pred=ok)
 
     @gluon.jit
     def _attn_bwd_dkdv_hopper(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, desc_dh,  #
@@ -137,8 +134,8 @@ if GLUON_AVAILABLE:
         COLQ += off_hz.to(gl.int64) * N_QBLK * KEPT + gl.load(COFF + col)
         TILE_BYTES: gl.constexpr = STEP_M * BLOCK_D * 2
         mbarrier.expect(bar_kv, 2 * BLOCK_N * BLOCK_D * 2)
-        tma.async_copy_global_to_shared(desc_k, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(k_smem, desc_k))
-        tma.async_copy_global_to_shared(desc_v, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(v_smem, desc_v))
+        gc.async_load(desc_k, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(k_smem, desc_k))
+        gc.async_load(desc_v, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(v_smem, desc_v))
         # step 0 is loaded even for a key block no query block selected (its rows then come from query block 0 and
         # are never used): the first S^T product below needs a tile
         for s in gl.static_range(STAGES):
@@ -187,7 +184,7 @@ if GLUON_AVAILABLE:
                                   is_async=True)
             dv, dk, s_cur = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, s_tok))
             # every warp is done with this slot: refill it with the tiles of step j + STAGES
-            gl.thread_barrier()
+            gc.barrier()
             _issue_qdo(desc_q, desc_do, COLQ, j + STAGES, n_steps, off_z, off_h, q_tile, do_tile, bar.index(slot),
                        SPLIT, BLOCK_M, STEP_M, TILE_BYTES)
 
@@ -197,13 +194,16 @@ if GLUON_AVAILABLE:
         # -- epilogue: the linear branch, dv += phi(k) dh, dk += phi'(k) (v dh^T + dz) ----
         # dV leaves first, through a ring slot, so that dV, dK, dphi(k) and phi(k) are never all in registers
         gl.static_assert(2 * STAGES * STEP_M >= BLOCK_D + BLOCK_N, "the ring must hold the dh tile and dV")
-        dv_smem = ring.index(BLOCK_D // STEP_M)._reinterpret(dtype, [BLOCK_N, BLOCK_D], tile_layout)
-        gl.thread_barrier()
+        gl.static_assert((2 * STAGES * STEP_M) % BLOCK_D == 0, "the ring must be whole dh tiles")
+        dv_smem = gc.reinterpret(ring.index(BLOCK_D // STEP_M), dtype, [BLOCK_N, BLOCK_D], tile_layout)
+        gc.barrier()
         if HAS_LINEAR:
-            dh_smem = ring.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], desc_dh.layout)
+            # (a view of the whole ring: Triton 3.8+ reinterprets only views of the same size)
+            dh_smem = gc.reinterpret(ring, dtype, [2 * STAGES * STEP_M // BLOCK_D, BLOCK_D, BLOCK_D],
+                                     desc_dh.layout).index(0)
             dh_row = col if REST else off_hz.to(gl.int64)  # dh_j of this key block, or the head's dH
             mbarrier.expect(bar_kv, BLOCK_D * BLOCK_D * 2)
-            tma.async_copy_global_to_shared(desc_dh, [(dh_row * BLOCK_D).to(gl.int32), 0], bar_kv, dh_smem)
+            gc.async_load(desc_dh, [(dh_row * BLOCK_D).to(gl.int32), 0], bar_kv, dh_smem)
             # phi(k) straight in the A-operand layout of the product with dh (rows past N_CTX_KV hold zeros; their
             # dk, dv are never stored)
             offs_dp = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, op_layout))
@@ -212,7 +212,7 @@ if GLUON_AVAILABLE:
             dv = warpgroup_mma(phik.to(dtype), dh_smem, dv)
         dv_smem.store(dv.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(desc_dv, [off_z, off_h, start_n * BLOCK_N, 0], _box(dv_smem, desc_dv))
+        gc.async_store(desc_dv, [off_z, off_h, start_n * BLOCK_N, 0], _box(dv_smem, desc_dv))
         if HAS_LINEAR:
             offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, acc_layout))
             dz = gl.load(DZ + dh_row * BLOCK_D + offs_d)
@@ -224,10 +224,10 @@ if GLUON_AVAILABLE:
 
         # dK leaves through K's shared memory (no longer read) and TMA, which (as for dV) clips rows past N_CTX_KV
         # and columns past HEAD_DIM
-        gl.thread_barrier()
+        gc.barrier()
         k_smem.store(dk.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(desc_dk, [off_z, off_h, start_n * BLOCK_N, 0], _box(k_smem, desc_dk))
+        gc.async_store(desc_dk, [off_z, off_h, start_n * BLOCK_N, 0], _box(k_smem, desc_dk))
         tma.store_wait(0)
 
 
@@ -268,8 +268,8 @@ if GLUON_AVAILABLE:
         LUT += blk * KEPT
         TILE_BYTES: gl.constexpr = BLOCK_N * BLOCK_D * 2
         mbarrier.expect(bar_q, 2 * BLOCK_M * BLOCK_D * 2)
-        tma.async_copy_global_to_shared(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
-        tma.async_copy_global_to_shared(desc_do, [off_z, off_h, start_m * BLOCK_M, 0], bar_q,
+        gc.async_load(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
+        gc.async_load(desc_do, [off_z, off_h, start_m * BLOCK_M, 0], bar_q,
                                         _box(do_smem, desc_do))
         for s in gl.static_range(STAGES):
             _issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
@@ -305,7 +305,7 @@ if GLUON_AVAILABLE:
                                    is_async=True)
             dq, s_cur = warpgroup_mma_wait(0, deps=(dq_tok, s_tok))
             # every warp is done with this slot: refill it with the tiles of step j + STAGES
-            gl.thread_barrier()
+            gc.barrier()
             _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
                       kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
 
@@ -315,11 +315,13 @@ if GLUON_AVAILABLE:
 
         # -- epilogue: the linear branch, dq += phi'(q) (dN R^T + dd z^T) ----
         if HAS_LINEAR:
-            r_smem = kv_smem.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], desc_r.layout)
+            gl.static_assert((2 * STAGES * BLOCK_N) % BLOCK_D == 0, "the ring must be whole R tiles")
+            r_smem = gc.reinterpret(kv_smem, dtype, [2 * STAGES * BLOCK_N // BLOCK_D, BLOCK_D, BLOCK_D],
+                                    desc_r.layout).index(0)
             r_row = blk if REST else off_hz.to(gl.int64)  # R_i of this query block, or the head's total
-            gl.thread_barrier()
+            gc.barrier()
             mbarrier.expect(bar_q, BLOCK_D * BLOCK_D * 2)
-            tma.async_copy_global_to_shared(desc_r, [(r_row * BLOCK_D).to(gl.int32), 0], bar_q, r_smem)
+            gc.async_load(desc_r, [(r_row * BLOCK_D).to(gl.int32), 0], bar_q, r_smem)
             ep_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
             rows_ep = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ep_layout))
             offs_ep = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, ep_layout))
@@ -339,10 +341,10 @@ if GLUON_AVAILABLE:
 
         # dq leaves through q's shared memory (no longer read) and TMA, which clips rows past N_CTX_Q and columns
         # past HEAD_DIM
-        gl.thread_barrier()
+        gc.barrier()
         q_smem.store(dq.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(desc_dq, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_dq))
+        gc.async_store(desc_dq, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_dq))
         tma.store_wait(0)
 
 

@@ -28,38 +28,32 @@ portable `_attn_fwd` everywhere else and under the Triton interpreter, which doe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
-import triton
-
+from . import gluon_compat as gc
 from .launch import Launcher
 
-# Gluon is experimental and its API changes between Triton releases (Triton 3.9, for one, renamed the TMA copies
-# and `_reinterpret`): the Hopper kernels run on the release they are written and tested for, the portable kernels
-# on any other.
-GLUON_TRITON = (3, 6)
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    GLUON_AVAILABLE = TRITON_VERSION == GLUON_TRITON
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    GLUON_AVAILABLE = False
+# Gluon's names differ between Triton releases: `gluon_compat` resolves them (and says on which releases the kernels
+# were checked)
+TRITON_VERSION = gc.TRITON_VERSION
+GLUON_AVAILABLE = gc.AVAILABLE
+if GLUON_AVAILABLE:
+    from .gluon_compat import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
+                               warpgroup_mma_wait)
 
 
 def gluon_unavailable_reason() -> str:
-    return (f"the Hopper kernels are written for the Gluon API of Triton {'.'.join(map(str, GLUON_TRITON))} "
-            f"(experimental, it changes between releases); this is Triton {triton.__version__}")
+    return gc.unavailable_reason()
 
 
 # Launch shape by key-block size, measured on the H100 at the Wan shape (benchmarks/NOTES.md v7):
 # BLOCK_N -> (query rows per program, warps, pipeline stages).
 LAUNCH = {64: (64, 4, 3), 128: (128, 8, 3)}
+# With 64-key tiles the loop keeps q in registers (`_attn_fwd_hopper`, LEAN). Triton 3.9's register allocation then
+# spills 308 B a thread in the loop (3.6: 24 B; `benchmarks/offline_compile.py --triton-version`); with q read from
+# shared memory it spills nothing, for ~2% of the kernel on 3.6 (NOTES.md v13: 1.288 against 1.263 ms).
+Q_IN_REGISTERS = gc.TRITON_VERSION < (3, 9)
 
 
 def launch_reason(launch: dict, dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int,
@@ -95,6 +89,7 @@ def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int
 
 
 if GLUON_AVAILABLE:
+    _Q_IN_REGISTERS = gl.constexpr(Q_IN_REGISTERS)
 
     @gluon.jit
     def _feature_map_gl(x, d_ok, FEATURE_MAP: gl.constexpr):
@@ -118,9 +113,9 @@ if GLUON_AVAILABLE:
         ok = step < KEPT
         start_n = gl.load(LUT + step, mask=ok, other=0) * BLOCK_N
         mbarrier.expect(bar_k, TILE_BYTES, pred=ok)
-        tma.async_copy_global_to_shared(desc_k, [off_z, off_h, start_n, 0], bar_k, _box(k_slot, desc_k), pred=ok)
+        gc.async_load(desc_k, [off_z, off_h, start_n, 0], bar_k, _box(k_slot, desc_k), pred=ok)
         mbarrier.expect(bar_v, TILE_BYTES, pred=ok)
-        tma.async_copy_global_to_shared(desc_v, [off_z, off_h, start_n, 0], bar_v, _box(v_slot, desc_v), pred=ok)
+        gc.async_load(desc_v, [off_z, off_h, start_n, 0], bar_v, _box(v_slot, desc_v), pred=ok)
 
     @gluon.jit
     def _init_barriers(n: gl.constexpr):
@@ -154,7 +149,7 @@ if GLUON_AVAILABLE:
     @gluon.jit
     def _box(tile, desc):
         # a 2-D shared-memory tile seen as the 4-D box of `desc` (leading unit dims: the same bytes and swizzle)
-        return tile._reinterpret(tile.dtype, desc.block_type.shape, desc.layout)
+        return gc.reinterpret(tile, tile.dtype, desc.block_type.shape, desc.layout)
 
     @gluon.jit
     def _step(j, acc, s_cur, m_i, l_i, start_n, q_op, kv_smem, bar_k, bar_v, LUT, KEPT, N_CTX_KV, off_z, off_h,
@@ -191,7 +186,7 @@ if GLUON_AVAILABLE:
         m_i = m_ij
         start_n = next_n
         # every warp is done with this slot: refill it with the tiles of step j + STAGES
-        gl.thread_barrier()
+        gc.barrier()
         _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
                   kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
         return acc, s_cur, m_i, l_i, start_n
@@ -237,7 +232,7 @@ if GLUON_AVAILABLE:
         LUT += blk * KEPT
         TILE_BYTES: gl.constexpr = BLOCK_N * BLOCK_D * 2
         mbarrier.expect(bar_q, BLOCK_M * BLOCK_D * 2)
-        tma.async_copy_global_to_shared(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
+        gc.async_load(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
         for s in gl.static_range(STAGES):
             _issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
                       bar_k.index(s), bar_v.index(s), BLOCK_N, TILE_BYTES)
@@ -253,9 +248,10 @@ if GLUON_AVAILABLE:
         # 64-key tiles: q stays in registers as the A operand of every S product (each product then reads only K
         # from shared memory), and the loop takes two steps per iteration, so that the scores alternate between two
         # register sets instead of being copied out of the product's registers at every step (32 moves per thread).
-        # 5-7% off the kernel (H200, benchmarks/NOTES.md v13); with 128-key tiles both would spill.
+        # 5-7% off the kernel (H200, benchmarks/NOTES.md v13); with 128-key tiles both would spill. (q in registers
+        # only where that does not spill: `Q_IN_REGISTERS`.)
         LEAN: gl.constexpr = BLOCK_N == 64
-        if LEAN:
+        if LEAN and _Q_IN_REGISTERS:
             q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         else:
             q_op = q_smem
@@ -289,26 +285,33 @@ if GLUON_AVAILABLE:
 
         # -- epilogue: linear branch phi(q) R / (phi(q) . z + eps), proj_l in float32 (tf32 product), bias ----
         if HAS_LINEAR:
-            # R (input dtype) and W (float32) arrive by TMA into slots of the K/V ring, free now that every product
-            # has completed (bar_q, its second phase)
-            R_SLOTS: gl.constexpr = max(1, BLOCK_D // BLOCK_N)
-            W_SLOTS: gl.constexpr = max(1, 2 * BLOCK_D // BLOCK_N)
-            # o_l (float32) goes back to shared memory as the tf32 product's A operand: over R once R is read, or
-            # after W when R's slots are too small
-            O_SLOTS: gl.constexpr = max(1, 2 * BLOCK_M // BLOCK_N)
-            O_AT: gl.constexpr = 0 if O_SLOTS <= R_SLOTS else R_SLOTS + W_SLOTS
-            gl.static_assert(max(R_SLOTS + W_SLOTS, O_AT + O_SLOTS) <= 2 * STAGES, "the K/V ring must hold R, W, o_l")
+            # R (input dtype) and W (float32) arrive by TMA into the K/V ring, free now that every product has
+            # completed (bar_q, its second phase). Each view is one entry of the whole ring reinterpreted as equal
+            # entries (Triton 3.8+ reinterprets only views of the same size, and slices of the 2 * STAGES ring trip
+            # a power-of-two assertion), counted in units of one R tile: R in unit 0, W as its two column halves
+            # (tf32 products of k = BLOCK_D / 2) in units 1 and 2, and o_l (float32, the A operand of the tf32
+            # product) over R once R is read, or past W when it takes more than one unit
+            UNITS: gl.constexpr = 2 * STAGES * BLOCK_N // BLOCK_D
+            OL_UNITS: gl.constexpr = 2 * BLOCK_M // BLOCK_D
+            OL_AT: gl.constexpr = 0 if OL_UNITS == 1 else OL_UNITS * ((3 + OL_UNITS - 1) // OL_UNITS)
+            gl.static_assert(UNITS * BLOCK_D == 2 * STAGES * BLOCK_N, "the K/V ring must be whole R tiles")
+            gl.static_assert(OL_AT + OL_UNITS <= UNITS and UNITS % OL_UNITS == 0, "the K/V ring must hold R, W, o_l")
+            HALF: gl.constexpr = BLOCK_D // 2
             # the layouts of the host-built descriptors (`launch`), so that the copies land as the products read them
             w_layout: gl.constexpr = desc_w.layout
-            # (views that start at a slot and run over the next ones: the ring is one contiguous allocation)
-            r_smem = kv_smem.index(0)._reinterpret(dtype, [BLOCK_D, BLOCK_D], desc_r.layout)
-            w_smem = kv_smem.index(R_SLOTS)._reinterpret(gl.float32, [BLOCK_D, BLOCK_D], w_layout)
-            ol_smem = kv_smem.index(O_AT)._reinterpret(gl.float32, [BLOCK_M, BLOCK_D], w_layout)
+            r_smem = gc.reinterpret(kv_smem, dtype, [UNITS, BLOCK_D, BLOCK_D], desc_r.layout).index(0)
+            w_halves = gc.reinterpret(kv_smem, gl.float32, [UNITS, BLOCK_D, HALF], w_layout)
+            ol_smem = gc.reinterpret(kv_smem, gl.float32, [UNITS // OL_UNITS, BLOCK_M, BLOCK_D],
+                                     w_layout).index(OL_AT // OL_UNITS)
+            # o_l's column halves: with a 128-byte swizzle a float32 tile is stored 32 columns at a time, so the
+            # first half of a BLOCK_M x BLOCK_D tile is the BLOCK_M x HALF tile at the same address
+            ol_halves = gc.reinterpret(kv_smem, gl.float32, [2 * UNITS // OL_UNITS, BLOCK_M, HALF], w_layout)
             r_row = blk if REST else off_hz.to(gl.int64)  # R_i of this query block, or the head's total
-            gl.thread_barrier()
+            gc.barrier()
             mbarrier.expect(bar_q, BLOCK_D * BLOCK_D * 6)
-            tma.async_copy_global_to_shared(desc_r, [(r_row * BLOCK_D).to(gl.int32), 0], bar_q, r_smem)
-            tma.async_copy_global_to_shared(desc_w, [0, 0], bar_q, w_smem)
+            gc.async_load(desc_r, [(r_row * BLOCK_D).to(gl.int32), 0], bar_q, r_smem)
+            gc.async_load(desc_w, [0, 0], bar_q, w_halves.index(1))
+            gc.async_load(desc_w, [0, HALF], bar_q, w_halves.index(2))
             # phi(q) straight in the A-operand layout of the product with R (no layout conversion)
             offs_kp = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, p_layout))
             z = gl.load(ZB + r_row * BLOCK_D + offs_kp)
@@ -320,13 +323,16 @@ if GLUON_AVAILABLE:
             o_l = num / den[:, None]
             # acc += o_l W^T in tf32: W is stored (out, in), so its transposed view is the K-major operand tf32
             # needs; a tf32 product takes k = 8 per instruction (its own accumulator layout, same registers)
-            gl.thread_barrier()
+            gc.barrier()
             ol_smem.store(o_l)
             fence_async_shared()
             proj_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                                   instr_shape=[16, BLOCK_D, 8])
-            acc = warpgroup_mma(ol_smem, w_smem.permute((1, 0)), gl.convert_layout(acc, proj_layout))
-            acc = gl.convert_layout(acc, o_layout)
+            ol_lo: gl.constexpr = 2 * OL_AT // OL_UNITS
+            acc = warpgroup_mma(ol_halves.index(ol_lo), w_halves.index(1).permute((1, 0)),
+                                gl.convert_layout(acc, proj_layout), is_async=True)
+            acc = warpgroup_mma(ol_halves.index(ol_lo + 1), w_halves.index(2).permute((1, 0)), acc, is_async=True)
+            acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(acc,)), o_layout)
             if STORE_BWD:  # den and o_l for the backward, through a coalesced layout
                 ep_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
                 rows_ep = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ep_layout))
@@ -343,10 +349,10 @@ if GLUON_AVAILABLE:
             acc += gl.load(Bias + offs_do, mask=offs_do < HEAD_DIM, other=0.0)[None, :]
         # the output tile leaves through q's shared memory (no longer read) and TMA, which clips rows past N_CTX_Q
         # and columns past HEAD_DIM
-        gl.thread_barrier()
+        gc.barrier()
         q_smem.store(acc.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(desc_o, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_o))
+        gc.async_store(desc_o, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_o))
         tma.store_wait(0)
         mbarrier.invalidate(bar_q)
         if TIMELINE:
@@ -372,11 +378,19 @@ def _descriptor(x, box, element_bits: int = 16):
     Built without the dataclass's checks (`TensorDescriptor.__post_init__`: 16-byte alignment, unit inner stride,
     power-of-two box), which cost more host time than the rest of the launch's arguments together: every caller
     passes a tensor `custom_ops._tma_ready` made addressable, and a power-of-two box. The fields are the ones
-    `TensorDescriptor(...)` would hold (test_gluon_fwd compares them)."""
+    `TensorDescriptor(...)` would hold (test_gluon_fwd compares them), the defaulted ones included (Triton 3.7 added
+    `round_f32_to_tf32`)."""
     desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_descriptor_defaults())
     desc.__dict__.update(base=x, shape=list(x.shape), strides=list(x.stride()), block_shape=list(box),
-                         layout=_tile_layout(element_bits, len(box)), padding="zero")
+                         layout=_tile_layout(element_bits, len(box)))
     return desc
+
+
+@functools.lru_cache(maxsize=None)
+def _descriptor_defaults() -> dict:
+    # the dataclass fields with a default (padding "zero", ...), as the constructor would set them
+    return {f.name: f.default for f in dataclasses.fields(TensorDescriptor) if f.default is not dataclasses.MISSING}
 
 
 def linear_tiles_2d(tiles, has_linear: bool, like, block_d: int):
@@ -408,7 +422,7 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
     _attn_fwd_hopper_launcher[launch_grid(n_qblk, blkq, blkk, B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
-        _descriptor(r2d, [block_d, block_d]), _descriptor(w2d, [block_d, block_d], 32),
+        _descriptor(r2d, [block_d, block_d]), _descriptor(w2d, [block_d, block_d // 2], 32),
         lut, lse, den, o_l, z, proj_bias, lse if timeline is None else timeline,  # TL: unread without a timeline
         scale, H, Lq, k.shape[2], n_qblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,

@@ -35,8 +35,9 @@ except ImportError:  # pragma: no cover - older Triton
     knobs = None
 
 # Releases whose `CompiledKernel.run(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata,
-# enter_hook, exit_hook, *args)` (the call `JITFunction.run` ends with) was read and checked.
-FAST_TRITON = ((3, 6), (3, 9))
+# enter_hook, exit_hook, *args)` (the call `JITFunction.run` ends with) was read and checked, and whose
+# specialization (`native_specialize_impl`) gives the same facts for every kind of argument `_arg_key` covers.
+FAST_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
 # off (DIFFUSERS_SLA_FAST_LAUNCH=0): every launch through `kernel[grid]`, for an A/B of the host time
 ENABLED = os.environ.get("DIFFUSERS_SLA_FAST_LAUNCH", "1") != "0"
 _TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
@@ -57,7 +58,8 @@ def _arg_key(arg):
         return None
     base = getattr(arg, "base", None)  # a host-side tensor descriptor: its dtype, box and shared-memory layout
     if isinstance(base, torch.Tensor) and hasattr(arg, "block_shape"):
-        return base.dtype, tuple(arg.block_shape), arg.layout, getattr(arg, "padding", None)
+        return (base.dtype, tuple(arg.block_shape), arg.layout, getattr(arg, "padding", None),
+                getattr(arg, "round_f32_to_tf32", None))
     raise TypeError(type(arg).__name__)
 
 
