@@ -603,16 +603,35 @@ def _strip_sla_keys_hook(module, state_dict, prefix, local_metadata):
         del state_dict[key]
 
 
+def _remove_stale_sidecar(directory: str, model: nn.Module, *, has_sla: bool) -> None:
+    filename = os.path.join(directory, SLA_WEIGHTS_NAME)
+    if not os.path.isfile(filename):
+        return
+    os.remove(filename)
+    if has_sla:
+        logger.info(f"Removed the previous {filename}; the SLA weights are written again after the base weights.")
+    else:
+        logger.warning(
+            f"diffusers-sla: removed {filename}: {type(model).__name__} has no SLA layers now, so the SLA weights "
+            "there were from an earlier save and would not match the base weights saved now."
+        )
+
+
 def _wrap_save_pretrained(original):
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        layers = list(iter_sla_layers(self))
-        if not layers or os.path.isfile(os.fspath(save_directory)):
+        if os.path.isfile(os.fspath(save_directory)):
             return original(self, save_directory, *args, **kwargs)
+        layers = list(iter_sla_layers(self))
         bound = signature.bind(self, save_directory, *args, **kwargs)
         is_main_process = bound.arguments.get("is_main_process", True)
+        if is_main_process:
+            # A sidecar left by an earlier save must never sit beside these new base weights.
+            _remove_stale_sidecar(os.fspath(save_directory), self, has_sla=bool(layers))
+        if not layers:
+            return original(self, save_directory, *args, **kwargs)
         # Before the original call: `save_pretrained(push_to_hub=True)` uploads the folder from inside it.
         save_sla(self, save_directory, is_main_process=is_main_process)
         handles = [attn.register_state_dict_post_hook(_strip_sla_keys_hook) for _, attn, _ in layers]

@@ -186,6 +186,31 @@ def test_model_without_sla_is_unaffected(tmp_path):
     assert not getattr(ModelMixin.save_pretrained.__wrapped__, "_diffusers_sla_hook", False)
 
 
+def test_saving_without_sla_removes_a_stale_sidecar(tmp_path, caplog):
+    # A folder saved with SLA, then saved again from the same model with SLA turned off: the old sidecar must not
+    # stay beside the new base weights, where `enable_sla` would load its old `proj_l`.
+    tiny = enabled_tiny("flux", sla_seed=2)
+    tiny.model.save_pretrained(tmp_path)
+    assert (tmp_path / SLA_WEIGHTS_NAME).is_file()
+    disable_sla(tiny.model)
+    with caplog.at_level(logging.WARNING, logger="diffusers_sla.serialization"):
+        tiny.model.save_pretrained(tmp_path)
+    assert not (tmp_path / SLA_WEIGHTS_NAME).exists()
+    assert "removed" in caplog.text and SLA_WEIGHTS_NAME in caplog.text
+    loaded = type(tiny.model).from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="No SLA weights found"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
+    assert all(not t.any() for t in get_sla_state_dict(loaded).values())
+    # The same for a pipeline: each component folder.
+    pipe, _ = build_tiny_pipeline("wan", seed=0)
+    enable_sla(pipe, **TEST_SLA_OVERRIDES)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "transformer" / SLA_WEIGHTS_NAME).is_file()
+    disable_sla(pipe)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert not (tmp_path / "pipe" / "transformer" / SLA_WEIGHTS_NAME).exists()
+
+
 def test_only_main_process_writes(tmp_path):
     tiny = enabled_tiny("flux", sla_seed=1)
     tiny.model.save_pretrained(tmp_path, is_main_process=False)
