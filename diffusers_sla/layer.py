@@ -10,6 +10,29 @@ from .config import SLAConfig
 from .ops.api import preload_backends, sparse_linear_attention
 
 
+class SLAProjection(nn.Module):
+    """`proj_l`: the float32 `(dim, dim)` projection of SLA's linear branch, with `weight` and `bias` as `nn.Linear`
+    names them.
+
+    Deliberately not an `nn.Linear`: the SLA kernels read `weight` and `bias` directly, so anything that wraps or
+    replaces Linear layers (PEFT adapters, quantizers, diffusers' layerwise casting) would change nothing the kernels
+    compute, or take `proj_l` out of float32. PEFT's `target_modules="all-linear"` therefore leaves it alone, and naming
+    it as a target is PEFT's "not supported" error. It has `head_dim**2` parameters: train it in full.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, dim, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        # PEFT's error for a target it cannot wrap quotes this repr: say why
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}; read directly by the SLA kernels, takes no adapter"
+
+
 class SparseLinearAttention(nn.Module):
     """Sparse-Linear Attention over (batch, heads, seq, head_dim) tensors.
 
@@ -19,13 +42,18 @@ class SparseLinearAttention(nn.Module):
             (`SparseLinearAttention(128, topk=0.15)`).
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"torch"` or `"triton"`.
 
-    `proj_l` is an `nn.Linear(head_dim, head_dim)` initialised to zero, so a freshly installed SLA layer adds nothing
-    to the sparse branch until it is trained. It stays float32 whatever dtype the model is moved to: mixed-precision
-    training keeps its small updates (see `_apply`).
+    `proj_l` is an `SLAProjection(head_dim)` (weight and bias as in `nn.Linear`) initialised to zero, so a freshly
+    installed SLA layer adds nothing to the sparse branch until it is trained. It stays float32 whatever dtype the
+    model is moved to: mixed-precision training keeps its small updates (see `_apply`).
     """
 
     # Parameters that belong to SLA (what `sla_attention.safetensors` stores for each layer).
     sla_parameter_names = ("proj_l.weight", "proj_l.bias")
+
+    def sla_parameters(self) -> dict[str, nn.Parameter]:
+        """`{name: parameter}` for `sla_parameter_names`, by attribute (not `named_parameters`), so that names stay
+        the same whatever else is attached to the model."""
+        return {"proj_l.weight": self.proj_l.weight, "proj_l.bias": self.proj_l.bias}
 
     def __init__(self, head_dim: int, config: SLAConfig | dict | str | None = None, backend: str = "auto",
                  **overrides):
@@ -35,9 +63,7 @@ class SparseLinearAttention(nn.Module):
         self.head_dim = head_dim
         self.config = SLAConfig.coerce(config, **overrides)
         self.backend = backend
-        self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
-        nn.init.zeros_(self.proj_l.weight)
-        nn.init.zeros_(self.proj_l.bias)
+        self.proj_l = SLAProjection(head_dim)
         preload_backends()
 
     def forward(

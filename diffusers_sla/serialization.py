@@ -69,7 +69,7 @@ def get_sla_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`{entry name: tensor}` of every SLA parameter of `model`, named as in `sla_attention.safetensors`."""
     state = {}
     for path, _, layer in iter_sla_layers(model):
-        params = dict(layer.named_parameters())
+        params = layer.sla_parameters()
         for entry, name in zip(sla_entry_names(path), SparseLinearAttention.sla_parameter_names):
             state[entry] = params[name]
     return state
@@ -253,7 +253,7 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
         )
     params = {}
     for path, layer in layers.items():
-        named = dict(layer.named_parameters())
+        named = layer.sla_parameters()
         for entry, name in zip(sla_entry_names(path), SparseLinearAttention.sla_parameter_names):
             params[entry] = (path, named[name])
 

@@ -232,6 +232,44 @@ def test_metadata(tmp_path):
     assert set(json.loads(meta["head_dims"]).values()) == {16}
 
 
+# ===== PEFT adapters =====
+
+
+def test_lora_cannot_target_proj_l(tmp_path):
+    # The SLA kernels read proj_l's weight and bias directly, so an adapter there would change nothing they compute:
+    # naming it is an error, and "all-linear" leaves it alone.
+    from peft import LoraConfig
+
+    tiny = enabled_tiny("flux", sla_seed=3)
+    with pytest.raises(ValueError, match=r"(?s)SLAProjection.*not supported"):
+        tiny.model.add_adapter(LoraConfig(r=4, target_modules=["to_q", "proj_l"]), adapter_name="bad")
+    assert all(isinstance(t, torch.nn.Parameter) for t in get_sla_state_dict(tiny.model).values())
+
+
+def test_saving_works_with_lora_adapters(tmp_path):
+    from peft import LoraConfig
+
+    tiny = enabled_tiny("flux", sla_seed=4)
+    inputs = tiny.make_inputs(seed=5)
+    expected_sla = sla_snapshot(tiny.model)
+    tiny.model.add_adapter(LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    # the adapters are in place on the model's own projections, and proj_l is left as it was
+    assert type(tiny.model.transformer_blocks[0].attn.to_q).__module__.startswith("peft")
+    assert not any("proj_l.lora" in name or "proj_l.base_layer" in name for name, _ in tiny.model.named_parameters())
+    with torch.no_grad():
+        with_lora = forward_output(tiny.model, inputs)
+    (path,) = save_sla(tiny.model, tmp_path / "sla")
+    assert_same_state(read_sla_file(path).tensors, expected_sla)
+    tiny.model.save_pretrained(tmp_path / "model")
+    assert_same_state(read_sla_file(tmp_path / "model" / SLA_WEIGHTS_NAME).tensors, expected_sla)
+    assert not any(".sla." in k for k in safetensors_keys(tmp_path / "model" / BASE_WEIGHTS))
+    # the LoRA'd model still runs SLA with its trained proj_l: zeroing proj_l changes the output
+    with torch.no_grad():
+        for tensor in get_sla_state_dict(tiny.model).values():
+            tensor.zero_()
+        assert not torch.allclose(forward_output(tiny.model, inputs), with_lora, atol=1e-4)
+
+
 # ===== Hub: push_to_hub and loading by repo id =====
 
 
