@@ -8,7 +8,9 @@ Layout of the file (format `SLA_FORMAT_VERSION`):
 * string metadata: `format` (`"pt"`), `diffusers_sla_format` (the format version), `diffusers_sla_version`,
   `sla_config` (the `SLAConfig` as JSON), `head_dims` (JSON `{attention path: head_dim}`), `model_class`, and
   `sla_layer_configs` (JSON `{attention path: operator fields}`) only for layers whose operator differs from
-  `sla_config`.
+  `sla_config`, and, when `save_pretrained` wrote it, `base_weights` (JSON `{file name: {"size", "sampled_sha256"}}`
+  of the base weight files written by the same save), so that SLA weights found beside other base weights (an
+  interrupted save, a copied file) are detected on load.
 
 The file lives beside the transformer's own weights. Importing this module hooks `ModelMixin.save_pretrained` (so
 `save_pretrained`, `pipe.save_pretrained` and `push_to_hub` write the file, and the base weights stay free of SLA
@@ -19,6 +21,7 @@ replay the file from there).
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -46,6 +49,12 @@ METADATA_CONFIG_KEY = "sla_config"
 METADATA_LAYER_CONFIGS_KEY = "sla_layer_configs"
 METADATA_HEAD_DIMS_KEY = "head_dims"
 METADATA_MODEL_CLASS_KEY = "model_class"
+METADATA_BASE_WEIGHTS_KEY = "base_weights"
+
+# The base weights' fingerprint hashes this many evenly spaced chunks of each file (the whole file when smaller):
+# multi-GB files are checked in milliseconds, and fine-tuning changes the weights everywhere.
+_FINGERPRINT_CHUNKS = 16
+_FINGERPRINT_CHUNK_BYTES = 64 * 1024
 
 # Attribute set on models by the `from_pretrained` hook: where the model was loaded from.
 _LOAD_SOURCE_ATTR = "_sla_load_source"
@@ -102,7 +111,9 @@ def _short_list(items, limit: int = 8) -> str:
 # ===== Saving =====
 
 
-def _sla_file_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _sla_file_contents(
+    model: nn.Module, base_weights: dict[str, dict] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from . import __version__
 
     layers = list(iter_sla_layers(model))
@@ -127,7 +138,37 @@ def _sla_file_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     }
     if layer_configs:
         metadata[METADATA_LAYER_CONFIGS_KEY] = json.dumps(layer_configs, sort_keys=True)
+    if base_weights:
+        metadata[METADATA_BASE_WEIGHTS_KEY] = json.dumps(base_weights, sort_keys=True)
     return tensors, metadata
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on some platforms: nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fingerprint(path: str) -> dict[str, Any]:
+    """`{"size", "sampled_sha256"}` of a file: its size and the SHA-256 of `_FINGERPRINT_CHUNKS` evenly spaced chunks."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= _FINGERPRINT_CHUNKS * _FINGERPRINT_CHUNK_BYTES:
+            digest.update(handle.read())
+        else:
+            step = (size - _FINGERPRINT_CHUNK_BYTES) // (_FINGERPRINT_CHUNKS - 1)
+            for index in range(_FINGERPRINT_CHUNKS):
+                handle.seek(index * step)
+                digest.update(handle.read(_FINGERPRINT_CHUNK_BYTES))
+    return {"size": size, "sampled_sha256": digest.hexdigest()}
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], filename: str) -> None:
@@ -138,7 +179,9 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        _fsync(tmp)  # the data is on disk before the rename makes it visible under the real name
         os.replace(tmp, filename)
+        _fsync(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -186,6 +229,8 @@ class SLAWeightsFile:
     metadata: dict[str, str]
     # Operator config of the layers that differ from `config`, by attention path.
     layer_configs: dict[str, SLAConfig] = field(default_factory=dict)
+    # `{file name: {"size", "sampled_sha256"}}` of the base weights saved with these SLA weights (may be empty).
+    base_weights: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def config_for(self, path: str) -> SLAConfig:
         return self.layer_configs.get(path, self.config)
@@ -229,7 +274,46 @@ def read_sla_file(path: str | os.PathLike) -> SLAWeightsFile:
         }
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} has an invalid `{METADATA_CONFIG_KEY}` metadata entry: {err}") from err
-    return SLAWeightsFile(path=path, tensors=tensors, config=config, metadata=metadata, layer_configs=layer_configs)
+    base_weights = _parse_base_weights(path, metadata.get(METADATA_BASE_WEIGHTS_KEY))
+    return SLAWeightsFile(path=path, tensors=tensors, config=config, metadata=metadata, layer_configs=layer_configs,
+                          base_weights=base_weights)
+
+
+def _parse_base_weights(path: str, text: str | None) -> dict[str, dict[str, Any]]:
+    if text is None:
+        return {}
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None
+    valid = isinstance(values, dict) and all(
+        isinstance(name, str) and os.path.basename(name) == name and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int) and isinstance(entry.get("sampled_sha256"), str)
+        for name, entry in values.items()
+    )
+    if not valid:
+        raise ValueError(
+            f"{path} has an invalid `{METADATA_BASE_WEIGHTS_KEY}` metadata entry: expected a JSON object "
+            f'{{"file name": {{"size": int, "sampled_sha256": str}}}}, got {text[:200]!r}.'
+        )
+    return values
+
+
+def _base_weight_mismatches(weights: SLAWeightsFile) -> list[str]:
+    """The base weight files beside `weights.path` that differ from the ones saved with it (files that are not
+    there are not checked: SLA weights may travel alone)."""
+    folder = os.path.dirname(os.path.abspath(weights.path))
+    mismatches = []
+    for name, saved in sorted(weights.base_weights.items()):
+        full = os.path.join(folder, name)
+        if not os.path.isfile(full):
+            continue
+        found = _fingerprint(full)
+        if found["size"] != saved["size"]:
+            mismatches.append(f"{name} ({found['size']} bytes, saved with {saved['size']})")
+        elif found["sampled_sha256"] != saved["sampled_sha256"]:
+            mismatches.append(f"{name} (same size, other contents)")
+    return mismatches
 
 
 class SLALoadResult(NamedTuple):
@@ -280,6 +364,12 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
         soft.append(f"extra entries (in the file, no such SLA layer in the model): {_short_list(unexpected)}")
     if not common:
         errors.append("no SLA layer of the model is in the file")
+    mismatches = _base_weight_mismatches(weights)
+    if mismatches:
+        soft.append(
+            f"the base weights beside it are not the ones these SLA weights were saved with: {_short_list(mismatches)}"
+            " (an interrupted `save_pretrained`, or SLA weights copied from another save)"
+        )
 
     differences: dict[str, tuple[Any, Any]] = {}
     for path in sorted({params[k][0] for k in common}):
@@ -294,7 +384,7 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         # Only layer-set and config problems can be waived.
-        fix = "\nPass `strict=False` to load the layers present in both anyway." if strict and soft else ""
+        fix = "\nPass `strict=False` to load anyway (these problems then become warnings)." if strict and soft else ""
         raise ValueError(f"Cannot load SLA weights from {weights.path} (the model was left unchanged):\n{lines}{fix}")
     for message in soft:
         warnings.warn(f"Loading SLA weights from {weights.path} with strict=False: {message}.", stacklevel=3)
@@ -617,6 +707,32 @@ def _remove_stale_sidecar(directory: str, model: nn.Module, *, has_sla: bool) ->
         )
 
 
+def _file_states(directory: str) -> dict[str, tuple[int, int, int]]:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return {}
+    states = {}
+    for entry in entries:
+        if entry.is_file():
+            stat = entry.stat()
+            states[entry.name] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return states
+
+
+def _written_base_weights(directory: str, before: dict[str, tuple[int, int, int]]) -> dict[str, dict[str, Any]]:
+    """Fingerprints of the weight files a save just wrote in `directory` (new or changed since `before`), each
+    synced to disk first: the SLA file that names them must not reach the disk before they do."""
+    written = {}
+    for name, state in sorted(_file_states(directory).items()):
+        if name in (SLA_WEIGHTS_NAME, "config.json", "README.md") or name.startswith(".") or before.get(name) == state:
+            continue
+        full = os.path.join(directory, name)
+        _fsync(full)
+        written[name] = _fingerprint(full)
+    return written
+
+
 def _wrap_save_pretrained(original):
     signature = inspect.signature(original)
 
@@ -627,19 +743,40 @@ def _wrap_save_pretrained(original):
         layers = list(iter_sla_layers(self))
         bound = signature.bind(self, save_directory, *args, **kwargs)
         is_main_process = bound.arguments.get("is_main_process", True)
+        directory = os.fspath(save_directory)
         if is_main_process:
             # A sidecar left by an earlier save must never sit beside these new base weights.
-            _remove_stale_sidecar(os.fspath(save_directory), self, has_sla=bool(layers))
+            _remove_stale_sidecar(directory, self, has_sla=bool(layers))
         if not layers:
             return original(self, save_directory, *args, **kwargs)
-        # Before the original call: `save_pretrained(push_to_hub=True)` uploads the folder from inside it.
-        save_sla(self, save_directory, is_main_process=is_main_process)
+        before = _file_states(directory)
+        written = []
+
+        def write_sidecar():
+            # After the base weights, so that an interrupted save never pairs new SLA weights with old base weights.
+            if written or not is_main_process:
+                return
+            tensors, metadata = _sla_file_contents(self, _written_base_weights(directory, before))
+            filename = os.path.join(directory, SLA_WEIGHTS_NAME)
+            _write_safetensors(tensors, metadata, filename)
+            written.append(filename)
+            logger.info(f"Saved SLA weights of {len(tensors) // 2} layers to {filename}.")
+
+        def upload_folder(*upload_args, **upload_kwargs):
+            # `save_pretrained(push_to_hub=True)` uploads from inside the save, once the base weights are written.
+            write_sidecar()
+            return type(self)._upload_folder(self, *upload_args, **upload_kwargs)
+
         handles = [attn.register_state_dict_post_hook(_strip_sla_keys_hook) for _, attn, _ in layers]
+        self.__dict__["_upload_folder"] = upload_folder
         try:
-            return original(self, save_directory, *args, **kwargs)
+            result = original(self, save_directory, *args, **kwargs)
         finally:
+            self.__dict__.pop("_upload_folder", None)
             for handle in handles:
                 handle.remove()
+        write_sidecar()
+        return result
 
     save_pretrained._diffusers_sla_hook = True
     return save_pretrained

@@ -211,6 +211,74 @@ def test_saving_without_sla_removes_a_stale_sidecar(tmp_path, caplog):
     assert not (tmp_path / "pipe" / "transformer" / SLA_WEIGHTS_NAME).exists()
 
 
+def test_sidecar_is_written_after_the_base_weights(tmp_path):
+    # A save that fails while writing the base weights (here: a folder where the weights file goes) must not leave
+    # new SLA weights beside whatever base weights were there.
+    tiny = enabled_tiny("flux", sla_seed=2)
+    (tmp_path / BASE_WEIGHTS).mkdir()
+    with pytest.raises(Exception, match="Is a directory"):
+        tiny.model.save_pretrained(tmp_path)
+    assert not (tmp_path / SLA_WEIGHTS_NAME).exists()
+
+
+def test_sidecar_records_the_base_weights_it_was_saved_with(tmp_path):
+    tiny = enabled_tiny("flux", sla_seed=2)
+    tiny.model.save_pretrained(tmp_path / "one")
+    tiny.model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    for folder in ("one", "sharded"):
+        with safe_open(str(tmp_path / folder / SLA_WEIGHTS_NAME), framework="pt") as handle:
+            recorded = json.loads(handle.metadata()["base_weights"])
+        on_disk = sorted(n for n in os.listdir(tmp_path / folder) if n.startswith("diffusion_pytorch_model"))
+        assert sorted(recorded) == on_disk and (len(on_disk) > 2 if folder == "sharded" else on_disk == [BASE_WEIGHTS])
+        assert all(recorded[n]["size"] == os.path.getsize(tmp_path / folder / n) for n in on_disk)
+
+
+def test_sidecar_beside_other_base_weights_is_detected(tmp_path):
+    # SLA weights from one save beside the base weights of another (an interrupted save, a copied file): the same
+    # architecture and file sizes, other weights.
+    first = enabled_tiny("flux", seed=0, sla_seed=2)
+    second = enabled_tiny("flux", seed=1, sla_seed=3)
+    first.model.save_pretrained(tmp_path / "first")
+    second.model.save_pretrained(tmp_path / "second")
+    os.replace(tmp_path / "second" / SLA_WEIGHTS_NAME, tmp_path / "first" / SLA_WEIGHTS_NAME)
+    loaded = type(first.model).from_pretrained(tmp_path / "first")
+    with pytest.raises(ValueError, match=rf"(?s)base weights beside it .*{BASE_WEIGHTS}.*strict=False"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
+    assert not get_sla_state_dict(loaded)
+    target = enabled_tiny("flux", sla_seed=4)
+    before = sla_snapshot(target.model)
+    _expect_error(target.model, before, tmp_path / "first", "base weights beside it")
+    with pytest.warns(UserWarning, match="base weights beside it"):
+        load_sla(target.model, tmp_path / "first", strict=False)
+    assert_same_state(sla_snapshot(target.model), sla_snapshot(second.model))
+    # The file alone, away from any base weights, loads as before.
+    (tmp_path / "alone").mkdir()
+    os.replace(tmp_path / "first" / SLA_WEIGHTS_NAME, tmp_path / "alone" / SLA_WEIGHTS_NAME)
+    load_sla(target.model, tmp_path / "alone")
+
+
+def test_sidecar_is_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    # Spies (the real calls still run): the temporary file's data reaches the disk before the rename publishes it.
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    enabled_tiny("flux", sla_seed=2).model.save_pretrained(tmp_path)
+    (renamed,) = [path for kind, path in events if kind == "replace" and ".sla_attention." in path]
+    synced = [path for kind, path in events if kind == "fsync"]
+    assert renamed in synced and events.index(("fsync", renamed)) < events.index(("replace", renamed))
+    assert str(tmp_path / BASE_WEIGHTS) in synced  # the base weights are on disk before the sidecar names them
+
+
 def test_only_main_process_writes(tmp_path):
     tiny = enabled_tiny("flux", sla_seed=1)
     tiny.model.save_pretrained(tmp_path, is_main_process=False)
