@@ -28,9 +28,12 @@ ALLOWED_ROUTES = ("sla", "dense")
 OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SLAConfig:
     """Configuration of Sparse-Linear Attention.
+
+    Immutable: every value is checked once, when the config is built, so derive a changed config with
+    `dataclasses.replace(config, topk=0.1)` (checked again) instead of assigning to a field.
 
     Args:
         topk (`float`, *optional*, defaults to `0.2`):
@@ -74,17 +77,18 @@ class SLAConfig:
     min_kv_blocks: int = field(default=4, metadata={"help": "Calls with fewer key blocks than this run dense."})
 
     def __post_init__(self):
+        # The dataclass is frozen: normalised values go in through object.__setattr__.
         # JSON and CLI users hand us ints for floats and strings in any case; normalise before checking.
         if isinstance(self.topk, bool) or not isinstance(self.topk, (int, float)):
             raise ValueError(f"`topk` must be a number in (0, 1], got {self.topk!r}.")
-        self.topk = float(self.topk)
+        object.__setattr__(self, "topk", float(self.topk))
         if not 0.0 < self.topk <= 1.0:
             raise ValueError(f"`topk` must be in (0, 1], got {self.topk}.")
         for name in ("blkq", "blkk"):
             value = getattr(self, name)
             if isinstance(value, bool) or value not in ALLOWED_BLOCK_SIZES:
                 raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCK_SIZES)}, got {value!r}.")
-            setattr(self, name, int(value))
+            object.__setattr__(self, name, int(value))
         for name, allowed in (
             ("feature_map", ALLOWED_FEATURE_MAPS),
             ("linear_scope", ALLOWED_LINEAR_SCOPES),
@@ -94,7 +98,7 @@ class SLAConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or value.lower() not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-            setattr(self, name, value.lower())
+            object.__setattr__(self, name, value.lower())
         if not isinstance(self.tie_feature_map_qk, bool):
             raise ValueError(f"`tie_feature_map_qk` must be true or false, got {self.tie_feature_map_qk!r}.")
         if isinstance(self.min_kv_blocks, bool) or not isinstance(self.min_kv_blocks, int) or self.min_kv_blocks < 0:

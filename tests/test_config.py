@@ -84,3 +84,25 @@ def test_case_is_normalised_and_operator_differences():
     assert cfg.feature_map == "elu"
     diff = SLAConfig(topk=0.1).operator_differences(SLAConfig(topk=0.2, cross_attention="sla"))
     assert diff == {"topk": (0.1, 0.2)}
+
+
+def test_config_is_immutable_and_derived_with_replace():
+    # A config is checked once, when it is built: edits after that would reach the kernels unchecked.
+    import dataclasses
+
+    from diffusers_sla import SLAAttnProcessor, SparseLinearAttention
+
+    cfg = SLAConfig(topk=0.1)
+    for name, value in (("blkq", 48), ("topk", 5.0), ("topk", 0.3)):
+        with pytest.raises(dataclasses.FrozenInstanceError, match=name):
+            setattr(cfg, name, value)
+    assert cfg == SLAConfig(topk=0.1)
+    assert dataclasses.replace(cfg, topk=0.3).topk == 0.3 and cfg.topk == 0.1
+    with pytest.raises(ValueError, match="`blkq` must be one of"):
+        dataclasses.replace(cfg, blkq=48)
+    # Processors and layers hold a config no caller can change under them.
+    processor, layer = SLAAttnProcessor(cfg), SparseLinearAttention(16, cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        processor.config.topk = 5.0
+    assert processor.config.topk == layer.config.topk == 0.1
+    assert hash(cfg) == hash(SLAConfig(topk=0.1))
