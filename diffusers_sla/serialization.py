@@ -20,6 +20,7 @@ replay the file from there).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -28,6 +29,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -124,7 +126,11 @@ def _sla_file_contents(
         key: value.detach().to("cpu", torch.float32).contiguous().clone()
         for key, value in get_sla_state_dict(model).items()
     }
-    common = layers[0][2].config
+    # the operator most layers run is the file's config; the others are listed per layer
+    counts = Counter(json.dumps(layer.config.operator_dict(), sort_keys=True) for _, _, layer in layers)
+    most = counts.most_common(1)[0][0]
+    common = next(layer.config for _, _, layer in layers
+                  if json.dumps(layer.config.operator_dict(), sort_keys=True) == most)
     layer_configs = {
         path: layer.config.operator_dict() for path, _, layer in layers if layer.config.operator_differences(common)
     }
@@ -325,6 +331,8 @@ class SLALoadResult(NamedTuple):
     unexpected_keys: list[str]
     # `{field: (installed value, file value)}` over all loaded layers; empty unless `strict=False` let it pass.
     config_differences: dict[str, tuple[Any, Any]]
+    # Layers that took the operator config the file stores for them alone (`_layer_configs_to_adopt`).
+    layer_configs: dict[str, SLAConfig] = {}
 
 
 def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
@@ -371,13 +379,18 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
             " (an interrupted `save_pretrained`, or SLA weights copied from another save)"
         )
 
+    adopt = _layer_configs_to_adopt(layers, weights)
     differences: dict[str, tuple[Any, Any]] = {}
+    by_layer: dict[str, tuple[SLAConfig, dict]] = {}
     for path in sorted({params[k][0] for k in common}):
-        for name, values in layers[path].config.operator_differences(weights.config_for(path)).items():
+        installed = adopt.get(path, layers[path].config)
+        layer_differences = installed.operator_differences(weights.config_for(path))
+        if layer_differences:
+            by_layer[path] = (installed, layer_differences)
+        for name, values in layer_differences.items():
             differences.setdefault(name, values)
-    if differences:
-        fields = ", ".join(f"`{n}` (installed {a!r}, file {b!r})" for n, (a, b) in differences.items())
-        soft.append(f"the SLA config differs from the one the weights were trained with: {fields}")
+    if by_layer:
+        soft.append(_config_mismatch_message(by_layer, weights, len(set(params[k][0] for k in common))))
 
     if strict:
         errors += soft
@@ -390,21 +403,79 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
         warnings.warn(f"Loading SLA weights from {weights.path} with strict=False: {message}.", stacklevel=3)
 
     pairs = [(params[k][1], weights.tensors[k]) for k in common]
+    result_layers = {params[k][0] for k in common}
     result = SLALoadResult(
         source=weights.path,
         loaded_layers=sorted({params[k][0] for k in common}),
         missing_layers=missing_layers,
         unexpected_keys=unexpected,
         config_differences=differences,
+        layer_configs={path: config for path, config in adopt.items() if path in result_layers},
     )
     return pairs, result
 
 
-def _apply_plan(model: nn.Module, pairs) -> None:
+def _fields(differences: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"`{n}` (installed {a!r}, file {b!r})" for n, (a, b) in differences.items())
+
+
+def _config_mismatch_message(by_layer: dict[str, tuple[SLAConfig, dict]], weights: SLAWeightsFile, loaded: int) -> str:
+    head = "the SLA config differs from the one the weights were trained with"
+    groups: dict[str, list[str]] = {}
+    for path, (_, layer_differences) in by_layer.items():
+        groups.setdefault(_fields(layer_differences), []).append(path)
+    if len(groups) == 1 and len(by_layer) == loaded:
+        return f"{head}: {next(iter(groups))}"  # one difference for every layer: the whole config
+    lines = []
+    for fields, paths in groups.items():
+        installed = by_layer[paths[0]][0].operator_dict()
+        stored = weights.config_for(paths[0]).operator_dict()
+        lines.append(f"layers {_short_list(paths)}: {fields}; installed {installed}, file {stored}")
+    return head + ", per layer:\n    " + "\n    ".join(lines)
+
+
+def _layer_configs_to_adopt(layers: dict[str, SparseLinearAttention], weights: SLAWeightsFile) -> dict[str, SLAConfig]:
+    """`{path: config}` for the layers the file gives an operator of their own (a module given its own processor
+    when saved), when every other layer runs the file's common operator, so that the installed config came from the
+    file or agrees with it: those layers take their stored operator, with the routing fields they have."""
+    if not weights.layer_configs:
+        return {}
+    others = [layer for path, layer in layers.items() if path not in weights.layer_configs]
+    if any(layer.config.operator_differences(weights.config) for layer in others):
+        return {}
+    return {
+        path: dataclasses.replace(layers[path].config, **stored.operator_dict())
+        for path, stored in weights.layer_configs.items()
+        if path in layers and layers[path].config.operator_differences(stored)
+    }
+
+
+def _apply_plan(model: nn.Module, pairs, layer_configs: dict[str, SLAConfig] | None = None) -> None:
+    if layer_configs:
+        _adopt_layer_configs(model, layer_configs)
     with torch.no_grad():
         for param, tensor in pairs:
             param.copy_(tensor)
     _mark_replayed(model)
+
+
+def _adopt_layer_configs(model: nn.Module, layer_configs: dict[str, SLAConfig]) -> None:
+    # A module whose SLA layer runs a config of its own needs a processor of its own: the shared one hands its
+    # config to every layer it runs.
+    from .processor import SLAAttnProcessor
+
+    for path, attn, layer in iter_sla_layers(model):
+        config = layer_configs.get(path)
+        if config is None:
+            continue
+        current = getattr(attn, "processor", None)
+        if isinstance(current, SLAAttnProcessor):
+            own = SLAAttnProcessor(config, backend=current.backend)
+            if current._attention_backend is not None:
+                own._attention_backend = current._attention_backend
+            attn.set_processor(own)
+        layer.config = config
+        logger.info(f"SLA layer {path} runs the config stored for it: {config.operator_dict()}.")
 
 
 def _mark_replayed(model: nn.Module) -> None:
@@ -421,7 +492,7 @@ def load_sla_state_dict(
     if not isinstance(weights, SLAWeightsFile):
         weights = read_sla_file(weights)
     pairs, result = _plan_load(model, weights, strict)
-    _apply_plan(model, pairs)
+    _apply_plan(model, pairs, result.layer_configs)
     return result
 
 
@@ -575,7 +646,7 @@ def load_sla(
     # Everything was checked: now copy.
     results = []
     for model, pairs, result in plans:
-        _apply_plan(model, pairs)
+        _apply_plan(model, pairs, result.layer_configs)
         logger.info(f"Loaded SLA weights of {len(result.loaded_layers)} layers from {result.source}.")
         results.append(result)
     return results

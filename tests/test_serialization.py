@@ -630,6 +630,47 @@ def test_bad_config_in_replay_raises_and_keeps_model(tmp_path):
     assert all(t.any() for t in get_sla_state_dict(loaded).values())
 
 
+def test_per_layer_configs_round_trip(tmp_path):
+    # One layer given its own processor: its config is saved with it and comes back with it.
+    tiny = enabled_tiny("flux", sla_seed=27)
+    odd = "single_transformer_blocks.0.attn"
+    tiny.model.get_submodule(odd).set_processor(SLAAttnProcessor(**{**TEST_SLA_OVERRIDES, "topk": 0.25}))
+    inputs = tiny.make_inputs(seed=3)
+    with torch.no_grad():
+        expected = forward_output(tiny.model, inputs)
+    tiny.model.save_pretrained(tmp_path)
+    for settings in ({}, TEST_SLA_OVERRIDES):  # the stored config, or an explicit one that agrees with it
+        loaded = type(tiny.model).from_pretrained(tmp_path)
+        enable_sla(loaded, **settings)
+        configs = {path: layer.config for path, _, layer in iter_sla_layers(loaded)}
+        assert configs[odd].topk == 0.25 and configs["transformer_blocks.0.attn"].topk == 0.2
+        assert loaded.get_submodule(odd).processor.config.topk == 0.25
+        with torch.no_grad():
+            assert torch.equal(forward_output(loaded, inputs), expected)
+    # load_sla into a model running the common config does the same.
+    target = enabled_tiny("flux")
+    (result,) = load_sla(target.model, tmp_path)
+    assert {path: c.topk for path, c in result.layer_configs.items()} == {odd: 0.25}
+    with torch.no_grad():
+        assert torch.equal(forward_output(target.model, inputs), expected)
+
+
+def test_per_layer_config_mismatch_names_the_layer_and_both_configs(tmp_path):
+    tiny = enabled_tiny("flux", sla_seed=28)
+    odd = "single_transformer_blocks.0.attn"
+    tiny.model.get_submodule(odd).set_processor(SLAAttnProcessor(**{**TEST_SLA_OVERRIDES, "topk": 0.25}))
+    tiny.model.save_pretrained(tmp_path)
+    loaded = type(tiny.model).from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"(?s)\['{odd}'\]: `topk` \(installed 0.5, file 0.25\).*installed "
+                                         r"\{'topk': 0.5.*file \{'topk': 0.25.*"
+                                         r"\['transformer_blocks.0.attn'\]: `topk` \(installed 0.5, file 0.2\)"):
+        enable_sla(loaded, **{**TEST_SLA_OVERRIDES, "topk": 0.5})
+    assert not get_sla_state_dict(loaded)
+    with pytest.warns(UserWarning, match=rf"(?s)strict=False.*'{odd}'"):
+        enable_sla(loaded, strict=False, **{**TEST_SLA_OVERRIDES, "topk": 0.5})
+    assert all(layer.config.topk == 0.5 for _, _, layer in iter_sla_layers(loaded))
+
+
 def test_set_attn_processor_loads_the_weights_saved_beside_the_model(tmp_path):
     tiny = enabled_tiny("flux", sla_seed=25)
     tiny.model.save_pretrained(tmp_path)
