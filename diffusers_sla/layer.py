@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import SLAConfig
-from .ops.api import preload_backends, sparse_linear_attention
+from .ops.api import BACKEND_NAMES, preload_backends, sparse_linear_attention
 
 
 class SLAProjection(nn.Module):
@@ -60,6 +60,8 @@ class SparseLinearAttention(nn.Module):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"`head_dim` must be a positive integer, got {head_dim!r}.")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
         self.head_dim = head_dim
         self.config = SLAConfig.coerce(config, **overrides)
         self.backend = backend

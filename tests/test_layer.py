@@ -61,3 +61,8 @@ def test_bad_arguments():
         SparseLinearAttention(64, blkq=16)
     with pytest.raises(ValueError, match="built for head_dim=64"):
         SparseLinearAttention(64)(*(torch.randn(1, 1, 10, 32) for _ in range(3)))
+
+
+def test_backend_is_checked_when_a_layer_is_built():
+    with pytest.raises(ValueError, match=r"`backend` must be one of \['auto', 'torch', 'triton'\], got 'cuda'"):
+        SparseLinearAttention(16, backend="cuda")
