@@ -173,7 +173,8 @@ class SLAConfig:
             raise ValueError(f"SLAConfig.from_json could not parse {where}: {err}.") from err
         if not isinstance(values, dict):
             raise ValueError(
-                f"SLAConfig.from_json: {where} must hold a JSON object of SLAConfig fields, got {type(values).__name__}."
+                f"SLAConfig.from_json: {where} must hold a JSON object of SLAConfig fields, got "
+                f"{type(values).__name__}."
             )
         return cls.from_dict(values, allow_unknown=allow_unknown)
 

@@ -16,8 +16,8 @@ class SLAProjection(nn.Module):
 
     Deliberately not an `nn.Linear`: the SLA kernels read `weight` and `bias` directly, so anything that wraps or
     replaces Linear layers (PEFT adapters, quantizers, diffusers' layerwise casting) would change nothing the kernels
-    compute, or take `proj_l` out of float32. PEFT's `target_modules="all-linear"` therefore leaves it alone, and naming
-    it as a target is PEFT's "not supported" error. It has `head_dim**2` parameters: train it in full.
+    compute, or take `proj_l` out of float32. PEFT's `target_modules="all-linear"` therefore leaves it alone, and
+    naming it as a target is PEFT's "not supported" error. It has `head_dim**2` parameters: train it in full.
     """
 
     def __init__(self, dim: int):

@@ -163,7 +163,8 @@ def _fsync(path: str) -> None:
 
 
 def _fingerprint(path: str) -> dict[str, Any]:
-    """`{"size", "sampled_sha256"}` of a file: its size and the SHA-256 of `_FINGERPRINT_CHUNKS` evenly spaced chunks."""
+    """`{"size", "sampled_sha256"}` of a file: its size, and the SHA-256 of `_FINGERPRINT_CHUNKS` evenly spaced
+    chunks."""
     size = os.path.getsize(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -274,12 +275,18 @@ def read_sla_file(path: str | os.PathLike) -> SLAWeightsFile:
         config_values = json.loads(metadata[METADATA_CONFIG_KEY])
         # A newer diffusers-sla may have added routing fields: drop them with a warning, keep the operator.
         config = SLAConfig.from_dict(config_values, allow_unknown=True)
-        layer_configs = {
-            layer_path: SLAConfig.from_dict({**config.to_dict(), **values}, allow_unknown=True)
-            for layer_path, values in json.loads(metadata.get(METADATA_LAYER_CONFIGS_KEY, "{}")).items()
-        }
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} has an invalid `{METADATA_CONFIG_KEY}` metadata entry: {err}") from err
+    try:
+        stored = json.loads(metadata.get(METADATA_LAYER_CONFIGS_KEY, "{}"))
+        if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
+            raise TypeError(f"expected a JSON object {{attention path: {{field: value}}}}, got {stored!r:.200}")
+        layer_configs = {
+            layer_path: SLAConfig.from_dict({**config.to_dict(), **values}, allow_unknown=True)
+            for layer_path, values in stored.items()
+        }
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} has an invalid `{METADATA_LAYER_CONFIGS_KEY}` metadata entry: {err}") from err
     base_weights = _parse_base_weights(path, metadata.get(METADATA_BASE_WEIGHTS_KEY))
     return SLAWeightsFile(path=path, tensors=tensors, config=config, metadata=metadata, layer_configs=layer_configs,
                           base_weights=base_weights)
@@ -366,6 +373,11 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     ]
     if shapes:
         errors.append(f"shape mismatch for {_short_list(shapes)}")
+    # NaN or inf in proj_l turns every output of the model into NaN
+    non_finite = [k for k in common if weights.tensors[k].is_floating_point()
+                  and not weights.tensors[k].isfinite().all()]
+    if non_finite:
+        errors.append(f"values that are not finite (NaN or inf) in {_short_list(non_finite)}")
     if missing_layers:
         soft.append(f"missing layers (in the model, not in the file): {_short_list(missing_layers)}")
     if unexpected:

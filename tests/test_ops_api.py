@@ -50,7 +50,7 @@ def test_accepts_non_contiguous_inputs():
         (lambda q, k, v: (q, k, v, None, torch.zeros(32, dtype=torch.bool)), {},
          "`proj_bias` must be a floating-point tensor, got torch.bool"),
         (lambda q, k, v: (q, k, v, [[0.0] * 32] * 32), {}, "`proj_weight` must be a torch.Tensor or None, got list"),
-        (lambda q, k, v: (q, k, v), {"scale": "0.5"}, "`scale` must be a positive finite number or None .*, got '0.5'"),
+        (lambda q, k, v: (q, k, v), {"scale": "0.5"}, "`scale` must be a positive finite number or None .*got '0.5'"),
         (lambda q, k, v: (q, k, v), {"scale": float("nan")}, "`scale` must be a positive finite number"),
         (lambda q, k, v: (q, k, v), {"scale": 0}, "`scale` must be a positive finite number"),
         (lambda q, k, v: (q, k, v, torch.zeros(16, 16)), {}, "`proj_weight` must have shape \\(32, 32\\)"),

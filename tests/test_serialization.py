@@ -604,6 +604,27 @@ def test_bad_dtype(bad_file_setup):
                       strict=strict)
 
 
+@pytest.mark.parametrize("entry, value", [
+    ("sla_layer_configs", "[1]"), ("sla_layer_configs", '{"transformer_blocks.0.attn": 1}'),
+    ("sla_layer_configs", "not json"), ("base_weights", "[]"), ("sla_config", "[1]"),
+])
+def test_bad_metadata(bad_file_setup, entry, value):
+    model, before, good, tmp = bad_file_setup
+    rewrite(good, tmp / "meta.safetensors", metadata_update={entry: value})
+    for strict in (True, False):
+        _expect_error(model, before, tmp / "meta.safetensors", rf"invalid `{entry}` metadata entry", strict=strict)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_bad_non_finite_weights(bad_file_setup, bad):
+    # NaN or inf in proj_l turns every output of the model into NaN: refuse the file, naming the entries.
+    model, before, good, tmp = bad_file_setup
+    key = "single_transformer_blocks.0.attn.proj_l.weight"
+    rewrite(good, tmp / "nan.safetensors", replace={key: lambda t: t.index_fill(0, torch.tensor([3]), bad)})
+    for strict in (True, False):
+        _expect_error(model, before, tmp / "nan.safetensors", rf"not finite .*{key}", strict=strict)
+
+
 def test_bad_config(bad_file_setup):
     model, before, _, tmp = bad_file_setup
     other = enabled_tiny("flux", sla_seed=22, topk=0.5, feature_map="elu")
@@ -770,6 +791,26 @@ def test_convert_simpletuner_errors(tmp_path):
         pickle.dump({"settings": {}, "state": {}, "obj": NotATensor()}, handle)
     with pytest.raises(ValueError, match=r"torch.load\(weights_only=True\)"):
         convert_simpletuner_sla(tmp_path / "evil.pt", tiny.model)
+
+
+def test_convert_refuses_non_finite_and_malformed_tensors(tmp_path):
+    tiny = enabled_tiny("flux")
+    state = simpletuner_file(tmp_path / "sla_attention.pt")
+    state["16:torch.bfloat16"]["proj_l.bias"][2] = float("nan")
+    torch.save({"settings": {}, "state": state}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"16:torch.bfloat16: .*not finite"):
+        convert_simpletuner_sla(tmp_path / "nan.pt", tiny.model)
+    wan = enabled_tiny("wan")
+    turbo = turbo_file(tmp_path / "turbo.pth")
+    turbo["net.blocks.1.self_attn.attn_op.local_attn.proj_l.weight"] = torch.tensor(1.0)  # 0-d
+    torch.save(turbo, tmp_path / "scalar.pth")
+    for model in (wan.model, None):
+        with pytest.raises(ValueError, match=r"block 1: expected proj_l.weight .* got \(\)"):
+            convert_turbodiffusion_wan(tmp_path / "scalar.pth", model)
+    turbo["net.blocks.1.self_attn.attn_op.local_attn.proj_l.weight"] = torch.full((16, 16), float("inf"))
+    torch.save(turbo, tmp_path / "inf.pth")
+    with pytest.raises(ValueError, match=r"block 1: .*not finite"):
+        convert_turbodiffusion_wan(tmp_path / "inf.pth", wan.model)
 
 
 class NotATensor:
