@@ -522,10 +522,23 @@ def _parse_hf_cache_path(directory: str) -> tuple[str, str, str, str] | None:
     return None
 
 
-def _looks_like_local_path(text: str) -> bool:
-    return os.path.isabs(text) or text.startswith(("./", "../", "~")) or text.count("/") > 1 or os.sep != "/" and (
-        os.sep in text
-    )
+# Names ending like this are files, never Hub repo ids (repo names may hold dots: "FLUX.1-dev").
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".json", ".gguf")
+
+
+def _local_path_reason(text: str) -> str | None:
+    """Why `text`, which does not exist, is a local path and not a Hub repo id (`"user/name"`), or None: a
+    typo'd file name must fail at once, not after a wait for the Hub."""
+    if os.path.isabs(text) or text.startswith(("./", "../", "~")):
+        return "it is an absolute or relative path"
+    if text.lower().endswith(_FILE_SUFFIXES):
+        return "it ends with a file extension"
+    if text.count("/") > 1 or "\\" in text or (os.sep != "/" and os.sep in text):
+        return "it has more path separators than a repo id"
+    head = text.split("/", 1)[0]
+    if "/" in text and head and os.path.isdir(head):
+        return f"a local folder {head!r} exists"
+    return None
 
 
 def _hub_download(repo_id: str, filename: str, subfolder: str | None, **hub_kwargs) -> tuple[str | None, str]:
@@ -575,8 +588,12 @@ def resolve_sla_file(
             hub_kwargs.update(revision=commit, cache_dir=cache_root)
             return _hub_download(repo_id, weight_name, sub, **hub_kwargs)
         return None, candidate
-    if _looks_like_local_path(text):
-        raise FileNotFoundError(f"No such file or directory: {text!r} (looking for SLA weights `{weight_name}`).")
+    reason = _local_path_reason(text)
+    if reason is not None:
+        raise FileNotFoundError(
+            f"No such file or directory: {text!r} (taken for a local path, not a Hub repo id, because {reason}; "
+            f"looking for SLA weights `{weight_name}`)."
+        )
     return _hub_download(text, weight_name, subfolder, **hub_kwargs)
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import types
 import warnings
 from pathlib import Path
@@ -460,6 +461,31 @@ def test_pipeline_from_offline_cache_replays(offline_hub_cache):
     loaded = type(pipe).from_pretrained("user/tiny-flux-pipe", local_files_only=True, **absent)
     enable_sla(loaded, **TEST_SLA_OVERRIDES)
     assert_same_state(sla_snapshot(loaded.transformer), sla_snapshot(pipe.transformer))
+
+
+def test_local_looking_names_fail_at_once_without_asking_the_hub(tmp_path, monkeypatch):
+    # Mocked: the Hub's servers, as hf_hub_download (it must not be reached for these names; a real one waits for
+    # the network before failing).
+    import huggingface_hub
+
+    calls = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        calls.append(repo_id)
+        raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id} has no {filename}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    target = enabled_tiny("flux")
+    for name in ("typo.safetensors", "sla_attention.pt", "weights/sla.safetensors", "outputs/run1", "runs\\one"):
+        with pytest.raises(FileNotFoundError, match=rf"No such file or directory: {re.escape(repr(name))}.*\(taken for a local "):
+            load_sla(target.model, name)
+    assert calls == []
+    # A name shaped like a repo id still goes to the Hub.
+    with pytest.warns(UserWarning, match="No SLA weights found at user/sla-weights/sla_attention.safetensors"):
+        load_sla(target.model, "user/sla-weights")
+    assert calls == ["user/sla-weights"]
 
 
 def test_hf_cache_paths_lead_back_to_the_repo(tmp_path):
