@@ -27,6 +27,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import tempfile
 import warnings
 from collections import Counter
@@ -546,13 +547,26 @@ def _hub_download(repo_id: str, filename: str, subfolder: str | None, **hub_kwar
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    where = f"{repo_id}/{subfolder + '/' if subfolder else ''}{filename} on the Hugging Face Hub"
+    path_in_repo = f"{subfolder + '/' if subfolder else ''}{filename}"
+    where = f"{repo_id}/{path_in_repo} on the Hugging Face Hub"
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename, subfolder=subfolder or None, **hub_kwargs), where
     except LocalEntryNotFoundError:
-        offline = hub_kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE
-        reason = "not in the local cache and offline mode is on" if offline else "not in the local cache"
-        return None, f"{where} ({reason})"
+        # Not in the cache, and the Hub was not asked or did not answer: say how to fetch it, not just "not found".
+        if hub_kwargs.get("local_files_only"):
+            reason = "`local_files_only=True`"
+        elif constants.HF_HUB_OFFLINE:
+            reason = "offline mode is on (HF_HUB_OFFLINE)"
+        else:
+            reason = "the Hub could not be reached"
+        command = f"hf download {repo_id} {path_in_repo}"
+        if hub_kwargs.get("revision"):
+            command += f" --revision {hub_kwargs['revision']}"
+        cache_dir = hub_kwargs.get("cache_dir")
+        if cache_dir and os.path.abspath(os.fspath(cache_dir)) != os.path.abspath(constants.HF_HUB_CACHE):
+            command += f" --cache-dir {shlex.quote(os.fspath(cache_dir))}"
+        return None, (f"{where} (not in the local cache, and {reason}; `{command}` fetches it, then `load_sla` "
+                      "loads it)")
     except EntryNotFoundError:
         return None, where
 

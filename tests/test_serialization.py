@@ -488,6 +488,42 @@ def test_local_looking_names_fail_at_once_without_asking_the_hub(tmp_path, monke
     assert calls == ["user/sla-weights"]
 
 
+def _pipeline_in_cache_without_sidecar(cache):
+    pipe, _ = build_tiny_pipeline("flux", seed=0)
+    enable_sla(pipe, **TEST_SLA_OVERRIDES)
+    snapshot = populate_cache(cache, "user/tiny-flux-pipe")
+    pipe.save_pretrained(snapshot)
+    (snapshot / "transformer" / SLA_WEIGHTS_NAME).unlink()  # downloaded by diffusers before the SLA file existed
+    absent = {name: None for name, component in pipe.components.items() if component is None}
+    return type(pipe).from_pretrained("user/tiny-flux-pipe", local_files_only=True, **absent)
+
+
+def test_unreachable_hub_warning_names_the_repo_the_file_and_the_command(offline_hub_cache):
+    loaded = _pipeline_in_cache_without_sidecar(offline_hub_cache)
+    command = f"hf download user/tiny-flux-pipe transformer/{SLA_WEIGHTS_NAME} --revision {'a' * 40}`"
+    with pytest.warns(UserWarning, match=r"(?s)user/tiny-flux-pipe/transformer/sla_attention.safetensors.*offline "
+                                         rf"mode.*{re.escape(command)}.*zero-initialised"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
+
+
+def test_unreachable_hub_without_offline_mode(offline_hub_cache, monkeypatch):
+    # Mocked: the Hub's servers, unreachable: hf_hub_download fails as it does without a network and without the
+    # file in the cache.
+    import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+
+    loaded = _pipeline_in_cache_without_sidecar(offline_hub_cache)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot reach the Hub and the file is not cached.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    with pytest.warns(UserWarning, match=r"(?s)user/tiny-flux-pipe/transformer/sla_attention.safetensors.*could not "
+                                         r"be reached.*hf download user/tiny-flux-pipe transformer/"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
+
+
 def test_hf_cache_paths_lead_back_to_the_repo(tmp_path):
     # Pipelines load components from cache snapshots without downloading the SLA file: the snapshot folder says
     # which repo, commit and subfolder to fetch it from.
