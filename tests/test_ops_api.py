@@ -143,3 +143,15 @@ def test_enclosing_autocast_does_not_recast_the_operator():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = sparse_linear_attention(q, k, v, weight, bias, blkq=32, blkk=32)
     assert inside.dtype == torch.bfloat16 and torch.equal(inside, plain)
+
+
+def test_scale_check_traces_under_torch_compile():
+    # A float scale that changes between calls is traced as a symbol: the check must not break the graph.
+    cfg = SLAConfig(blkq=32, blkk=32)
+    q, k, v = make(B=1, H=2, Lq=64, Lk=64, D=16)
+    sparse_linear_attention(q, k, v, config=cfg)  # loads the backend outside the traced code
+    fn = torch.compile(lambda q, k, v, s: sparse_linear_attention(q, k, v, scale=s, config=cfg), backend="eager",
+                       fullgraph=True)
+    for scale in (0.3, 0.4, 0.5):
+        expected = sparse_linear_attention(q, k, v, scale=scale, config=cfg)
+        assert rel_err(fn(q, k, v, scale), expected) < 1e-6
