@@ -527,15 +527,18 @@ def _parse_hf_cache_path(directory: str) -> tuple[str, str, str, str] | None:
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".json", ".gguf")
 
 
-def _local_path_reason(text: str) -> str | None:
+def _local_path_reason(text: str, guess: bool = True) -> str | None:
     """Why `text`, which does not exist, is a local path and not a Hub repo id (`"user/name"`), or None: a
-    typo'd file name must fail at once, not after a wait for the Hub."""
+    typo'd file name must fail at once, not after a wait for the Hub. `guess=False` keeps to the path forms no repo
+    id can have (for names diffusers already resolved)."""
     if os.path.isabs(text) or text.startswith(("./", "../", "~")):
         return "it is an absolute or relative path"
-    if text.lower().endswith(_FILE_SUFFIXES):
-        return "it ends with a file extension"
     if text.count("/") > 1 or "\\" in text or (os.sep != "/" and os.sep in text):
         return "it has more path separators than a repo id"
+    if not guess:
+        return None
+    if text.lower().endswith(_FILE_SUFFIXES):
+        return "it ends with a file extension"
     head = text.split("/", 1)[0]
     if "/" in text and head and os.path.isdir(head):
         return f"a local folder {head!r} exists"
@@ -580,11 +583,16 @@ def resolve_sla_file(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
+    guess_local_paths: bool = True,
 ) -> tuple[str | None, str]:
     """Find `weight_name`: a file path, a local folder (then `subfolder`), a folder of a Hugging Face cache snapshot
     (fetched from its repo when the snapshot lacks it) or a Hub repo id (`huggingface_hub.hf_hub_download`, which
     uses the cache when offline). Returns `(local path or None when there is no such file, a description of where
-    it was looked for)`. A local folder that does not exist and Hub errors other than "no such file" raise."""
+    it was looked for)`. A local folder that does not exist and Hub errors other than "no such file" raise.
+
+    A name that does not exist but looks like a local path raises `FileNotFoundError` at once: a path form no repo
+    id has, and, with `guess_local_paths` (user input), a file extension or a first component that is a local
+    folder. The replay passes `False`: there the name is one `from_pretrained` already resolved."""
     text = os.fspath(path_or_repo_id)
     if os.path.isfile(text):
         if subfolder:
@@ -602,7 +610,7 @@ def resolve_sla_file(
             hub_kwargs.update(revision=commit, cache_dir=cache_root)
             return _hub_download(repo_id, weight_name, sub, **hub_kwargs)
         return None, candidate
-    reason = _local_path_reason(text)
+    reason = _local_path_reason(text, guess_local_paths)
     if reason is not None:
         raise FileNotFoundError(
             f"No such file or directory: {text!r} (taken for a local path, not a Hub repo id, because {reason}; "
@@ -743,6 +751,7 @@ def on_sla_enabled(model_or_pipe: Any, *, strict: bool = True) -> list[SLALoadRe
                 revision=location.get("revision"),
                 cache_dir=location.get("cache_dir"),
                 local_files_only=bool(location.get("local_files_only")),
+                guess_local_paths=False,
             )
         except (OSError, ValueError) as err:
             # A network or auth failure must not make enable_sla fail; the user can still call load_sla.
@@ -791,6 +800,7 @@ def sla_config_at_load_location(model: nn.Module) -> SLAConfig | None:
         return peek_sla_config(
             location["path"], location.get("subfolder"), revision=location.get("revision"),
             cache_dir=location.get("cache_dir"), local_files_only=bool(location.get("local_files_only")),
+            guess_local_paths=False,
         )
     except (OSError, ValueError):
         return None

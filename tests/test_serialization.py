@@ -451,6 +451,18 @@ def test_replay_from_offline_cache_with_subfolder(offline_hub_cache):
     assert_same_state(sla_snapshot(loaded), sla_snapshot(source.model))
 
 
+def test_replay_from_the_hub_beside_a_local_folder_named_like_the_org(offline_hub_cache, tmp_path, monkeypatch):
+    # diffusers resolved "user/..." as a repo id: the replay must not take it for a path under ./user.
+    source = enabled_tiny("wan", sla_seed=15)
+    snapshot = populate_cache(offline_hub_cache, "user/tiny-wan-sla")
+    source.model.save_pretrained(snapshot / "transformer")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user").mkdir()
+    loaded = type(source.model).from_pretrained("user/tiny-wan-sla", subfolder="transformer")
+    enable_sla(loaded)
+    assert_same_state(sla_snapshot(loaded), sla_snapshot(source.model))
+
+
 def test_pipeline_from_offline_cache_replays(offline_hub_cache):
     pipe, _ = build_tiny_pipeline("flux", seed=0)
     enable_sla(pipe, **TEST_SLA_OVERRIDES)
