@@ -491,7 +491,8 @@ def test_local_looking_names_fail_at_once_without_asking_the_hub(tmp_path, monke
     (tmp_path / "outputs").mkdir()
     target = enabled_tiny("flux")
     for name in ("typo.safetensors", "sla_attention.pt", "weights/sla.safetensors", "outputs/run1", "runs\\one"):
-        with pytest.raises(FileNotFoundError, match=rf"No such file or directory: {re.escape(repr(name))}.*\(taken for a local "):
+        expected = rf"No such file or directory: {re.escape(repr(name))}.*\(taken for a local "
+        with pytest.raises(FileNotFoundError, match=expected):
             load_sla(target.model, name)
     assert calls == []
     # A name shaped like a repo id still goes to the Hub.
