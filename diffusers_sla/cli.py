@@ -77,19 +77,38 @@ class InspectCommand:
         print("config:")
         for key, value in weights.config.to_dict().items():
             print(f"  {key}: {value}")
-        layers = sorted({name.rsplit(".proj_l.", 1)[0] for name in weights.tensors})
+        # a damaged or hand-made file may lack a bias or hold entries of its own: show what is there
+        entries = {"weight": {}, "bias": {}}
+        others = []
+        for name, tensor in weights.tensors.items():
+            layer, _, param = name.rpartition(".proj_l.")
+            if layer and param in entries:
+                entries[param][layer] = tensor
+            else:
+                others.append(name)
+        layers = sorted(set(entries["weight"]) | set(entries["bias"]))
         rows = [("layer", "weight", "bias", "|W|", "|b|", "dtype")]
         for layer in layers:
-            w, b = weights.tensors[f"{layer}.proj_l.weight"], weights.tensors[f"{layer}.proj_l.bias"]
-            rows.append((layer, "x".join(map(str, w.shape)), "x".join(map(str, b.shape)), f"{w.float().norm():.4g}",
-                         f"{b.float().norm():.4g}", str(w.dtype).replace("torch.", "")))
+            w, b = entries["weight"].get(layer), entries["bias"].get(layer)
+            rows.append((layer, _shape(w), _shape(b), _norm(w), _norm(b),
+                         str((w if w is not None else b).dtype).replace("torch.", "")))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         print(f"layers: {len(layers)}")
         for index, row in enumerate(rows):
             print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
             if index == 0:
                 print("  " + "  ".join("-" * width for width in widths))
+        if others:
+            print(f"other entries (not loaded): {sorted(others)}")
         return 0
+
+
+def _shape(tensor) -> str:
+    return "-" if tensor is None else "x".join(map(str, tensor.shape)) or "scalar"
+
+
+def _norm(tensor) -> str:
+    return "-" if tensor is None else f"{tensor.float().norm():.4g}"
 
 
 class ConvertCommand:
@@ -169,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return args.command(args).run()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"diffusers-sla {sys.argv[1] if len(sys.argv) > 1 else ''}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # a user error (a bad path or file, a bad value): one line, no traceback
+        command = argv[0] if argv else (sys.argv[1] if len(sys.argv) > 1 else "")
+        print(f"diffusers-sla {command}: error: {err}", file=sys.stderr)
         return 1
 
 

@@ -28,9 +28,32 @@ ALLOWED_ROUTES = ("sla", "dense")
 OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope")
 
 
-@dataclass
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds; anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _whole_number(value: Any) -> int | None:
+    """An integer (Python or numpy, or a float with no fractional part, as JSON writers produce) as an `int`; None
+    for anything else, booleans included."""
+    value = _plain(value)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+@dataclass(frozen=True)
 class SLAConfig:
     """Configuration of Sparse-Linear Attention.
+
+    Immutable: every value is checked once, when the config is built, so derive a changed config with
+    `dataclasses.replace(config, topk=0.1)` (checked again) instead of assigning to a field.
 
     Args:
         topk (`float`, *optional*, defaults to `0.2`):
@@ -77,31 +100,40 @@ class SLAConfig:
     min_kv_blocks: int = field(default=4, metadata={"help": "Calls with fewer key blocks than this run dense."})
 
     def __post_init__(self):
-        # JSON and CLI users hand us ints for floats and strings in any case; normalise before checking.
-        if isinstance(self.topk, bool) or not isinstance(self.topk, (int, float)):
+        # The dataclass is frozen: normalised values go in through object.__setattr__. One rule for every field:
+        # Python and numpy scalars alike (JSON and numpy users hand us either), stored as plain Python values.
+        def store(name, value):
+            object.__setattr__(self, name, value)
+
+        topk = _plain(self.topk)
+        if isinstance(topk, bool) or not isinstance(topk, (int, float)):
             raise ValueError(f"`topk` must be a number in (0, 1], got {self.topk!r}.")
-        self.topk = float(self.topk)
+        store("topk", float(topk))
         if not 0.0 < self.topk <= 1.0:
             raise ValueError(f"`topk` must be in (0, 1], got {self.topk}.")
         for name in ("blkq", "blkk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or value not in ALLOWED_BLOCK_SIZES:
-                raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCK_SIZES)}, got {value!r}.")
-            setattr(self, name, int(value))
+            value = _whole_number(getattr(self, name))
+            if value not in ALLOWED_BLOCK_SIZES:
+                raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCK_SIZES)}, got {getattr(self, name)!r}.")
+            store(name, value)
         for name, allowed in (
             ("feature_map", ALLOWED_FEATURE_MAPS),
             ("linear_scope", ALLOWED_LINEAR_SCOPES),
             ("cross_attention", ALLOWED_ROUTES),
             ("masked_attention", ALLOWED_ROUTES),
         ):
-            value = getattr(self, name)
+            value = _plain(getattr(self, name))
             if not isinstance(value, str) or value.lower() not in allowed:
-                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-            setattr(self, name, value.lower())
-        if not isinstance(self.tie_feature_map_qk, bool):
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+            store(name, str(value).lower())
+        tie = _plain(self.tie_feature_map_qk)
+        if not isinstance(tie, bool):
             raise ValueError(f"`tie_feature_map_qk` must be true or false, got {self.tie_feature_map_qk!r}.")
-        if isinstance(self.min_kv_blocks, bool) or not isinstance(self.min_kv_blocks, int) or self.min_kv_blocks < 0:
+        store("tie_feature_map_qk", tie)
+        min_kv_blocks = _whole_number(self.min_kv_blocks)
+        if min_kv_blocks is None or min_kv_blocks < 0:
             raise ValueError(f"`min_kv_blocks` must be a non-negative integer, got {self.min_kv_blocks!r}.")
+        store("min_kv_blocks", min_kv_blocks)
 
     # ----- construction -------------------------------------------------------------------------------------------
 
@@ -128,15 +160,25 @@ class SLAConfig:
     def from_json(cls, source: str | os.PathLike, *, allow_unknown: bool = False) -> "SLAConfig":
         """Build a config from a JSON string (`'{"topk": 0.15}'`) or from the path of a JSON file."""
         text = os.fspath(source)
+        where = "JSON"
         if not text.lstrip().startswith("{"):
             if not os.path.isfile(text):
                 raise ValueError(f"SLAConfig.from_json expects a JSON object or a path to a .json file, got {text!r}.")
-            with open(text, encoding="utf-8") as handle:
-                text = handle.read()
+            where = text
+            try:
+                with open(text, encoding="utf-8") as handle:
+                    text = handle.read()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"SLAConfig.from_json could not read {where} as UTF-8 JSON: {err}.") from None
         try:
             values = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"SLAConfig.from_json could not parse JSON: {err}.") from err
+            raise ValueError(f"SLAConfig.from_json could not parse {where}: {err}.") from err
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"SLAConfig.from_json: {where} must hold a JSON object of SLAConfig fields, got "
+                f"{type(values).__name__}."
+            )
         return cls.from_dict(values, allow_unknown=allow_unknown)
 
     @classmethod

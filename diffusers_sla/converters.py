@@ -69,8 +69,7 @@ def _load_model_config(source: str | os.PathLike | dict, subfolder: str | None) 
         return dict(source)
     path = os.fspath(source)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return _read_model_config(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No model folder or config file at {path!r}.")
     if subfolder is None and os.path.isfile(os.path.join(path, "model_index.json")):
@@ -78,8 +77,21 @@ def _load_model_config(source: str | os.PathLike | dict, subfolder: str | None) 
     config_file = os.path.join(path, subfolder or "", "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"No diffusers model config at {config_file}.")
-    with open(config_file, encoding="utf-8") as handle:
-        return json.load(handle)
+    return _read_model_config(config_file)
+
+
+def _read_model_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"The target model {path!r} is not a diffusers model config (JSON): {err}. Pass the model's folder, a "
+            "pipeline folder, or its config.json."
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"The target model config {path!r} must hold a JSON object, got {type(config).__name__}.")
+    return config
 
 
 def _skeleton_with_sla(config: dict, sla_config: SLAConfig) -> nn.Module:
@@ -179,14 +191,16 @@ def _output_file(output: str | os.PathLike) -> str:
 def _check_projection(name: str, weight: Any, bias: Any, head_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
         raise ValueError(f"{name}: `proj_l.weight` and `proj_l.bias` must be tensors.")
-    dim = head_dim if head_dim is not None else weight.shape[-1]
-    if tuple(weight.shape) != (dim, dim) or tuple(bias.shape) != (dim,):
+    dim = head_dim if head_dim is not None else (weight.shape[-1] if weight.ndim == 2 else None)
+    if dim is None or tuple(weight.shape) != (dim, dim) or tuple(bias.shape) != (dim,):
+        expected = f"{(dim, dim)} and proj_l.bias {(dim,)}" if dim is not None else "(D, D) and proj_l.bias (D,)"
         raise ValueError(
-            f"{name}: expected proj_l.weight {(dim, dim)} and proj_l.bias {(dim,)}, got {tuple(weight.shape)} and "
-            f"{tuple(bias.shape)}."
+            f"{name}: expected proj_l.weight {expected}, got {tuple(weight.shape)} and {tuple(bias.shape)}."
         )
     if not weight.is_floating_point() or not bias.is_floating_point():
         raise ValueError(f"{name}: proj_l tensors must be floating point, got {weight.dtype} and {bias.dtype}.")
+    if not weight.isfinite().all() or not bias.isfinite().all():
+        raise ValueError(f"{name}: proj_l holds values that are not finite (NaN or inf): the model would output NaN.")
     return weight.detach().float().contiguous(), bias.detach().float().contiguous()
 
 

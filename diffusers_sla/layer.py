@@ -7,7 +7,30 @@ import torch
 from torch import nn
 
 from .config import SLAConfig
-from .ops.api import preload_backends, sparse_linear_attention
+from .ops.api import BACKEND_NAMES, preload_backends, sparse_linear_attention
+
+
+class SLAProjection(nn.Module):
+    """`proj_l`: the float32 `(dim, dim)` projection of SLA's linear branch, with `weight` and `bias` as `nn.Linear`
+    names them.
+
+    Deliberately not an `nn.Linear`: the SLA kernels read `weight` and `bias` directly, so anything that wraps or
+    replaces Linear layers (PEFT adapters, quantizers, diffusers' layerwise casting) would change nothing the kernels
+    compute, or take `proj_l` out of float32. PEFT's `target_modules="all-linear"` therefore leaves it alone, and
+    naming it as a target is PEFT's "not supported" error. It has `head_dim**2` parameters: train it in full.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, dim, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        # PEFT's error for a target it cannot wrap quotes this repr: say why
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}; read directly by the SLA kernels, takes no adapter"
 
 
 class SparseLinearAttention(nn.Module):
@@ -19,9 +42,9 @@ class SparseLinearAttention(nn.Module):
             (`SparseLinearAttention(128, topk=0.15)`).
         backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"torch"` or `"triton"`.
 
-    `proj_l` is an `nn.Linear(head_dim, head_dim)` initialised to zero, so a freshly installed SLA layer adds nothing
-    to the sparse branch until it is trained. It stays float32 whatever dtype the model is moved to: mixed-precision
-    training keeps its small updates (see `_apply`).
+    `proj_l` is an `SLAProjection(head_dim)` (weight and bias as in `nn.Linear`) initialised to zero, so a freshly
+    installed SLA layer adds nothing to the sparse branch until it is trained. It stays float32 whatever dtype the
+    model is moved to: mixed-precision training keeps its small updates (see `_apply`).
 
     With `linear_scope="none"` the layer keeps `proj_l` (a sidecar still loads into it, and a layer switched back to
     "rest" or "all" finds its trained weights unchanged) but never reads it: its `.grad` stays None, so optimizers
@@ -32,17 +55,22 @@ class SparseLinearAttention(nn.Module):
     # Parameters that belong to SLA (what `sla_attention.safetensors` stores for each layer).
     sla_parameter_names = ("proj_l.weight", "proj_l.bias")
 
+    def sla_parameters(self) -> dict[str, nn.Parameter]:
+        """`{name: parameter}` for `sla_parameter_names`, by attribute (not `named_parameters`), so that names stay
+        the same whatever else is attached to the model."""
+        return {"proj_l.weight": self.proj_l.weight, "proj_l.bias": self.proj_l.bias}
+
     def __init__(self, head_dim: int, config: SLAConfig | dict | str | None = None, backend: str = "auto",
                  **overrides):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"`head_dim` must be a positive integer, got {head_dim!r}.")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
         self.head_dim = head_dim
         self.config = SLAConfig.coerce(config, **overrides)
         self.backend = backend
-        self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
-        nn.init.zeros_(self.proj_l.weight)
-        nn.init.zeros_(self.proj_l.bias)
+        self.proj_l = SLAProjection(head_dim)
         preload_backends()
 
     def forward(

@@ -8,7 +8,9 @@ Layout of the file (format `SLA_FORMAT_VERSION`):
 * string metadata: `format` (`"pt"`), `diffusers_sla_format` (the format version), `diffusers_sla_version`,
   `sla_config` (the `SLAConfig` as JSON), `head_dims` (JSON `{attention path: head_dim}`), `model_class`, and
   `sla_layer_configs` (JSON `{attention path: operator fields}`) only for layers whose operator differs from
-  `sla_config`.
+  `sla_config`, and, when `save_pretrained` wrote it, `base_weights` (JSON `{file name: {"size", "sampled_sha256"}}`
+  of the base weight files written by the same save), so that SLA weights found beside other base weights (an
+  interrupted save, a copied file) are detected on load.
 
 The file lives beside the transformer's own weights. Importing this module hooks `ModelMixin.save_pretrained` (so
 `save_pretrained`, `pipe.save_pretrained` and `push_to_hub` write the file, and the base weights stay free of SLA
@@ -18,13 +20,17 @@ replay the file from there).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import logging
 import os
+import shlex
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -46,6 +52,12 @@ METADATA_CONFIG_KEY = "sla_config"
 METADATA_LAYER_CONFIGS_KEY = "sla_layer_configs"
 METADATA_HEAD_DIMS_KEY = "head_dims"
 METADATA_MODEL_CLASS_KEY = "model_class"
+METADATA_BASE_WEIGHTS_KEY = "base_weights"
+
+# The base weights' fingerprint hashes this many evenly spaced chunks of each file (the whole file when smaller):
+# multi-GB files are checked in milliseconds, and fine-tuning changes the weights everywhere.
+_FINGERPRINT_CHUNKS = 16
+_FINGERPRINT_CHUNK_BYTES = 64 * 1024
 
 # Attribute set on models by the `from_pretrained` hook: where the model was loaded from.
 _LOAD_SOURCE_ATTR = "_sla_load_source"
@@ -69,7 +81,7 @@ def get_sla_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`{entry name: tensor}` of every SLA parameter of `model`, named as in `sla_attention.safetensors`."""
     state = {}
     for path, _, layer in iter_sla_layers(model):
-        params = dict(layer.named_parameters())
+        params = layer.sla_parameters()
         for entry, name in zip(sla_entry_names(path), SparseLinearAttention.sla_parameter_names):
             state[entry] = params[name]
     return state
@@ -102,7 +114,9 @@ def _short_list(items, limit: int = 8) -> str:
 # ===== Saving =====
 
 
-def _sla_file_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _sla_file_contents(
+    model: nn.Module, base_weights: dict[str, dict] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from . import __version__
 
     layers = list(iter_sla_layers(model))
@@ -113,7 +127,11 @@ def _sla_file_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
         key: value.detach().to("cpu", torch.float32).contiguous().clone()
         for key, value in get_sla_state_dict(model).items()
     }
-    common = layers[0][2].config
+    # the operator most layers run is the file's config; the others are listed per layer
+    counts = Counter(json.dumps(layer.config.operator_dict(), sort_keys=True) for _, _, layer in layers)
+    most = counts.most_common(1)[0][0]
+    common = next(layer.config for _, _, layer in layers
+                  if json.dumps(layer.config.operator_dict(), sort_keys=True) == most)
     layer_configs = {
         path: layer.config.operator_dict() for path, _, layer in layers if layer.config.operator_differences(common)
     }
@@ -127,7 +145,38 @@ def _sla_file_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     }
     if layer_configs:
         metadata[METADATA_LAYER_CONFIGS_KEY] = json.dumps(layer_configs, sort_keys=True)
+    if base_weights:
+        metadata[METADATA_BASE_WEIGHTS_KEY] = json.dumps(base_weights, sort_keys=True)
     return tensors, metadata
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on some platforms: nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fingerprint(path: str) -> dict[str, Any]:
+    """`{"size", "sampled_sha256"}` of a file: its size, and the SHA-256 of `_FINGERPRINT_CHUNKS` evenly spaced
+    chunks."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= _FINGERPRINT_CHUNKS * _FINGERPRINT_CHUNK_BYTES:
+            digest.update(handle.read())
+        else:
+            step = (size - _FINGERPRINT_CHUNK_BYTES) // (_FINGERPRINT_CHUNKS - 1)
+            for index in range(_FINGERPRINT_CHUNKS):
+                handle.seek(index * step)
+                digest.update(handle.read(_FINGERPRINT_CHUNK_BYTES))
+    return {"size": size, "sampled_sha256": digest.hexdigest()}
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], filename: str) -> None:
@@ -138,7 +187,9 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        _fsync(tmp)  # the data is on disk before the rename makes it visible under the real name
         os.replace(tmp, filename)
+        _fsync(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -186,6 +237,8 @@ class SLAWeightsFile:
     metadata: dict[str, str]
     # Operator config of the layers that differ from `config`, by attention path.
     layer_configs: dict[str, SLAConfig] = field(default_factory=dict)
+    # `{file name: {"size", "sampled_sha256"}}` of the base weights saved with these SLA weights (may be empty).
+    base_weights: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def config_for(self, path: str) -> SLAConfig:
         return self.layer_configs.get(path, self.config)
@@ -223,13 +276,58 @@ def read_sla_file(path: str | os.PathLike) -> SLAWeightsFile:
         config_values = json.loads(metadata[METADATA_CONFIG_KEY])
         # A newer diffusers-sla may have added routing fields: drop them with a warning, keep the operator.
         config = SLAConfig.from_dict(config_values, allow_unknown=True)
-        layer_configs = {
-            layer_path: SLAConfig.from_dict({**config.to_dict(), **values}, allow_unknown=True)
-            for layer_path, values in json.loads(metadata.get(METADATA_LAYER_CONFIGS_KEY, "{}")).items()
-        }
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} has an invalid `{METADATA_CONFIG_KEY}` metadata entry: {err}") from err
-    return SLAWeightsFile(path=path, tensors=tensors, config=config, metadata=metadata, layer_configs=layer_configs)
+    try:
+        stored = json.loads(metadata.get(METADATA_LAYER_CONFIGS_KEY, "{}"))
+        if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
+            raise TypeError(f"expected a JSON object {{attention path: {{field: value}}}}, got {stored!r:.200}")
+        layer_configs = {
+            layer_path: SLAConfig.from_dict({**config.to_dict(), **values}, allow_unknown=True)
+            for layer_path, values in stored.items()
+        }
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} has an invalid `{METADATA_LAYER_CONFIGS_KEY}` metadata entry: {err}") from err
+    base_weights = _parse_base_weights(path, metadata.get(METADATA_BASE_WEIGHTS_KEY))
+    return SLAWeightsFile(path=path, tensors=tensors, config=config, metadata=metadata, layer_configs=layer_configs,
+                          base_weights=base_weights)
+
+
+def _parse_base_weights(path: str, text: str | None) -> dict[str, dict[str, Any]]:
+    if text is None:
+        return {}
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None
+    valid = isinstance(values, dict) and all(
+        isinstance(name, str) and os.path.basename(name) == name and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int) and isinstance(entry.get("sampled_sha256"), str)
+        for name, entry in values.items()
+    )
+    if not valid:
+        raise ValueError(
+            f"{path} has an invalid `{METADATA_BASE_WEIGHTS_KEY}` metadata entry: expected a JSON object "
+            f'{{"file name": {{"size": int, "sampled_sha256": str}}}}, got {text[:200]!r}.'
+        )
+    return values
+
+
+def _base_weight_mismatches(weights: SLAWeightsFile) -> list[str]:
+    """The base weight files beside `weights.path` that differ from the ones saved with it (files that are not
+    there are not checked: SLA weights may travel alone)."""
+    folder = os.path.dirname(os.path.abspath(weights.path))
+    mismatches = []
+    for name, saved in sorted(weights.base_weights.items()):
+        full = os.path.join(folder, name)
+        if not os.path.isfile(full):
+            continue
+        found = _fingerprint(full)
+        if found["size"] != saved["size"]:
+            mismatches.append(f"{name} ({found['size']} bytes, saved with {saved['size']})")
+        elif found["sampled_sha256"] != saved["sampled_sha256"]:
+            mismatches.append(f"{name} (same size, other contents)")
+    return mismatches
 
 
 class SLALoadResult(NamedTuple):
@@ -241,6 +339,8 @@ class SLALoadResult(NamedTuple):
     unexpected_keys: list[str]
     # `{field: (installed value, file value)}` over all loaded layers; empty unless `strict=False` let it pass.
     config_differences: dict[str, tuple[Any, Any]]
+    # Layers that took the operator config the file stores for them alone (`_layer_configs_to_adopt`).
+    layer_configs: dict[str, SLAConfig] = {}
 
 
 def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
@@ -253,7 +353,7 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
         )
     params = {}
     for path, layer in layers.items():
-        named = dict(layer.named_parameters())
+        named = layer.sla_parameters()
         for entry, name in zip(sla_entry_names(path), SparseLinearAttention.sla_parameter_names):
             params[entry] = (path, named[name])
 
@@ -274,47 +374,121 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     ]
     if shapes:
         errors.append(f"shape mismatch for {_short_list(shapes)}")
+    # NaN or inf in proj_l turns every output of the model into NaN
+    non_finite = [k for k in common if weights.tensors[k].is_floating_point()
+                  and not weights.tensors[k].isfinite().all()]
+    if non_finite:
+        errors.append(f"values that are not finite (NaN or inf) in {_short_list(non_finite)}")
     if missing_layers:
         soft.append(f"missing layers (in the model, not in the file): {_short_list(missing_layers)}")
     if unexpected:
         soft.append(f"extra entries (in the file, no such SLA layer in the model): {_short_list(unexpected)}")
     if not common:
         errors.append("no SLA layer of the model is in the file")
+    mismatches = _base_weight_mismatches(weights)
+    if mismatches:
+        soft.append(
+            f"the base weights beside it are not the ones these SLA weights were saved with: {_short_list(mismatches)}"
+            " (an interrupted `save_pretrained`, or SLA weights copied from another save)"
+        )
 
+    adopt = _layer_configs_to_adopt(layers, weights)
     differences: dict[str, tuple[Any, Any]] = {}
+    by_layer: dict[str, tuple[SLAConfig, dict]] = {}
     for path in sorted({params[k][0] for k in common}):
-        for name, values in layers[path].config.operator_differences(weights.config_for(path)).items():
+        installed = adopt.get(path, layers[path].config)
+        layer_differences = installed.operator_differences(weights.config_for(path))
+        if layer_differences:
+            by_layer[path] = (installed, layer_differences)
+        for name, values in layer_differences.items():
             differences.setdefault(name, values)
-    if differences:
-        fields = ", ".join(f"`{n}` (installed {a!r}, file {b!r})" for n, (a, b) in differences.items())
-        soft.append(f"the SLA config differs from the one the weights were trained with: {fields}")
+    if by_layer:
+        soft.append(_config_mismatch_message(by_layer, weights, len(set(params[k][0] for k in common))))
 
     if strict:
         errors += soft
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         # Only layer-set and config problems can be waived.
-        fix = "\nPass `strict=False` to load the layers present in both anyway." if strict and soft else ""
+        fix = "\nPass `strict=False` to load anyway (these problems then become warnings)." if strict and soft else ""
         raise ValueError(f"Cannot load SLA weights from {weights.path} (the model was left unchanged):\n{lines}{fix}")
     for message in soft:
         warnings.warn(f"Loading SLA weights from {weights.path} with strict=False: {message}.", stacklevel=3)
 
     pairs = [(params[k][1], weights.tensors[k]) for k in common]
+    result_layers = {params[k][0] for k in common}
     result = SLALoadResult(
         source=weights.path,
         loaded_layers=sorted({params[k][0] for k in common}),
         missing_layers=missing_layers,
         unexpected_keys=unexpected,
         config_differences=differences,
+        layer_configs={path: config for path, config in adopt.items() if path in result_layers},
     )
     return pairs, result
 
 
-def _apply_plan(model: nn.Module, pairs) -> None:
+def _fields(differences: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"`{n}` (installed {a!r}, file {b!r})" for n, (a, b) in differences.items())
+
+
+def _config_mismatch_message(by_layer: dict[str, tuple[SLAConfig, dict]], weights: SLAWeightsFile, loaded: int) -> str:
+    head = "the SLA config differs from the one the weights were trained with"
+    groups: dict[str, list[str]] = {}
+    for path, (_, layer_differences) in by_layer.items():
+        groups.setdefault(_fields(layer_differences), []).append(path)
+    if len(groups) == 1 and len(by_layer) == loaded:
+        return f"{head}: {next(iter(groups))}"  # one difference for every layer: the whole config
+    lines = []
+    for fields, paths in groups.items():
+        installed = by_layer[paths[0]][0].operator_dict()
+        stored = weights.config_for(paths[0]).operator_dict()
+        lines.append(f"layers {_short_list(paths)}: {fields}; installed {installed}, file {stored}")
+    return head + ", per layer:\n    " + "\n    ".join(lines)
+
+
+def _layer_configs_to_adopt(layers: dict[str, SparseLinearAttention], weights: SLAWeightsFile) -> dict[str, SLAConfig]:
+    """`{path: config}` for the layers the file gives an operator of their own (a module given its own processor
+    when saved), when every other layer runs the file's common operator, so that the installed config came from the
+    file or agrees with it: those layers take their stored operator, with the routing fields they have."""
+    if not weights.layer_configs:
+        return {}
+    others = [layer for path, layer in layers.items() if path not in weights.layer_configs]
+    if any(layer.config.operator_differences(weights.config) for layer in others):
+        return {}
+    return {
+        path: dataclasses.replace(layers[path].config, **stored.operator_dict())
+        for path, stored in weights.layer_configs.items()
+        if path in layers and layers[path].config.operator_differences(stored)
+    }
+
+
+def _apply_plan(model: nn.Module, pairs, layer_configs: dict[str, SLAConfig] | None = None) -> None:
+    if layer_configs:
+        _adopt_layer_configs(model, layer_configs)
     with torch.no_grad():
         for param, tensor in pairs:
             param.copy_(tensor)
     _mark_replayed(model)
+
+
+def _adopt_layer_configs(model: nn.Module, layer_configs: dict[str, SLAConfig]) -> None:
+    # A module whose SLA layer runs a config of its own needs a processor of its own: the shared one hands its
+    # config to every layer it runs.
+    from .processor import SLAAttnProcessor
+
+    for path, attn, layer in iter_sla_layers(model):
+        config = layer_configs.get(path)
+        if config is None:
+            continue
+        current = getattr(attn, "processor", None)
+        if isinstance(current, SLAAttnProcessor):
+            own = SLAAttnProcessor(config, backend=current.backend)
+            if current._attention_backend is not None:
+                own._attention_backend = current._attention_backend
+            attn.set_processor(own)
+        layer.config = config
+        logger.info(f"SLA layer {path} runs the config stored for it: {config.operator_dict()}.")
 
 
 def _mark_replayed(model: nn.Module) -> None:
@@ -331,7 +505,7 @@ def load_sla_state_dict(
     if not isinstance(weights, SLAWeightsFile):
         weights = read_sla_file(weights)
     pairs, result = _plan_load(model, weights, strict)
-    _apply_plan(model, pairs)
+    _apply_plan(model, pairs, result.layer_configs)
     return result
 
 
@@ -349,10 +523,26 @@ def _parse_hf_cache_path(directory: str) -> tuple[str, str, str, str] | None:
     return None
 
 
-def _looks_like_local_path(text: str) -> bool:
-    return os.path.isabs(text) or text.startswith(("./", "../", "~")) or text.count("/") > 1 or os.sep != "/" and (
-        os.sep in text
-    )
+# Names ending like this are files, never Hub repo ids (repo names may hold dots: "FLUX.1-dev").
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".json", ".gguf")
+
+
+def _local_path_reason(text: str, guess: bool = True) -> str | None:
+    """Why `text`, which does not exist, is a local path and not a Hub repo id (`"user/name"`), or None: a
+    typo'd file name must fail at once, not after a wait for the Hub. `guess=False` keeps to the path forms no repo
+    id can have (for names diffusers already resolved)."""
+    if os.path.isabs(text) or text.startswith(("./", "../", "~")):
+        return "it is an absolute or relative path"
+    if text.count("/") > 1 or "\\" in text or (os.sep != "/" and os.sep in text):
+        return "it has more path separators than a repo id"
+    if not guess:
+        return None
+    if text.lower().endswith(_FILE_SUFFIXES):
+        return "it ends with a file extension"
+    head = text.split("/", 1)[0]
+    if "/" in text and head and os.path.isdir(head):
+        return f"a local folder {head!r} exists"
+    return None
 
 
 def _hub_download(repo_id: str, filename: str, subfolder: str | None, **hub_kwargs) -> tuple[str | None, str]:
@@ -360,13 +550,26 @@ def _hub_download(repo_id: str, filename: str, subfolder: str | None, **hub_kwar
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    where = f"{repo_id}/{subfolder + '/' if subfolder else ''}{filename} on the Hugging Face Hub"
+    path_in_repo = f"{subfolder + '/' if subfolder else ''}{filename}"
+    where = f"{repo_id}/{path_in_repo} on the Hugging Face Hub"
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename, subfolder=subfolder or None, **hub_kwargs), where
     except LocalEntryNotFoundError:
-        offline = hub_kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE
-        reason = "not in the local cache and offline mode is on" if offline else "not in the local cache"
-        return None, f"{where} ({reason})"
+        # Not in the cache, and the Hub was not asked or did not answer: say how to fetch it, not just "not found".
+        if hub_kwargs.get("local_files_only"):
+            reason = "`local_files_only=True`"
+        elif constants.HF_HUB_OFFLINE:
+            reason = "offline mode is on (HF_HUB_OFFLINE)"
+        else:
+            reason = "the Hub could not be reached"
+        command = f"hf download {repo_id} {path_in_repo}"
+        if hub_kwargs.get("revision"):
+            command += f" --revision {hub_kwargs['revision']}"
+        cache_dir = hub_kwargs.get("cache_dir")
+        if cache_dir and os.path.abspath(os.fspath(cache_dir)) != os.path.abspath(constants.HF_HUB_CACHE):
+            command += f" --cache-dir {shlex.quote(os.fspath(cache_dir))}"
+        return None, (f"{where} (not in the local cache, and {reason}; `{command}` fetches it, then `load_sla` "
+                      "loads it)")
     except EntryNotFoundError:
         return None, where
 
@@ -380,11 +583,16 @@ def resolve_sla_file(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
+    guess_local_paths: bool = True,
 ) -> tuple[str | None, str]:
     """Find `weight_name`: a file path, a local folder (then `subfolder`), a folder of a Hugging Face cache snapshot
     (fetched from its repo when the snapshot lacks it) or a Hub repo id (`huggingface_hub.hf_hub_download`, which
     uses the cache when offline). Returns `(local path or None when there is no such file, a description of where
-    it was looked for)`. A local folder that does not exist and Hub errors other than "no such file" raise."""
+    it was looked for)`. A local folder that does not exist and Hub errors other than "no such file" raise.
+
+    A name that does not exist but looks like a local path raises `FileNotFoundError` at once: a path form no repo
+    id has, and, with `guess_local_paths` (user input), a file extension or a first component that is a local
+    folder. The replay passes `False`: there the name is one `from_pretrained` already resolved."""
     text = os.fspath(path_or_repo_id)
     if os.path.isfile(text):
         if subfolder:
@@ -402,8 +610,12 @@ def resolve_sla_file(
             hub_kwargs.update(revision=commit, cache_dir=cache_root)
             return _hub_download(repo_id, weight_name, sub, **hub_kwargs)
         return None, candidate
-    if _looks_like_local_path(text):
-        raise FileNotFoundError(f"No such file or directory: {text!r} (looking for SLA weights `{weight_name}`).")
+    reason = _local_path_reason(text, guess_local_paths)
+    if reason is not None:
+        raise FileNotFoundError(
+            f"No such file or directory: {text!r} (taken for a local path, not a Hub repo id, because {reason}; "
+            f"looking for SLA weights `{weight_name}`)."
+        )
     return _hub_download(text, weight_name, subfolder, **hub_kwargs)
 
 
@@ -485,7 +697,7 @@ def load_sla(
     # Everything was checked: now copy.
     results = []
     for model, pairs, result in plans:
-        _apply_plan(model, pairs)
+        _apply_plan(model, pairs, result.layer_configs)
         logger.info(f"Loaded SLA weights of {len(result.loaded_layers)} layers from {result.source}.")
         results.append(result)
     return results
@@ -539,6 +751,7 @@ def on_sla_enabled(model_or_pipe: Any, *, strict: bool = True) -> list[SLALoadRe
                 revision=location.get("revision"),
                 cache_dir=location.get("cache_dir"),
                 local_files_only=bool(location.get("local_files_only")),
+                guess_local_paths=False,
             )
         except (OSError, ValueError) as err:
             # A network or auth failure must not make enable_sla fail; the user can still call load_sla.
@@ -587,6 +800,7 @@ def sla_config_at_load_location(model: nn.Module) -> SLAConfig | None:
         return peek_sla_config(
             location["path"], location.get("subfolder"), revision=location.get("revision"),
             cache_dir=location.get("cache_dir"), local_files_only=bool(location.get("local_files_only")),
+            guess_local_paths=False,
         )
     except (OSError, ValueError):
         return None
@@ -603,24 +817,90 @@ def _strip_sla_keys_hook(module, state_dict, prefix, local_metadata):
         del state_dict[key]
 
 
+def _remove_stale_sidecar(directory: str, model: nn.Module, *, has_sla: bool) -> None:
+    filename = os.path.join(directory, SLA_WEIGHTS_NAME)
+    if not os.path.isfile(filename):
+        return
+    os.remove(filename)
+    if has_sla:
+        logger.info(f"Removed the previous {filename}; the SLA weights are written again after the base weights.")
+    else:
+        logger.warning(
+            f"diffusers-sla: removed {filename}: {type(model).__name__} has no SLA layers now, so the SLA weights "
+            "there were from an earlier save and would not match the base weights saved now."
+        )
+
+
+def _file_states(directory: str) -> dict[str, tuple[int, int, int]]:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return {}
+    states = {}
+    for entry in entries:
+        if entry.is_file():
+            stat = entry.stat()
+            states[entry.name] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return states
+
+
+def _written_base_weights(directory: str, before: dict[str, tuple[int, int, int]]) -> dict[str, dict[str, Any]]:
+    """Fingerprints of the weight files a save just wrote in `directory` (new or changed since `before`), each
+    synced to disk first: the SLA file that names them must not reach the disk before they do."""
+    written = {}
+    for name, state in sorted(_file_states(directory).items()):
+        if name in (SLA_WEIGHTS_NAME, "config.json", "README.md") or name.startswith(".") or before.get(name) == state:
+            continue
+        full = os.path.join(directory, name)
+        _fsync(full)
+        written[name] = _fingerprint(full)
+    return written
+
+
 def _wrap_save_pretrained(original):
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        layers = list(iter_sla_layers(self))
-        if not layers or os.path.isfile(os.fspath(save_directory)):
+        if os.path.isfile(os.fspath(save_directory)):
             return original(self, save_directory, *args, **kwargs)
+        layers = list(iter_sla_layers(self))
         bound = signature.bind(self, save_directory, *args, **kwargs)
         is_main_process = bound.arguments.get("is_main_process", True)
-        # Before the original call: `save_pretrained(push_to_hub=True)` uploads the folder from inside it.
-        save_sla(self, save_directory, is_main_process=is_main_process)
-        handles = [attn.register_state_dict_post_hook(_strip_sla_keys_hook) for _, attn, _ in layers]
-        try:
+        directory = os.fspath(save_directory)
+        if is_main_process:
+            # A sidecar left by an earlier save must never sit beside these new base weights.
+            _remove_stale_sidecar(directory, self, has_sla=bool(layers))
+        if not layers:
             return original(self, save_directory, *args, **kwargs)
+        before = _file_states(directory)
+        written = []
+
+        def write_sidecar():
+            # After the base weights, so that an interrupted save never pairs new SLA weights with old base weights.
+            if written or not is_main_process:
+                return
+            tensors, metadata = _sla_file_contents(self, _written_base_weights(directory, before))
+            filename = os.path.join(directory, SLA_WEIGHTS_NAME)
+            _write_safetensors(tensors, metadata, filename)
+            written.append(filename)
+            logger.info(f"Saved SLA weights of {len(tensors) // 2} layers to {filename}.")
+
+        def upload_folder(*upload_args, **upload_kwargs):
+            # `save_pretrained(push_to_hub=True)` uploads from inside the save, once the base weights are written.
+            write_sidecar()
+            return type(self)._upload_folder(self, *upload_args, **upload_kwargs)
+
+        handles = [attn.register_state_dict_post_hook(_strip_sla_keys_hook) for _, attn, _ in layers]
+        self.__dict__["_upload_folder"] = upload_folder
+        try:
+            result = original(self, save_directory, *args, **kwargs)
         finally:
+            self.__dict__.pop("_upload_folder", None)
             for handle in handles:
                 handle.remove()
+        write_sidecar()
+        return result
 
     save_pretrained._diffusers_sla_hook = True
     return save_pretrained

@@ -69,6 +69,51 @@ def test_inspect_missing_file_fails_clearly(tmp_path, capsys):
     assert "no sla_attention.safetensors" in capsys.readouterr().err
 
 
+def test_inspect_shows_extra_and_missing_entries(saved_wan_transformer, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved_wan_transformer / "sla_attention.safetensors"), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    del tensors["blocks.0.attn1.proj_l.bias"]
+    tensors["blocks.0.attn1.proj_l.extra"] = torch.ones(3)
+    tensors["stray"] = torch.ones(2)
+    save_file(tensors, str(tmp_path / "odd.safetensors"), metadata=metadata)
+    assert main(["inspect", str(tmp_path / "odd.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "blocks.0.attn1  32x32   -" in captured.out  # the missing bias
+    assert "other entries (not loaded): ['blocks.0.attn1.proj_l.extra', 'stray']" in captured.out
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "diffusers_sla", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_convert_user_errors_are_one_line_not_tracebacks(saved_wan_transformer, tmp_path):
+    legacy = tmp_path / "sla_attention.pt"
+    torch.save({"settings": {}, "state": {"32:torch.bfloat16": {"proj_l.weight": torch.randn(32, 32),
+                                                               "proj_l.bias": torch.randn(32)}}}, legacy)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]")
+    cases = [
+        (("convert", legacy, a_file / "out", "--model", saved_wan_transformer), "a_file"),
+        (("convert", legacy, tmp_path / "out", "--model", binary), "model.bin"),
+        (("convert", legacy, tmp_path / "out", "--model", listed), "list.json"),
+        (("convert", tmp_path / "missing.pt", tmp_path / "out", "--model", saved_wan_transformer), "missing.pt"),
+        (("inspect", binary), "model.bin"),
+    ]
+    for args, named in cases:
+        result = _run_cli(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "error:" in result.stderr and named in result.stderr, result.stderr
+
+
 def test_convert_simpletuner_file(saved_wan_transformer, tmp_path, capsys):
     weight, bias = torch.randn(32, 32), torch.randn(32)
     legacy = tmp_path / "sla_attention.pt"

@@ -94,3 +94,61 @@ def test_case_is_normalised_and_operator_differences():
     assert cfg.feature_map == "elu"
     diff = SLAConfig(topk=0.1).operator_differences(SLAConfig(topk=0.2, cross_attention="sla"))
     assert diff == {"topk": (0.1, 0.2)}
+
+
+def test_config_is_immutable_and_derived_with_replace():
+    # A config is checked once, when it is built: edits after that would reach the kernels unchecked.
+    import dataclasses
+
+    from diffusers_sla import SLAAttnProcessor, SparseLinearAttention
+
+    cfg = SLAConfig(topk=0.1)
+    for name, value in (("blkq", 48), ("topk", 5.0), ("topk", 0.3)):
+        with pytest.raises(dataclasses.FrozenInstanceError, match=name):
+            setattr(cfg, name, value)
+    assert cfg == SLAConfig(topk=0.1)
+    assert dataclasses.replace(cfg, topk=0.3).topk == 0.3 and cfg.topk == 0.1
+    with pytest.raises(ValueError, match="`blkq` must be one of"):
+        dataclasses.replace(cfg, blkq=48)
+    # Processors and layers hold a config no caller can change under them.
+    processor, layer = SLAAttnProcessor(cfg), SparseLinearAttention(16, cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        processor.config.topk = 5.0
+    assert processor.config.topk == layer.config.topk == 0.1
+    assert hash(cfg) == hash(SLAConfig(topk=0.1))
+
+
+def test_one_rule_for_numbers_of_every_field():
+    # Python and numpy numbers alike, whole floats for the integer fields; stored as plain Python values.
+    import numpy as np
+
+    cfg = SLAConfig(topk=np.float32(0.25), blkq=np.int64(64), blkk=32.0, min_kv_blocks=np.float64(4.0),
+                    tie_feature_map_qk=np.bool_(False), feature_map=np.str_("elu"))
+    assert cfg == SLAConfig(topk=0.25, blkq=64, blkk=32, min_kv_blocks=4, tie_feature_map_qk=False, feature_map="elu")
+    assert [type(getattr(cfg, n)) for n in ("topk", "blkq", "blkk", "min_kv_blocks", "tie_feature_map_qk")] == [
+        float, int, int, int, bool]
+    json.dumps(cfg.to_dict())  # plain values only
+    assert SLAConfig.from_dict({"min_kv_blocks": 4.0, "topk": np.float64(0.2)}).min_kv_blocks == 4
+    for kwargs, message in (
+        ({"min_kv_blocks": 4.5}, "`min_kv_blocks` must be a non-negative integer, got 4.5"),
+        ({"blkq": 64.5}, "`blkq` must be one of"),
+        ({"blkq": "64"}, "`blkq` must be one of"),
+        ({"topk": np.bool_(True)}, "`topk` must be a number"),
+        ({"min_kv_blocks": True}, "`min_kv_blocks` must be a non-negative integer"),
+        ({"topk": float("nan")}, "`topk` must be in"),
+        ({"tie_feature_map_qk": 1}, "`tie_feature_map_qk` must be true or false"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SLAConfig(**kwargs)
+
+
+def test_unreadable_config_files_are_clear_errors(tmp_path):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"could not read .*weights.bin.* as UTF-8 JSON"):
+        SLAConfig.from_json(str(binary))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"list.json.* must hold a JSON object .*got list"):
+        SLAConfig.coerce(str(listed))
+

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffusers_sla import SLAConfig, SparseLinearAttention
+from diffusers_sla.layer import SLAProjection
 from diffusers_sla.ops import sla_reference
 
 from testing_utils import rel_err
@@ -13,7 +14,9 @@ from testing_utils import rel_err
 def test_public_api_shape_and_defaults():
     cfg = SLAConfig(topk=0.2, blkq=64, blkk=64, feature_map="softmax", tie_feature_map_qk=True, linear_scope="rest")
     attn = SparseLinearAttention(head_dim=128, config=cfg)
-    assert isinstance(attn.proj_l, torch.nn.Linear) and attn.proj_l.weight.shape == (128, 128)
+    # weight and bias named as nn.Linear names them, but not a Linear: nothing may wrap what the kernels read directly
+    assert isinstance(attn.proj_l, SLAProjection) and not isinstance(attn.proj_l, torch.nn.Linear)
+    assert attn.proj_l.weight.shape == (128, 128) and attn.proj_l.bias.shape == (128,)
     assert attn.proj_l.weight.dtype == torch.float32
     assert attn.proj_l.weight.abs().sum() == 0 and attn.proj_l.bias.abs().sum() == 0
     assert SparseLinearAttention(head_dim=128, topk=0.15).config.topk == 0.15
@@ -79,3 +82,8 @@ def test_scope_none_keeps_proj_l_but_never_reads_it():
     before = attn.proj_l.weight.clone()
     optimizer.step()  # no gradient: AdamW leaves it alone, weight decay included
     assert torch.equal(attn.proj_l.weight, before)
+
+
+def test_backend_is_checked_when_a_layer_is_built():
+    with pytest.raises(ValueError, match=r"`backend` must be one of \['auto', 'torch', 'triton'\], got 'cuda'"):
+        SparseLinearAttention(16, backend="cuda")

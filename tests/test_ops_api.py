@@ -39,7 +39,20 @@ def test_accepts_non_contiguous_inputs():
         (lambda q, k, v: (q, k, v[..., :16]), {}, "`k` and `v` must have the same shape"),
         (lambda q, k, v: (q[:, :1], k, v), {}, "must agree in batch, heads and head_dim"),
         (lambda q, k, v: (q.double(), k, v), {}, "must share one dtype"),
-        (lambda q, k, v: (q[:, :, :0], k, v), {}, "Sequences must not be empty"),
+        (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), {}, "`k` and `v` must hold at least one key"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), {}, "head_dim must be positive, got 0"),
+        (lambda q, k, v: (q, k, v, torch.zeros(32, 32, device="meta")), {},
+         "`proj_weight` must be on q's device \\(cpu\\), got meta"),
+        (lambda q, k, v: (q, k, v, None, torch.zeros(32, device="meta")), {},
+         "`proj_bias` must be on q's device \\(cpu\\), got meta"),
+        (lambda q, k, v: (q, k, v, torch.zeros(32, 32, dtype=torch.int64)), {},
+         "`proj_weight` must be a floating-point tensor, got torch.int64"),
+        (lambda q, k, v: (q, k, v, None, torch.zeros(32, dtype=torch.bool)), {},
+         "`proj_bias` must be a floating-point tensor, got torch.bool"),
+        (lambda q, k, v: (q, k, v, [[0.0] * 32] * 32), {}, "`proj_weight` must be a torch.Tensor or None, got list"),
+        (lambda q, k, v: (q, k, v), {"scale": "0.5"}, "`scale` must be a positive finite number or None .*got '0.5'"),
+        (lambda q, k, v: (q, k, v), {"scale": float("nan")}, "`scale` must be a positive finite number"),
+        (lambda q, k, v: (q, k, v), {"scale": 0}, "`scale` must be a positive finite number"),
         (lambda q, k, v: (q, k, v, torch.zeros(16, 16)), {}, "`proj_weight` must have shape \\(32, 32\\)"),
         (lambda q, k, v: (q, k, v), {"backend": "cuda"}, "`backend` must be one of \\['auto', 'torch', 'triton'\\]"),
         (lambda q, k, v: (q, k, v), {"topk": 2}, "`topk` must be in \\(0, 1\\]"),
@@ -49,6 +62,34 @@ def test_accepts_non_contiguous_inputs():
 def test_bad_input_names_the_parameter(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sparse_linear_attention(*args(*make()), **kwargs)
+
+
+@pytest.mark.parametrize("B, H, Lq", [(0, 2, 64), (2, 0, 64), (2, 2, 0), (0, 0, 0)])
+def test_empty_inputs_give_empty_outputs_and_gradients(B, H, Lq):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Lq, 32, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, H, 64, 32, generator=g, requires_grad=True) for _ in range(2))
+    w, b = torch.randn(32, 32, generator=g, requires_grad=True), torch.randn(32, generator=g, requires_grad=True)
+    mask = torch.ones(B, 64, dtype=torch.bool)
+    for kwargs in ({}, {"key_padding_mask": mask}):
+        out = sparse_linear_attention(q, k, v, w, b, blkq=32, blkk=32, **kwargs)
+        assert out.shape == (B, H, Lq, 32) and out.dtype == q.dtype
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape and w.grad.shape == w.shape
+        assert not w.grad.any() and not b.grad.any()  # nothing was computed, so nothing flows back
+
+
+def test_bfloat16_under_the_triton_interpreter_is_refused(monkeypatch):
+    # The interpreter's bfloat16 dot products are wrong (values near 1e10): refuse rather than return them.
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = (x.bfloat16() for x in make(B=1, H=1, Lq=64, Lk=64, D=16))
+    with pytest.raises(ValueError, match=r"backend='triton' cannot compute bfloat16 under TRITON_INTERPRET=1"):
+        sparse_linear_attention(q, k, v, blkq=32, blkk=32, backend="triton")
+    # "auto" takes the PyTorch operator there, as it does on any CPU tensor
+    assert resolve_backend("auto", q.device, q.dtype) == "torch"
+    out = sparse_linear_attention(q, k, v, blkq=32, blkk=32)
+    assert rel_err(out.float(), sparse_linear_attention(*(x.float() for x in (q, k, v)), blkq=32, blkk=32)) < 2e-2
 
 
 def test_backend_resolution_on_cpu(monkeypatch):
@@ -130,3 +171,15 @@ def test_scope_none_fully_masked_sample_gives_zeros_not_the_bias():
     assert out[1].abs().max() == 0 and out[0].abs().max() > 0
     expected = sparse_linear_attention(q[:1], k[:1], v[:1], blkq=32, blkk=32, linear_scope="none")
     assert torch.equal(out[:1], expected)
+
+
+def test_scale_check_traces_under_torch_compile():
+    # A float scale that changes between calls is traced as a symbol: the check must not break the graph.
+    cfg = SLAConfig(blkq=32, blkk=32)
+    q, k, v = make(B=1, H=2, Lq=64, Lk=64, D=16)
+    sparse_linear_attention(q, k, v, config=cfg)  # loads the backend outside the traced code
+    fn = torch.compile(lambda q, k, v, s: sparse_linear_attention(q, k, v, scale=s, config=cfg), backend="eager",
+                       fullgraph=True)
+    for scale in (0.3, 0.4, 0.5):
+        expected = sparse_linear_attention(q, k, v, scale=scale, config=cfg)
+        assert rel_err(fn(q, k, v, scale), expected) < 1e-6

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import types
 import warnings
 from pathlib import Path
@@ -186,6 +187,99 @@ def test_model_without_sla_is_unaffected(tmp_path):
     assert not getattr(ModelMixin.save_pretrained.__wrapped__, "_diffusers_sla_hook", False)
 
 
+def test_saving_without_sla_removes_a_stale_sidecar(tmp_path, caplog):
+    # A folder saved with SLA, then saved again from the same model with SLA turned off: the old sidecar must not
+    # stay beside the new base weights, where `enable_sla` would load its old `proj_l`.
+    tiny = enabled_tiny("flux", sla_seed=2)
+    tiny.model.save_pretrained(tmp_path)
+    assert (tmp_path / SLA_WEIGHTS_NAME).is_file()
+    disable_sla(tiny.model)
+    with caplog.at_level(logging.WARNING, logger="diffusers_sla.serialization"):
+        tiny.model.save_pretrained(tmp_path)
+    assert not (tmp_path / SLA_WEIGHTS_NAME).exists()
+    assert "removed" in caplog.text and SLA_WEIGHTS_NAME in caplog.text
+    loaded = type(tiny.model).from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="No SLA weights found"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
+    assert all(not t.any() for t in get_sla_state_dict(loaded).values())
+    # The same for a pipeline: each component folder.
+    pipe, _ = build_tiny_pipeline("wan", seed=0)
+    enable_sla(pipe, **TEST_SLA_OVERRIDES)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "transformer" / SLA_WEIGHTS_NAME).is_file()
+    disable_sla(pipe)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert not (tmp_path / "pipe" / "transformer" / SLA_WEIGHTS_NAME).exists()
+
+
+def test_sidecar_is_written_after_the_base_weights(tmp_path):
+    # A save that fails while writing the base weights (here: a folder where the weights file goes) must not leave
+    # new SLA weights beside whatever base weights were there.
+    tiny = enabled_tiny("flux", sla_seed=2)
+    (tmp_path / BASE_WEIGHTS).mkdir()
+    with pytest.raises(Exception, match="Is a directory"):
+        tiny.model.save_pretrained(tmp_path)
+    assert not (tmp_path / SLA_WEIGHTS_NAME).exists()
+
+
+def test_sidecar_records_the_base_weights_it_was_saved_with(tmp_path):
+    tiny = enabled_tiny("flux", sla_seed=2)
+    tiny.model.save_pretrained(tmp_path / "one")
+    tiny.model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    for folder in ("one", "sharded"):
+        with safe_open(str(tmp_path / folder / SLA_WEIGHTS_NAME), framework="pt") as handle:
+            recorded = json.loads(handle.metadata()["base_weights"])
+        on_disk = sorted(n for n in os.listdir(tmp_path / folder) if n.startswith("diffusion_pytorch_model"))
+        assert sorted(recorded) == on_disk and (len(on_disk) > 2 if folder == "sharded" else on_disk == [BASE_WEIGHTS])
+        assert all(recorded[n]["size"] == os.path.getsize(tmp_path / folder / n) for n in on_disk)
+
+
+def test_sidecar_beside_other_base_weights_is_detected(tmp_path):
+    # SLA weights from one save beside the base weights of another (an interrupted save, a copied file): the same
+    # architecture and file sizes, other weights.
+    first = enabled_tiny("flux", seed=0, sla_seed=2)
+    second = enabled_tiny("flux", seed=1, sla_seed=3)
+    first.model.save_pretrained(tmp_path / "first")
+    second.model.save_pretrained(tmp_path / "second")
+    os.replace(tmp_path / "second" / SLA_WEIGHTS_NAME, tmp_path / "first" / SLA_WEIGHTS_NAME)
+    loaded = type(first.model).from_pretrained(tmp_path / "first")
+    with pytest.raises(ValueError, match=rf"(?s)base weights beside it .*{BASE_WEIGHTS}.*strict=False"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
+    assert not get_sla_state_dict(loaded)
+    target = enabled_tiny("flux", sla_seed=4)
+    before = sla_snapshot(target.model)
+    _expect_error(target.model, before, tmp_path / "first", "base weights beside it")
+    with pytest.warns(UserWarning, match="base weights beside it"):
+        load_sla(target.model, tmp_path / "first", strict=False)
+    assert_same_state(sla_snapshot(target.model), sla_snapshot(second.model))
+    # The file alone, away from any base weights, loads as before.
+    (tmp_path / "alone").mkdir()
+    os.replace(tmp_path / "first" / SLA_WEIGHTS_NAME, tmp_path / "alone" / SLA_WEIGHTS_NAME)
+    load_sla(target.model, tmp_path / "alone")
+
+
+def test_sidecar_is_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    # Spies (the real calls still run): the temporary file's data reaches the disk before the rename publishes it.
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    enabled_tiny("flux", sla_seed=2).model.save_pretrained(tmp_path)
+    (renamed,) = [path for kind, path in events if kind == "replace" and ".sla_attention." in path]
+    synced = [path for kind, path in events if kind == "fsync"]
+    assert renamed in synced and events.index(("fsync", renamed)) < events.index(("replace", renamed))
+    assert str(tmp_path / BASE_WEIGHTS) in synced  # the base weights are on disk before the sidecar names them
+
+
 def test_only_main_process_writes(tmp_path):
     tiny = enabled_tiny("flux", sla_seed=1)
     tiny.model.save_pretrained(tmp_path, is_main_process=False)
@@ -234,6 +328,44 @@ def test_sparse_only_scope_round_trips_and_is_an_operator_difference(tmp_path):
     rest = type(tiny.model).from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"`linear_scope` \(installed 'rest', file 'none'\)"):
         enable_sla(rest, **TEST_SLA_OVERRIDES)
+
+
+# ===== PEFT adapters =====
+
+
+def test_lora_cannot_target_proj_l(tmp_path):
+    # The SLA kernels read proj_l's weight and bias directly, so an adapter there would change nothing they compute:
+    # naming it is an error, and "all-linear" leaves it alone.
+    from peft import LoraConfig
+
+    tiny = enabled_tiny("flux", sla_seed=3)
+    with pytest.raises(ValueError, match=r"(?s)SLAProjection.*not supported"):
+        tiny.model.add_adapter(LoraConfig(r=4, target_modules=["to_q", "proj_l"]), adapter_name="bad")
+    assert all(isinstance(t, torch.nn.Parameter) for t in get_sla_state_dict(tiny.model).values())
+
+
+def test_saving_works_with_lora_adapters(tmp_path):
+    from peft import LoraConfig
+
+    tiny = enabled_tiny("flux", sla_seed=4)
+    inputs = tiny.make_inputs(seed=5)
+    expected_sla = sla_snapshot(tiny.model)
+    tiny.model.add_adapter(LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    # the adapters are in place on the model's own projections, and proj_l is left as it was
+    assert type(tiny.model.transformer_blocks[0].attn.to_q).__module__.startswith("peft")
+    assert not any("proj_l.lora" in name or "proj_l.base_layer" in name for name, _ in tiny.model.named_parameters())
+    with torch.no_grad():
+        with_lora = forward_output(tiny.model, inputs)
+    (path,) = save_sla(tiny.model, tmp_path / "sla")
+    assert_same_state(read_sla_file(path).tensors, expected_sla)
+    tiny.model.save_pretrained(tmp_path / "model")
+    assert_same_state(read_sla_file(tmp_path / "model" / SLA_WEIGHTS_NAME).tensors, expected_sla)
+    assert not any(".sla." in k for k in safetensors_keys(tmp_path / "model" / BASE_WEIGHTS))
+    # the LoRA'd model still runs SLA with its trained proj_l: zeroing proj_l changes the output
+    with torch.no_grad():
+        for tensor in get_sla_state_dict(tiny.model).values():
+            tensor.zero_()
+        assert not torch.allclose(forward_output(tiny.model, inputs), with_lora, atol=1e-4)
 
 
 # ===== Hub: push_to_hub and loading by repo id =====
@@ -348,6 +480,18 @@ def test_replay_from_offline_cache_with_subfolder(offline_hub_cache):
     assert_same_state(sla_snapshot(loaded), sla_snapshot(source.model))
 
 
+def test_replay_from_the_hub_beside_a_local_folder_named_like_the_org(offline_hub_cache, tmp_path, monkeypatch):
+    # diffusers resolved "user/..." as a repo id: the replay must not take it for a path under ./user.
+    source = enabled_tiny("wan", sla_seed=15)
+    snapshot = populate_cache(offline_hub_cache, "user/tiny-wan-sla")
+    source.model.save_pretrained(snapshot / "transformer")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user").mkdir()
+    loaded = type(source.model).from_pretrained("user/tiny-wan-sla", subfolder="transformer")
+    enable_sla(loaded)
+    assert_same_state(sla_snapshot(loaded), sla_snapshot(source.model))
+
+
 def test_pipeline_from_offline_cache_replays(offline_hub_cache):
     pipe, _ = build_tiny_pipeline("flux", seed=0)
     enable_sla(pipe, **TEST_SLA_OVERRIDES)
@@ -358,6 +502,68 @@ def test_pipeline_from_offline_cache_replays(offline_hub_cache):
     loaded = type(pipe).from_pretrained("user/tiny-flux-pipe", local_files_only=True, **absent)
     enable_sla(loaded, **TEST_SLA_OVERRIDES)
     assert_same_state(sla_snapshot(loaded.transformer), sla_snapshot(pipe.transformer))
+
+
+def test_local_looking_names_fail_at_once_without_asking_the_hub(tmp_path, monkeypatch):
+    # Mocked: the Hub's servers, as hf_hub_download (it must not be reached for these names; a real one waits for
+    # the network before failing).
+    import huggingface_hub
+
+    calls = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        calls.append(repo_id)
+        raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id} has no {filename}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    target = enabled_tiny("flux")
+    for name in ("typo.safetensors", "sla_attention.pt", "weights/sla.safetensors", "outputs/run1", "runs\\one"):
+        expected = rf"No such file or directory: {re.escape(repr(name))}.*\(taken for a local "
+        with pytest.raises(FileNotFoundError, match=expected):
+            load_sla(target.model, name)
+    assert calls == []
+    # A name shaped like a repo id still goes to the Hub.
+    with pytest.warns(UserWarning, match="No SLA weights found at user/sla-weights/sla_attention.safetensors"):
+        load_sla(target.model, "user/sla-weights")
+    assert calls == ["user/sla-weights"]
+
+
+def _pipeline_in_cache_without_sidecar(cache):
+    pipe, _ = build_tiny_pipeline("flux", seed=0)
+    enable_sla(pipe, **TEST_SLA_OVERRIDES)
+    snapshot = populate_cache(cache, "user/tiny-flux-pipe")
+    pipe.save_pretrained(snapshot)
+    (snapshot / "transformer" / SLA_WEIGHTS_NAME).unlink()  # downloaded by diffusers before the SLA file existed
+    absent = {name: None for name, component in pipe.components.items() if component is None}
+    return type(pipe).from_pretrained("user/tiny-flux-pipe", local_files_only=True, **absent)
+
+
+def test_unreachable_hub_warning_names_the_repo_the_file_and_the_command(offline_hub_cache):
+    loaded = _pipeline_in_cache_without_sidecar(offline_hub_cache)
+    command = f"hf download user/tiny-flux-pipe transformer/{SLA_WEIGHTS_NAME} --revision {'a' * 40}`"
+    with pytest.warns(UserWarning, match=r"(?s)user/tiny-flux-pipe/transformer/sla_attention.safetensors.*offline "
+                                         rf"mode.*{re.escape(command)}.*zero-initialised"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
+
+
+def test_unreachable_hub_without_offline_mode(offline_hub_cache, monkeypatch):
+    # Mocked: the Hub's servers, unreachable: hf_hub_download fails as it does without a network and without the
+    # file in the cache.
+    import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+
+    loaded = _pipeline_in_cache_without_sidecar(offline_hub_cache)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot reach the Hub and the file is not cached.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    with pytest.warns(UserWarning, match=r"(?s)user/tiny-flux-pipe/transformer/sla_attention.safetensors.*could not "
+                                         r"be reached.*hf download user/tiny-flux-pipe transformer/"):
+        enable_sla(loaded, **TEST_SLA_OVERRIDES)
 
 
 def test_hf_cache_paths_lead_back_to_the_repo(tmp_path):
@@ -502,6 +708,27 @@ def test_bad_dtype(bad_file_setup):
                       strict=strict)
 
 
+@pytest.mark.parametrize("entry, value", [
+    ("sla_layer_configs", "[1]"), ("sla_layer_configs", '{"transformer_blocks.0.attn": 1}'),
+    ("sla_layer_configs", "not json"), ("base_weights", "[]"), ("sla_config", "[1]"),
+])
+def test_bad_metadata(bad_file_setup, entry, value):
+    model, before, good, tmp = bad_file_setup
+    rewrite(good, tmp / "meta.safetensors", metadata_update={entry: value})
+    for strict in (True, False):
+        _expect_error(model, before, tmp / "meta.safetensors", rf"invalid `{entry}` metadata entry", strict=strict)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_bad_non_finite_weights(bad_file_setup, bad):
+    # NaN or inf in proj_l turns every output of the model into NaN: refuse the file, naming the entries.
+    model, before, good, tmp = bad_file_setup
+    key = "single_transformer_blocks.0.attn.proj_l.weight"
+    rewrite(good, tmp / "nan.safetensors", replace={key: lambda t: t.index_fill(0, torch.tensor([3]), bad)})
+    for strict in (True, False):
+        _expect_error(model, before, tmp / "nan.safetensors", rf"not finite .*{key}", strict=strict)
+
+
 def test_bad_config(bad_file_setup):
     model, before, _, tmp = bad_file_setup
     other = enabled_tiny("flux", sla_seed=22, topk=0.5, feature_map="elu")
@@ -526,6 +753,47 @@ def test_bad_config_in_replay_raises_and_keeps_model(tmp_path):
     with pytest.warns(UserWarning, match="strict=False"):
         enable_sla(loaded, strict=False, **TEST_SLA_OVERRIDES)
     assert all(t.any() for t in get_sla_state_dict(loaded).values())
+
+
+def test_per_layer_configs_round_trip(tmp_path):
+    # One layer given its own processor: its config is saved with it and comes back with it.
+    tiny = enabled_tiny("flux", sla_seed=27)
+    odd = "single_transformer_blocks.0.attn"
+    tiny.model.get_submodule(odd).set_processor(SLAAttnProcessor(**{**TEST_SLA_OVERRIDES, "topk": 0.25}))
+    inputs = tiny.make_inputs(seed=3)
+    with torch.no_grad():
+        expected = forward_output(tiny.model, inputs)
+    tiny.model.save_pretrained(tmp_path)
+    for settings in ({}, TEST_SLA_OVERRIDES):  # the stored config, or an explicit one that agrees with it
+        loaded = type(tiny.model).from_pretrained(tmp_path)
+        enable_sla(loaded, **settings)
+        configs = {path: layer.config for path, _, layer in iter_sla_layers(loaded)}
+        assert configs[odd].topk == 0.25 and configs["transformer_blocks.0.attn"].topk == 0.2
+        assert loaded.get_submodule(odd).processor.config.topk == 0.25
+        with torch.no_grad():
+            assert torch.equal(forward_output(loaded, inputs), expected)
+    # load_sla into a model running the common config does the same.
+    target = enabled_tiny("flux")
+    (result,) = load_sla(target.model, tmp_path)
+    assert {path: c.topk for path, c in result.layer_configs.items()} == {odd: 0.25}
+    with torch.no_grad():
+        assert torch.equal(forward_output(target.model, inputs), expected)
+
+
+def test_per_layer_config_mismatch_names_the_layer_and_both_configs(tmp_path):
+    tiny = enabled_tiny("flux", sla_seed=28)
+    odd = "single_transformer_blocks.0.attn"
+    tiny.model.get_submodule(odd).set_processor(SLAAttnProcessor(**{**TEST_SLA_OVERRIDES, "topk": 0.25}))
+    tiny.model.save_pretrained(tmp_path)
+    loaded = type(tiny.model).from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"(?s)\['{odd}'\]: `topk` \(installed 0.5, file 0.25\).*installed "
+                                         r"\{'topk': 0.5.*file \{'topk': 0.25.*"
+                                         r"\['transformer_blocks.0.attn'\]: `topk` \(installed 0.5, file 0.2\)"):
+        enable_sla(loaded, **{**TEST_SLA_OVERRIDES, "topk": 0.5})
+    assert not get_sla_state_dict(loaded)
+    with pytest.warns(UserWarning, match=rf"(?s)strict=False.*'{odd}'"):
+        enable_sla(loaded, strict=False, **{**TEST_SLA_OVERRIDES, "topk": 0.5})
+    assert all(layer.config.topk == 0.5 for _, _, layer in iter_sla_layers(loaded))
 
 
 def test_set_attn_processor_loads_the_weights_saved_beside_the_model(tmp_path):
@@ -627,6 +895,26 @@ def test_convert_simpletuner_errors(tmp_path):
         pickle.dump({"settings": {}, "state": {}, "obj": NotATensor()}, handle)
     with pytest.raises(ValueError, match=r"torch.load\(weights_only=True\)"):
         convert_simpletuner_sla(tmp_path / "evil.pt", tiny.model)
+
+
+def test_convert_refuses_non_finite_and_malformed_tensors(tmp_path):
+    tiny = enabled_tiny("flux")
+    state = simpletuner_file(tmp_path / "sla_attention.pt")
+    state["16:torch.bfloat16"]["proj_l.bias"][2] = float("nan")
+    torch.save({"settings": {}, "state": state}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"16:torch.bfloat16: .*not finite"):
+        convert_simpletuner_sla(tmp_path / "nan.pt", tiny.model)
+    wan = enabled_tiny("wan")
+    turbo = turbo_file(tmp_path / "turbo.pth")
+    turbo["net.blocks.1.self_attn.attn_op.local_attn.proj_l.weight"] = torch.tensor(1.0)  # 0-d
+    torch.save(turbo, tmp_path / "scalar.pth")
+    for model in (wan.model, None):
+        with pytest.raises(ValueError, match=r"block 1: expected proj_l.weight .* got \(\)"):
+            convert_turbodiffusion_wan(tmp_path / "scalar.pth", model)
+    turbo["net.blocks.1.self_attn.attn_op.local_attn.proj_l.weight"] = torch.full((16, 16), float("inf"))
+    torch.save(turbo, tmp_path / "inf.pth")
+    with pytest.raises(ValueError, match=r"block 1: .*not finite"):
+        convert_turbodiffusion_wan(tmp_path / "inf.pth", wan.model)
 
 
 class NotATensor:

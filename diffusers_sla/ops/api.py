@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
+import numbers
 import os
 from typing import Callable
 
@@ -64,14 +66,26 @@ def triton_backend_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA when Triton is installed, else 'torch'. An explicit choice that cannot run raises."""
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """'auto' -> 'triton' on CUDA when Triton is installed, else 'torch'. An explicit choice that cannot run raises.
+    Under the Triton interpreter bfloat16 runs the PyTorch operator ('auto') or is refused ('triton'): the
+    interpreter's bfloat16 matrix products are wrong."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
+    interpreted_bf16 = dtype == torch.bfloat16 and _interpreting()
     if backend == "auto":
-        if device.type == "cuda" and triton_backend_usable(device):
+        if device.type == "cuda" and triton_backend_usable(device) and not interpreted_bf16:
             return "triton"
         return "torch"
+    if backend == "triton" and interpreted_bf16:
+        raise ValueError(
+            "backend='triton' cannot compute bfloat16 under TRITON_INTERPRET=1 (the interpreter's bfloat16 matrix "
+            "products are wrong): use float16 or float32 inputs, or backend='torch'."
+        )
     if backend == "triton" and not triton_backend_usable(device):
         from ..utils.import_utils import is_triton_available
 
@@ -100,19 +114,48 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"`q` {tuple(q.shape)} and `k` {tuple(k.shape)} must agree in batch, heads and head_dim "
             "(expand grouped key/value heads before calling)."
         )
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"Sequences must not be empty, got Lq={q.shape[2]} and Lk={k.shape[2]}.")
+    if q.shape[-1] == 0:
+        raise ValueError(f"head_dim must be positive, got 0 (q of shape {tuple(q.shape)}).")
+    if k.shape[2] == 0 and q.shape[0] * q.shape[1] * q.shape[2] > 0:
+        raise ValueError(
+            f"`k` and `v` must hold at least one key: got Lk=0 for {q.shape[2]} queries (attention over no keys is "
+            "undefined)."
+        )
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"`q`, `k`, `v` must be on one device, got {q.device}, {k.device}, {v.device}.")
 
 
-def _check_projection(proj_weight, proj_bias, head_dim: int) -> None:
-    if proj_weight is not None and tuple(proj_weight.shape) != (head_dim, head_dim):
-        raise ValueError(f"`proj_weight` must have shape ({head_dim}, {head_dim}), got {tuple(proj_weight.shape)}.")
-    if proj_bias is not None and tuple(proj_bias.shape) != (head_dim,):
-        raise ValueError(f"`proj_bias` must have shape ({head_dim},), got {tuple(proj_bias.shape)}.")
+def _check_projection(proj_weight, proj_bias, q: torch.Tensor) -> None:
+    head_dim = q.shape[-1]
+    for name, x, shape in (("proj_weight", proj_weight, (head_dim, head_dim)), ("proj_bias", proj_bias, (head_dim,))):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"`{name}` must be a torch.Tensor or None, got {type(x).__name__}.")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"`{name}` must have shape {shape}, got {tuple(x.shape)}.".replace(",)", ")"))
+        if not x.is_floating_point():
+            raise ValueError(f"`{name}` must be a floating-point tensor, got {x.dtype}.")
+        # A tensor elsewhere (another GPU, `meta`) would be read as garbage by the kernels: refuse it.
+        if x.device != q.device:
+            raise ValueError(f"`{name}` must be on q's device ({q.device}), got {x.device}.")
+
+
+def _check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        _bad_scale(scale)
+    if torch.compiler.is_compiling():
+        return  # a float traced as a symbol has no value to test here; eager calls test it
+    if not math.isfinite(scale) or scale <= 0:
+        _bad_scale(scale)
+
+
+def _bad_scale(scale) -> None:
+    raise ValueError(f"`scale` must be a positive finite number or None (head_dim ** -0.5), got {scale!r}.")
 
 
 def _check_key_padding_mask(mask: torch.Tensor, k: torch.Tensor) -> None:
@@ -163,15 +206,27 @@ def sparse_linear_attention(
     cfg = SLAConfig.coerce(config, **overrides)
     _check_qkv(q, k, v)
     head_dim = q.shape[-1]
-    _check_projection(proj_weight, proj_bias, head_dim)
+    _check_projection(proj_weight, proj_bias, q)
+    _check_scale(scale)
     if cfg.linear_scope != "none":  # "none": the backends read no projection, None stays None
         if proj_weight is None:
             proj_weight = torch.eye(head_dim, device=q.device, dtype=torch.float32)
         if proj_bias is None:
             proj_bias = torch.zeros(head_dim, device=q.device, dtype=proj_weight.dtype)
+    name = resolve_backend(backend, q.device, q.dtype)
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, k)
+    if q.numel() == 0:
+        return _empty_output(q, k, v, *((proj_weight, proj_bias) if cfg.linear_scope != "none" else (None, None)))
     with _autocast_disabled(q.device):
-        return _run(_load_backend(resolve_backend(backend, q.device)), q, k, v, proj_weight, proj_bias, cfg, scale,
-                    key_padding_mask)
+        return _run(_load_backend(name), q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask)
+
+
+def _empty_output(q, k, v, proj_weight, proj_bias) -> torch.Tensor:
+    # No query (batch, heads or Lq of 0): an empty output, still attached to every input so that backward gives
+    # each of them a (zero) gradient.
+    attached = sum(x.sum() for x in (k, v, proj_weight, proj_bias) if x is not None).to(q.dtype) * 0
+    return q * 0 + attached
 
 
 def _autocast_disabled(device: torch.device):
@@ -191,7 +246,6 @@ def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask):
     if key_padding_mask is None:
         return fn(q, k, v, proj_weight, proj_bias, **kwargs)
 
-    _check_key_padding_mask(key_padding_mask, k)
     if bool((key_padding_mask == key_padding_mask[:1]).all()):
         # One pattern for the whole batch (the usual case: CFG pairs, equal prompts): one call over the kept keys.
         keep = key_padding_mask[0].nonzero().squeeze(-1)
