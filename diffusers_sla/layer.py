@@ -10,6 +10,37 @@ from .config import SLAConfig
 from .ops.api import preload_backends, sparse_linear_attention
 
 
+class _FP32Linear(nn.Linear):
+    """`proj_l`: an `nn.Linear` that stays float32 and whose weights the SLA kernels read directly.
+
+    * Every cast reaches a parameter through `_apply` (`model.to(torch.bfloat16)`, `.half()`, diffusers' layerwise
+      casting, which calls `proj_l.to(storage_dtype)` on the layer itself): the device move is kept and the dtype put
+      back to float32, on the same parameter objects, so optimizers that hold them stay valid.
+    * Called with a function instead of a tensor, it returns `function(weight, bias)`. `SparseLinearAttention`
+      reads the weights that way when hooks manage them (accelerate's `cpu_offload`, diffusers' group offloading):
+      those hooks put the weights in place before a module's forward and take them away after it.
+    """
+
+    def forward(self, input):
+        if callable(input) and not isinstance(input, torch.Tensor):
+            return input(self.weight, self.bias)
+        return super().forward(input)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse=recurse)
+        for param in self.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+                if param.grad is not None:
+                    param.grad.data = param.grad.data.float()
+        return self
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # accelerate and diffusers install their hooks by replacing the instance's `forward`; torch's own hooks are dicts
+    return "forward" in module.__dict__ or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
+
+
 class SparseLinearAttention(nn.Module):
     """Sparse-Linear Attention over (batch, heads, seq, head_dim) tensors.
 
@@ -40,7 +71,7 @@ class SparseLinearAttention(nn.Module):
         self.head_dim = head_dim
         self.config = SLAConfig.coerce(config, **overrides)
         self.backend = backend
-        self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        self.proj_l = _FP32Linear(head_dim, head_dim, dtype=torch.float32)
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
         preload_backends()
@@ -55,22 +86,16 @@ class SparseLinearAttention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"This layer was built for head_dim={self.head_dim}, got q of shape {tuple(q.shape)}.")
-        return sparse_linear_attention(
-            q, k, v, self.proj_l.weight, self.proj_l.bias,
-            config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
-        )
 
-    def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)`, `.half()` and friends reach every parameter through `_apply`: let them move
-        # `proj_l` across devices, then put its dtype back to float32. Parameter objects are kept, so optimizers that
-        # already hold them stay valid.
-        super()._apply(fn, recurse=recurse)
-        for param in self.proj_l.parameters():
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
-                if param.grad is not None:
-                    param.grad.data = param.grad.data.float()
-        return self
+        def run(weight, bias):
+            return sparse_linear_attention(
+                q, k, v, weight, bias,
+                config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
+            )
+
+        if _has_hooks(self.proj_l):  # offloading hooks bring the weights in only around proj_l's own call
+            return self.proj_l(run)
+        return run(self.proj_l.weight, self.proj_l.bias)
 
     def extra_repr(self) -> str:
         c = self.config

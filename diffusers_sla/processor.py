@@ -425,6 +425,8 @@ def _replay_into_module(attn: nn.Module, processor: "SLAAttnProcessor") -> None:
     fix = ("(the module was left as it was). Call `diffusers_sla.enable_sla(model)` for the whole model, or "
            "`load_sla(model, ..., strict=False)` after it.")
     absent = [name for name in names if name not in weights.tensors]
+    if len(absent) == len(names) and not _expects_sla(attn, processor.config):
+        return  # a module the policy keeps dense (cross-attention): enable_sla gives it no layer either
     if absent:
         raise ValueError(f"set_processor(SLAAttnProcessor) on {path!r}: the SLA weights saved beside the model "
                          f"({filename}) have no entry {absent} for this layer {fix}")
@@ -554,8 +556,11 @@ def _expects_sla(attn: nn.Module, config: SLAConfig) -> bool:
 
 def _module_device(attn: nn.Module) -> torch.device:
     for param in attn.parameters():
-        return param.device
-    return torch.device("cpu")
+        if not param.is_meta:
+            return param.device
+    # offloaded with accelerate (weights on "meta" between calls): new SLA layers live where the module runs
+    device = getattr(getattr(attn, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def enable_sla(
@@ -746,7 +751,25 @@ def _complete_install(model: nn.Module, prefix: str, sla_layers: dict[str, Spars
     from .serialization import on_sla_enabled
 
     _attach_sla_layers(model, prefix, sla_layers)
+    _declare_fp32_layers(model)
     on_sla_enabled(model, strict=strict)
+
+
+# Module-name patterns (diffusers matches them with `re.search`) naming SLA's float32 layers.
+SLA_LAYERWISE_CASTING_SKIP = rf"(^|\.){SLA_MODULE_NAME}(\.|$)"
+
+
+def _declare_fp32_layers(model: nn.Module) -> None:
+    """Tell diffusers' dtype bookkeeping that `proj_l` stays float32 (it does whatever is cast: `_FP32Linear`):
+    `enable_layerwise_casting` then leaves SLA layers unhooked, and a class that declares `_keep_in_fp32_modules`
+    gets `proj_l` added to the instance's list (a class with none keeps none: diffusers warns on `.to(dtype)` for
+    any, and `proj_l` needs no such warning)."""
+    patterns = getattr(model, "_skip_layerwise_casting_patterns", None)
+    if hasattr(model, "_skip_layerwise_casting_patterns") and SLA_LAYERWISE_CASTING_SKIP not in (patterns or ()):
+        model._skip_layerwise_casting_patterns = (*(patterns or ()), SLA_LAYERWISE_CASTING_SKIP)
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    if keep and "proj_l" not in keep:
+        model._keep_in_fp32_modules = [*([keep] if isinstance(keep, str) else keep), "proj_l"]
 
 
 def _wrap_set_attn_processor() -> None:
