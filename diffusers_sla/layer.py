@@ -86,16 +86,17 @@ class SparseLinearAttention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"This layer was built for head_dim={self.head_dim}, got q of shape {tuple(q.shape)}.")
+        return self.call_with_weights(lambda weight, bias: sparse_linear_attention(
+            q, k, v, weight, bias,
+            config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
+        ))
 
-        def run(weight, bias):
-            return sparse_linear_attention(
-                q, k, v, weight, bias,
-                config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
-            )
-
-        if _has_hooks(self.proj_l):  # offloading hooks bring the weights in only around proj_l's own call
-            return self.proj_l(run)
-        return run(self.proj_l.weight, self.proj_l.bias)
+    def call_with_weights(self, function):
+        """`function(proj_l.weight, proj_l.bias)`, through `proj_l`'s own call when hooks manage its weights
+        (offloading hooks bring them in only around that call)."""
+        if _has_hooks(self.proj_l):
+            return self.proj_l(function)
+        return function(self.proj_l.weight, self.proj_l.bias)
 
     def extra_repr(self) -> str:
         c = self.config

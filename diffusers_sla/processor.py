@@ -45,6 +45,7 @@ from .ops.api import BACKEND_NAMES
 logger = logging.getLogger(__name__)
 
 INNER_PROCESSOR_ATTR = "_sla_inner_processor"
+_INNER_PARAMETERS_ATTR = "_sla_inner_parameters"
 # Keyword arguments diffusers itself passes to processors without warning when they are not accepted.
 _QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
 # Dense reasons that follow the configured policy (logged at INFO); the others mean SLA did not run where a user
@@ -56,11 +57,18 @@ _logged_once_lock = threading.Lock()
 
 
 def _log_once(key, level: int, message: str) -> None:
-    if torch.compiler.is_compiling():  # dynamo traces on one thread, and cannot enter the lock
-        if key not in _logged_once:
-            _logged_once.add(key)
-            _log(level, message)
+    """Log `message` the first time `key` is seen in this process. Inside torch.compile'd code the check and the
+    log happen while dynamo traces (`comptime`), never in the graph: compiled code must not read the set of keys
+    (it would guard on it, and the next call would recompile) nor call the logger (a graph break)."""
+    if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime
+
+        comptime(_log_once_while_tracing)
         return
+    _log_once_now(key, level, message)
+
+
+def _log_once_now(key, level: int, message: str) -> None:
     with _logged_once_lock:
         if key in _logged_once:
             return
@@ -68,21 +76,10 @@ def _log_once(key, level: int, message: str) -> None:
     logger.log(level, message)
 
 
-def _log(level: int, message: str) -> None:
-    """`logger.log`, also from torch.compile'd code: a logging call there breaks the graph (an error under
-    `fullgraph=True`), so the message is logged while dynamo traces the call instead (`comptime`). The callers log
-    once: the set they remember that in changes, and the next call recompiles without the message."""
-    if torch.compiler.is_compiling():
-        from torch._dynamo.comptime import comptime
-
-        comptime(_log_while_tracing)
-    else:
-        logger.log(level, message)
-
-
-def _log_while_tracing(ctx) -> None:
-    # runs inside dynamo: `level` and `message` are the traced constants of `_log`'s frame
-    logger.log(ctx.get_local("level").as_python_constant(), ctx.get_local("message").as_python_constant())
+def _log_once_while_tracing(ctx) -> None:
+    # runs inside dynamo: `key`, `level` and `message` are the traced constants of `_log_once`'s frame
+    values = [ctx.get_local(name).as_python_constant() for name in ("key", "level", "message")]
+    _log_once_now(*values)
 
 
 def _is_linear_attention_processor(processor) -> bool:
@@ -118,8 +115,9 @@ class SLAAttnProcessor:
             raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
         self.config = SLAConfig.coerce(config, **overrides)
         self.backend = backend
-        self._logged_reasons: set[str] = set()
-        self._inner_parameters_cache: dict[type, tuple[frozenset, bool]] = {}
+        # key of this instance's once-per-reason log lines (in `_logged_once`): a constant string, so that compiled
+        # code reads no state that its first call changes
+        self._log_key = f"SLAAttnProcessor@{id(self):x}"
         self._attached_modules = weakref.WeakSet()  # modules this instance was set on, for `_attention_backend`
         self._backend_setting = None
         # now, in eager code: the first call may run inside torch.compile, which cannot take the install's lock
@@ -167,7 +165,7 @@ class SLAAttnProcessor:
             )
         if not torch.compiler.is_compiling():  # (set_processor registered it; this re-registers after unpickling,
             self._attached_modules.add(attn)  # and would make compiled code guard on the set's contents)
-        kwargs = self._kwargs_for(inner, kwargs)
+        kwargs = self._kwargs_for(attn, inner, kwargs)
         with routing_scope(attn, self) as scope:
             output = inner(attn, *args, **kwargs)
         if scope.intercepted == 0:
@@ -176,16 +174,17 @@ class SLAAttnProcessor:
 
     # ----- keyword arguments ------------------------------------------------------------------------------------
 
-    def _inner_parameters(self, inner) -> tuple[frozenset, bool]:
-        """(names the inner processor accepts by keyword, whether it takes **kwargs), cached per class."""
-        cached = self._inner_parameters_cache.get(type(inner))
-        if cached is None:
-            cached = _call_parameters(inner)
-            self._inner_parameters_cache[type(inner)] = cached
-        return cached
+    @staticmethod
+    def _inner_parameters(attn: nn.Module, inner) -> tuple[frozenset, bool]:
+        """(names the inner processor accepts by keyword, whether it takes **kwargs): recorded on the module when
+        the processor was set (`_set_inner_processor`), so a call reads and writes no cache."""
+        recorded = attn.__dict__.get(_INNER_PARAMETERS_ATTR)
+        if recorded is not None and recorded[0] is type(inner):
+            return recorded[1]
+        return _call_parameters(inner)
 
-    def _kwargs_for(self, inner, kwargs: dict) -> dict:
-        names, takes_var_kwargs = self._inner_parameters(inner)
+    def _kwargs_for(self, attn: nn.Module, inner, kwargs: dict) -> dict:
+        names, takes_var_kwargs = self._inner_parameters(attn, inner)
         if takes_var_kwargs or not kwargs:
             return kwargs
         dropped = [k for k in kwargs if k not in names]
@@ -253,9 +252,6 @@ class SLAAttnProcessor:
         self._log_dense_once(reason, attn, None, inner=inner, backend_name=backend_name)
 
     def _log_dense_once(self, reason: str, attn: nn.Module, call: dict | None, inner=None, backend_name=None):
-        if reason in self._logged_reasons:
-            return
-        self._logged_reasons.add(reason)
         c = self.config
         messages = {
             "unsupported_shape": "attention calls whose tensors are not (batch, heads, seq, head_dim) with matching "
@@ -278,8 +274,8 @@ class SLAAttnProcessor:
             "runs unchanged",
         }
         level = logging.INFO if reason in _POLICY_REASONS else logging.WARNING
-        _log(level, f"SLA: {messages[reason]} (first seen in {type(attn).__name__}; counted per layer in "
-             "`sla_summary(model)`).")
+        _log_once((self._log_key, reason), level, f"SLA: {messages[reason]} (first seen in {type(attn).__name__}; "
+                  "counted per layer in `sla_summary(model)`).")
 
 
 def _call_parameters(processor) -> tuple[frozenset, bool]:
@@ -318,6 +314,7 @@ def _inner_processor(attn: nn.Module):
 def _set_inner_processor(attn: nn.Module, processor) -> None:
     # (an older layout kept an nn.Module processor as the child `_sla_inner_processor`)
     attn._modules.pop(INNER_PROCESSOR_ATTR, None)
+    attn.__dict__.pop(_INNER_PARAMETERS_ATTR, None)
     old = attn.__dict__.pop(INNER_PROCESSOR_ATTR, None)
     wrapped = isinstance(attn.__dict__.get("processor"), SLAAttnProcessor)
     if wrapped and old is not None and attn._modules.get("processor") is old:
@@ -325,6 +322,7 @@ def _set_inner_processor(attn: nn.Module, processor) -> None:
     if processor is None:
         return
     attn.__dict__[INNER_PROCESSOR_ATTR] = processor
+    attn.__dict__[_INNER_PARAMETERS_ATTR] = (type(processor), _call_parameters(processor))
     if wrapped and isinstance(processor, nn.Module):
         # A processor with weights (IP-Adapter) stays the child `processor`, as without SLA: its state-dict keys,
         # `.to()` and offloading hooks are unchanged. The SLA wrapper in `__dict__` still wins attribute lookup, so
@@ -695,8 +693,10 @@ def _restore(snapshot: list[tuple]) -> None:
         if child is not None:
             attn._modules["processor"] = child
         attn.__dict__.pop(INNER_PROCESSOR_ATTR, None)
+        attn.__dict__.pop(_INNER_PARAMETERS_ATTR, None)
         if inner is not None:
             attn.__dict__[INNER_PROCESSOR_ATTR] = inner
+            attn.__dict__[_INNER_PARAMETERS_ATTR] = (type(inner), _call_parameters(inner))
         attn._modules.pop(SLA_MODULE_NAME, None)
         if layer is not None:
             attn._modules[SLA_MODULE_NAME] = layer
