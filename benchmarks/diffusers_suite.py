@@ -53,13 +53,14 @@ FAMILIES = {
 # ===== The pytest plugin (loaded inside the pytest process with `-p diffusers_suite`) =====
 
 _loading = threading.local()
-_models: list = []  # weak references to every model SLA was installed on, for the call count
+_installed = [0]
+_stats: list = []  # the per-layer counters of every model SLA was installed on (they outlive the models)
 
 
 def _install_sla(model) -> None:
-    import weakref
-
     from diffusers_sla import enable_sla
+    from diffusers_sla.dispatch import layer_stats
+    from diffusers_sla.processor import _sla_modules
 
     try:
         enable_sla(model, **SLA_SETTINGS)
@@ -67,7 +68,8 @@ def _install_sla(model) -> None:
         if "has no attention module" in str(err):  # VAEs, embedders: nothing to run SLA in
             return
         raise
-    _models.append(weakref.ref(model))
+    _installed[0] += 1
+    _stats.extend(layer_stats(attn) for _, attn in _sla_modules(model))
 
 
 def _wrap_init(cls) -> None:
@@ -155,17 +157,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if config.getoption("--sla-off"):
         terminalreporter.write_line("diffusers_suite: SLA off (baseline)")
         return
-    from diffusers_sla import sla_summary
-
-    calls = models = 0
-    for ref in _models:
-        model = ref()
-        if model is not None:
-            models += 1
-            calls += sla_summary(model).sla_calls
+    calls = sum(stats.sla_calls for stats in _stats)
+    dense = sum(stats.total_dense_calls for stats in _stats)
     terminalreporter.write_line(
-        f"diffusers_suite: SLA installed on {len(_models)} models ({models} still alive ran {calls} SLA calls) "
-        f"with {SLA_SETTINGS}"
+        f"diffusers_suite: SLA installed on {_installed[0]} models with {SLA_SETTINGS}: {calls} attention calls ran "
+        f"SLA, {dense} dense (eager calls; compiled ones are not counted)"
     )
 
 
