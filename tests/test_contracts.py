@@ -322,3 +322,86 @@ def test_compile_from_cold_does_not_recompile(family, how):
     torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(first, second)
     assert all(layer.compiled_route is not None for layer in sla_summary(model).layers)
+
+
+# ===== IP-Adapter (SD3) =====
+
+# diffusers' SD3 loader renames the image projection's keys from the original checkpoint layout; this is the same
+# renaming read backwards (module-name prefix inside `layers.<i>.`), to write a state dict in the original layout.
+_SD3_IMAGE_PROJ_ORIGINAL_NAMES = {
+    "ln0": "0.norm1", "ln1": "0.norm2", "attn.to_q": "0.to_q", "attn.to_kv": "0.to_kv", "attn.to_out.0": "0.to_out",
+    "adaln_norm": "1.0", "ff.net.0.proj": "1.1", "ff.net.2": "1.3", "adaln_proj": "2.1",
+}
+
+
+def _sd3_ip_adapter_state_dict(transformer, image_embed_dim: int = 24, seed: int = 0) -> dict:
+    """A random SD3 IP-Adapter in the layout `SD3Transformer2DModel._load_ip_adapter_weights` reads: a time-aware
+    image projection (heads of 64: hidden size 64, one head) and, per joint block, `SD3IPAdapterJointAttnProcessor2_0`'s
+    weights (AdaLayerNorm on the image tokens, their key and value projections, RMS norms)."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    torch.manual_seed(seed)
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    hidden = 64
+    projection = IPAdapterTimeImageProjection(embed_dim=image_embed_dim, output_dim=inner, hidden_dim=hidden, heads=1,
+                                              num_queries=4, timestep_in_dim=32)
+    image_proj = {}
+    for key, value in projection.state_dict().items():
+        if key.startswith("layers."):
+            _, index, rest = key.split(".", 2)
+            for new, old in sorted(_SD3_IMAGE_PROJ_ORIGINAL_NAMES.items(), key=lambda kv: -len(kv[0])):
+                if rest.startswith(new + "."):
+                    rest = old + rest[len(new):]
+                    break
+            key = f"layers.{index}.{rest}"
+        image_proj[key] = value
+    ip_adapter = {}
+    for index in range(len(transformer.transformer_blocks)):
+        processor = SD3IPAdapterJointAttnProcessor2_0(hidden_size=inner, ip_hidden_states_dim=inner,
+                                                      head_dim=transformer.config.attention_head_dim,
+                                                      timesteps_emb_dim=hidden)
+        for name, value in processor.state_dict().items():
+            # random, not the zero/one initialisation, so that the adapter changes the output
+            ip_adapter[f"{index}.{name}"] = torch.randn_like(value) * 0.3 + (1.0 if "norm_" in name and
+                                                                             name.endswith("weight") and
+                                                                             value.ndim == 1 else 0.0)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def test_sd3_ip_adapter_load_scale_unload_with_sla_match_dense():
+    from types import SimpleNamespace
+
+    from diffusers.loaders.ip_adapter import SD3IPAdapterMixin
+    from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
+
+    model, make_inputs = build_tiny_model("sd3")
+    pipe = SimpleNamespace(transformer=model)  # the pipeline methods read only `transformer` (no image encoder here)
+    inputs = make_inputs(seed=11)
+    image = torch.randn(2, 1, 24, generator=torch.Generator().manual_seed(12))
+    state_dict = _sd3_ip_adapter_state_dict(model)
+
+    def with_image():
+        return {**inputs, "joint_attention_kwargs": {"ip_adapter_image_embeds": image}}
+
+    no_adapter = _run(model, inputs)
+    model._load_ip_adapter_weights(state_dict)
+    dense_adapter = _run(model, with_image())
+    SD3IPAdapterMixin.unload_ip_adapter(pipe)
+    assert (dense_adapter - no_adapter).abs().max() > 1e-3, "the adapter must change the output"
+
+    enable_sla(model, topk=1.0, **TEST_SLA_OVERRIDES)
+    configs = _configs(model)
+    model._load_ip_adapter_weights(state_dict)
+    assert all(isinstance(p, SD3IPAdapterJointAttnProcessor2_0) for n, p in model.attn_processors.items()
+               if n.startswith("transformer_blocks."))  # (the image projection has attention modules of its own)
+    assert (_run(model, with_image()) - dense_adapter).abs().max() <= EXACT_ATOL
+    assert sla_summary(model).sla_calls > 0
+
+    SD3IPAdapterMixin.set_ip_adapter_scale(pipe, 0.0)
+    assert (_run(model, with_image()) - no_adapter).abs().max() <= EXACT_ATOL
+
+    SD3IPAdapterMixin.unload_ip_adapter(pipe)
+    assert {n: type(p) for n, p in model.attn_processors.items()} == {n: JointAttnProcessor2_0 for n in model.attn_processors}
+    assert _configs(model) == configs
+    assert (_run(model, inputs) - no_adapter).abs().max() <= EXACT_ATOL
