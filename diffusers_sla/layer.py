@@ -10,21 +10,30 @@ from .config import SLAConfig
 from .ops.api import preload_backends, sparse_linear_attention
 
 
-class _FP32Linear(nn.Linear):
-    """`proj_l`: an `nn.Linear` that stays float32 and whose weights the SLA kernels read directly.
+class _FP32Linear(nn.Module):
+    """`proj_l`: a float32 linear map (`weight`, `bias`: the state-dict keys of an `nn.Linear`) whose weights the SLA
+    kernels read directly.
 
-    * Every cast reaches a parameter through `_apply` (`model.to(torch.bfloat16)`, `.half()`, diffusers' layerwise
-      casting, which calls `proj_l.to(storage_dtype)` on the layer itself): the device move is kept and the dtype put
-      back to float32, on the same parameter objects, so optimizers that hold them stay valid.
+    * Not an `nn.Linear` on purpose: tools that wrap or recast `nn.Linear` layers (PEFT's LoRA with
+      `"all-linear"`, diffusers' layerwise casting) would change a forward the kernels never call, so their effect
+      would be silently lost; they leave this layer alone instead.
+    * Every cast reaches its parameters through `_apply` (`model.to(torch.bfloat16)`, `.half()`): the device move
+      is kept and the dtype put back to float32, on the same parameter objects, so optimizers holding them stay valid.
     * Called with a function instead of a tensor, it returns `function(weight, bias)`. `SparseLinearAttention`
       reads the weights that way when hooks manage them (accelerate's `cpu_offload`, diffusers' group offloading):
       those hooks put the weights in place before a module's forward and take them away after it.
     """
 
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
+
     def forward(self, input):
         if callable(input) and not isinstance(input, torch.Tensor):
             return input(self.weight, self.bias)
-        return super().forward(input)
+        return torch.nn.functional.linear(input, self.weight.to(input.dtype), self.bias.to(input.dtype))
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse=recurse)
@@ -34,6 +43,9 @@ class _FP32Linear(nn.Linear):
                 if param.grad is not None:
                     param.grad.data = param.grad.data.float()
         return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=float32"
 
 
 def _has_hooks(module: nn.Module) -> bool:

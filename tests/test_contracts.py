@@ -273,17 +273,30 @@ def test_layerwise_casting_keeps_proj_l_float32(storage_dtype):
     for path, _, layer in iter_sla_layers(model):
         assert layer.proj_l.weight.dtype == torch.float32 and layer.proj_l.bias.dtype == torch.float32
         assert torch.equal(layer.proj_l.weight, trained[path])
-    assert "proj_l" in model._keep_in_fp32_modules or any("sla" in p for p in model._skip_layerwise_casting_patterns)
+    assert "proj_l" in model._keep_in_fp32_modules and any("sla" in p for p in model._skip_layerwise_casting_patterns)
 
 
-def test_group_offload_runs_sla_with_the_same_output():
+def test_lora_all_linear_leaves_proj_l_alone():
+    # PEFT wraps `nn.Linear` layers; proj_l's weights are read by the kernels, not through a forward a wrapper
+    # could change, so "all-linear" must not pick it (issue #29, item 3)
+    from peft import LoraConfig
+
+    model, _ = build_tiny_model("wan")
+    enable_sla(model, **TEST_SLA_OVERRIDES)
+    model.add_adapter(LoraConfig(r=2, target_modules="all-linear"))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert not any(".sla." in name and "lora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offload_runs_sla_with_the_same_output(offload_type):
     model, make_inputs = build_tiny_model("wan")
     inputs = make_inputs(seed=9)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     _randomize_proj_l(model)
     expected = _run(model, inputs)
     model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1)
+                               offload_type=offload_type, num_blocks_per_group=1)
     assert torch.equal(_run(model, inputs), expected)
     assert all(layer.proj_l.weight.dtype == torch.float32 for _, _, layer in iter_sla_layers(model))
 

@@ -13,7 +13,7 @@ from testing_utils import rel_err
 def test_public_api_shape_and_defaults():
     cfg = SLAConfig(topk=0.2, blkq=64, blkk=64, feature_map="softmax", tie_feature_map_qk=True, linear_scope="rest")
     attn = SparseLinearAttention(head_dim=128, config=cfg)
-    assert isinstance(attn.proj_l, torch.nn.Linear) and attn.proj_l.weight.shape == (128, 128)
+    assert attn.proj_l.weight.shape == (128, 128) and attn.proj_l.bias.shape == (128,)
     assert attn.proj_l.weight.dtype == torch.float32
     assert attn.proj_l.weight.abs().sum() == 0 and attn.proj_l.bias.abs().sum() == 0
     assert SparseLinearAttention(head_dim=128, topk=0.15).config.topk == 0.15
