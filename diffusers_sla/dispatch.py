@@ -35,6 +35,7 @@ computed before.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -416,12 +417,39 @@ def masked_sla_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                         bias: torch.Tensor, attn_mask: torch.Tensor, query_ndim: int, topk: float, blkq: int,
                         blkk: int, feature_map: str, linear_scope: str, scale: float | None,
                         backend: str) -> list[torch.Tensor]:
-    inputs = [t.detach().requires_grad_(True) for t in (q, k, v, weight, bias)]
-    with torch.enable_grad():
-        out = _masked_forward(*inputs, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope, scale,
-                              backend)
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+    def recompute():
+        inputs = [t.detach().requires_grad_(True) for t in (q, k, v, weight, bias)]
+        with torch.enable_grad():
+            out = _masked_forward(*inputs, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope,
+                                  scale, backend)
+            grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+        # laid out as the fake impl says (`empty_like` keeps each input's strides): compiled code views them so
+        return [torch.zeros_like(t) if g is None else torch.empty_like(t).copy_(g) for t, g in zip(inputs, grads)]
+
+    # A custom op's body runs with autograd's dispatch keys excluded for this thread (and torch.func refuses the
+    # saved-tensor hooks a compiled backward has set): the recomputation runs on a worker thread, whose state is
+    # fresh, on the caller's CUDA stream.
+    stream = torch.cuda.current_stream(q.device) if q.is_cuda else None
+
+    def on_worker():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return recompute()
+
+    return _backward_worker().submit(on_worker).result()
+
+
+_worker = None
+
+
+def _backward_worker():
+    global _worker
+    if _worker is None:
+        with _install_lock:
+            if _worker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusers_sla_masked_backward")
+    return _worker
 
 
 @masked_sla_backward.register_fake

@@ -418,3 +418,34 @@ def test_sd3_ip_adapter_load_scale_unload_with_sla_match_dense():
     assert {n: type(p) for n, p in model.attn_processors.items()} == {n: JointAttnProcessor2_0 for n in model.attn_processors}
     assert _configs(model) == configs
     assert (_run(model, inputs) - no_adapter).abs().max() <= EXACT_ATOL
+
+
+def test_compiled_masked_blocks_train_like_eager():
+    # QwenImage's joint attention has a key padding mask: compiled, it runs the opaque `masked_sla` op, whose backward
+    # recomputes the forward; loss gradients must be eager's (aot_eager: autograd's tracing, no code generation)
+    model, make_inputs = build_tiny_model("qwenimage")
+    model.train()
+    inputs = make_inputs(seed=3)
+    enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
+    _randomize_proj_l(model)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        forward_output(model, inputs).square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    eager = step()
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+        compiled = step()
+    finally:
+        _uncompile(model)
+    assert any(".sla.proj_l." in name for name in eager)
+    for name, grad in compiled.items():
+        if name in eager:
+            torch.testing.assert_close(grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+        else:  # unused in eager (no gradient at all), zero when compiled
+            assert not grad.any(), name
+    assert eager.keys() <= compiled.keys()
+    assert {layer.compiled_route for layer in sla_summary(model).layers} == {"sla"}
