@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import os
 import threading
@@ -53,6 +54,7 @@ _QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
 _POLICY_REASONS = frozenset({"cross_attention", "short_sequence", "key_padding_mask", "linear_attention"})
 
 _logged_once: set = set()
+_instance_numbers = itertools.count()
 _logged_once_lock = threading.Lock()
 
 
@@ -117,7 +119,7 @@ class SLAAttnProcessor:
         self.backend = backend
         # key of this instance's once-per-reason log lines (in `_logged_once`): a constant string, so that compiled
         # code reads no state that its first call changes
-        self._log_key = f"SLAAttnProcessor@{id(self):x}"
+        self._log_key = f"SLAAttnProcessor#{next(_instance_numbers)}"
         self._attached_modules = weakref.WeakSet()  # modules this instance was set on, for `_attention_backend`
         self._backend_setting = None
         # now, in eager code: the first call may run inside torch.compile, which cannot take the install's lock
@@ -252,6 +254,8 @@ class SLAAttnProcessor:
         self._log_dense_once(reason, attn, None, inner=inner, backend_name=backend_name)
 
     def _log_dense_once(self, reason: str, attn: nn.Module, call: dict | None, inner=None, backend_name=None):
+        if not torch.compiler.is_compiling() and (self._log_key, reason) in _logged_once:
+            return  # (eager dense calls: no message built after the first)
         c = self.config
         messages = {
             "unsupported_shape": "attention calls whose tensors are not (batch, heads, seq, head_dim) with matching "
