@@ -14,8 +14,11 @@ How it fits into diffusers:
   SLA state: `attn.sla`, a `SparseLinearAttention` with its own float32 `proj_l`, so its parameters are parameters
   of the model. `enable_sla` creates them up front; `set_attn_processor(SLAAttnProcessor())` creates them at first
   use.
-* While a module runs SLA, setting another processor on it (`set_attn_processor(...)`, `load_ip_adapter`, SD3's
-  `fuse_qkv_projections`) replaces the processor that SLA wraps; SLA stays on. `disable_sla` turns it off.
+* SLA runs beneath diffusers' processor API, it is not one of its processors: `get_processor()` (and so
+  `attn_processors`) returns the processor SLA wraps. While a module runs SLA, setting another processor on it
+  (`set_processor`, `set_attn_processor(...)`, `load_ip_adapter`, `fuse_qkv_projections`) replaces the processor
+  SLA wraps, and SLA stays on with the layer's config; only `disable_sla` turns it off. A processor with weights
+  stays the module's child `processor` (the state-dict keys of a model without SLA).
 * Module classes filter keyword arguments by `inspect.signature(self.processor.__call__)`. `SLAAttnProcessor`
   advertises the union of the parameter names of every processor it wraps (`__call__.__signature__`), and passes
   each wrapped processor exactly the names it accepts, so nothing (`image_rotary_emb`, `rotary_emb`,
