@@ -35,6 +35,7 @@ computed before.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -187,7 +188,7 @@ def _route_in_scope(scope: RoutingScope, args: tuple, kwargs: dict):
         with _no_routing():
             return _original_sdpa(*args, **kwargs)
     with _no_routing():
-        out, density = _run_sla(attn, processor, call, decision.key_padding_mask)
+        out, density = _run_sla(attn, processor, call, decision.key_padding_mask, decision.deferred_mask)
     record_call(attn, None, density)
     return out
 
@@ -222,6 +223,9 @@ def record_call(attn: torch.nn.Module, reason: str | None, density: float | None
 class RouteDecision:
     reason: str | None  # None: run SLA; else the dense reason (one of DENSE_REASONS)
     key_padding_mask: torch.Tensor | None = None  # (B, Lk) bool keep-mask for SLA, None when every key is kept
+    # Under torch.compile: an SDPA mask shaped like a key padding mask, whose values are read at run time inside one
+    # opaque op (`masked_sla`), since a branch on them would break the graph (see `_masked_sla`).
+    deferred_mask: torch.Tensor | None = None
 
 
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +285,20 @@ def key_padding_mask_from_attn_mask(
     return first[:, 0, 0, :].expand(batch, key_len)
 
 
+def _padding_mask_shape(attn_mask: torch.Tensor, batch: int, heads: int, query_len: int, key_len: int,
+                        query_ndim: int) -> bool:
+    """Whether `attn_mask` has a key padding mask's shape and dtype (its values are not read)."""
+    if attn_mask.ndim > query_ndim or attn_mask.ndim == 0:
+        return False
+    if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        return False
+    shape = (1,) * (query_ndim - attn_mask.ndim) + tuple(attn_mask.shape)
+    if query_ndim == 3:
+        shape = (shape[0], 1, *shape[1:])
+    b, h, lq, lk = shape
+    return b in (1, batch) and h in (1, heads) and lq in (1, query_len) and lk == key_len
+
+
 def route_attention_call(attn: torch.nn.Module, config: SLAConfig, call: dict) -> RouteDecision:
     """Apply the module docstring's policy to one SDPA call (`call`: SDPA's arguments by name)."""
     query, key, value = call["query"], call["key"], call["value"]
@@ -300,12 +318,19 @@ def route_attention_call(attn: torch.nn.Module, config: SLAConfig, call: dict) -
     attn_mask = call["attn_mask"]
     if attn_mask is None:
         return RouteDecision(None)
+    if torch.compiler.is_compiling():
+        # Only the mask's shape and dtype decide here; its values are checked at run time (`_masked_sla`).
+        if not _padding_mask_shape(attn_mask, batch, heads, query_len, key_len, query.ndim):
+            return RouteDecision("attention_mask")
+        if config.masked_attention == "dense":
+            return RouteDecision("key_padding_mask")
+        return RouteDecision(None, deferred_mask=attn_mask)
     keep = key_padding_mask_from_attn_mask(attn_mask, batch, heads, query_len, key_len, query.ndim)
     if keep is None:
         return RouteDecision("attention_mask")
     if config.masked_attention == "dense":
         return RouteDecision("key_padding_mask")
-    return RouteDecision(None, None if bool(keep.all()) else keep)
+    return RouteDecision(None, None if bool(keep.all()) else keep)  # (eager only: one host read per masked call)
 
 
 # ===== Running SLA =====
@@ -320,7 +345,8 @@ def _density(config: SLAConfig, key_lengths: list[int]) -> float:
     return sum(values) / len(values)
 
 
-def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: torch.Tensor | None):
+def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: torch.Tensor | None,
+             deferred_mask: torch.Tensor | None = None):
     query, key, value = call["query"], call["key"], call["value"]
     q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
     if k.shape[1] != q.shape[1]:
@@ -328,6 +354,12 @@ def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: tor
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     layer = processor._sla_layer_for(attn, q)
+    if deferred_mask is not None:
+        config, scale = layer.config, call["scale"]
+        out = layer.call_with_weights(lambda weight, bias: masked_sla(
+            q, k, v, weight, bias, deferred_mask, query.ndim, config.topk, config.blkq, config.blkk,
+            config.feature_map, config.linear_scope, scale, layer.backend))
+        return (out.squeeze(1) if query.ndim == 3 else out), None  # the density depends on the mask's values
     out = layer(q, k, v, scale=call["scale"], key_padding_mask=key_padding_mask)
     if key_padding_mask is None:
         density = _density(layer.config, [k.shape[2]])
@@ -340,3 +372,101 @@ def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: tor
 
 def sla_layer_of(attn: torch.nn.Module):
     return attn._modules.get(SLA_MODULE_NAME)
+
+
+# ===== Masks under torch.compile =====
+#
+# Eager calls read a mask's values on the host to decide (a key padding mask or not, any key masked at all) and
+# then gather each sample's kept keys. Compiled code cannot branch on tensor values, so there the whole decision and
+# computation is one opaque op with a static output shape: `masked_sla` reads the mask when it runs and does exactly
+# what the eager route does with it (SLA over the kept keys for a key padding mask, the original SDPA with the mask
+# for any other). Its backward recomputes the forward under autograd (an opaque op as well).
+
+
+def _masked_forward(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope,
+                    scale, backend):
+    from .ops.api import sparse_linear_attention
+
+    batch, heads, query_len, key_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    keep = key_padding_mask_from_attn_mask(attn_mask, batch, heads, query_len, key_len, query_ndim)
+    if keep is None:  # not a key padding mask: what the eager route runs (dense, reason "attention_mask")
+        mask = attn_mask.unsqueeze(1) if query_ndim == 3 and attn_mask.ndim == 3 else attn_mask
+        return original_sdpa()(q, k, v, attn_mask=mask, scale=scale)
+    return sparse_linear_attention(
+        q, k, v, weight, bias, topk=topk, blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope,
+        scale=scale, key_padding_mask=None if bool(keep.all()) else keep, backend=backend,
+    )
+
+
+@torch.library.custom_op("diffusers_sla::masked_sla", mutates_args=())
+def masked_sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               attn_mask: torch.Tensor, query_ndim: int, topk: float, blkq: int, blkk: int, feature_map: str,
+               linear_scope: str, scale: float | None, backend: str) -> torch.Tensor:
+    with torch.no_grad():
+        return _masked_forward(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map,
+                               linear_scope, scale, backend).contiguous()
+
+
+@masked_sla.register_fake
+def _(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("diffusers_sla::masked_sla_backward", mutates_args=())
+def masked_sla_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor, attn_mask: torch.Tensor, query_ndim: int, topk: float, blkq: int,
+                        blkk: int, feature_map: str, linear_scope: str, scale: float | None,
+                        backend: str) -> list[torch.Tensor]:
+    def recompute():
+        inputs = [t.detach().requires_grad_(True) for t in (q, k, v, weight, bias)]
+        with torch.enable_grad():
+            out = _masked_forward(*inputs, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope,
+                                  scale, backend)
+            grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+        # laid out as the fake impl says (`empty_like` keeps each input's strides): compiled code views them so
+        return [torch.zeros_like(t) if g is None else torch.empty_like(t).copy_(g) for t, g in zip(inputs, grads)]
+
+    # A custom op's body runs with autograd's dispatch keys excluded for this thread (and torch.func refuses the
+    # saved-tensor hooks a compiled backward has set): the recomputation runs on a worker thread, whose state is
+    # fresh, on the caller's CUDA stream.
+    stream = torch.cuda.current_stream(q.device) if q.is_cuda else None
+
+    def on_worker():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return recompute()
+
+    return _backward_worker().submit(on_worker).result()
+
+
+_worker = None
+
+
+def _backward_worker():
+    global _worker
+    if _worker is None:
+        with _install_lock:
+            if _worker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusers_sla_masked_backward")
+    return _worker
+
+
+@masked_sla_backward.register_fake
+def _(grad, q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope, scale,
+      backend):
+    return [torch.empty_like(t) for t in (q, k, v, weight, bias)]
+
+
+def _masked_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.settings = inputs[6:]
+
+
+def _masked_backward(ctx, grad):
+    q, k, v, weight, bias, attn_mask = ctx.saved_tensors
+    dq, dk, dv, dweight, dbias = masked_sla_backward(grad, q, k, v, weight, bias, attn_mask, *ctx.settings)
+    return dq, dk, dv, dweight, dbias, None, None, None, None, None, None, None, None, None
+
+
+masked_sla.register_autograd(_masked_backward, setup_context=_masked_setup_context)

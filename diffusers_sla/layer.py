@@ -11,26 +11,49 @@ from .ops.api import BACKEND_NAMES, preload_backends, sparse_linear_attention
 
 
 class SLAProjection(nn.Module):
-    """`proj_l`: the float32 `(dim, dim)` projection of SLA's linear branch, with `weight` and `bias` as `nn.Linear`
-    names them.
+    """`proj_l`: a float32 linear map (`weight`, `bias`: the state-dict keys of an `nn.Linear`) whose weights the SLA
+    kernels read directly.
 
-    Deliberately not an `nn.Linear`: the SLA kernels read `weight` and `bias` directly, so anything that wraps or
-    replaces Linear layers (PEFT adapters, quantizers, diffusers' layerwise casting) would change nothing the kernels
-    compute, or take `proj_l` out of float32. PEFT's `target_modules="all-linear"` therefore leaves it alone, and
-    naming it as a target is PEFT's "not supported" error. It has `head_dim**2` parameters: train it in full.
+    * Not an `nn.Linear` on purpose: tools that wrap or recast `nn.Linear` layers (PEFT's LoRA with
+      `"all-linear"`, diffusers' layerwise casting) would change a forward the kernels never call, so their effect
+      would be silently lost; they leave this layer alone instead, and naming `proj_l` as a PEFT target is PEFT's
+      "not supported" error. It has `head_dim**2` parameters: train it in full.
+    * Every cast reaches its parameters through `_apply` (`model.to(torch.bfloat16)`, `.half()`): the device move
+      is kept and the dtype put back to float32, on the same parameter objects, so optimizers holding them stay valid.
+    * Called with a function instead of a tensor, it returns `function(weight, bias)`. `SparseLinearAttention`
+      reads the weights that way when hooks manage them (accelerate's `cpu_offload`, diffusers' group offloading):
+      those hooks put the weights in place before a module's forward and take them away after it.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim, dim, dtype=torch.float32))
-        self.bias = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
+        self.in_features = self.out_features = dim
+        # zero: a freshly installed SLA layer adds nothing to the sparse branch until it is trained
+        self.weight = nn.Parameter(torch.zeros(dim, dim, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=torch.float32, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+    def forward(self, input):
+        if callable(input) and not isinstance(input, torch.Tensor):
+            return input(self.weight, self.bias)
+        return torch.nn.functional.linear(input, self.weight.to(input.dtype), self.bias.to(input.dtype))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse=recurse)
+        for param in self.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+                if param.grad is not None:
+                    param.grad.data = param.grad.data.float()
+        return self
 
     def extra_repr(self) -> str:
         # PEFT's error for a target it cannot wrap quotes this repr: say why
-        return f"{self.weight.shape[1]}, {self.weight.shape[0]}; read directly by the SLA kernels, takes no adapter"
+        return f"{self.in_features}, {self.out_features}, float32; read directly by the SLA kernels, takes no adapter"
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # accelerate and diffusers install their hooks by replacing the instance's `forward`; torch's own hooks are dicts
+    return "forward" in module.__dict__ or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
 
 
 class SparseLinearAttention(nn.Module):
@@ -83,22 +106,17 @@ class SparseLinearAttention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"This layer was built for head_dim={self.head_dim}, got q of shape {tuple(q.shape)}.")
-        return sparse_linear_attention(
-            q, k, v, self.proj_l.weight, self.proj_l.bias,
+        return self.call_with_weights(lambda weight, bias: sparse_linear_attention(
+            q, k, v, weight, bias,
             config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
-        )
+        ))
 
-    def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)`, `.half()` and friends reach every parameter through `_apply`: let them move
-        # `proj_l` across devices, then put its dtype back to float32. Parameter objects are kept, so optimizers that
-        # already hold them stay valid.
-        super()._apply(fn, recurse=recurse)
-        for param in self.proj_l.parameters():
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
-                if param.grad is not None:
-                    param.grad.data = param.grad.data.float()
-        return self
+    def call_with_weights(self, function):
+        """`function(proj_l.weight, proj_l.bias)`, through `proj_l`'s own call when hooks manage its weights
+        (offloading hooks bring them in only around that call)."""
+        if _has_hooks(self.proj_l):
+            return self.proj_l(function)
+        return function(self.proj_l.weight, self.proj_l.bias)
 
     def extra_repr(self) -> str:
         c = self.config

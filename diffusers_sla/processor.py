@@ -14,8 +14,11 @@ How it fits into diffusers:
   SLA state: `attn.sla`, a `SparseLinearAttention` with its own float32 `proj_l`, so its parameters are parameters
   of the model. `enable_sla` creates them up front; `set_attn_processor(SLAAttnProcessor())` creates them at first
   use.
-* While a module runs SLA, setting another processor on it (`set_attn_processor(...)`, `load_ip_adapter`, SD3's
-  `fuse_qkv_projections`) replaces the processor that SLA wraps; SLA stays on. `disable_sla` turns it off.
+* SLA runs beneath diffusers' processor API, it is not one of its processors: `get_processor()` (and so
+  `attn_processors`) returns the processor SLA wraps. While a module runs SLA, setting another processor on it
+  (`set_processor`, `set_attn_processor(...)`, `load_ip_adapter`, `fuse_qkv_projections`) replaces the processor
+  SLA wraps, and SLA stays on with the layer's config; only `disable_sla` turns it off. A processor with weights
+  stays the module's child `processor` (the state-dict keys of a model without SLA).
 * Module classes filter keyword arguments by `inspect.signature(self.processor.__call__)`. `SLAAttnProcessor`
   advertises the union of the parameter names of every processor it wraps (`__call__.__signature__`), and passes
   each wrapped processor exactly the names it accepts, so nothing (`image_rotary_emb`, `rotary_emb`,
@@ -24,9 +27,12 @@ How it fits into diffusers:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import itertools
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -43,6 +49,7 @@ from .ops.api import BACKEND_NAMES
 logger = logging.getLogger(__name__)
 
 INNER_PROCESSOR_ATTR = "_sla_inner_processor"
+_INNER_PARAMETERS_ATTR = "_sla_inner_parameters"
 # Keyword arguments diffusers itself passes to processors without warning when they are not accepted.
 _QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
 # Dense reasons that follow the configured policy (logged at INFO); the others mean SLA did not run where a user
@@ -50,15 +57,23 @@ _QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
 _POLICY_REASONS = frozenset({"cross_attention", "short_sequence", "key_padding_mask", "linear_attention"})
 
 _logged_once: set = set()
+_instance_numbers = itertools.count()
 _logged_once_lock = threading.Lock()
 
 
 def _log_once(key, level: int, message: str) -> None:
-    if torch.compiler.is_compiling():  # dynamo traces on one thread, and cannot enter the lock
-        if key not in _logged_once:
-            _logged_once.add(key)
-            _log(level, message)
+    """Log `message` the first time `key` is seen in this process. Inside torch.compile'd code the check and the
+    log happen while dynamo traces (`comptime`), never in the graph: compiled code must not read the set of keys
+    (it would guard on it, and the next call would recompile) nor call the logger (a graph break)."""
+    if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime
+
+        comptime(_log_once_while_tracing)
         return
+    _log_once_now(key, level, message)
+
+
+def _log_once_now(key, level: int, message: str) -> None:
     with _logged_once_lock:
         if key in _logged_once:
             return
@@ -66,21 +81,10 @@ def _log_once(key, level: int, message: str) -> None:
     logger.log(level, message)
 
 
-def _log(level: int, message: str) -> None:
-    """`logger.log`, also from torch.compile'd code: a logging call there breaks the graph (an error under
-    `fullgraph=True`), so the message is logged while dynamo traces the call instead (`comptime`). The callers log
-    once: the set they remember that in changes, and the next call recompiles without the message."""
-    if torch.compiler.is_compiling():
-        from torch._dynamo.comptime import comptime
-
-        comptime(_log_while_tracing)
-    else:
-        logger.log(level, message)
-
-
-def _log_while_tracing(ctx) -> None:
-    # runs inside dynamo: `level` and `message` are the traced constants of `_log`'s frame
-    logger.log(ctx.get_local("level").as_python_constant(), ctx.get_local("message").as_python_constant())
+def _log_once_while_tracing(ctx) -> None:
+    # runs inside dynamo: `key`, `level` and `message` are the traced constants of `_log_once`'s frame
+    values = [ctx.get_local(name).as_python_constant() for name in ("key", "level", "message")]
+    _log_once_now(*values)
 
 
 def _is_linear_attention_processor(processor) -> bool:
@@ -116,8 +120,9 @@ class SLAAttnProcessor:
             raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
         self.config = SLAConfig.coerce(config, **overrides)
         self.backend = backend
-        self._logged_reasons: set[str] = set()
-        self._inner_parameters_cache: dict[type, tuple[frozenset, bool]] = {}
+        # key of this instance's once-per-reason log lines (in `_logged_once`): a constant string, so that compiled
+        # code reads no state that its first call changes
+        self._log_key = f"SLAAttnProcessor#{next(_instance_numbers)}"
         self._attached_modules = weakref.WeakSet()  # modules this instance was set on, for `_attention_backend`
         self._backend_setting = None
         # now, in eager code: the first call may run inside torch.compile, which cannot take the install's lock
@@ -165,7 +170,7 @@ class SLAAttnProcessor:
             )
         if not torch.compiler.is_compiling():  # (set_processor registered it; this re-registers after unpickling,
             self._attached_modules.add(attn)  # and would make compiled code guard on the set's contents)
-        kwargs = self._kwargs_for(inner, kwargs)
+        kwargs = self._kwargs_for(attn, inner, kwargs)
         with routing_scope(attn, self) as scope:
             output = inner(attn, *args, **kwargs)
         if scope.intercepted == 0:
@@ -174,16 +179,17 @@ class SLAAttnProcessor:
 
     # ----- keyword arguments ------------------------------------------------------------------------------------
 
-    def _inner_parameters(self, inner) -> tuple[frozenset, bool]:
-        """(names the inner processor accepts by keyword, whether it takes **kwargs), cached per class."""
-        cached = self._inner_parameters_cache.get(type(inner))
-        if cached is None:
-            cached = _call_parameters(inner)
-            self._inner_parameters_cache[type(inner)] = cached
-        return cached
+    @staticmethod
+    def _inner_parameters(attn: nn.Module, inner) -> tuple[frozenset, bool]:
+        """(names the inner processor accepts by keyword, whether it takes **kwargs): recorded on the module when
+        the processor was set (`_set_inner_processor`), so a call reads and writes no cache."""
+        recorded = attn.__dict__.get(_INNER_PARAMETERS_ATTR)
+        if recorded is not None and recorded[0] is type(inner):
+            return recorded[1]
+        return _call_parameters(inner)
 
-    def _kwargs_for(self, inner, kwargs: dict) -> dict:
-        names, takes_var_kwargs = self._inner_parameters(inner)
+    def _kwargs_for(self, attn: nn.Module, inner, kwargs: dict) -> dict:
+        names, takes_var_kwargs = self._inner_parameters(attn, inner)
         if takes_var_kwargs or not kwargs:
             return kwargs
         dropped = [k for k in kwargs if k not in names]
@@ -251,9 +257,8 @@ class SLAAttnProcessor:
         self._log_dense_once(reason, attn, None, inner=inner, backend_name=backend_name)
 
     def _log_dense_once(self, reason: str, attn: nn.Module, call: dict | None, inner=None, backend_name=None):
-        if reason in self._logged_reasons:
-            return
-        self._logged_reasons.add(reason)
+        if not torch.compiler.is_compiling() and (self._log_key, reason) in _logged_once:
+            return  # (eager dense calls: no message built after the first)
         c = self.config
         messages = {
             "unsupported_shape": "attention calls whose tensors are not (batch, heads, seq, head_dim) with matching "
@@ -276,8 +281,8 @@ class SLAAttnProcessor:
             "runs unchanged",
         }
         level = logging.INFO if reason in _POLICY_REASONS else logging.WARNING
-        _log(level, f"SLA: {messages[reason]} (first seen in {type(attn).__name__}; counted per layer in "
-             "`sla_summary(model)`).")
+        _log_once((self._log_key, reason), level, f"SLA: {messages[reason]} (first seen in {type(attn).__name__}; "
+                  "counted per layer in `sla_summary(model)`).")
 
 
 def _call_parameters(processor) -> tuple[frozenset, bool]:
@@ -308,14 +313,28 @@ SLAAttnProcessor.__call__.__signature__ = _advertised_signature(SLAAttnProcessor
 _disabling = threading.local()
 
 
+def _inner_processor(attn: nn.Module):
+    """The processor SLA runs beneath on `attn` (None when SLA is not installed there)."""
+    return attn.__dict__.get(INNER_PROCESSOR_ATTR)
+
+
 def _set_inner_processor(attn: nn.Module, processor) -> None:
-    if INNER_PROCESSOR_ATTR in attn._modules:
-        del attn._modules[INNER_PROCESSOR_ATTR]
-    attn.__dict__.pop(INNER_PROCESSOR_ATTR, None)
+    # (an older layout kept an nn.Module processor as the child `_sla_inner_processor`)
+    attn._modules.pop(INNER_PROCESSOR_ATTR, None)
+    attn.__dict__.pop(_INNER_PARAMETERS_ATTR, None)
+    old = attn.__dict__.pop(INNER_PROCESSOR_ATTR, None)
+    wrapped = isinstance(attn.__dict__.get("processor"), SLAAttnProcessor)
+    if wrapped and old is not None and attn._modules.get("processor") is old:
+        del attn._modules["processor"]
     if processor is None:
         return
-    # A processor that is an nn.Module (IP-adapter processors) stays a child module so `.to()` still reaches it.
-    setattr(attn, INNER_PROCESSOR_ATTR, processor)
+    attn.__dict__[INNER_PROCESSOR_ATTR] = processor
+    attn.__dict__[_INNER_PARAMETERS_ATTR] = (type(processor), _call_parameters(processor))
+    if wrapped and isinstance(processor, nn.Module):
+        # A processor with weights (IP-Adapter) stays the child `processor`, as without SLA: its state-dict keys,
+        # `.to()` and offloading hooks are unchanged. The SLA wrapper in `__dict__` still wins attribute lookup, so
+        # `attn.processor` (what the module's forward calls) is the wrapper.
+        attn._modules["processor"] = processor
     SLAAttnProcessor._advertise_parameters(processor)
 
 
@@ -326,29 +345,140 @@ def _wrap_set_processor(cls) -> None:
 
     @functools.wraps(original)
     def set_processor(self, processor):
-        current = getattr(self, "processor", None)
+        current = self.__dict__.get("processor", self._modules.get("processor"))
         if isinstance(processor, SLAAttnProcessor):
-            if not isinstance(current, SLAAttnProcessor):
-                _set_inner_processor(self, current)
+            inner = _inner_processor(self) if isinstance(current, SLAAttnProcessor) else current
             layer = self._modules.get(SLA_MODULE_NAME)
             if isinstance(layer, SparseLinearAttention):
                 layer.config, layer.backend = processor.config, processor.backend
             processor._attached_modules.add(self)
-            return original(self, processor)
+            snapshot = _module_snapshot(self)
+            result = original(self, processor)
+            _set_inner_processor(self, inner)
+            layer_stats(self)  # exists before any call, so compiled code never sees it appear
+            try:
+                _replay_into_module(self, processor)
+            except BaseException:
+                _restore(snapshot)
+                raise
+            return result
         if isinstance(current, SLAAttnProcessor) and not getattr(_disabling, "active", False):
-            # SLA stays on: the new processor is the one SLA wraps from now on (fuse_qkv_projections, IP-adapters).
+            # The documented rule: SLA runs beneath whatever processor a module has; setting another one replaces
+            # that processor (IP-Adapters, fuse_qkv_projections, a user's own) and SLA stays on with its config.
+            # Only `disable_sla` turns SLA off.
             _set_inner_processor(self, processor)
+            backend = current._attention_backend
+            if backend is not None and hasattr(processor, "_attention_backend"):
+                processor._attention_backend = backend
             _log_once(
-                ("replaced_inner", type(processor)), logging.WARNING,
+                ("replaced_inner", type(processor)), logging.INFO,
                 f"{type(self).__name__}.set_processor({type(processor).__name__}) on a module running SLA: SLA stays "
-                f"on and now wraps {type(processor).__name__}. Call `diffusers_sla.disable_sla(model)` to turn SLA "
-                "off.",
+                f"on beneath {type(processor).__name__} (`get_processor()` returns it). Call "
+                "`diffusers_sla.disable_sla(model)` to turn SLA off.",
             )
             return None
         return original(self, processor)
 
     set_processor._sla_original = original
     cls.set_processor = set_processor
+
+
+def _module_snapshot(attn: nn.Module) -> list[tuple]:
+    return _snapshot_modules([attn])
+
+
+@functools.lru_cache(maxsize=2)
+def _read_sla_file_cached(filename: str, mtime_ns: int, size: int):
+    from .serialization import read_sla_file
+
+    return read_sla_file(filename)
+
+
+def _replay_into_module(attn: nn.Module, processor: "SLAAttnProcessor") -> None:
+    """`attn.set_processor(SLAAttnProcessor())` on one module of a model loaded with `from_pretrained` (the
+    per-module idiom): load this module's entries of the `sla_attention.safetensors` saved beside the model, with
+    `enable_sla`'s checks for one layer (present, float32, shape, the same operator config). Model-level installs
+    (`enable_sla`, `set_attn_processor`) replay the whole file themselves instead."""
+    from .serialization import _REPLAYED_ATTR, MODULE_ORIGIN_ATTR, resolve_sla_file, sla_entry_names
+
+    origin = attn.__dict__.get(MODULE_ORIGIN_ATTR)
+    if origin is None or getattr(_install_state, "depth", 0):
+        return
+    existing = attn._modules.get(SLA_MODULE_NAME)
+    if isinstance(existing, SparseLinearAttention) and getattr(existing, _REPLAYED_ATTR, False):
+        return  # holds loaded (or trained) weights already
+    source, path = origin
+    try:
+        filename, where = resolve_sla_file(
+            source["path"], source.get("subfolder"), revision=source.get("revision"),
+            cache_dir=source.get("cache_dir"), local_files_only=bool(source.get("local_files_only")),
+        )
+    except (OSError, ValueError) as err:
+        _log_once(("module_replay_unreachable", source["path"]), logging.WARNING,
+                  f"set_processor(SLAAttnProcessor): could not look for SLA weights beside {source['path']!r} "
+                  f"({err}); these modules start from zero-initialised projections. Call "
+                  "`diffusers_sla.load_sla(model, path_or_repo_id)` to load them.")
+        return
+    if filename is None:
+        _log_once(("module_replay_missing", where), logging.WARNING,
+                  f"set_processor(SLAAttnProcessor): no SLA weights found at {where}: SLA starts from "
+                  "zero-initialised projections (`proj_l`).")
+        return
+    stat = os.stat(filename)
+    weights = _read_sla_file_cached(filename, stat.st_mtime_ns, stat.st_size)
+    names = sla_entry_names(path)
+    fix = ("(the module was left as it was). Call `diffusers_sla.enable_sla(model)` for the whole model, or "
+           "`load_sla(model, ..., strict=False)` after it.")
+    absent = [name for name in names if name not in weights.tensors]
+    if len(absent) == len(names) and not _expects_sla(attn, processor.config):
+        return  # a module the policy keeps dense (cross-attention): enable_sla gives it no layer either
+    if absent:
+        raise ValueError(f"set_processor(SLAAttnProcessor) on {path!r}: the SLA weights saved beside the model "
+                         f"({filename}) have no entry {absent} for this layer {fix}")
+    tensors = [weights.tensors[name] for name in names]
+    head_dim = _infer_head_dim(attn) or tensors[0].shape[-1]
+    layer = existing if isinstance(existing, SparseLinearAttention) else SparseLinearAttention(
+        head_dim, config=processor.config, backend=processor.backend)
+    differences = processor.config.operator_differences(weights.config_for(path))
+    if differences:
+        fields = ", ".join(f"`{n}` (set {a!r}, file {b!r})" for n, (a, b) in differences.items())
+        raise ValueError(f"set_processor(SLAAttnProcessor) on {path!r}: the SLA config differs from the one the "
+                         f"weights in {filename} were trained with: {fields} {fix}")
+    params = [param for _, param in layer.named_parameters()]
+    bad = [f"{name}: {tuple(t.shape)} {t.dtype}" for name, t, param in zip(names, tensors, params)
+           if t.dtype != torch.float32 or tuple(t.shape) != tuple(param.shape)]
+    if bad:
+        raise ValueError(f"set_processor(SLAAttnProcessor) on {path!r}: SLA weights in {filename} must be float32 "
+                         f"with shape {tuple(params[0].shape)} / {tuple(params[1].shape)}, found {bad} {fix}")
+    with torch.no_grad():
+        for param, tensor in zip(params, tensors):
+            param.copy_(tensor)
+    setattr(layer, _REPLAYED_ATTR, True)
+    if layer is not existing:
+        attn.add_module(SLA_MODULE_NAME, layer.to(_module_device(attn)))
+    _log_once(("module_replay", filename), logging.WARNING,
+              f"diffusers-sla: set_processor(SLAAttnProcessor) loads the trained SLA weights saved beside the model "
+              f"({filename}) into each module it is set on.")
+
+
+def _wrap_get_processor(cls) -> None:
+    original = cls.__dict__["get_processor"]
+    if getattr(original, "_sla_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def get_processor(self, *args, **kwargs):
+        # SLA is not one of diffusers' processors: the processor API (`get_processor`, `attn_processors`, and what
+        # diffusers' IP-Adapter loading, scaling and unloading read from it) sees the processor SLA runs beneath.
+        processor = original(self, *args, **kwargs)
+        if isinstance(processor, SLAAttnProcessor):
+            inner = _inner_processor(self)
+            if inner is not None:
+                return inner
+        return processor
+
+    get_processor._sla_original = original
+    cls.get_processor = get_processor
 
 
 def _install_set_processor_hooks() -> None:
@@ -358,6 +488,8 @@ def _install_set_processor_hooks() -> None:
     for cls in (Attention, AttentionModuleMixin):
         if "set_processor" in cls.__dict__:
             _wrap_set_processor(cls)
+        if "get_processor" in cls.__dict__:
+            _wrap_get_processor(cls)
 
 
 def _original_set_processor(attn: nn.Module):
@@ -429,8 +561,11 @@ def _expects_sla(attn: nn.Module, config: SLAConfig) -> bool:
 
 def _module_device(attn: nn.Module) -> torch.device:
     for param in attn.parameters():
-        return param.device
-    return torch.device("cpu")
+        if not param.is_meta:
+            return param.device
+    # offloaded with accelerate (weights on "meta" between calls): new SLA layers live where the module runs
+    device = getattr(getattr(attn, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def enable_sla(
@@ -482,6 +617,7 @@ def enable_sla(
                 break
     processor = SLAAttnProcessor(config, backend=backend, **overrides)
     sla_layers = dict(sla_layers or {})
+    modules_of = []
     for prefix, model in targets:
         modules = [(path, m) for path, m in model.named_modules() if _is_attention_module(m)]
         if not modules:
@@ -489,13 +625,95 @@ def enable_sla(
                 f"`pipe_or_model`: {type(model).__name__} has no attention module with `set_processor` "
                 "(diffusers `Attention` or `AttentionModuleMixin`) to run SLA in."
             )
-        had_sla = _has_sla_layers(model)
-        for _, attn in modules:
-            attn.set_processor(processor)
-        _complete_install(model, prefix, sla_layers, strict=strict, roll_back=not had_sla)
-    if sla_layers:
-        raise ValueError(f"`sla_layers`: no attention module at {sorted(sla_layers)} in this model.")
+        modules_of.append(modules)
+    # All or nothing: check what can be checked before touching anything, and undo every model on a later error.
+    known = {_join(prefix, path) for (prefix, _), modules in zip(targets, modules_of) for path, _ in modules}
+    unknown = sorted(set(sla_layers) - known)
+    if unknown:
+        raise ValueError(
+            f"`sla_layers`: no attention module at {unknown} in this model (nothing was changed); its attention "
+            f"modules are {_short(sorted(known))}."
+        )
+    snapshots = [_snapshot(model) for _, model in targets]
+    try:
+        with _model_install():
+            for (prefix, model), modules in zip(targets, modules_of):
+                for _, attn in modules:
+                    attn.set_processor(processor)
+                _complete_install(model, prefix, sla_layers, strict=strict)
+    except BaseException:
+        for snapshot in snapshots:
+            _restore(snapshot)
+        raise
     return processor
+
+
+def _short(items, limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+# ----- all-or-nothing installs -----
+
+_install_state = threading.local()
+
+
+@contextlib.contextmanager
+def _model_install():
+    # A model-level install (`enable_sla`, `set_attn_processor`) replays the whole file once at its end; the
+    # per-module replay of `set_processor` stands down meanwhile.
+    depth = getattr(_install_state, "depth", 0)
+    _install_state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _install_state.depth = depth
+
+
+def _snapshot(model: nn.Module) -> list[tuple]:
+    """What an install may change on each attention module of `model`: its processor (wrapper or own, plain or
+    child module), the processor SLA wraps, its SLA layer with the layer's config and weights' replay mark."""
+    return _snapshot_modules([m for m in model.modules() if _is_attention_module(m)])
+
+
+def _snapshot_modules(modules) -> list[tuple]:
+    from .serialization import _REPLAYED_ATTR
+
+    rows = []
+    for attn in modules:
+        layer = attn._modules.get(SLA_MODULE_NAME)
+        rows.append((
+            attn, attn.__dict__.get("processor"), attn._modules.get("processor"), attn.__dict__.get(INNER_PROCESSOR_ATTR),
+            layer, getattr(layer, "config", None), getattr(layer, "backend", None),
+            getattr(layer, _REPLAYED_ATTR, None),
+        ))
+    return rows
+
+
+def _restore(snapshot: list[tuple]) -> None:
+    from .serialization import _REPLAYED_ATTR
+
+    for attn, plain, child, inner, layer, config, backend, replayed in snapshot:
+        attn.__dict__.pop("processor", None)
+        attn._modules.pop("processor", None)
+        if plain is not None:
+            attn.__dict__["processor"] = plain
+        if child is not None:
+            attn._modules["processor"] = child
+        attn.__dict__.pop(INNER_PROCESSOR_ATTR, None)
+        attn.__dict__.pop(_INNER_PARAMETERS_ATTR, None)
+        if inner is not None:
+            attn.__dict__[INNER_PROCESSOR_ATTR] = inner
+            attn.__dict__[_INNER_PARAMETERS_ATTR] = (type(inner), _call_parameters(inner))
+        attn._modules.pop(SLA_MODULE_NAME, None)
+        if layer is not None:
+            attn._modules[SLA_MODULE_NAME] = layer
+            layer.config, layer.backend = config, backend
+            if replayed is None:
+                layer.__dict__.pop(_REPLAYED_ATTR, None)
+            else:
+                setattr(layer, _REPLAYED_ATTR, replayed)
+        if plain is None and inner is None:
+            attn.__dict__.pop("_sla_stats", None)
 
 
 def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, SparseLinearAttention]) -> None:
@@ -506,6 +724,7 @@ def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, Spar
         processor = getattr(attn, "processor", None)
         if not _is_attention_module(attn) or not isinstance(processor, SLAAttnProcessor):
             continue
+        layer_stats(attn)  # exists before any call, so compiled code never sees it appear
         existing = attn._modules.get(SLA_MODULE_NAME)
         reused = sla_layers.pop(_join(prefix, path), None)
         if reused is not None:
@@ -531,26 +750,39 @@ def _has_sla_layers(model: nn.Module) -> bool:
     return any(True for _ in iter_sla_layers(model))
 
 
-def _complete_install(model: nn.Module, prefix: str, sla_layers: dict[str, SparseLinearAttention], *, strict: bool,
-                      roll_back: bool) -> None:
-    """The second half of installing SLA, shared by `enable_sla` and `set_attn_processor`: create the SLA layers up
-    front, then load the `sla_attention.safetensors` saved beside `model` (`serialization.on_sla_enabled`). If that
-    fails (a bad file, a config mismatch under `strict`) and SLA was installed just now (`roll_back`), uninstall it
-    before raising, so that the model is left exactly as it was."""
+def _complete_install(model: nn.Module, prefix: str, sla_layers: dict[str, SparseLinearAttention], *,
+                      strict: bool) -> None:
+    """The second half of installing SLA, shared by `enable_sla` and `set_attn_processor`: create the SLA layers and
+    their counters up front, then load the `sla_attention.safetensors` saved beside `model`
+    (`serialization.on_sla_enabled`). The callers undo everything if this raises."""
     from .serialization import on_sla_enabled
 
     _attach_sla_layers(model, prefix, sla_layers)
-    try:
-        on_sla_enabled(model, strict=strict)
-    except Exception:
-        if roll_back:
-            disable_sla(model)
-        raise
+    _declare_fp32_layers(model)
+    on_sla_enabled(model, strict=strict)
+
+
+# Module-name patterns (diffusers matches them with `re.search`) naming SLA's float32 layers.
+SLA_LAYERWISE_CASTING_SKIP = rf"(^|\.){SLA_MODULE_NAME}(\.|$)"
+
+
+def _declare_fp32_layers(model: nn.Module) -> None:
+    """Tell diffusers' dtype bookkeeping that `proj_l` stays float32 (it does whatever is cast: `SLAProjection`):
+    `enable_layerwise_casting` then leaves SLA layers unhooked, and a class that declares `_keep_in_fp32_modules`
+    gets `proj_l` added to the instance's list (a class with none keeps none: diffusers warns on `.to(dtype)` for
+    any, and `proj_l` needs no such warning)."""
+    patterns = getattr(model, "_skip_layerwise_casting_patterns", None)
+    if hasattr(model, "_skip_layerwise_casting_patterns") and SLA_LAYERWISE_CASTING_SKIP not in (patterns or ()):
+        model._skip_layerwise_casting_patterns = (*(patterns or ()), SLA_LAYERWISE_CASTING_SKIP)
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    if keep and "proj_l" not in keep:
+        model._keep_in_fp32_modules = [*([keep] if isinstance(keep, str) else keep), "proj_l"]
 
 
 def _wrap_set_attn_processor() -> None:
-    """`model.set_attn_processor(SLAAttnProcessor())` does what `enable_sla` does: every SLA layer is created up
-    front (so an optimizer built next holds them) and SLA weights saved beside the model are loaded."""
+    """`model.set_attn_processor(SLAAttnProcessor())` (or a dict holding one) does what `enable_sla` does: every SLA
+    layer is created up front (so an optimizer built next holds them) and SLA weights saved beside the model are
+    loaded; on an error the model is left as it was."""
     from diffusers.models.attention import AttentionMixin
 
     original = AttentionMixin.__dict__["set_attn_processor"]
@@ -561,10 +793,16 @@ def _wrap_set_attn_processor() -> None:
     def set_attn_processor(self, processor):
         values = processor.values() if isinstance(processor, dict) else [processor]
         installs_sla = any(isinstance(value, SLAAttnProcessor) for value in values)  # before diffusers pops the dict
-        had_sla = installs_sla and _has_sla_layers(self)  # no model walk for other processors
-        result = original(self, processor)
-        if installs_sla:
-            _complete_install(self, "", {}, strict=True, roll_back=not had_sla)
+        if not installs_sla:
+            return original(self, processor)
+        snapshot = _snapshot(self)
+        try:
+            with _model_install():
+                result = original(self, processor)
+                _complete_install(self, "", {}, strict=True)
+        except BaseException:
+            _restore(snapshot)
+            raise
         return result
 
     set_attn_processor._sla_original = original

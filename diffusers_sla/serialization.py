@@ -61,6 +61,8 @@ _FINGERPRINT_CHUNK_BYTES = 64 * 1024
 
 # Attribute set on models by the `from_pretrained` hook: where the model was loaded from.
 _LOAD_SOURCE_ATTR = "_sla_load_source"
+# Set on each attention module by the same hook: `(load source, path in the model)`.
+MODULE_ORIGIN_ATTR = "_sla_module_origin"
 # Set on throw-away skeletons (converters) so that `on_sla_enabled` does not try to replay anything into them.
 _NO_REPLAY_ATTR = "_sla_no_replay"
 # Set on SLA layers once loaded (or once the replay found nothing to load).
@@ -921,6 +923,9 @@ def _wrap_from_pretrained(original):
                 "local_files_only": kwargs.get("local_files_only"),
             }
             setattr(model, _LOAD_SOURCE_ATTR, source)
+            for path, module in model.named_modules():  # for the per-module `set_processor` install's replay
+                if hasattr(module, "set_processor"):
+                    module.__dict__[MODULE_ORIGIN_ATTR] = (source, path)
         return model
 
     from_pretrained._diffusers_sla_hook = True
