@@ -837,8 +837,10 @@ def cmd_tune(args) -> None:
                 continue
             if args.time_budget_s and row_times:
                 left = args.time_budget_s - (time.perf_counter() - stage_start)
-                if left < 1.2 * max(row_times):
-                    log(f"tune {length}: {left:.0f} s left, a row takes ~{max(row_times):.0f} s; stopping "
+                # the first row also compiles the Triton kernels: judge by the later ones once there are some
+                expected = max(row_times[1:] or row_times)
+                if left < 1.2 * expected:
+                    log(f"tune {length}: {left:.0f} s left, a row takes ~{expected:.0f} s; stopping "
                         "(rerun the same command to resume)")
                     runlog.save()
                     return
@@ -1187,7 +1189,7 @@ def plot_samples(data: dict, samples: dict, length: str, path: Path, n_frames: i
         if seeds:
             keys.append((f"{variant} (seed {seeds[0]})", f"{length}/{variant}/seed{seeds[0]}"))
     keys = [(label, key) for label, key in keys if key in samples]
-    videos = [0, 1]
+    videos = list(range(min(2, samples[keys[0][1]].shape[0])))
     total = samples[keys[0][1]].shape[1]
     frames = sorted({round(i * (total - 1) / max(1, n_frames - 1)) for i in range(n_frames)})
     cols = len(videos) * len(frames)
