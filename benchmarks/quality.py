@@ -12,7 +12,15 @@ Every variant is then fine-tuned from the teacher with the same loss, steps, lea
     full          dense attention (tuned too, so that tuning itself is not credited to SLA)
     sla_K         SLA, topk K %                       sparse_K   the sparse branch alone (no linear branch)
     linear_only   every key block through the linear branch and proj_l (a study-only path, not in the package)
-    teacher, sla_K_untuned: the teacher itself and SLA installed on it without tuning (evaluated, not tuned)
+    teacher, sla_K_untuned: the teacher itself and SLA installed on it without tuning (evaluated, not tuned);
+    sla_K_lsfit_untuned: the same with proj_l set to the teacher probe's least-squares fit (see Diagnostics)
+
+Diagnostics, so that a result can be explained: in the teacher, per layer, the attention mass outside the selected
+blocks, the part of the output the sparse branch misses, and how much of it the best (ridge least-squares) proj_l
+over the linear branch explains, on videos held out from the fit; after tuning, ||proj_l(linear)|| / ||sparse||,
+proj_l's weight size and gradient norms, and the validation loss with proj_l zeroed. Recipe changes run beside the
+main rows under `--tag NAME` (`--proj-l-lr-mult`, `--proj-l-init lsfit`, `--linear-scope`, `--feature-map`,
+`--objective distill`, `--steps`, `--lr`).
 
 Stages (each resumable: rows already in the log are skipped; each stops before --time-budget-s and writes what it has;
 the teacher checkpoints are cached under --cache, an ignored folder):
@@ -26,8 +34,9 @@ the teacher checkpoints are cached under --cache, an ignored folder):
 `OUT/quality.json` holds every number (losses, curves, diagnostics, wall times, GPU and versions); `OUT/samples.pt`
 the generated videos (uint8). `render` computes the library metrics from them (PSNR/SSIM against the teacher's
 samples with scikit-image; a scikit-learn shape classifier trained on the generator's frames scores the generated
-frames against their conditioning class) and writes `quality_table.md`, `quality_loss.png`, `quality_samples.png`
-and `quality_metrics.json` into --figures. The GPU stages need only torch and diffusers.
+frames against their conditioning class) and writes `quality_table.md`, `quality_metrics.json`, `quality_loss.png`
+and `quality_samples_<length>.png` into --figures. The GPU stages need only torch and diffusers. Presets: `study`
+(the GPU study), `cpu` (a smaller look on a CPU), `toy` (the smoke test).
 
 Run with the repository on PYTHONPATH (`PYTHONPATH=$PWD python benchmarks/quality.py ...`) or the package installed.
 """
@@ -48,10 +57,13 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = ("disc", "square", "triangle", "plus", "ring", "diamond")
+# the teacher's data and noise streams; tuning seeds are 0, 1, 2, ... so they never replay the teacher's batches
+TEACHER_SEED = 1000
 LOG_NAME = "quality.json"
 SAMPLES_NAME = "samples.pt"
 
 # Model, lengths and recipe per preset. "study" is the GPU study; "toy" runs on a CPU in seconds (the smoke test).
+# Step counts are sized for ~14 H100-minutes in all; --steps overrides them, the same for every row.
 PRESETS = {
     "study": {
         "model": dict(num_layers=6, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, freq_dim=64,
@@ -71,6 +83,25 @@ PRESETS = {
         "teacher_lr": 5e-4,
         "tune_lr": 1e-4,
         "seeds": (0, 1, 2),
+    },
+    # a look on a CPU in ~15 minutes (not the study: one seed, a smaller model and length)
+    "cpu": {
+        "model": dict(num_layers=4, num_attention_heads=2, attention_head_dim=32, ffn_dim=256, freq_dim=32,
+                      text_dim=16),
+        "lengths": {"1k": (16, 16, 16)},
+        "block": 32,
+        "topks": (0.05, 0.10),
+        "teacher_steps": {"1k": 800},
+        "tune_steps": {"1k": 150},
+        "batch": {"1k": 4},
+        "val_videos": {"1k": 16},
+        "sample_videos": {"1k": 6},
+        "sample_steps": 10,
+        "eval_every": {"1k": 25},
+        "teacher_eval_every": {"1k": 100},
+        "teacher_lr": 1e-3,
+        "tune_lr": 1e-4,
+        "seeds": (0,),
     },
     "toy": {
         "model": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, freq_dim=16,
@@ -611,7 +642,7 @@ class Clock:
 
 def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, seed: int, device, val: ValSet,
           eval_every: int, *, warmup: int, cosine: bool, proj_l_lr_mult: float = 1.0, deadline: float | None = None,
-          track_proj_l: bool = False, teacher=None) -> dict:
+          track_proj_l: bool = False, teacher=None, verbose: bool = False) -> dict:
     """AdamW on every trainable parameter with the flow-matching loss (or distillation from `teacher`); returns the
     validation curve (always the flow-matching loss) and proj_l gradient norms."""
     shape = preset["lengths"][length]
@@ -627,6 +658,7 @@ def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, se
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(10_000 + seed)
     noise_gen = torch.Generator().manual_seed(20_000 + seed)
+    start = time.perf_counter()
     curve = [(0, val.loss(model, scheduler, batch))]
     train_losses, grad_windows, window = [], [], []
     model.train()
@@ -654,6 +686,9 @@ def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, se
         done = step
         if step % eval_every == 0 or step == steps:
             curve.append((step, val.loss(model, scheduler, batch)))
+            if verbose:
+                log(f"  step {step}/{steps}: val {curve[-1][1]:.4f}, train {_mean(train_losses[-eval_every:]):.4f}, "
+                    f"{time.perf_counter() - start:.1f} s")
             if track_proj_l:
                 grad_windows.append((step, _mean_columns(window)))
                 window = []
@@ -753,9 +788,9 @@ def cmd_teacher(args) -> None:
     # the probe and the samples need time too: keep a tenth of the budget for them
     train_deadline = None if deadline is None else stage_start + 0.85 * args.time_budget_s
     with clock.phase("train"):
-        result = train(model, scheduler, preset, length, steps, args.lr or preset["teacher_lr"], 0, device, val,
-                       preset["teacher_eval_every"][length], warmup=max(1, steps // 20),
-                       cosine=True, deadline=train_deadline)
+        result = train(model, scheduler, preset, length, steps, args.lr or preset["teacher_lr"], TEACHER_SEED,
+                       device, val, preset["teacher_eval_every"][length], warmup=max(1, steps // 20),
+                       cosine=True, deadline=train_deadline, verbose=True)
     log(f"teacher {length}: {result['steps_done']}/{steps} steps in {clock.times['train']:.1f} s, "
         f"val loss {result['curve'][-1][1]:.4f}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -968,36 +1003,38 @@ def load_runs(folders: list[str]) -> tuple[dict, dict]:
     return data, samples
 
 
+def _add_metrics(entry: dict, record: dict, videos: torch.Tensor | None, scorer: dict) -> None:
+    """Append one run's numbers (from the log, and from its samples) to the per-seed lists of `entry`."""
+    entry.setdefault("val_loss", []).append(record.get("val_loss"))
+    for name in ("val_loss_without_linear", "steps_done"):
+        if name in record:
+            entry.setdefault(name, []).append(record[name])
+    if "linear_over_sparse" in record:
+        entry.setdefault("linear_over_sparse", []).append(_mean(record["linear_over_sparse"]))
+    if videos is not None and scorer["ref"] is not None:
+        metrics = sample_metrics(videos, scorer["ref"], scorer["labels"], scorer["clf"], scorer["crop"])
+        for name, value in metrics.items():
+            entry.setdefault(name, []).append(value)
+
+
 def compute_metrics(data: dict, samples: dict) -> dict:
     """{length: {"classifier_acc_real": a, "rows": {variant: {metric: [per seed]}}}} in variant order."""
     preset = data["meta"]["preset_config"]
     out = {}
     for length, teacher in data["teachers"].items():
-        frames, height, width = preset["lengths"][length]
+        _, height, width = preset["lengths"][length]
         crop = 2 * round(0.3125 * min(height, width))
         clf, real_acc = shape_classifier(height, width, crop)
-        ref = samples.get(f"{length}/teacher")
-        labels = samples.get(f"{length}/labels")
-        rows: dict[str, dict[str, list]] = {}
-
-        def add(variant, record, key):
-            entry = rows.setdefault(variant, {})
-            entry.setdefault("val_loss", []).append(record.get("val_loss"))
-            for name in ("val_loss_without_linear", "steps_done"):
-                if name in record:
-                    entry.setdefault(name, []).append(record[name])
-            if "linear_over_sparse" in record:
-                entry.setdefault("linear_over_sparse", []).append(_mean(record["linear_over_sparse"]))
-            if key in samples and ref is not None:
-                for name, value in sample_metrics(samples[key], ref, labels, clf, crop).items():
-                    entry.setdefault(name, []).append(value)
-
-        add("teacher", teacher, f"{length}/teacher")
-        for name, record in teacher["untuned"].items():
-            add(name, record, f"{length}/{name}")
+        scorer = {"ref": samples.get(f"{length}/teacher"), "labels": samples.get(f"{length}/labels"), "clf": clf,
+                  "crop": crop}
+        records = [("teacher", teacher, f"{length}/teacher")]
+        records += [(name, record, f"{length}/{name}") for name, record in teacher["untuned"].items()]
         tuned = [r for r in data["rows"].values() if r["length"] == length]
         for r in sorted(tuned, key=lambda r: (_variant_order(preset, r["variant"]), r["seed"])):
-            add(r["variant"], r, f"{length}/{r['variant']}/seed{r['seed']}")
+            records.append((r["variant"], r, f"{length}/{r['variant']}/seed{r['seed']}"))
+        rows: dict[str, dict[str, list]] = {}
+        for variant, record, key in records:
+            _add_metrics(rows.setdefault(variant, {}), record, samples.get(key), scorer)
         out[length] = {"classifier_acc_real": real_acc, "crop": crop, "rows": rows}
     return out
 
@@ -1038,9 +1075,10 @@ def render_table(data: dict, metrics: dict) -> str:
     meta = data["meta"]
     env = meta.get("env", {})
     lines = [
-        f"Run: {env.get('gpu', env.get('device'))}, torch {env.get('torch')}, triton {env.get('triton')}, "
-        f"diffusers {env.get('diffusers')}, diffusers-sla {env.get('diffusers_sla')}; preset `{meta.get('preset')}`; "
-        f"sparse-only rows: {meta.get('sparse_only_mode')}. Mean ± std over tuning seeds (n in the last column).",
+        (f"Run: {env.get('gpu', env.get('device'))}, torch {env.get('torch')}, triton {env.get('triton')}, "
+         f"diffusers {env.get('diffusers')}, diffusers-sla {env.get('diffusers_sla')}; preset "
+         f"`{meta.get('preset')}`; sparse-only rows: {meta.get('sparse_only_mode')}. Mean ± std over tuning seeds "
+         "(n in the last column)."),
         "",
     ]
     for length, m in metrics.items():
@@ -1093,11 +1131,11 @@ def _diagnostics_table(data: dict, length: str) -> list[str]:
         pct = round(float(t) * 100)
         header += [f"mass outside {pct} %", f"‖dense−sparse‖/‖dense‖ {pct} %",
                    f"LS proj_l R² {pct} % (held out)", f"LS proj_l rms {pct} %"]
-    lines = ["Teacher probe per layer (videos of its own): the attention mass outside the selected blocks (what "
-             "the linear branch must stand in for); ‖dense − sparse‖/‖dense‖, the part of the output the sparse "
-             "branch misses; R², the share of that part's energy that the best (ridge least-squares) proj_l over the "
-             "linear branch's output explains, in-sample and, in parentheses, fitted on half the videos and scored on "
-             "the other half (the ridge is chosen on that half); the rms of the fit's weight entries.",
+    lines = [("Teacher probe per layer (videos of its own): the attention mass outside the selected blocks (what "
+              "the linear branch must stand in for); ‖dense − sparse‖/‖dense‖, the part of the output the sparse "
+              "branch misses; R², the share of that part's energy that the best (ridge least-squares) proj_l over "
+              "the linear branch's output explains, in-sample and, in parentheses, fitted on half the videos and "
+              "scored on the other half (the ridge is chosen on that half); the rms of the fit's weight entries."),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i in range(len(probe[topks[0]])):
         cells = [str(i)]
@@ -1114,9 +1152,10 @@ def _diagnostics_table(data: dict, length: str) -> list[str]:
     sla_names = [v for v in _tuned_variants(data, length) if v.startswith("sla_")]
     if not sla_names:
         return lines
-    lines += ["Tuned SLA rows, per layer 0, 1, …, mean over seeds: ‖proj_l(linear)‖/‖sparse output‖ on probe "
-              "videos, the rms of proj_l's weight entries after tuning (Adam moves each by about lr per step, so at "
-              "most about lr × steps from its start), and proj_l's gradient norm (mean over the tuning steps).", "",
+    lines += [("Tuned SLA rows, per layer 0, 1, …, mean over seeds: ‖proj_l(linear)‖/‖sparse output‖ on probe "
+               "videos, the rms of proj_l's weight entries after tuning (Adam moves each by about lr per step, so "
+               "at most about lr × steps from its start), and proj_l's gradient norm (mean over the tuning "
+               "steps)."), "",
               "| Row | ‖proj_l(lin)‖/‖sparse‖ | proj_l rms | ‖∇proj_l‖ |", "|---|---|---|---|"]
     for name in sla_names:
         runs = [r for r in rows if r["variant"] == name]
