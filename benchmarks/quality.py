@@ -438,18 +438,21 @@ def _probe_forward(self, q, k, v, scale=None, key_padding_mask=None):
         dense = torch.cat(dense, dim=2)
         for t, lut in luts.items():
             sparse = sparse_attention_reference(qf, kf, vf, lut, c.blkq, c.blkk, scale)
-            lin = linear_attention_reference(qf, kf, vf, lut, c.blkq, c.blkk, c.feature_map, "rest")
             resid = (dense - sparse).reshape(-1, D).double()
-            x = torch.cat([lin.reshape(-1, D).double(), torch.ones_like(resid[:, :1])], dim=1)
-            stats = self._probe_stats.setdefault(t, {"outside": 0.0, "rows": 0, "dense2": 0.0,
-                                                      "split": [{"xtx": 0, "xty": 0, "y2": 0.0} for _ in range(2)]})
+            stats = self._probe_stats.setdefault(t, {"outside": 0.0, "rows": 0, "dense2": 0.0, "branches": {}})
             stats["outside"] += float(outside[t])
             stats["rows"] += B * H * L
             stats["dense2"] += float(dense.double().pow(2).sum())
-            split = stats["split"][self._probe_split]
-            split["xtx"] = split["xtx"] + x.T @ x
-            split["xty"] = split["xty"] + x.T @ resid
-            split["y2"] += float(resid.pow(2).sum())
+            # the configured linear branch first, then the other feature maps and scopes it could have been
+            for feature_map, scope in self._probe_branches:
+                lin = linear_attention_reference(qf, kf, vf, lut, c.blkq, c.blkk, feature_map, scope)
+                x = torch.cat([lin.reshape(-1, D).double(), torch.ones_like(resid[:, :1])], dim=1)
+                splits = stats["branches"].setdefault(f"{feature_map}/{scope}",
+                                                      [{"xtx": 0, "xty": 0, "y2": 0.0} for _ in range(2)])
+                split = splits[self._probe_split]
+                split["xtx"] = split["xtx"] + x.T @ x
+                split["xty"] = split["xty"] + x.T @ resid
+                split["y2"] += float(resid.pow(2).sum())
     return dense.to(q.dtype)
 
 
@@ -498,7 +501,12 @@ def teacher_probe(model, val: ValSet, preset: dict, args, n_videos: int) -> dict
                feature_map=args.feature_map)
     scheduler = make_scheduler()
     topks = list(preset["topks"])
-    with patched_forward(model, _probe_forward, _probe_topks=topks, _probe_stats={}, _probe_split=0) as layers:
+    branches = [(args.feature_map, "rest")]
+    branches += [(fm, "rest") for fm in ("softmax", "elu", "relu") if fm != args.feature_map]
+    branches += [(args.feature_map, "all")]
+    main = f"{args.feature_map}/rest"
+    with patched_forward(model, _probe_forward, _probe_topks=topks, _probe_stats={}, _probe_split=0,
+                         _probe_branches=branches) as layers:
         model.eval()
         for i in range(n_videos):
             for layer in layers:
@@ -510,30 +518,37 @@ def teacher_probe(model, val: ValSet, preset: dict, args, n_videos: int) -> dict
             per_layer = []
             for layer in layers:
                 s = layer._probe_stats[t]
-                fit_half, test_half = s["split"]
-                both = {k: fit_half[k] + test_half[k] for k in ("xtx", "xty", "y2")} if test_half["y2"] else fit_half
-                # the ridge that scores best on the held-out half, unless one is given
-                ridges = [args.lsfit_ridge] if args.lsfit_ridge is not None else list(RIDGES)
-                held = {r: _explained(_ridge_fit(fit_half, r), test_half) for r in ridges} if test_half["y2"] else {}
-                ridge = max(held, key=held.get) if held else ridges[0]
-                w = _ridge_fit(both, ridge)  # (D+1, D): rows 0..D-1 = proj_l.weight.T, row D = bias
-                entry = {
+                fits = {label: _fit_branch(splits, args.lsfit_ridge) for label, splits in s["branches"].items()}
+                w, both = fits[main]["w"], fits[main]["both"]  # w: (D+1, D), rows 0..D-1 = weight.T, row D = bias
+                per_layer.append({
                     "mass_outside": s["outside"] / s["rows"],
                     "resid_rel": math.sqrt(both["y2"] / s["dense2"]),
-                    "lsfit_r2": _explained(w, both),
-                    "lsfit_r2_heldout": held.get(ridge),
-                    "lsfit_ridge": ridge,
+                    "lsfit_r2": fits[main]["r2"],
+                    "lsfit_r2_heldout": fits[main]["r2_heldout"],
+                    "lsfit_ridge": fits[main]["ridge"],
                     "lsfit_weight_rms": float(w[:-1].pow(2).mean().sqrt()),
                     "weight": w[:-1].T.float().cpu().tolist(),
                     "bias": w[-1].float().cpu().tolist(),
-                }
-                per_layer.append(entry)
+                    "branches": {label: {k: f[k] for k in ("r2", "r2_heldout", "ridge")} for label, f in fits.items()},
+                })
             out[f"{t:.4f}"] = per_layer
     disable_sla(model)
     return out
 
 
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def _fit_branch(splits: list[dict], ridge: float | None) -> dict:
+    """Ridge least-squares proj_l for one linear branch: the ridge (unless given) is the one that scores best when
+    fitted on the even videos and scored on the odd ones; the returned fit uses every video."""
+    fit_half, test_half = splits
+    both = {k: fit_half[k] + test_half[k] for k in ("xtx", "xty", "y2")} if test_half["y2"] else fit_half
+    ridges = [ridge] if ridge is not None else list(RIDGES)
+    held = {r: _explained(_ridge_fit(fit_half, r), test_half) for r in ridges} if test_half["y2"] else {}
+    chosen = max(held, key=held.get) if held else ridges[0]
+    w = _ridge_fit(both, chosen)
+    return {"w": w, "both": both, "ridge": chosen, "r2": _explained(w, both), "r2_heldout": held.get(chosen)}
 
 
 def _ridge_fit(stats: dict, ridge: float) -> torch.Tensor:
@@ -1147,6 +1162,17 @@ def _diagnostics_table(data: dict, length: str) -> list[str]:
                       f"{p.get('lsfit_weight_rms', float('nan')):.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+
+    labels = list(probe[topks[0]][0].get("branches", {}))
+    if labels:
+        lines += [("The same held-out R² for other linear branches (feature map / scope), per layer 0, 1, …: "
+                   "could another feature map or scope stand in for the missing part better?"), "",
+                  "| Linear branch | " + " | ".join(f"held-out R², topk {round(float(t) * 100)} %" for t in topks)
+                  + " |", "|---|" + "---|" * len(topks)]
+        for label in labels:
+            cells = [_cells([layer["branches"][label]["r2_heldout"] for layer in probe[t]], ".3f") for t in topks]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
 
     rows = [r for r in data["rows"].values() if r["length"] == length]
     sla_names = [v for v in _tuned_variants(data, length) if v.startswith("sla_")]

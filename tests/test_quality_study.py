@@ -91,6 +91,8 @@ def test_teacher_loss_decreases_and_probe_is_filled(quality, toy_run):
             assert -1e-6 <= layer["lsfit_r2"] <= 1.0 + 1e-6
             assert layer["lsfit_r2_heldout"] is not None and layer["lsfit_r2_heldout"] <= 1.0 + 1e-6
             assert layer["lsfit_ridge"] in quality.RIDGES and layer["lsfit_weight_rms"] > 0
+            assert set(layer["branches"]) == {"softmax/rest", "elu/rest", "relu/rest", "softmax/all"}
+            assert layer["branches"]["softmax/rest"]["r2_heldout"] == layer["lsfit_r2_heldout"]
     # a larger topk leaves less attention mass outside the kept blocks
     assert teacher["probe"]["0.5000"][0]["mass_outside"] < teacher["probe"]["0.2500"][0]["mass_outside"]
 
@@ -131,6 +133,7 @@ def test_report_renders(quality, toy_run):
                  "sla_25+lsfit"):
         assert f"| {name} (" in table, name
     assert "± " in table and "Teacher probe per layer" in table and "| sla_25+lsfit | " in table
+    assert "| relu/rest | " in table
     assert "Rows tagged +lsfit: objective distill, proj_l_init lsfit." in table
     for name in ("quality_loss.png", "quality_samples_toy.png"):
         assert (figures / name).read_bytes()[:4] == b"\x89PNG", name
@@ -175,7 +178,7 @@ def test_probe_returns_dense_attention(quality):
         ref = quality.flow_matching_loss(model, scheduler, val.x0, val.noise, val.index, val.cond)
         enable_sla(model, topk=1.0, blkq=32, blkk=32, min_kv_blocks=2)
         with quality.patched_forward(model, quality._probe_forward, _probe_topks=[0.25], _probe_stats={},
-                                     _probe_split=0):
+                                     _probe_split=0, _probe_branches=[("softmax", "rest")]):
             probed = quality.flow_matching_loss(model, scheduler, val.x0, val.noise, val.index, val.cond)
         sla = quality.flow_matching_loss(model, scheduler, val.x0, val.noise, val.index, val.cond)
     assert probed.item() == pytest.approx(ref.item(), rel=1e-5)
