@@ -1301,7 +1301,12 @@ def cmd_render(args) -> None:
             raise SystemExit(f"--readme: {readme} has no {README_START} ... {README_END} block to replace.")
         head, rest = text.split(README_START, 1)
         _, tail = rest.split(README_END, 1)
-        readme.write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
+        rel = Path(os.path.relpath(figures, readme.parent)).as_posix()
+        images = [f"![Held-out loss against tuning steps]({rel}/quality_loss.png)"]
+        images += [f"![Samples, {length}]({rel}/quality_samples_{length}.png)" for length in data["teachers"]
+                   if (figures / f"quality_samples_{length}.png").exists()]
+        block = table + "\n" + "\n\n".join(images) + "\n"
+        readme.write_text(f"{head}{README_START}\n{block}{README_END}{tail}")
     print(table)
     log(f"render: wrote quality_table.md, quality_metrics.json, quality_loss.png and sample grids to {figures}")
 

@@ -142,6 +142,7 @@ def test_report_renders(quality, toy_run):
     assert len(metrics["rows"]["sla_25"]["psnr"]) == 2
     readme = toy_run["readme"].read_text()
     assert "old" not in readme and "| full (dense, tuned) |" in readme and readme.endswith("after\n")
+    assert "(figures/quality_loss.png)" in readme and "(figures/quality_samples_toy.png)" in readme
 
 
 def test_rerun_skips_done_rows_and_budget_stops(quality, toy_run, tmp_path, capsys):
