@@ -396,15 +396,27 @@ def proj_l_weight_rms(model) -> list[float]:
     return [float(layer.proj_l.weight.detach().float().pow(2).mean().sqrt()) for _, _, layer in iter_sla_layers(model)]
 
 
-def proj_l_grad_norms(model) -> list[float | None]:
-    """Per SLA layer, ||grad|| of proj_l (weight and bias together); None where it has no gradient."""
+def proj_l_grad_norms(model) -> torch.Tensor | None:
+    """Per SLA layer, ||grad|| of proj_l (weight and bias together), NaN where it has no gradient; None without SLA
+    layers. A device tensor: reading it every step would stall the GPU."""
     from diffusers_sla import iter_sla_layers
 
     norms = []
     for _, _, layer in iter_sla_layers(model):
         grads = [p.grad for p in layer.proj_l.parameters() if p.grad is not None]
-        norms.append(math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads)) if grads else None)
-    return norms
+        if grads:
+            norms.append(torch.stack([g.float().pow(2).sum() for g in grads]).sum().sqrt())
+        else:
+            norms.append(torch.tensor(float("nan"), device=layer.proj_l.weight.device))
+    return torch.stack(norms) if norms else None
+
+
+def _window_means(window: list) -> list:
+    """Per-layer means over a window of `proj_l_grad_norms` results; None for a layer that never had a gradient."""
+    if not window or window[0] is None:
+        return []
+    means = torch.stack(window).float().nanmean(dim=0).tolist()
+    return [None if math.isnan(m) else m for m in means]
 
 
 # ===== Diagnostics =====
@@ -697,20 +709,22 @@ def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, se
             window.append(proj_l_grad_norms(model))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        train_losses.append(loss.item())
+        train_losses.append(loss.detach())  # read at the evaluations, which synchronise anyway
         done = step
         if step % eval_every == 0 or step == steps:
             curve.append((step, val.loss(model, scheduler, batch)))
             if verbose:
-                log(f"  step {step}/{steps}: val {curve[-1][1]:.4f}, train {_mean(train_losses[-eval_every:]):.4f}, "
+                recent = float(torch.stack(train_losses[-eval_every:]).mean())
+                log(f"  step {step}/{steps}: val {curve[-1][1]:.4f}, train {recent:.4f}, "
                     f"{time.perf_counter() - start:.1f} s")
             if track_proj_l:
-                grad_windows.append((step, _mean_columns(window)))
+                grad_windows.append((step, _window_means(window)))
                 window = []
     if done % eval_every != 0 and done != steps and done > 0:
         curve.append((done, val.loss(model, scheduler, batch)))
         if track_proj_l and window:
-            grad_windows.append((done, _mean_columns(window)))
+            grad_windows.append((done, _window_means(window)))
+    train_losses = torch.stack(train_losses).tolist() if train_losses else []
     return {"steps_done": done, "curve": curve, "train_loss_first": _mean(train_losses[:10]),
             "train_loss_last": _mean(train_losses[-10:]), "proj_l_grad_norm": grad_windows}
 
