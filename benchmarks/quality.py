@@ -159,20 +159,22 @@ def make_videos(n: int, frames: int, height: int, width: int, generator: torch.G
                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """`n` videos (n, 1, frames, height, width) in [-1, 1] and their class labels (n,).
 
-    Random draws come from the CPU `generator` (the same data on every device); rendering runs on `device`,
+    Random draws come from `generator`, on its device (a CPU generator gives the same videos on every device; a
+    CUDA one keeps training steps free of host-to-device copies, which would synchronise); rendering runs on `device`,
     anti-aliased by 2x supersampling."""
     size = min(height, width)
-    labels = torch.randint(len(SHAPES), (n,), generator=generator)
-    radius = (0.16 + 0.08 * torch.rand(n, generator=generator)) * size
+    g = {"generator": generator, "device": generator.device}
+    labels = torch.randint(len(SHAPES), (n,), **g)
+    radius = (0.16 + 0.08 * torch.rand(n, **g)) * size
     lo = torch.stack([radius, radius], dim=1)
     hi = torch.stack([width - radius, height - radius], dim=1)
-    start = lo + torch.rand(n, 2, generator=generator) * (hi - lo)
-    speed = 0.4 + 0.8 * torch.rand(n, generator=generator)
-    angle = 2 * math.pi * torch.rand(n, generator=generator)
+    start = lo + torch.rand(n, 2, **g) * (hi - lo)
+    speed = 0.4 + 0.8 * torch.rand(n, **g)
+    angle = 2 * math.pi * torch.rand(n, **g)
     velocity = torch.stack([speed * torch.cos(angle), speed * torch.sin(angle)], dim=1)
-    brightness = 0.6 + 0.4 * torch.rand(n, generator=generator)
+    brightness = 0.6 + 0.4 * torch.rand(n, **g)
 
-    t = torch.arange(frames, dtype=torch.float32)
+    t = torch.arange(frames, dtype=torch.float32, device=generator.device)
     pos = _bounce(start[:, None] + velocity[:, None] * t[None, :, None], lo[:, None], hi[:, None])  # (n, F, 2)
     labels, radius, pos, brightness = (x.to(device) for x in (labels, radius, pos, brightness))
     ss = 2
@@ -188,7 +190,8 @@ def make_videos(n: int, frames: int, height: int, width: int, generator: torch.G
 
 def conditioning(labels: torch.Tensor, text_dim: int) -> torch.Tensor:
     """The class as a one-token 'text' embedding (n, 1, text_dim): Wan's cross-attention reads it."""
-    return F.one_hot(labels, text_dim).float()[:, None]
+    # a comparison, not F.one_hot, which checks the labels' range on the host (a synchronisation on CUDA)
+    return (labels[:, None] == torch.arange(text_dim, device=labels.device)).float()[:, None]
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -222,11 +225,19 @@ def predict(model, x, timesteps, cond):
     return model(hidden_states=x, timestep=timesteps, encoder_hidden_states=cond, return_dict=False)[0]
 
 
+def _schedule_on(scheduler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scheduler's training sigmas and timesteps on `device`, copied once (a copy per step would synchronise)."""
+    cache = scheduler.__dict__.setdefault("_study_schedule", {})
+    if str(device) not in cache:
+        cache[str(device)] = (scheduler.sigmas.to(device), scheduler.timesteps.to(device))
+    return cache[str(device)]
+
+
 def flow_matching_loss(model, scheduler, x0, noise, index, cond, teacher=None) -> torch.Tensor:
     """MSE between the predicted and the true velocity (noise - x0) at the scheduler's training sigma `index`; with
     `teacher`, MSE to the teacher's prediction instead (distillation)."""
-    sigmas = scheduler.sigmas.to(x0.device)[index].view(-1, 1, 1, 1, 1)
-    timesteps = scheduler.timesteps.to(x0.device)[index]
+    sigmas, timesteps = _schedule_on(scheduler, x0.device)
+    sigmas, timesteps = sigmas[index].view(-1, 1, 1, 1, 1), timesteps[index]
     x_t = (1.0 - sigmas) * x0 + sigmas * noise
     with autocast(x0.device):
         pred = predict(model, x_t, timesteps, cond)
@@ -407,7 +418,7 @@ def proj_l_grad_norms(model) -> torch.Tensor | None:
         if grads:
             norms.append(torch.stack([g.float().pow(2).sum() for g in grads]).sum().sqrt())
         else:
-            norms.append(torch.tensor(float("nan"), device=layer.proj_l.weight.device))
+            norms.append(torch.full((), float("nan"), device=layer.proj_l.weight.device))
     return torch.stack(norms) if norms else None
 
 
@@ -683,8 +694,8 @@ def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, se
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    data_gen = torch.Generator().manual_seed(10_000 + seed)
-    noise_gen = torch.Generator().manual_seed(20_000 + seed)
+    data_gen = torch.Generator(device=device).manual_seed(10_000 + seed)
+    noise_gen = torch.Generator(device=device).manual_seed(20_000 + seed)
     start = time.perf_counter()
     curve = [(0, val.loss(model, scheduler, batch))]
     train_losses, grad_windows, window = [], [], []
@@ -699,10 +710,9 @@ def train(model, scheduler, preset: dict, length: str, steps: int, lr: float, se
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         x0, labels = make_videos(batch, *shape, data_gen, device)
-        noise = torch.randn(x0.shape, generator=noise_gen).to(device)
-        index = torch.randint(0, 1000, (batch,), generator=noise_gen).to(device)
-        loss = flow_matching_loss(model, scheduler, x0, noise, index, conditioning(labels, text_dim).to(device),
-                                  teacher=teacher)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+        index = torch.randint(0, 1000, (batch,), generator=noise_gen, device=device)
+        loss = flow_matching_loss(model, scheduler, x0, noise, index, conditioning(labels, text_dim), teacher=teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if track_proj_l:
