@@ -1153,10 +1153,17 @@ def render_table(data: dict, metrics: dict) -> str:
                 f"| {_fmt(r.get('linear_over_sparse', []), 3)} | {len(r['val_loss'])} |")
         lines.append("")
         lines += _diagnostics_table(data, length)
-    stages = data["stages"]
-    if stages:
-        parts = [f"{s['stage']} {s['length']} {s['wall_s']:.0f} s" for s in stages]
-        lines.append("Wall time per stage call: " + ", ".join(parts) + ".")
+    # Wall times from the rows and teachers themselves: a stage stopped by its time budget logs no stage record.
+    parts = []
+    for length, teacher in data["teachers"].items():
+        if teacher.get("wall_s"):
+            parts.append(f"teacher {length} {sum(teacher['wall_s'].values()):.0f} s")
+    for length in sorted({r["length"] for r in data["rows"].values()}):
+        rows = [r for r in data["rows"].values() if r["length"] == length and r.get("wall_s")]
+        total = sum(sum(r["wall_s"].values()) for r in rows)
+        parts.append(f"tuning {length} {total:.0f} s over {len(rows)} rows ({total / max(len(rows), 1):.0f} s a row)")
+    if parts:
+        lines.append("GPU wall time: " + ", ".join(parts) + ".")
         lines.append("")
     return "\n".join(lines)
 
