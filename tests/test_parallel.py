@@ -1,0 +1,94 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""SLA and context parallelism: the head-sharded (Ulysses) SLA call on real torch.distributed (gloo, two CPU
+processes), and the guard that refuses diffusers' context parallelism until it is supported."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from diffusers_sla.ops.api import sparse_linear_attention
+from diffusers_sla.parallel import heads_to_sequence, sequence_to_heads, ulysses_sparse_linear_attention
+
+# float64: the comparison then measures the collectives and the sharding, not float32 summation order.
+SETTINGS = dict(topk=0.25, blkq=32, blkk=32, backend="torch")
+B, H, L, D, WORLD = 2, 4, 256, 16, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    k = k + 2 * torch.randn(1, 1, L, 1, generator=gen, dtype=torch.float64)  # uneven block scores: topk matters
+    weight = 0.3 * torch.randn(D, D, generator=gen, dtype=torch.float64)
+    bias = 0.1 * torch.randn(D, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(B, H, L, D, generator=gen, dtype=torch.float64)
+    return q, k, v, weight, bias, grad_out
+
+
+def _reference():
+    q, k, v, weight, bias, grad_out = _inputs()
+    leaves = [t.requires_grad_(True) for t in (q, k, v, weight, bias)]
+    out = sparse_linear_attention(*leaves, **SETTINGS)
+    out.backward(grad_out)
+    per_rank_proj = []
+    for rank in range(WORLD):  # proj_l's gradient from the heads rank `rank` holds under Ulysses
+        heads = slice(rank * H // WORLD, (rank + 1) * H // WORLD)
+        w, b_ = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+        part = sparse_linear_attention(q.detach()[:, heads], k.detach()[:, heads], v.detach()[:, heads], w, b_,
+                                       **SETTINGS)
+        part.backward(grad_out[:, heads])
+        per_rank_proj.append((w.grad, b_.grad))
+    return out.detach(), [t.grad for t in leaves], per_rank_proj
+
+
+def _ulysses_worker(rank: int, world: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        q, k, v, weight, bias, grad_out = _inputs()
+        shard = slice(rank * L // world, (rank + 1) * L // world)
+        local = [t[:, :, shard].clone().requires_grad_(True) for t in (q, k, v)]
+        proj = [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
+        # the layout round trip alone is the identity
+        torch.testing.assert_close(heads_to_sequence(sequence_to_heads(local[0].detach(), None), None),
+                                   local[0].detach(), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="3 heads cannot be split over a Ulysses group of 2"):
+            ulysses_sparse_linear_attention(*(t[:, :3] for t in local), **SETTINGS)
+        out = ulysses_sparse_linear_attention(*local, *proj, **SETTINGS)
+        out.backward(grad_out[:, :, shard])
+        torch.save({"out": out.detach(), "grads": [t.grad for t in local + proj]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ulysses_sla_equals_single_process(tmp_path):
+    mp.spawn(_ulysses_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    out, (dq, dk, dv, dweight, dbias), per_rank_proj = _reference()
+    # The sparse branch keeps a quarter of the key blocks: the reference is not dense attention.
+    dense = torch.nn.functional.scaled_dot_product_attention(*_inputs()[:3])
+    assert (out - dense).norm() / dense.norm() > 1e-2
+    for name, full, got in [("out", out, torch.cat([r["out"] for r in ranks], dim=2)),
+                            ("dq", dq, torch.cat([r["grads"][0] for r in ranks], dim=2)),
+                            ("dk", dk, torch.cat([r["grads"][1] for r in ranks], dim=2)),
+                            ("dv", dv, torch.cat([r["grads"][2] for r in ranks], dim=2))]:
+        assert (got - full).norm() / full.norm() < 1e-12, name
+    for rank, r in enumerate(ranks):
+        # each rank's proj_l gradient is its heads' part; their sum is the single-process gradient
+        torch.testing.assert_close(r["grads"][3], per_rank_proj[rank][0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r["grads"][4], per_rank_proj[rank][1], rtol=1e-10, atol=1e-12)
+        assert r["grads"][3].norm() > 0.1 * dweight.norm()
+    torch.testing.assert_close(sum(r["grads"][3] for r in ranks), dweight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sum(r["grads"][4] for r in ranks), dbias, rtol=1e-10, atol=1e-12)
