@@ -45,6 +45,7 @@ from .constants import SLA_MODULE_NAME
 from .dispatch import DENSE_REASONS, LayerStats, install_sdpa_router, layer_stats, record_call, routing_scope
 from .layer import SparseLinearAttention, iter_sla_layers
 from .ops.api import BACKEND_NAMES
+from .parallel import check_context_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,21 @@ class SLAAttnProcessor:
             if getattr(attn, "processor", None) is self and inner is not None and hasattr(inner, "_attention_backend"):
                 inner._attention_backend = backend
 
+    # diffusers' `enable_parallelism` sets `processor._parallel_config` on each module's processor that has the
+    # attribute: record it here (the first SLA call refuses context parallelism, see `parallel.py`) and pass it on to
+    # the wrapped processors, so that `disable_sla` gives back processors that run the model's parallelism.
+    @property
+    def _parallel_config(self):
+        return self.__dict__.get("_parallel_setting")
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self.__dict__["_parallel_setting"] = config
+        for attn in list(self._attached_modules):
+            inner = getattr(attn, INNER_PROCESSOR_ATTR, None)
+            if getattr(attn, "processor", None) is self and inner is not None and hasattr(inner, "_parallel_config"):
+                inner._parallel_config = config
+
     def __getstate__(self) -> dict:
         # Weak references do not pickle (`torch.save(model)`); modules re-register at their next call.
         state = dict(self.__dict__)
@@ -170,6 +186,9 @@ class SLAAttnProcessor:
             )
         if not torch.compiler.is_compiling():  # (set_processor registered it; this re-registers after unpickling,
             self._attached_modules.add(attn)  # and would make compiled code guard on the set's contents)
+        parallel = self.__dict__.get("_parallel_setting") or getattr(inner, "_parallel_config", None)
+        if parallel is not None:
+            check_context_parallel(parallel, f"SLAAttnProcessor in {type(attn).__name__}")
         kwargs = self._kwargs_for(attn, inner, kwargs)
         with routing_scope(attn, self) as scope:
             output = inner(attn, *args, **kwargs)
@@ -503,6 +522,15 @@ _install_set_processor_hooks()
 # ===== enable / disable =====
 
 
+def _check_no_context_parallel(model: nn.Module, where: str) -> None:
+    """Raise when `enable_parallelism` gave `model` (or one of its attention processors) context parallelism."""
+    check_context_parallel(getattr(model, "_parallel_config", None), where)
+    for module in model.modules():
+        if _is_attention_module(module):
+            inner = getattr(module, INNER_PROCESSOR_ATTR, None) or module.processor
+            check_context_parallel(getattr(inner, "_parallel_config", None), where)
+
+
 def _is_attention_module(module: nn.Module) -> bool:
     return callable(getattr(module, "set_processor", None)) and hasattr(module, "processor")
 
@@ -606,6 +634,8 @@ def enable_sla(
     from .serialization import sla_config_at_load_location
 
     targets = _target_models(pipe_or_model)
+    for prefix, model in targets:  # before anything changes: SLA under context parallelism is refused
+        _check_no_context_parallel(model, f"enable_sla on {prefix or type(model).__name__}")
     if config is None and not overrides:
         # Weights trained with SLA must be served with the operator they were trained with: default to it. With
         # explicit settings the user's config stands and a mismatch with the file is reported by `on_sla_enabled`.

@@ -92,3 +92,81 @@ def test_ulysses_sla_equals_single_process(tmp_path):
         assert r["grads"][3].norm() > 0.1 * dweight.norm()
     torch.testing.assert_close(sum(r["grads"][3] for r in ranks), dweight, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(sum(r["grads"][4] for r in ranks), dbias, rtol=1e-10, atol=1e-12)
+
+
+# ===== The guard: SLA refuses diffusers' context parallelism =====
+#
+# diffusers' `enable_parallelism` cannot start on this CPU machine (it picks device `rank % accelerator.device_count()`,
+# and a CPU-only torch counts 0 accelerators), so these tests set the state it sets, with diffusers' own config
+# objects: `model._parallel_config` (what `_resolve_parallel_config` records) and `processor._parallel_config` on each
+# attention module whose processor has the attribute (its loop over `model.modules()`).
+
+
+def _simulate_enable_parallelism(model, **degrees):
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ParallelConfig
+
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
+    model._parallel_config = config
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    return config
+
+
+def _tiny_wan():
+    from tests.tiny_models import build_tiny_model
+
+    return build_tiny_model("wan", seed=0)
+
+
+@pytest.mark.parametrize("degrees, why", [({"ulysses_degree": 2}, "dense gradients"),
+                                          ({"ring_degree": 2}, "ring attention shards the keys"),
+                                          ({"ulysses_degree": 2, "ring_degree": 2}, "ring attention shards")])
+def test_enable_sla_refuses_a_model_with_context_parallelism(degrees, why):
+    from diffusers_sla import enable_sla
+
+    model, _ = _tiny_wan()
+    _simulate_enable_parallelism(model, **degrees)
+    before = {name: type(p) for name, p in model.attn_processors.items()}
+    expected = ", ".join(f"{k}={v}" for k, v in {"ulysses_degree": 1, "ring_degree": 1, **degrees}.items())
+    with pytest.raises(NotImplementedError, match=rf"enable_sla on WanTransformer3DModel: .*\({expected}\).*{why}"
+                       r".*Supported: ulysses_degree=1 and ring_degree=1"):
+        enable_sla(model, blkq=32, blkk=32, min_kv_blocks=2)
+    assert {name: type(p) for name, p in model.attn_processors.items()} == before  # left as it was
+    assert not any(name.endswith(".sla.proj_l.weight") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"ring_degree": 2}])
+def test_first_sla_call_refuses_parallelism_enabled_after_enable_sla(degrees):
+    from diffusers_sla import disable_sla, enable_sla
+    from diffusers_sla.processor import INNER_PROCESSOR_ATTR
+    from tests.tiny_models import forward_output
+
+    model, make_inputs = _tiny_wan()
+    enable_sla(model, blkq=32, blkk=32, min_kv_blocks=2)
+    with torch.no_grad():
+        forward_output(model, make_inputs())  # runs before parallelism
+    config = _simulate_enable_parallelism(model, **degrees)
+    with pytest.raises(NotImplementedError, match=r"SLAAttnProcessor in WanAttention: SLA does not support context "
+                                                  r"parallelism yet .*Supported: ulysses_degree=1 and ring_degree=1"):
+        with torch.no_grad():
+            forward_output(model, make_inputs())
+    # the wrapped processors got the config too: after `disable_sla` the model runs its parallelism
+    attns = [m for m in model.modules() if hasattr(m, INNER_PROCESSOR_ATTR) and m.__dict__.get(INNER_PROCESSOR_ATTR)]
+    assert attns and all(m.__dict__[INNER_PROCESSOR_ATTR]._parallel_config is config for m in attns)
+    disable_sla(model)
+    assert all(p._parallel_config is config for p in model.attn_processors.values())
+
+
+def test_no_context_parallelism_is_allowed():
+    from diffusers_sla.parallel import check_context_parallel, context_parallel_degrees
+
+    assert context_parallel_degrees(None) is None
+    check_context_parallel(None, "here")
+
+    class TensorParallelOnly:  # a ParallelConfig with tensor parallelism alone has no context_parallel_config
+        context_parallel_config = None
+
+    check_context_parallel(TensorParallelOnly(), "here")
