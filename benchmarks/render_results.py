@@ -193,6 +193,10 @@ Below 16K tokens the operator is dominated by fixed host costs (Python glue and 
 and is slower than cuDNN in eager mode (sweep in `benchmarks/RESULTS.md`). Capturing the whole transformer forward in
 one CUDA graph removes those costs (tested on the GPU; `e2e_wan.py --cuda-graph`, measured in `benchmarks/NOTES.md`
 v9: Wan2.1-1.3B at 4,680 / 7,800 tokens, captured SLA 1.09x / 1.17x captured cuDNN).
+
+Several GPUs: `torchrun --nproc-per-node 2 benchmarks/e2e_parallel.py --out LOGDIR` is written (1 GPU against 2 GPUs
+with diffusers' Ulysses, dense cuDNN against SLA, forward and train step, 480p and 720p) but not yet run; while
+SLA refuses context parallelism its 2-GPU SLA rows print that refusal.
 """
     readme_path = ROOT / "README.md"
     readme = readme_path.read_text()
