@@ -9,9 +9,7 @@ SLA at each `--topk`, forward and one training step (gradient checkpointing on f
     torchrun --nproc-per-node 2 benchmarks/e2e_parallel.py --out LOGDIR
 
 Rank 0 runs the 1-GPU rows while rank 1 waits; then both run the 2-GPU rows. Every 2-GPU output is compared with the
-1-GPU output of the same variant (relative error, bf16). Until SLA supports Ulysses, `enable_sla` refuses a model with
-context parallelism (docs/context-parallel.md): the 2-GPU SLA rows then print that error in place of a time. The table
-is printed and written to LOGDIR/e2e_parallel.md.
+1-GPU output of the same variant (relative error, bf16). The table is printed and written to LOGDIR/e2e_parallel.md.
 """
 
 from __future__ import annotations

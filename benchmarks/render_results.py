@@ -195,8 +195,7 @@ one CUDA graph removes those costs (tested on the GPU; `e2e_wan.py --cuda-graph`
 v9: Wan2.1-1.3B at 4,680 / 7,800 tokens, captured SLA 1.09x / 1.17x captured cuDNN).
 
 Several GPUs: `torchrun --nproc-per-node 2 benchmarks/e2e_parallel.py --out LOGDIR` is written (1 GPU against 2 GPUs
-with diffusers' Ulysses, dense cuDNN against SLA, forward and train step, 480p and 720p) but not yet run; while
-SLA refuses context parallelism its 2-GPU SLA rows print that refusal.
+with diffusers' Ulysses, dense cuDNN against SLA, forward and train step, 480p and 720p) but not yet run.
 """
     readme_path = ROOT / "README.md"
     readme = readme_path.read_text()

@@ -370,6 +370,84 @@ def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: tor
     return (out.squeeze(1) if query.ndim == 3 else out), density
 
 
+# ===== Ulysses context parallelism =====
+#
+# Under diffusers' context parallelism the native backend sends the attention calls it parallelizes (those to which
+# the processor passes its parallel config: Wan's self-attention, not its cross-attention over the unsharded text)
+# to `attention_dispatch._templated_context_parallel_attention` with this rank's sequence shard of q, k, v in
+# (batch, seq, heads, head_dim). Its Ulysses path is an autograd Function whose backward recomputes dense SDPA, so
+# inside an SLA processor call we take that function's place: SLA calls run `ulysses_sparse_linear_attention`
+# (all-to-all to heads, SLA over every token, all-to-all back, autograd through all of it); dense calls, other
+# attention backends and calls outside an SLA processor run diffusers' function unchanged. Ring never gets here:
+# `SLAAttnProcessor` refuses it first (`parallel.check_context_parallel`).
+
+_original_templated = None
+
+
+def install_context_parallel_router() -> None:
+    """Install `_sla_templated_attention` in diffusers' attention dispatch (idempotent)."""
+    global _original_templated
+    from diffusers.models import attention_dispatch
+
+    if attention_dispatch._templated_context_parallel_attention is _sla_templated_attention:
+        return
+    with _install_lock:
+        current = attention_dispatch._templated_context_parallel_attention
+        if current is not _sla_templated_attention:
+            _original_templated = current
+            attention_dispatch._templated_context_parallel_attention = _sla_templated_attention
+
+
+def _global_view(x: torch.Tensor, world: int) -> torch.Tensor:
+    # shape-only stand-in for the gathered (B, H, L, D) tensor: the routing policy reads shapes and dtypes here
+    return torch.empty((x.shape[0], x.shape[2], x.shape[1] * world, x.shape[3]), dtype=x.dtype, device="meta")
+
+
+def _sla_templated_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                             enable_gqa=False, return_lse=False, *, forward_op, backward_op, _parallel_config=None):
+    from diffusers.models.attention_dispatch import _native_attention_forward_op
+
+    from .parallel import context_parallel_degrees, ulysses_group, ulysses_sparse_linear_attention
+
+    def diffusers_attention():
+        with _no_routing():
+            return _original_templated(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                       return_lse, forward_op=forward_op, backward_op=backward_op,
+                                       _parallel_config=_parallel_config)
+
+    scope = getattr(_local, "scope", None)
+    degrees = context_parallel_degrees(_parallel_config)
+    if scope is None or forward_op is not _native_attention_forward_op or return_lse or degrees is None \
+            or degrees[1] != 1 or _parallel_config.context_parallel_config.ulysses_anything:
+        return diffusers_attention()
+    scope.intercepted += 1
+    processor, attn = scope.processor, scope.attn
+    world = degrees[0]
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        reason = "unsupported_shape"
+    elif attn_mask is not None:
+        reason = "attention_mask"  # diffusers all-gathers a sharded mask; SLA's masked path is not sharded
+    else:
+        view = dict(_SDPA_DEFAULTS, query=_global_view(query, world), key=_global_view(key, world),
+                    value=_global_view(value, world), dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        reason = route_attention_call(attn, processor.config, view).reason
+    if reason is None and query.shape[2] % world:
+        reason = "unsupported_shape"  # diffusers' Ulysses needs the heads divisible by the degree as well
+    if reason is not None:
+        record_call(attn, reason)
+        processor._log_dense_once(reason, attn, None)
+        return diffusers_attention()
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # (B, H, L_local, D)
+    layer = processor._sla_layer_for(attn, q)
+    config = layer.config
+    with _no_routing():
+        out = layer.call_with_weights(lambda weight, bias: ulysses_sparse_linear_attention(
+            q, k, v, weight, bias, group=ulysses_group(_parallel_config), config=config, scale=scale,
+            backend=layer.backend))
+    record_call(attn, None, _density(config, [k.shape[2] * world]))
+    return out.permute(0, 2, 1, 3)
+
+
 def sla_layer_of(attn: torch.nn.Module):
     return attn._modules.get(SLA_MODULE_NAME)
 

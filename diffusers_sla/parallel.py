@@ -3,13 +3,13 @@
 
 Two parts:
 
-* `check_context_parallel`: the guard. Under diffusers' own Ulysses path the SLA forward runs inside a
-  `torch.autograd.Function` whose backward recomputes dense SDPA (dense gradients, none for `proj_l`), and under ring
-  attention SLA's global block selection cannot run on key shards; a model with context parallelism therefore gets a
-  clear error instead of either (docs/context-parallel.md has the details). Supported degrees: none yet
-  (`ulysses_degree == ring_degree == 1`).
-* `ulysses_sparse_linear_attention`: the head-sharded SLA call that the Ulysses support is to be built on, with its
-  autograd through the all-to-all collectives, tested against the single-process operator on gloo.
+* `check_context_parallel`: which context parallelism SLA runs under. Ulysses alone: yes, through
+  `ulysses_sparse_linear_attention` (`dispatch._sla_templated_attention` takes the place of diffusers'
+  `_templated_context_parallel_attention`, whose Ulysses backward would recompute dense attention). Ring, alone or with
+  Ulysses, gives each attention step one shard of the keys while SLA selects its key blocks among all keys: a clear
+  error (docs/context-parallel.md has the details).
+* `ulysses_sparse_linear_attention`: the head-sharded SLA call, with its autograd through the all-to-all
+  collectives.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .ops.api import sparse_linear_attention
 
-SUPPORTED_CONTEXT_PARALLEL = "ulysses_degree=1 and ring_degree=1 (no context parallelism)"
+SUPPORTED_CONTEXT_PARALLEL = "ulysses_degree >= 1 with ring_degree=1 and ulysses_anything=False"
 
 
 def context_parallel_degrees(parallel_config) -> tuple[int, int] | None:
@@ -36,24 +36,38 @@ def context_parallel_degrees(parallel_config) -> tuple[int, int] | None:
 
 
 def context_parallel_error(parallel_config, where: str) -> str | None:
-    """The error message for SLA under `parallel_config`'s context parallelism, or None when there is none."""
+    """The error message for SLA under `parallel_config`'s context parallelism, or None when SLA supports it."""
     degrees = context_parallel_degrees(parallel_config)
     if degrees is None:
         return None
     ulysses, ring = degrees
-    why = ("ring attention shards the keys, while SLA selects its key blocks over all keys" if ring > 1 else
-           "diffusers' Ulysses backward recomputes dense attention, which would give dense gradients for an SLA "
-           "forward and none to proj_l")
-    return (f"{where}: SLA does not support context parallelism yet (ulysses_degree={ulysses}, ring_degree={ring}): "
-            f"{why}. Supported: {SUPPORTED_CONTEXT_PARALLEL}. Run SLA without `enable_parallelism`, or call "
-            "`diffusers_sla.disable_sla(model)` to use context parallelism with dense attention.")
+    cp = getattr(parallel_config, "context_parallel_config", parallel_config)
+    if ring > 1:
+        why = ("ring attention gives each step one shard of the keys, while SLA selects its key blocks among all "
+               "keys")
+    elif getattr(cp, "ulysses_anything", False):
+        why = "`ulysses_anything` (uneven sequence and head shards) is not supported by SLA's Ulysses call"
+    else:
+        return None
+    return (f"{where}: SLA does not support this context parallelism (ulysses_degree={ulysses}, ring_degree={ring}): "
+            f"{why}. Supported: {SUPPORTED_CONTEXT_PARALLEL}. Use Ulysses alone, or call "
+            "`diffusers_sla.disable_sla(model)` to use this parallelism with dense attention.")
 
 
-def check_context_parallel(parallel_config, where: str) -> None:
-    """Raise `NotImplementedError` when `parallel_config` asks for context parallelism (see the module docstring)."""
+def check_context_parallel(parallel_config, where: str):
+    """The `ParallelConfig` when it asks for Ulysses, which SLA runs through `ulysses_sparse_linear_attention`;
+    None without context parallelism; `NotImplementedError` for ring (and ring with Ulysses) or
+    `ulysses_anything` (see the module docstring)."""
     message = context_parallel_error(parallel_config, where)
     if message is not None:
         raise NotImplementedError(message)
+    return None if context_parallel_degrees(parallel_config) is None else parallel_config
+
+
+def ulysses_group(parallel_config):
+    """The process group of a diffusers `ParallelConfig`'s Ulysses mesh."""
+    cp = getattr(parallel_config, "context_parallel_config", parallel_config)
+    return cp._ulysses_mesh.get_group()
 
 
 # ===== Ulysses: head-sharded SLA =====

@@ -42,7 +42,15 @@ from torch import nn
 
 from .config import SLAConfig
 from .constants import SLA_MODULE_NAME
-from .dispatch import DENSE_REASONS, LayerStats, install_sdpa_router, layer_stats, record_call, routing_scope
+from .dispatch import (
+    DENSE_REASONS,
+    LayerStats,
+    install_context_parallel_router,
+    install_sdpa_router,
+    layer_stats,
+    record_call,
+    routing_scope,
+)
 from .layer import SparseLinearAttention, iter_sla_layers
 from .ops.api import BACKEND_NAMES
 from .parallel import check_context_parallel
@@ -146,8 +154,8 @@ class SLAAttnProcessor:
                 inner._attention_backend = backend
 
     # diffusers' `enable_parallelism` sets `processor._parallel_config` on each module's processor that has the
-    # attribute: record it here (the first SLA call refuses context parallelism, see `parallel.py`) and pass it on to
-    # the wrapped processors, so that `disable_sla` gives back processors that run the model's parallelism.
+    # attribute: record it here (each SLA call runs Ulysses or refuses ring, see `parallel.py`) and pass it on to the
+    # wrapped processors, so that `disable_sla` gives back processors that run the model's parallelism.
     @property
     def _parallel_config(self):
         return self.__dict__.get("_parallel_setting")
@@ -187,8 +195,9 @@ class SLAAttnProcessor:
         if not torch.compiler.is_compiling():  # (set_processor registered it; this re-registers after unpickling,
             self._attached_modules.add(attn)  # and would make compiled code guard on the set's contents)
         parallel = self.__dict__.get("_parallel_setting") or getattr(inner, "_parallel_config", None)
-        if parallel is not None:
+        if parallel is not None:  # Ulysses runs (`dispatch._sla_templated_attention`); ring raises
             check_context_parallel(parallel, f"SLAAttnProcessor in {type(attn).__name__}")
+            install_context_parallel_router()
         kwargs = self._kwargs_for(attn, inner, kwargs)
         with routing_scope(attn, self) as scope:
             output = inner(attn, *args, **kwargs)
@@ -522,8 +531,9 @@ _install_set_processor_hooks()
 # ===== enable / disable =====
 
 
-def _check_no_context_parallel(model: nn.Module, where: str) -> None:
-    """Raise when `enable_parallelism` gave `model` (or one of its attention processors) context parallelism."""
+def _check_context_parallel(model: nn.Module, where: str) -> None:
+    """Raise when `enable_parallelism` gave `model` (or one of its attention processors) context parallelism that SLA
+    does not run (ring; see `parallel.py`)."""
     check_context_parallel(getattr(model, "_parallel_config", None), where)
     for module in model.modules():
         if _is_attention_module(module):
@@ -634,8 +644,8 @@ def enable_sla(
     from .serialization import sla_config_at_load_location
 
     targets = _target_models(pipe_or_model)
-    for prefix, model in targets:  # before anything changes: SLA under context parallelism is refused
-        _check_no_context_parallel(model, f"enable_sla on {prefix or type(model).__name__}")
+    for prefix, model in targets:  # before anything changes: refuse the context parallelism SLA cannot run
+        _check_context_parallel(model, f"enable_sla on {prefix or type(model).__name__}")
     if config is None and not overrides:
         # Weights trained with SLA must be served with the operator they were trained with: default to it. With
         # explicit settings the user's config stands and a mismatch with the file is reported by `on_sla_enabled`.

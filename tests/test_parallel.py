@@ -96,10 +96,10 @@ def test_ulysses_sla_equals_single_process(tmp_path):
 
 # ===== The guard: SLA refuses diffusers' context parallelism =====
 #
-# diffusers' `enable_parallelism` cannot start on this CPU machine (it picks device `rank % accelerator.device_count()`,
-# and a CPU-only torch counts 0 accelerators), so these tests set the state it sets, with diffusers' own config
-# objects: `model._parallel_config` (what `_resolve_parallel_config` records) and `processor._parallel_config` on each
-# attention module whose processor has the attribute (its loop over `model.modules()`).
+# Ring needs several processes and a backend other than the native one to run at all; these tests set the state
+# `enable_parallelism` sets, with diffusers' own config objects: `model._parallel_config` (what
+# `_resolve_parallel_config` records) and `processor._parallel_config` on each attention module whose processor has
+# the attribute (its loop over `model.modules()`).
 
 
 def _simulate_enable_parallelism(model, **degrees):
@@ -121,25 +121,25 @@ def _tiny_wan():
     return build_tiny_model("wan", seed=0)
 
 
-@pytest.mark.parametrize("degrees, why", [({"ulysses_degree": 2}, "dense gradients"),
-                                          ({"ring_degree": 2}, "ring attention shards the keys"),
-                                          ({"ulysses_degree": 2, "ring_degree": 2}, "ring attention shards")])
+@pytest.mark.parametrize("degrees, why", [({"ring_degree": 2}, "ring attention gives each step one shard"),
+                                          ({"ulysses_degree": 2, "ring_degree": 2}, "ring attention gives"),
+                                          ({"ulysses_degree": 2, "ulysses_anything": True}, "ulysses_anything")])
 def test_enable_sla_refuses_a_model_with_context_parallelism(degrees, why):
     from diffusers_sla import enable_sla
 
     model, _ = _tiny_wan()
     _simulate_enable_parallelism(model, **degrees)
     before = {name: type(p) for name, p in model.attn_processors.items()}
-    expected = ", ".join(f"{k}={v}" for k, v in {"ulysses_degree": 1, "ring_degree": 1, **degrees}.items())
+    expected = ", ".join(f"{k}={degrees.get(k, 1)}" for k in ("ulysses_degree", "ring_degree"))
     with pytest.raises(NotImplementedError, match=rf"enable_sla on WanTransformer3DModel: .*\({expected}\).*{why}"
-                       r".*Supported: ulysses_degree=1 and ring_degree=1"):
+                       r".*Supported: ulysses_degree >= 1 with ring_degree=1"):
         enable_sla(model, blkq=32, blkk=32, min_kv_blocks=2)
     assert {name: type(p) for name, p in model.attn_processors.items()} == before  # left as it was
     assert not any(name.endswith(".sla.proj_l.weight") for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"ring_degree": 2}])
-def test_first_sla_call_refuses_parallelism_enabled_after_enable_sla(degrees):
+@pytest.mark.parametrize("degrees", [{"ring_degree": 2}, {"ulysses_degree": 2, "ring_degree": 2}])
+def test_first_sla_call_refuses_ring_enabled_after_enable_sla(degrees):
     from diffusers_sla import disable_sla, enable_sla
     from diffusers_sla.processor import INNER_PROCESSOR_ATTR
     from tests.tiny_models import forward_output
@@ -149,8 +149,8 @@ def test_first_sla_call_refuses_parallelism_enabled_after_enable_sla(degrees):
     with torch.no_grad():
         forward_output(model, make_inputs())  # runs before parallelism
     config = _simulate_enable_parallelism(model, **degrees)
-    with pytest.raises(NotImplementedError, match=r"SLAAttnProcessor in WanAttention: SLA does not support context "
-                                                  r"parallelism yet .*Supported: ulysses_degree=1 and ring_degree=1"):
+    with pytest.raises(NotImplementedError, match=r"SLAAttnProcessor in WanAttention: SLA does not support this "
+                                                  r"context parallelism .*Supported: ulysses_degree >= 1"):
         with torch.no_grad():
             forward_output(model, make_inputs())
     # the wrapped processors got the config too: after `disable_sla` the model runs its parallelism
@@ -170,3 +170,86 @@ def test_no_context_parallelism_is_allowed():
         context_parallel_config = None
 
     check_context_parallel(TensorParallelOnly(), "here")
+
+
+# ===== SLA under diffusers' Ulysses, end to end =====
+#
+# diffusers' real `enable_parallelism` on two gloo processes. It picks the device `rank % accelerator.device_count()`,
+# and a CPU-only torch counts 0 accelerators, so the worker makes that count 1 (the only change to diffusers' path).
+
+
+def _sla_wan(seed: int = 0):
+    from diffusers_sla import enable_sla
+    from diffusers_sla.layer import iter_sla_layers
+    from tests.tiny_models import TEST_SLA_OVERRIDES
+
+    model, make_inputs = _tiny_wan()
+    enable_sla(model, topk=0.34, backend="torch", **TEST_SLA_OVERRIDES)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a trained-looking proj_l, so that the linear branch shows in outputs and gradients
+        for _, _, layer in iter_sla_layers(model):
+            layer.proj_l.weight.copy_(0.2 * torch.randn(layer.proj_l.weight.shape, generator=gen))
+            layer.proj_l.bias.copy_(0.1 * torch.randn(layer.proj_l.bias.shape, generator=gen))
+    return model, make_inputs
+
+
+def _wan_ulysses_worker(rank: int, world: int, port: int, out_dir: str, sla_first: bool):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.accelerator.device_count = lambda: 1
+    try:
+        from diffusers import ContextParallelConfig
+
+        from diffusers_sla import enable_sla, sla_summary
+        from tests.tiny_models import TEST_SLA_OVERRIDES, forward_output
+
+        if sla_first:
+            model, make_inputs = _sla_wan()
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        else:  # parallelism first, then SLA on it (the same proj_l values: `_sla_wan` sets them after enable_sla)
+            model, make_inputs = _tiny_wan()
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+            enable_sla(model, topk=0.34, backend="torch", **TEST_SLA_OVERRIDES)
+            gen = torch.Generator().manual_seed(0)
+            from diffusers_sla.layer import iter_sla_layers
+            with torch.no_grad():
+                for _, _, layer in iter_sla_layers(model):
+                    layer.proj_l.weight.copy_(0.2 * torch.randn(layer.proj_l.weight.shape, generator=gen))
+                    layer.proj_l.bias.copy_(0.1 * torch.randn(layer.proj_l.bias.shape, generator=gen))
+        out = forward_output(model, make_inputs())
+        out.square().mean().backward()
+        summary = sla_summary(model)
+        torch.save({"out": out.detach(), "sla_calls": summary.sla_calls,
+                    "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sla_first", [True, False], ids=["enable_sla-then-parallelism", "parallelism-then-sla"])
+def test_sla_under_diffusers_ulysses_equals_one_process(tmp_path, sla_first):
+    from tests.tiny_models import forward_output
+
+    mp.spawn(_wan_ulysses_worker, args=(WORLD, _free_port(), str(tmp_path), sla_first), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model, make_inputs = _sla_wan()
+    out = forward_output(model, make_inputs())
+    out.square().mean().backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # SLA, not dense: the same model without SLA gives another output
+    dense_model, _ = _tiny_wan()
+    with torch.no_grad():
+        dense = forward_output(dense_model, make_inputs())
+    assert (out - dense).norm() / out.norm() > 1e-3
+    for r in ranks:
+        assert (r["out"] - out).norm() / out.norm() < 1e-5  # every rank holds the gathered output
+        assert r["sla_calls"] == 2  # each rank's two self-attention layers ran SLA (cross-attention: dense)
+    assert set(ranks[0]["grads"]) == set(reference)
+    proj = [n for n in reference if ".sla.proj_l." in n]
+    assert len(proj) == 4 and all(reference[n].norm() > 0 for n in proj)
+    for name, ref in reference.items():
+        # each rank's gradient is its sequence shard's (its heads' for proj_l): summed, the one-process gradient
+        total = sum(r["grads"][name] for r in ranks)
+        assert (total - ref).norm() / ref.norm() < 1e-4, name
