@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""SLA and context parallelism: the head-sharded (Ulysses) SLA call on real torch.distributed (gloo, two CPU
-processes), and the guard that refuses diffusers' context parallelism until it is supported."""
+"""SLA and context parallelism, on real torch.distributed (gloo, two CPU processes): the head-sharded (Ulysses) SLA
+call, a tiny Wan under diffusers' Ulysses `enable_parallelism` against one process, and the clear error for ring."""
 
 import os
 import socket
