@@ -199,7 +199,8 @@ with diffusers' Ulysses, dense cuDNN against SLA, forward and train step, 480p a
 """
     readme_path = ROOT / "README.md"
     readme = readme_path.read_text()
-    old = re.search(r"## Benchmarks\n.*?(?=\n## Limits)", readme, re.S).group(0)
+    # up to the next section, whichever it is: the Quality section follows Benchmarks and has its own renderer
+    old = re.search(r"## Benchmarks\n.*?(?=\n## )", readme, re.S).group(0)
     readme_path.write_text(readme.replace(old, readme_section.rstrip() + "\n"))
     print(f"wrote benchmarks/RESULTS.md and README.md's Benchmarks section (commit {args.commit})")
 

@@ -55,7 +55,8 @@ sdpa-cudnn (compiled) in model: self-attention is 60% of the forward's GPU time;
 def test_layer_table_renders_every_provider_row(tmp_path, monkeypatch, with_none):
     layer = LAYER_ROWS.format(none=NONE_ROW if with_none else "", none_line=NONE_LINE if with_none else "")
     (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "README.md").write_text("# x\n\n## Benchmarks\n\nold numbers\n\n## Limits\n\nnone\n")
+    (tmp_path / "README.md").write_text(
+        "# x\n\n## Benchmarks\n\nold numbers\n\n## Quality\n\nstudy table\n\n## Limits\n\nnone\n")
     kernel_log, e2e_log = tmp_path / "kernel.log", tmp_path / "e2e.log"
     kernel_log.write_text(KERNEL_LOG.format(layer=layer))
     e2e_log.write_text(E2E_LOG)
@@ -65,7 +66,7 @@ def test_layer_table_renders_every_provider_row(tmp_path, monkeypatch, with_none
     render_results.main()
     readme = (tmp_path / "README.md").read_text()
     results = (tmp_path / "benchmarks" / "RESULTS.md").read_text()
-    assert "old numbers" not in readme and readme.endswith("## Limits\n\nnone\n")
+    assert "old numbers" not in readme and readme.endswith("## Quality\n\nstudy table\n\n## Limits\n\nnone\n")
     for text in (readme, results):
         assert layer in text  # the whole table, every row and line as logged
         assert ('"ours (none)" the sparse part alone' in text) == with_none
