@@ -35,7 +35,7 @@ def test_train_sla_example_default_run(tmp_path):
     out_dir = tmp_path / "tuned"
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--output-dir", str(out_dir)],
-        check=False, capture_output=True, text=True, timeout=290, cwd=tmp_path,
+        check=False, capture_output=True, text=True, timeout=900, cwd=tmp_path,  # a hang guard, not a timing check
     )
     assert result.returncode == 0, result.stdout + result.stderr
     log = result.stdout + result.stderr
