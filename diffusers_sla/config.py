@@ -3,7 +3,8 @@
 
 The config has two groups of fields:
 
-* the *operator* (`topk`, `blkq`, `blkk`, `feature_map`, `tie_feature_map_qk`, `linear_scope`): what SLA computes.
+* the *operator* (`topk`, `blkq`, `blkk`, `feature_map`, `tie_feature_map_qk`, `linear_scope`, `fusion`): what SLA
+  computes.
   A backbone fine-tuned with SLA must be served with the same operator fields, so these are stored in
   `sla_attention.safetensors` and compared on load.
 * the *routing policy* (`cross_attention`, `masked_attention`, `min_kv_blocks`): which attention calls of a diffusers
@@ -23,9 +24,10 @@ ALLOWED_BLOCK_SIZES = (32, 64, 128)
 ALLOWED_FEATURE_MAPS = ("softmax", "elu", "relu")
 ALLOWED_LINEAR_SCOPES = ("rest", "all", "none")
 ALLOWED_ROUTES = ("sla", "dense")
+ALLOWED_FUSIONS = ("sla", "mass", "ratio")
 
 # Fields that change what the operator computes; the rest only decide which calls use it.
-OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope")
+OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope", "fusion")
 
 
 def _plain(value: Any) -> Any:
@@ -73,6 +75,12 @@ class SLAConfig:
             `"all"`: the linear branch covers every key block (the reference implementation's main branch).
             `"none"`: no linear branch: the output is the sparse part alone (exact softmax over the selected blocks),
             `proj_l` is neither read nor given a gradient. For sparse-only baselines and ablations.
+        fusion (`str`, *optional*, defaults to `"sla"`):
+            How the two branches are combined (docs/fusion.md). `"sla"`: sparse part + `proj_l(linear part)`, the
+            paper's sum. `"mass"`: a weighted mean of the sparse part and the linear term `o_lin + proj_l(o_lin)`,
+            weighted by the exact softmax mass of the selected blocks and an estimate of the rest's mass. `"ratio"`:
+            the same mean with a learnable weight `sigmoid(q . u + c)` (float32 `u`, `c` per layer, stored in the
+            sidecar). `"mass"` and `"ratio"` need `linear_scope="rest"`.
         cross_attention (`str`, *optional*, defaults to `"dense"`):
             Route for cross-attention calls (keys from another sequence than the queries, e.g. text): `"dense"` keeps
             the model's own attention, `"sla"` uses SLA.
@@ -98,6 +106,12 @@ class SLAConfig:
         default="sla", metadata={"help": "Route for calls with a key padding mask: 'sla' or 'dense'."}
     )
     min_kv_blocks: int = field(default=4, metadata={"help": "Calls with fewer key blocks than this run dense."})
+    # last, so that positional construction keeps its meaning
+    fusion: str = field(
+        default="sla",
+        metadata={"help": "Branch combination: 'sla' (sparse + proj_l(linear)), 'mass' (mass-weighted mean) or "
+                          "'ratio' (learnable weight); 'mass'/'ratio' need linear_scope 'rest'."},
+    )
 
     def __post_init__(self):
         # The dataclass is frozen: normalised values go in through object.__setattr__. One rule for every field:
@@ -119,6 +133,7 @@ class SLAConfig:
         for name, allowed in (
             ("feature_map", ALLOWED_FEATURE_MAPS),
             ("linear_scope", ALLOWED_LINEAR_SCOPES),
+            ("fusion", ALLOWED_FUSIONS),
             ("cross_attention", ALLOWED_ROUTES),
             ("masked_attention", ALLOWED_ROUTES),
         ):
@@ -126,6 +141,11 @@ class SLAConfig:
             if not isinstance(value, str) or value.lower() not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
             store(name, str(value).lower())
+        if self.fusion != "sla" and self.linear_scope != "rest":
+            # "all" would count the selected blocks' mass twice; "none" has no linear branch to weigh
+            raise ValueError(
+                f"`fusion={self.fusion!r}` needs `linear_scope='rest'`, got `linear_scope={self.linear_scope!r}`."
+            )
         tie = _plain(self.tie_feature_map_qk)
         if not isinstance(tie, bool):
             raise ValueError(f"`tie_feature_map_qk` must be true or false, got {self.tie_feature_map_qk!r}.")

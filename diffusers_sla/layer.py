@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import SLAConfig
 from .ops.api import BACKEND_NAMES, preload_backends, sparse_linear_attention
+from .ops.fusion import RATIO_BIAS_INIT, fusion_parameter_shapes
 
 
 class SLAProjection(nn.Module):
@@ -56,6 +57,18 @@ def _has_hooks(module: nn.Module) -> bool:
     return "forward" in module.__dict__ or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
 
 
+class _ParameterNames:
+    """`sla_parameter_names`: on the class, the parameters every layer has (`proj_l`); on a layer, those plus the
+    ones its fusion adds (`fusion="ratio"`: the gate's `fusion_ratio_weight`, `fusion_ratio_bias`)."""
+
+    base = ("proj_l.weight", "proj_l.bias")
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self.base
+        return self.base + tuple(fusion_parameter_shapes(layer.config.fusion, layer.head_dim))
+
+
 class SparseLinearAttention(nn.Module):
     """Sparse-Linear Attention over (batch, heads, seq, head_dim) tensors.
 
@@ -73,15 +86,22 @@ class SparseLinearAttention(nn.Module):
     "rest" or "all" finds its trained weights unchanged) but never reads it: its `.grad` stays None, so optimizers
     leave it untouched (weight decay included). Its `requires_grad` is left as the user set it; DDP needs
     `find_unused_parameters=True` or `proj_l.requires_grad_(False)` for a parameter that gets no gradient.
+
+    With `fusion="ratio"` the layer also owns the gate's float32 parameters `fusion_ratio_weight` (head_dim,), zero,
+    and `fusion_ratio_bias` (1,), 3.0 (the gate starts at sigmoid(3) = 0.95 towards the sparse part); they are
+    created when that fusion is first set, saved in the sidecar with `proj_l`, and kept float32 like it.
     """
 
     # Parameters that belong to SLA (what `sla_attention.safetensors` stores for each layer).
-    sla_parameter_names = ("proj_l.weight", "proj_l.bias")
+    sla_parameter_names = _ParameterNames()
 
     def sla_parameters(self) -> dict[str, nn.Parameter]:
         """`{name: parameter}` for `sla_parameter_names`, by attribute (not `named_parameters`), so that names stay
         the same whatever else is attached to the model."""
-        return {"proj_l.weight": self.proj_l.weight, "proj_l.bias": self.proj_l.bias}
+        params = {"proj_l.weight": self.proj_l.weight, "proj_l.bias": self.proj_l.bias}
+        for name in fusion_parameter_shapes(self.config.fusion, self.head_dim):
+            params[name] = getattr(self, name)
+        return params
 
     def __init__(self, head_dim: int, config: SLAConfig | dict | str | None = None, backend: str = "auto",
                  **overrides):
@@ -91,10 +111,25 @@ class SparseLinearAttention(nn.Module):
         if backend not in BACKEND_NAMES:
             raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
         self.head_dim = head_dim
-        self.config = SLAConfig.coerce(config, **overrides)
         self.backend = backend
         self.proj_l = SLAProjection(head_dim)
+        self.config = SLAConfig.coerce(config, **overrides)
         preload_backends()
+
+    @property
+    def config(self) -> SLAConfig:
+        return self._sla_config
+
+    @config.setter
+    def config(self, value: SLAConfig) -> None:
+        # A fusion with parameters creates them the first time it is set (also when a processor switches a layer
+        # to it); switching away keeps them, unused, so that switching back finds them trained.
+        self._sla_config = value
+        for name, shape in fusion_parameter_shapes(value.fusion, self.head_dim).items():
+            if name not in self._parameters:
+                init = RATIO_BIAS_INIT if name == "fusion_ratio_bias" else 0.0
+                data = torch.full(shape, init, dtype=torch.float32, device=self.proj_l.weight.device)
+                self.register_parameter(name, nn.Parameter(data))
 
     def forward(
         self,
@@ -106,9 +141,12 @@ class SparseLinearAttention(nn.Module):
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"This layer was built for head_dim={self.head_dim}, got q of shape {tuple(q.shape)}.")
+        ratio = {}
+        if self.config.fusion == "ratio":
+            ratio = dict(ratio_weight=self.fusion_ratio_weight, ratio_bias=self.fusion_ratio_bias)
         return self.call_with_weights(lambda weight, bias: sparse_linear_attention(
             q, k, v, weight, bias,
-            config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
+            config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend, **ratio,
         ))
 
     def call_with_weights(self, function):
@@ -118,10 +156,21 @@ class SparseLinearAttention(nn.Module):
             return self.proj_l(function)
         return function(self.proj_l.weight, self.proj_l.bias)
 
+    def _apply(self, fn, recurse=True):
+        # the fusion's own parameters stay float32 through casts, as `SLAProjection._apply` keeps proj_l's
+        super()._apply(fn, recurse=recurse)
+        for name, param in self._parameters.items():
+            if name.startswith("fusion_") and param is not None and param.dtype != torch.float32:
+                param.data = param.data.float()
+                if param.grad is not None:
+                    param.grad.data = param.grad.data.float()
+        return self
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"head_dim={self.head_dim}, topk={c.topk}, blkq={c.blkq}, blkk={c.blkk}, "
-                f"feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, backend={self.backend!r}")
+                f"feature_map={c.feature_map!r}, linear_scope={c.linear_scope!r}, fusion={c.fusion!r}, "
+                f"backend={self.backend!r}")
 
 
 def iter_sla_layers(model: nn.Module):

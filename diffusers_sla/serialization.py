@@ -73,10 +73,12 @@ _ZERO_INIT_NOTE = "SLA starts from zero-initialised projections (`proj_l`), as i
 # ===== Names =====
 
 
-def sla_entry_names(path: str) -> list[str]:
-    """File entries of the SLA layer held by the attention module at `path` (`""` for the model itself)."""
+def sla_entry_names(path: str, layer: SparseLinearAttention | None = None) -> list[str]:
+    """File entries of the SLA layer held by the attention module at `path` (`""` for the model itself): `proj_l`'s,
+    and with `layer` also those of its fusion's parameters."""
     prefix = f"{path}." if path else ""
-    return [prefix + name for name in SparseLinearAttention.sla_parameter_names]
+    names = SparseLinearAttention.sla_parameter_names if layer is None else layer.sla_parameter_names
+    return [prefix + name for name in names]
 
 
 def get_sla_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,7 +86,7 @@ def get_sla_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for path, _, layer in iter_sla_layers(model):
         params = layer.sla_parameters()
-        for entry, name in zip(sla_entry_names(path), SparseLinearAttention.sla_parameter_names):
+        for entry, name in zip(sla_entry_names(path, layer), layer.sla_parameter_names):
             state[entry] = params[name]
     return state
 
@@ -356,7 +358,7 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     params = {}
     for path, layer in layers.items():
         named = layer.sla_parameters()
-        for entry, name in zip(sla_entry_names(path), SparseLinearAttention.sla_parameter_names):
+        for entry, name in zip(sla_entry_names(path, layer), layer.sla_parameter_names):
             params[entry] = (path, named[name])
 
     file_keys = set(weights.tensors)

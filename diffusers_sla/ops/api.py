@@ -5,6 +5,8 @@ Backends are plain functions with the signature of `reference.sla_reference`:
 
     fn(q, k, v, proj_weight, proj_bias, *, topk, blkq, blkk, feature_map, linear_scope, scale) -> o
 
+and, for a fusion other than "sla" (`ops/fusion.py`), also `fusion=`, `ratio_weight=`, `ratio_bias=` keywords.
+
 They see dense (B, H, L, D) tensors of one dtype; input checks, key padding masks and the missing-projection default
 are handled here, once, for all of them. With `linear_scope="none"` the projection may be None: backends never read it.
 """
@@ -158,6 +160,15 @@ def _bad_scale(scale) -> None:
     raise ValueError(f"`scale` must be a positive finite number or None (head_dim ** -0.5), got {scale!r}.")
 
 
+def _check_ratio(ratio_weight, ratio_bias, head_dim: int) -> None:
+    if ratio_weight is None or ratio_bias is None:
+        raise ValueError("`fusion='ratio'` needs `ratio_weight` (head_dim,) and `ratio_bias` (1,): the gate's "
+                         "parameters (`SparseLinearAttention` owns them).")
+    if tuple(ratio_weight.shape) != (head_dim,) or tuple(ratio_bias.shape) != (1,):
+        raise ValueError(f"`ratio_weight` must have shape ({head_dim},) and `ratio_bias` (1,), got "
+                         f"{tuple(ratio_weight.shape)} and {tuple(ratio_bias.shape)}.")
+
+
 def _check_key_padding_mask(mask: torch.Tensor, k: torch.Tensor) -> None:
     # mask: (B, Lk) bool, True = attend to this key
     if mask.dtype != torch.bool or tuple(mask.shape) != (k.shape[0], k.shape[2]):
@@ -181,6 +192,8 @@ def sparse_linear_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    ratio_weight: torch.Tensor | None = None,
+    ratio_bias: torch.Tensor | None = None,
     **overrides,
 ) -> torch.Tensor:
     """Sparse-Linear Attention.
@@ -199,6 +212,9 @@ def sparse_linear_attention(
             part in neither branch nor in block selection. Samples are run one by one over their own keys (this
             reads the mask on the host).
         backend (`str`, *optional*, defaults to `"auto"`): `"torch"`, `"triton"` or `"auto"` (Triton on CUDA).
+        ratio_weight, ratio_bias (`torch.Tensor`, *optional*): (head_dim,) and (1,) float32 parameters of the
+            `fusion="ratio"` gate `sigmoid(q . ratio_weight + ratio_bias)`; required with that fusion, unused
+            otherwise.
 
     Returns:
         `torch.Tensor` of shape (batch, heads, Lq, head_dim) and q's dtype.
@@ -208,6 +224,8 @@ def sparse_linear_attention(
     head_dim = q.shape[-1]
     _check_projection(proj_weight, proj_bias, q)
     _check_scale(scale)
+    if cfg.fusion == "ratio":
+        _check_ratio(ratio_weight, ratio_bias, head_dim)
     if cfg.linear_scope != "none":  # "none": the backends read no projection, None stays None
         if proj_weight is None:
             proj_weight = torch.eye(head_dim, device=q.device, dtype=torch.float32)
@@ -219,7 +237,8 @@ def sparse_linear_attention(
     if q.numel() == 0:
         return _empty_output(q, k, v, *((proj_weight, proj_bias) if cfg.linear_scope != "none" else (None, None)))
     with _autocast_disabled(q.device):
-        return _run(_load_backend(name), q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask)
+        return _run(_load_backend(name), q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask,
+                    ratio_weight, ratio_bias)
 
 
 def _empty_output(q, k, v, proj_weight, proj_bias) -> torch.Tensor:
@@ -238,11 +257,13 @@ def _autocast_disabled(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask):
+def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask, ratio_weight=None, ratio_bias=None):
     kwargs = dict(
         topk=cfg.topk, blkq=cfg.blkq, blkk=cfg.blkk, feature_map=cfg.feature_map,
         linear_scope=cfg.linear_scope, scale=scale,
     )
+    if cfg.fusion != "sla":  # the default call stays exactly what it was
+        kwargs.update(fusion=cfg.fusion, ratio_weight=ratio_weight, ratio_bias=ratio_bias)
     if key_padding_mask is None:
         return fn(q, k, v, proj_weight, proj_bias, **kwargs)
 

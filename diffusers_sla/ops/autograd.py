@@ -47,6 +47,7 @@ _select = os.environ.get("DIFFUSERS_SLA_SELECT", "fused")
 if _select not in ("fused", "torch"):
     raise ValueError(f"`DIFFUSERS_SLA_SELECT` must be one of ['fused', 'torch'], got {_select!r}.")
 _warned_fallback = False
+_warned_fusion = False
 
 
 def set_fp32_compute(mode: str) -> None:
@@ -150,13 +151,25 @@ def sla_triton(
     feature_map: str,
     linear_scope: str,
     scale: float | None = None,
+    fusion: str = "sla",
+    ratio_weight: torch.Tensor | None = None,
+    ratio_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SLA on the Triton kernels: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
 
     head_dim up to 128 (any size: non-powers of two run padded inside the kernels); larger heads fall back to the
-    PyTorch operator with a warning."""
-    global _warned_fallback
+    PyTorch operator with a warning, and so do the fusions "mass" and "ratio" (`ops/fusion.py`)."""
+    global _warned_fallback, _warned_fusion
     _check_args(q, topk, blkq, blkk, feature_map, linear_scope)
+    if fusion != "sla":
+        # the kernels return neither a differentiable lse nor the bare linear branch yet
+        if not _warned_fusion:
+            logger.warning("backend='triton' runs fusion=%r on the PyTorch operator (its kernels compute fusion "
+                           "'sla' only).", fusion)
+            _warned_fusion = True
+        return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
+                             feature_map=feature_map, linear_scope=linear_scope, scale=scale, fusion=fusion,
+                             ratio_weight=ratio_weight, ratio_bias=ratio_bias)
     if q.shape[-1] > MAX_HEAD_DIM:
         if not _warned_fallback:
             logger.warning("backend='triton' supports head_dim <= %d; head_dim=%d runs on the PyTorch operator.",

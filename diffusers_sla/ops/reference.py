@@ -137,11 +137,21 @@ def sla_reference(
     linear_scope: str,
     scale: float | None = None,
     lut: torch.Tensor | None = None,
+    fusion: str = "sla",
+    ratio_weight: torch.Tensor | None = None,
+    ratio_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole SLA operator: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
 
     `lut` (B, H, n_q, kept), when given, replaces block selection (tests and kernels use it to share one map).
-    `linear_scope="none"`: the sparse part alone; proj_weight and proj_bias are not read."""
+    `linear_scope="none"`: the sparse part alone; proj_weight and proj_bias are not read.
+    `fusion` "mass" / "ratio" (with `ratio_weight`, `ratio_bias`): the fused combinations of `ops/fusion.py`."""
+    if fusion != "sla":
+        from .fusion import fused_reference  # fusion.py builds on this module
+
+        return fused_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
+                               feature_map=feature_map, linear_scope=linear_scope, fusion=fusion, scale=scale,
+                               lut=lut, ratio_weight=ratio_weight, ratio_bias=ratio_bias)
     if linear_scope not in ALLOWED_LINEAR_SCOPES:
         raise ValueError(f"`linear_scope` must be one of {list(ALLOWED_LINEAR_SCOPES)}, got {linear_scope!r}.")
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
