@@ -31,7 +31,8 @@ import torch
 
 from ..config import ALLOWED_LINEAR_SCOPES
 from . import custom_ops
-from .reference import sla_reference
+from . import fusion as fusion_ops
+from .reference import linear_attention_reference, sla_reference
 from .selection import select_blocks
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ _select = os.environ.get("DIFFUSERS_SLA_SELECT", "fused")
 if _select not in ("fused", "torch"):
     raise ValueError(f"`DIFFUSERS_SLA_SELECT` must be one of ['fused', 'torch'], got {_select!r}.")
 _warned_fallback = False
-_warned_fusion = False
 
 
 def set_fp32_compute(mode: str) -> None:
@@ -100,6 +100,56 @@ class _SLATriton(torch.autograd.Function):
         return dq, dk, dv, dw, db, None, None, None, None, None, None, None, None
 
 
+class _SparseWithLse(torch.autograd.Function):
+    """The sparse part alone on the kernels (scope "none"), with ln Z_sel as a second, differentiable output."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lut, scale, blkq, blkk, dot_precision):
+        empty = q.new_empty(0, dtype=torch.float32)
+        store_bwd = any(ctx.needs_input_grad[:3])
+        o, lse, den, o_l, rb, zb, ht, zt = custom_ops.forward(q, k, v, empty, empty, lut, scale, "softmax", "none",
+                                                              blkq, blkk, store_bwd, dot_precision)
+        if store_bwd:
+            ctx.save_for_backward(q, k, v, empty, o, lse, den, o_l, rb, zb, ht, zt, lut)
+            ctx.args = (scale, blkq, blkk, dot_precision)
+        return o, lse * _LN2  # the kernels' lse is log2 Z_sel
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, empty, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
+        scale, blkq, blkk, dot_precision = ctx.args
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+        dq, dk, dv, _, _ = custom_ops.backward(do, q, k, v, empty, empty, o, lse, den, o_l, rb, zb, ht, zt, lut, scale,
+                                               "softmax", "none", blkq, blkk, dot_precision, dlse)
+        return dq, dk, dv, None, None, None, None, None
+
+
+_LN2 = 0.6931471805599453
+
+
+def _fused(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale, fusion,
+           ratio_weight, ratio_bias):
+    """Fusion "mass" / "ratio": the sparse part and ln Z_sel from the kernels, the linear branch, the rest's mass
+    and the combination in float32 PyTorch (`ops/fusion.py`). Output in q's dtype."""
+    fusion_ops._check_fusion(fusion, linear_scope)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)
+    qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
+    o_sparse, lse = _SparseWithLse.apply(qc, kc, vc, lut, float(scale), blkq, blkk, dot_precision)
+    # the branches see the same (rounded) inputs as the kernels, in float32
+    qf, kf, vf = (x.to(torch.float32) for x in (qc, kc, vc))
+    o_linear = linear_attention_reference(qf, kf, vf, lut, blkq, blkk, feature_map, linear_scope)
+    if fusion == "mass":
+        extra = dict(lse=lse, log_rest=fusion_ops.rest_log_mass(qf, kf, lut, blkq, blkk, scale))
+    else:
+        extra = dict(q=qf, ratio_weight=ratio_weight.to(torch.float32), ratio_bias=ratio_bias.to(torch.float32))
+    o = fusion_ops.combine(o_sparse.to(torch.float32), o_linear, proj_weight.to(torch.float32),
+                           proj_bias.to(torch.float32), fusion=fusion, **extra)
+    return o.to(q.dtype)
+
+
 def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
     for name, value in (("blkq", blkq), ("blkk", blkk)):
         if value not in ALLOWED_BLOCKS:
@@ -114,9 +164,14 @@ def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
         raise ValueError(f"`q` must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(q.shape)}.")
 
 
-def sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale=None):
+def sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale=None,
+                        fusion="sla", ratio_weight=None, ratio_bias=None):
     """`sla_triton` with a given block map `lut` (int32 (B, H, n_q, kept), ascending rows): tests and benchmarks
     share one map with the reference through this."""
+    if fusion != "sla":
+        return _fused(q, k, v, proj_weight, proj_bias, lut.to(torch.int32).contiguous(), blkq=blkq, blkk=blkk,
+                      feature_map=feature_map, linear_scope=linear_scope, scale=scale, fusion=fusion,
+                      ratio_weight=ratio_weight, ratio_bias=ratio_bias)
     return _run(q, k, v, proj_weight, proj_bias, lut.to(torch.int32).contiguous(), None, blkq=blkq, blkk=blkk,
                 feature_map=feature_map, linear_scope=linear_scope, scale=scale)
 
@@ -158,25 +213,10 @@ def sla_triton(
     """SLA on the Triton kernels: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
 
     head_dim up to 128 (any size: non-powers of two run padded inside the kernels); larger heads fall back to the
-    PyTorch operator with a warning, and so do the fusions "mass" and "ratio" (`ops/fusion.py`)."""
-    global _warned_fallback, _warned_fusion
+    PyTorch operator with a warning. The fusions "mass" and "ratio" (`ops/fusion.py`) run the sparse part on the
+    kernels and the rest of the fusion in PyTorch (`_fused`)."""
+    global _warned_fallback
     _check_args(q, topk, blkq, blkk, feature_map, linear_scope)
-    if fusion != "sla":
-        # the kernels return neither a differentiable lse nor the bare linear branch yet
-        if not _warned_fusion:
-            logger.warning("backend='triton' runs fusion=%r on the PyTorch operator (its kernels compute fusion "
-                           "'sla' only).", fusion)
-            _warned_fusion = True
-        return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
-                             feature_map=feature_map, linear_scope=linear_scope, scale=scale, fusion=fusion,
-                             ratio_weight=ratio_weight, ratio_bias=ratio_bias)
-    if q.shape[-1] > MAX_HEAD_DIM:
-        if not _warned_fallback:
-            logger.warning("backend='triton' supports head_dim <= %d; head_dim=%d runs on the PyTorch operator.",
-                           MAX_HEAD_DIM, q.shape[-1])
-            _warned_fallback = True
-        return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
-                             feature_map=feature_map, linear_scope=linear_scope, scale=scale)
     kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
     if _select == "fused" and not torch.compiler.is_compiling():
         # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`)

@@ -540,10 +540,14 @@ def _sla_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
     proj_bias: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, den: torch.Tensor, o_l: torch.Tensor,
     rb: torch.Tensor, zb: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor, lut: torch.Tensor, scale: float,
-    feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str,
+    feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str, dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv (in q's dtype, contiguous), d proj_weight (D, D) and d proj_bias (D,) in float32 (both empty
-    for scope "none", whose operator has no proj_l)."""
+    for scope "none", whose operator has no proj_l).
+
+    dlse (B, H, Lq) float32, optional: the gradient reaching the natural-log mass of the selected blocks,
+    ln Z_sel = lse * ln 2 (the fusions of `ops/fusion.py`). d ln Z_sel / d s_ij = P_ij, so it joins the sparse
+    backward's dS = P (dP - delta) as delta - dlse."""
     g = _geometry(q, k, lut, blkq, blkk, linear_scope)
     B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear, proj = g
     fm = FEATURE_MAPS[feature_map]
@@ -567,6 +571,8 @@ def _sla_bwd(
         DOT_PREC=dot_precision, PROJ_PREC=_proj_precision(dot_precision),
         num_warps=16 if block_d * blkq >= 128 * 128 else warps, num_stages=1,  # 16: -10% on the H100 (NOTES v4)
     )
+    if dlse is not None:
+        delta.sub_(dlse)
 
     # -- proj_l gradients: dW = sum dO^T o_l, db = sum dO ----
     if has_linear:
@@ -639,7 +645,7 @@ sla_bwd = torch.library.custom_op("diffusers_sla::sla_bwd", mutates_args=())(_sl
 
 @sla_bwd.register_fake
 def _(do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, scale, feature_map, linear_scope,
-      blkq, blkk, dot_precision):
+      blkq, blkk, dot_precision, dlse=None):
     D = q.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
     proj = linear_scope != "none"
