@@ -11,6 +11,8 @@ Every variant is then fine-tuned from the teacher with the same loss, steps, lea
 
     full          dense attention (tuned too, so that tuning itself is not credited to SLA)
     sla_K         SLA, topk K %                       sparse_K   the sparse branch alone (no linear branch)
+    mass_K        SLA with fusion "mass", topk K %    ratio_K    SLA with fusion "ratio" (docs/fusion.md)
+                  (fusion rows at the preset's `fusion_topks`: 5 % and a sparser 3 %, with sla_3 and sparse_3 beside)
     linear_only   every key block through the linear branch and proj_l (a study-only path, not in the package)
     teacher, sla_K_untuned: the teacher itself and SLA installed on it without tuning (evaluated, not tuned);
     sla_K_lsfit_untuned: the same with proj_l set to the teacher probe's least-squares fit (see Diagnostics)
@@ -72,6 +74,9 @@ PRESETS = {
         "lengths": {"4k": (16, 32, 32), "16k": (64, 32, 32)},
         "block": 64,
         "topks": (0.05, 0.10),
+        # the fusion rows: topk 5 % and a sparser setting (3 %: 97 % sparsity, SLA2's figure), where sla_K and
+        # sparse_K rows are added beside them
+        "fusion_topks": (0.05, 0.03),
         "teacher_steps": {"4k": 3000, "16k": 600},
         "tune_steps": {"4k": 400, "16k": 200},
         "batch": {"4k": 8, "16k": 2},
@@ -109,6 +114,7 @@ PRESETS = {
         "lengths": {"toy": (4, 16, 16), "toy2": (8, 16, 16)},
         "block": 32,
         "topks": (0.25, 0.5),
+        "fusion_topks": (0.25, 0.125),
         "teacher_steps": {"toy": 40, "toy2": 10},
         "tune_steps": {"toy": 8, "toy2": 6},
         "batch": {"toy": 4, "toy2": 2},
@@ -351,6 +357,9 @@ def apply_variant(model, variant: dict, preset: dict, args) -> str:
             for _, _, layer in iter_sla_layers(model):
                 layer.proj_l.requires_grad_(False)
         return mode
+    if kind in ("mass", "ratio"):
+        enable_sla(model, topk=variant["topk"], linear_scope="rest", fusion=kind, **sla)
+        return f"SLA fusion={kind} linear_scope=rest proj_l init zero"
     if kind == "sla":
         enable_sla(model, topk=variant["topk"], linear_scope=args.linear_scope, **sla)
         _init_proj_l(model, args.proj_l_init, variant, args)
@@ -391,6 +400,12 @@ def variants_for(preset: dict) -> dict[str, dict]:
     for topk in preset["topks"]:
         out[f"sparse_{round(topk * 100)}"] = {"kind": "sparse", "topk": topk}
     out["linear_only"] = {"kind": "linear"}
+    for topk in preset.get("fusion_topks", ()):
+        if topk not in preset["topks"]:  # the sparser setting: its SLA and sparse-only rows, to compare with
+            out[f"sla_{round(topk * 100)}"] = {"kind": "sla", "topk": topk}
+            out[f"sparse_{round(topk * 100)}"] = {"kind": "sparse", "topk": topk}
+        for kind in ("mass", "ratio"):
+            out[f"{kind}_{round(topk * 100)}"] = {"kind": kind, "topk": topk}
     return out
 
 
@@ -398,6 +413,15 @@ def proj_l_params(model) -> list[torch.nn.Parameter]:
     from diffusers_sla import iter_sla_layers
 
     return [p for _, _, layer in iter_sla_layers(model) for p in layer.proj_l.parameters()]
+
+
+def ratio_gate_values(model) -> list[dict]:
+    """Per SLA layer of a "ratio" row, the tuned gate: sigmoid(c) (its value for a zero query) and ||u||."""
+    from diffusers_sla import iter_sla_layers
+
+    return [{"sigmoid_bias": float(torch.sigmoid(layer.fusion_ratio_bias.detach().float())),
+             "weight_norm": float(layer.fusion_ratio_weight.detach().float().norm())}
+            for _, _, layer in iter_sla_layers(model)]
 
 
 def proj_l_weight_rms(model) -> list[float]:
@@ -937,6 +961,8 @@ def cmd_tune(args) -> None:
                     row["val_loss_without_linear"] = loss_without_linear(model, val, preset["batch"][length])
                     row["linear_over_sparse"] = tuned_probe(model, val, min(args.probe_videos, val.x0.shape[0]))
                     row["proj_l_weight_rms"] = proj_l_weight_rms(model)
+            if variants[name]["kind"] == "ratio":
+                row["ratio_gate"] = ratio_gate_values(model)
             runlog.data["rows"][key] = {"length": length, "variant": row_name, "seed": seed, "how": how,
                                         "recipe": recipe, **result, **row, "wall_s": dict(clock.times)}
             runlog.samples[key] = videos
@@ -1107,6 +1133,8 @@ def _row_label(variant: str) -> str:
         return f"{variant} (SLA topk {parts[1]} %, tuned)"
     if parts[0] == "sparse":
         return f"{variant} (sparse only, topk {parts[1]} %, tuned)"
+    if parts[0] in ("mass", "ratio"):
+        return f"{variant} (SLA topk {parts[1]} %, fusion {parts[0]}, tuned)"
     return variant
 
 

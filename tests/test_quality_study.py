@@ -67,7 +67,8 @@ def toy_run(quality, tmp_path_factory, one_thread):
 def test_every_variant_runs_for_every_seed(quality, toy_run):
     rows = toy_run["log"]["rows"]
     variants = quality.variants_for(quality.PRESETS["toy"])
-    assert set(variants) == {"full", "sla_25", "sla_50", "sparse_25", "sparse_50", "linear_only"}
+    assert set(variants) == {"full", "sla_25", "sla_50", "sparse_25", "sparse_50", "linear_only", "sla_12",
+                             "sparse_12", "mass_25", "ratio_25", "mass_12", "ratio_12"}
     assert sorted(rows) == sorted([f"toy/{v}/seed{s}" for v in variants for s in (0, 1)] + ["toy/sla_25+lsfit/seed0"])
     for key, row in rows.items():
         assert row["steps_done"] == 3, key
@@ -113,6 +114,21 @@ def test_proj_l_gradients_sla_rows_only(toy_run):
         assert math.isfinite(sla["val_loss_without_linear"])
         # before tuning, SLA (proj_l = 0) and sparse-only compute the same function
         assert sla["curve"][0][1] == pytest.approx(rows[f"toy/sparse_25/seed{seed}"]["curve"][0][1], rel=1e-5)
+
+
+def test_fusion_rows(toy_run):
+    """mass_K / ratio_K rows run the package's fusions (same steps and seeds); "mass" starts from another function
+    than SLA at zero proj_l (it mixes in the linear branch), "ratio" records its tuned gate per layer."""
+    rows = toy_run["log"]["rows"]
+    for seed in (0, 1):
+        for topk in (25, 12):
+            mass, ratio = rows[f"toy/mass_{topk}/seed{seed}"], rows[f"toy/ratio_{topk}/seed{seed}"]
+            assert mass["how"].startswith("SLA fusion=mass") and ratio["how"].startswith("SLA fusion=ratio")
+            assert mass["curve"][0][1] != pytest.approx(rows[f"toy/sla_{topk}/seed{seed}"]["curve"][0][1], rel=1e-6)
+            gate = ratio["ratio_gate"]
+            assert len(gate) == 2 and all(0.0 < g["sigmoid_bias"] < 1.0 and g["weight_norm"] > 0 for g in gate)
+            windows = mass["proj_l_grad_norm"]
+            assert windows and all(g is not None and g > 0 for _, w in windows for g in w)
 
 
 def test_tagged_recipe_rows(toy_run):
