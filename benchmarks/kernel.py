@@ -142,10 +142,17 @@ def check(args):
         (1, 2, 333, 333, 128, 128, 64, 0.5, "softmax", "rest", torch.float32, False),  # fp32 computed in bf16
         (1, 1, 256, 256, 64, 64, 64, 1.0, "softmax", "rest", torch.bfloat16, False),  # empty linear branch
         (1, 2, 4096, 4096, 128, 128, 64, 0.05, "softmax", "none", torch.bfloat16, True),  # no linear branch
+        # fusions (docs/fusion.md): the kernels' sparse part and differentiable lse, the rest in PyTorch
+        (1, 2, 1000, 777, 128, 128, 64, 0.2, "softmax", "rest", torch.bfloat16, False, "mass"),
+        (1, 2, 4096, 4096, 128, 128, 64, 0.05, "softmax", "rest", torch.bfloat16, True, "mass"),
+        (1, 2, 700, 700, 64, 64, 64, 0.15, "elu", "rest", torch.bfloat16, False, "ratio"),
     ]
-    for i, (B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, tr) in enumerate(cases):
+    for i, (B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, tr, *fusion) in enumerate(cases):
         q, k, v, w, b, do = _inputs(B, H, Lq, Lk, D, dtype, seed=100 + i, transposed=tr)
         kw = dict(topk=topk, blkq=blkq, blkk=blkk, feature_map=fm, linear_scope=scope, scale=0.9 * D**-0.5)
+        if fusion:
+            scope = f"{scope} fusion={fusion[0]}"  # for the log line
+            kw.update(fusion_kwargs(fusion[0], D))
         ours = _run_ours(q, k, v, w, b, do, **kw)
         again = _run_ours(q, k, v, w, b, do, **kw)
         lut = select_blocks(q, k, topk, blkq, blkk)
@@ -216,6 +223,15 @@ def check(args):
     return failures
 
 
+def fusion_kwargs(fusion: str, D: int) -> dict:
+    """The keywords of fusion "mass" / "ratio" (a non-trivial gate for "ratio": per-query weights vary)."""
+    if fusion == "ratio":
+        g = torch.Generator(device="cuda").manual_seed(7)
+        return dict(fusion="ratio", ratio_weight=torch.randn(D, generator=g, device="cuda") * D**-0.5,
+                    ratio_bias=torch.ones(1, device="cuda"))
+    return dict(fusion=fusion)
+
+
 def _run_ref(q, k, v, w, b, do, lut, **kw):
     ins = [x.detach().float().requires_grad_(True) for x in (q, k, v, w, b)]
     o = sla_reference(*ins, lut=lut, **kw)
@@ -270,15 +286,18 @@ def providers(D, topk, blkq, blkk, feature_map, PublicSLA):
                 return F.scaled_dot_product_attention(q, k, v)
         return fn
 
-    def ours(scope):
+    def ours(scope, fusion="sla"):
+        extra = {} if fusion == "sla" else fusion_kwargs(fusion, D)
+
         def fn(q, k, v, w, b):
             return sla_triton(q, k, v, w, b, topk=topk, blkq=blkq, blkk=blkk, feature_map=feature_map,
-                              linear_scope=scope)
+                              linear_scope=scope, **extra)
         return fn
 
     # "none": the sparse part alone (no linear branch, no proj_l), what the linear branch costs on top of it
     rows = [("SDPA flash", sdpa(SDPBackend.FLASH_ATTENTION)), ("SDPA cuDNN", sdpa(SDPBackend.CUDNN_ATTENTION)),
-            ("SLA ours (rest)", ours("rest")), ("SLA ours (all)", ours("all")), ("SLA ours (none)", ours("none"))]
+            ("SLA ours (rest)", ours("rest")), ("SLA ours (all)", ours("all")), ("SLA ours (none)", ours("none")),
+            ("SLA ours (mass)", ours("rest", "mass")), ("SLA ours (ratio)", ours("rest", "ratio"))]
     if PublicSLA is not None:
         module = PublicSLA(head_dim=D, topk=topk, feature_map=feature_map, BLKQ=blkq, BLKK=blkk).cuda()
         with torch.no_grad():  # non-zero proj_l so that its cost is the trained one

@@ -61,6 +61,10 @@ def main() -> None:
     ours_readme = ('"ours" is the whole operator, "ours (none)" the sparse part alone\n(`linear_scope="none"`); '
                    "the last two columns are cuDNN's time over each provider's." if has_none else
                    "\"ours\" is the whole operator; the last two columns are cuDNN's time over each\nprovider's.")
+    if any(line.startswith("SLA ours (mass)") for line in layer.splitlines()):
+        fusions = ' "ours (mass)" and "ours (ratio)" are `fusion="mass"` / `"ratio"` (docs/fusion.md).'
+        ours_results += fusions
+        ours_readme += fusions
     all_f, all_b = provider_ms(layer, "SLA ours (all)")
     ref_f, ref_b = provider_ms(layer, "SLA public reference (all)")
     speedups = dict(re.findall(r"\| (SLA topk=[\d.]+) \| [\d.]+ \| ([\d.]+)x", e2e_table))
