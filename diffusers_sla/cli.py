@@ -59,6 +59,8 @@ class InspectCommand:
         self.args = args
 
     def run(self) -> int:
+        import torch
+
         from .constants import SLA_WEIGHTS_NAME
         from .serialization import read_sla_file, resolve_sla_file
 
@@ -78,20 +80,28 @@ class InspectCommand:
         for key, value in weights.config.to_dict().items():
             print(f"  {key}: {value}")
         # a damaged or hand-made file may lack a bias or hold entries of its own: show what is there
-        entries = {"weight": {}, "bias": {}}
+        entries = {"weight": {}, "bias": {}, "fusion_ratio_weight": {}, "fusion_ratio_bias": {}}
         others = []
         for name, tensor in weights.tensors.items():
             layer, _, param = name.rpartition(".proj_l.")
+            if not layer:  # a fusion's parameters sit beside proj_l (`fusion="ratio"`: the gate's u and c)
+                layer, _, param = name.rpartition(".")
+                param = param if param.startswith("fusion_") else ""
             if layer and param in entries:
                 entries[param][layer] = tensor
             else:
                 others.append(name)
         layers = sorted(set(entries["weight"]) | set(entries["bias"]))
-        rows = [("layer", "weight", "bias", "|W|", "|b|", "dtype")]
+        gate = bool(entries["fusion_ratio_weight"] or entries["fusion_ratio_bias"])
+        rows = [("layer", "weight", "bias", "|W|", "|b|", "dtype") + (("sigmoid(c)", "|u|") if gate else ())]
         for layer in layers:
             w, b = entries["weight"].get(layer), entries["bias"].get(layer)
-            rows.append((layer, _shape(w), _shape(b), _norm(w), _norm(b),
-                         str((w if w is not None else b).dtype).replace("torch.", "")))
+            row = (layer, _shape(w), _shape(b), _norm(w), _norm(b),
+                   str((w if w is not None else b).dtype).replace("torch.", ""))
+            if gate:
+                u, c = entries["fusion_ratio_weight"].get(layer), entries["fusion_ratio_bias"].get(layer)
+                row += ("-" if c is None else f"{float(torch.sigmoid(c.float()).flatten()[0]):.4g}", _norm(u))
+            rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         print(f"layers: {len(layers)}")
         for index, row in enumerate(rows):

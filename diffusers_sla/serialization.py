@@ -223,7 +223,8 @@ def save_sla(
         if is_main_process:
             tensors, metadata = _sla_file_contents(model)
             _write_safetensors(tensors, metadata, filename)
-            logger.info(f"Saved SLA weights of {len(tensors) // 2} layers to {filename}.")
+            layers = sum(name.endswith("proj_l.weight") for name in tensors)
+            logger.info(f"Saved SLA weights of {layers} layers to {filename}.")
         paths.append(filename)
     return paths
 

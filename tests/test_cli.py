@@ -64,6 +64,19 @@ def test_inspect_shows_the_sparse_only_scope(tmp_path, capsys):
     assert "linear_scope: none" in out and "layers: 2" in out
 
 
+def test_inspect_shows_the_ratio_gate(tmp_path, capsys):
+    """A fusion="ratio" file holds two gate entries per layer beside proj_l: still one row per layer, with the gate."""
+    from diffusers_sla import enable_sla
+
+    transformer = build_tiny_pipeline("wan").transformer
+    enable_sla(transformer, fusion="ratio")
+    transformer.save_pretrained(tmp_path / "model")
+    assert main(["inspect", str(tmp_path / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "fusion: ratio" in out and "layers: 2" in out and "sigmoid(c)" in out
+    assert "0.9526" in out  # sigmoid(3), the gate's initial bias
+
+
 def test_inspect_missing_file_fails_clearly(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     assert "no sla_attention.safetensors" in capsys.readouterr().err
