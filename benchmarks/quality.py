@@ -14,8 +14,10 @@ Every variant is then fine-tuned from the teacher with the same loss, steps, lea
     mass_K        SLA with fusion "mass", topk K %    ratio_K    SLA with fusion "ratio" (docs/fusion.md)
                   (fusion rows at the preset's `fusion_topks`: 5 % and a sparser 3 %, with sla_3 and sparse_3 beside)
     linear_only   every key block through the linear branch and proj_l (a study-only path, not in the package)
-    teacher, sla_K_untuned: the teacher itself and SLA installed on it without tuning (evaluated, not tuned);
-    sla_K_lsfit_untuned: the same with proj_l set to the teacher probe's least-squares fit (see Diagnostics)
+    teacher, sla_K_untuned, mass_K_untuned: the teacher itself and SLA (fusion "sla" / "mass") installed on it
+                  without tuning (evaluated, not tuned, at the teacher stage; a tuned row's first curve point is
+                  the same number); sla_K_lsfit_untuned: SLA with proj_l set to the teacher probe's least-squares
+                  fit (see Diagnostics)
 
 Diagnostics, so that a result can be explained: in the teacher, per layer, the attention mass outside the selected
 blocks, the part of the output the sparse branch misses, and how much of it the best (ridge least-squares) proj_l
@@ -877,6 +879,19 @@ def cmd_teacher(args) -> None:
             untuned[name] = r
             runlog.samples[f"{length}/{name}"] = v
             log(f"  {name}: val loss {r['val_loss']:.4f}")
+    # the fusions' starting points: "mass" changes the function before any tuning (proj_l zero: the decomposition
+    # itself), and the sparser setting's SLA for comparison ("ratio" starts near the sparse part: not evaluated)
+    for topk in preset.get("fusion_topks", ()):
+        kinds = ["mass"] + (["sla"] if topk not in preset["topks"] else [])
+        for kind in kinds:
+            name = f"{kind}_{round(topk * 100)}_untuned"
+            m = copy.deepcopy(model)
+            untuned_args = argparse.Namespace(**{**vars(args), "proj_l_init": "zero", "linear_scope": "rest"})
+            apply_variant(m, {"kind": kind, "topk": topk}, preset, untuned_args)
+            r, v = _eval_row(m, preset, length, device, val, args, clock)
+            untuned[name] = r
+            runlog.samples[f"{length}/{name}"] = v
+            log(f"  {name}: val loss {r['val_loss']:.4f}")
     for t, layers in probe.items():
         log(f"  probe topk {float(t):.2f}: mass outside " + " ".join(f"{x['mass_outside']:.3f}" for x in layers)
             + " | resid/dense " + " ".join(f"{x['resid_rel']:.3f}" for x in layers)
@@ -1127,6 +1142,8 @@ def _row_label(variant: str) -> str:
     parts = variant.split("_")
     if variant.endswith("_lsfit_untuned"):
         return f"{variant} (SLA topk {parts[1]} %, proj_l = teacher's LS fit, not tuned)"
+    if variant.endswith("_untuned") and parts[0] == "mass":
+        return f"{variant} (SLA topk {parts[1]} %, fusion mass, proj_l zero, not tuned)"
     if variant.endswith("_untuned"):
         return f"{variant} (SLA topk {parts[1]} %, not tuned)"
     if parts[0] == "sla":

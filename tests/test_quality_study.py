@@ -127,6 +127,9 @@ def test_fusion_rows(toy_run):
             assert mass["curve"][0][1] != pytest.approx(rows[f"toy/sla_{topk}/seed{seed}"]["curve"][0][1], rel=1e-6)
             gate = ratio["ratio_gate"]
             assert len(gate) == 2 and all(0.0 < g["sigmoid_bias"] < 1.0 and g["weight_norm"] > 0 for g in gate)
+            untuned = toy_run["log"]["teachers"]["toy"]["untuned"]
+            assert math.isfinite(untuned[f"mass_{topk}_untuned"]["val_loss"])
+            assert untuned[f"mass_{topk}_untuned"]["val_loss"] == pytest.approx(mass["curve"][0][1], rel=1e-5)
             windows = mass["proj_l_grad_norm"]
             assert windows and all(g is not None and g > 0 for _, w in windows for g in w)
 
