@@ -5,8 +5,11 @@ parameters, the Triton backend's logged fallback and the sidecar round trip."""
 
 from __future__ import annotations
 
-import logging
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -22,7 +25,9 @@ from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
 from diffusers_sla.processor import enable_sla
 from diffusers_sla.serialization import get_sla_state_dict, read_sla_file
 
-from testing_utils import rel_err
+from diffusers_sla.utils.import_utils import is_triton_available
+
+from testing_utils import REPO_ROOT, rel_err, require_cuda
 
 
 def dense_fused(q, k, v, weight, bias, block_map, blkq, blkk, feature_map, scale, fusion, u=None, c=None):
@@ -215,46 +220,98 @@ def test_functional_ratio_needs_its_parameters():
 
 # ----- Triton backend: the sparse part and ln Z_sel on the kernels ---------------------------------------------------
 
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
-@pytest.mark.parametrize("fusion", ["mass", "ratio"])
-def test_triton_fusion_matches_the_torch_operator_with_gradients(fusion):
-    """Forward and every gradient (q, k, v, proj_l, the gate) against the PyTorch operator on one block map, float32
-    (ieee products under the interpreter). "mass" checks the kernels' d lse path (delta - dlse)."""
+# Run in a subprocess under the Triton interpreter (it must be chosen before Triton is imported, which other test
+# modules do without it), and in-process on a CUDA GPU.
+TRITON_CASE = textwrap.dedent("""
+    import torch
     from diffusers_sla.ops.autograd import sla_triton_with_lut
+    from diffusers_sla.ops.reference import sla_reference
+    from diffusers_sla.ops.selection import select_blocks
 
-    q, k, v, weight, bias, u, c = (x.float() for x in inputs(1, 2, 96, 80, 16, seed=7))
-    lut = select_blocks(q, k, 0.4, 32, 32)
-    kw = dict(blkq=32, blkk=32, feature_map="softmax", linear_scope="rest", fusion=fusion)
-    grads = []
-    for run in ("triton", "torch"):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, weight, bias, u, c)]
-        if run == "triton":
-            out = sla_triton_with_lut(*leaves[:5], lut, ratio_weight=leaves[5], ratio_bias=leaves[6], **kw)
-        else:
-            out = sla_reference(*leaves[:5], topk=0.4, lut=lut, ratio_weight=leaves[5], ratio_bias=leaves[6], **kw)
-        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-        grads.append((out.detach(), [x.grad for x in leaves]))
-    (o_t, g_t), (o_r, g_r) = grads
-    assert rel_err(o_t, o_r) < 1e-5
-    names = ["q", "k", "v", "proj_weight", "proj_bias"] + (["u", "c"] if fusion == "ratio" else [])
-    for name, a, b in zip(names, g_t, g_r):
-        assert b.abs().sum() > 0, name
-        assert rel_err(a, b) < 1e-4, name
-    if fusion == "mass":
-        assert g_t[5] is None and g_t[6] is None
+    def fused_case(fusion, device, dtype, Lq=96, Lk=80, D=16, blk=32, topk=0.4):
+        # the Triton path against the PyTorch operator on one block map: {name: [rel err, |reference|]}, with
+        # None for a gradient both sides leave out ("mass" has no gate)
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(1, 2, L, D, generator=g).to(device, dtype) for L in (Lq, Lk, Lk))
+        weight = (torch.randn(D, D, generator=g) / D**0.5).to(device)
+        bias = (torch.randn(D, generator=g) * 0.1).to(device)
+        u, c = (torch.randn(D, generator=g) * 0.3).to(device), torch.tensor([0.5], device=device)
+        lut = select_blocks(q, k, topk, blk, blk)
+        kw = dict(blkq=blk, blkk=blk, feature_map="softmax", linear_scope="rest", fusion=fusion)
+        do = torch.linspace(-1, 1, q.numel(), device=device).view_as(q)
+        results = []
+        for run in ("triton", "torch"):
+            leaves = [(x if run == "triton" else x.float()).detach().clone().requires_grad_()
+                      for x in (q, k, v, weight, bias, u, c)]
+            if run == "triton":
+                out = sla_triton_with_lut(*leaves[:5], lut, ratio_weight=leaves[5], ratio_bias=leaves[6], **kw)
+            else:
+                out = sla_reference(*leaves[:5], topk=topk, lut=lut, ratio_weight=leaves[5], ratio_bias=leaves[6],
+                                    **kw)
+            out.backward(do.to(out.dtype))
+            results.append([out.detach().float()] + [None if x.grad is None else x.grad.float() for x in leaves])
+        errors = {}
+        for name, a, b in zip(("o", "q", "k", "v", "proj_weight", "proj_bias", "u", "c"), *results):
+            errors[name] = (None if a is None else "given") if b is None else [
+                float((a - b).norm() / b.norm()), float(b.abs().sum())]
+        return errors
+""")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
-def test_triton_backend_default_fusion_never_takes_the_fused_path(monkeypatch):
-    from diffusers_sla.ops import autograd
+def _check_case(errors: dict, fusion: str, tol: float) -> None:
+    for name, value in errors.items():
+        if fusion == "mass" and name in ("u", "c"):
+            assert value is None, name  # no gate: no gradient on either side
+            continue
+        err, magnitude = value
+        assert magnitude > 0, name
+        assert err <= tol, f"{fusion} {name}: relative error {err:.2e} > {tol:.0e}"
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("fusion 'sla' must run the SLA kernels as before")
 
-    monkeypatch.setattr(autograd, "_fused", refuse)
-    q, k, v, weight, bias, _, _ = (x.float() for x in inputs(1, 1, 64, 64, 16))
-    sparse_linear_attention(q, k, v, weight, bias, topk=0.5, blkq=32, blkk=32, backend="triton")
+@pytest.fixture(scope="module")
+def interpreter_fusion_results():
+    script = TRITON_CASE + textwrap.dedent("""
+        import json
+        from diffusers_sla import sparse_linear_attention
+        from diffusers_sla.ops import autograd
+
+        results = {f: fused_case(f, "cpu", torch.float32) for f in ("mass", "ratio")}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("fusion 'sla' took the fused path")
+
+        autograd._fused = refuse  # the default fusion must run the SLA kernels as before
+        x = torch.randn(1, 1, 64, 16)
+        sparse_linear_attention(x, x, x, torch.eye(16), torch.zeros(16), topk=0.5, blkq=32, blkk=32,
+                                backend="triton")
+        print("RESULTS" + json.dumps(results))
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
+    return json.loads(line[len("RESULTS"):])
+
+
+@pytest.mark.skipif(not is_triton_available(), reason="needs Triton (its interpreter runs the kernels on the CPU)")
+@pytest.mark.parametrize("fusion", ["mass", "ratio"])
+def test_triton_fusion_matches_the_torch_operator_under_the_interpreter(interpreter_fusion_results, fusion):
+    """Forward and every gradient (q, k, v, proj_l, the gate) against the PyTorch operator, float32 (ieee products
+    under the interpreter). "mass" checks the kernels' d lse path (delta - dlse); the script also checks that the
+    default fusion never takes the fused path."""
+    _check_case(interpreter_fusion_results[fusion], fusion, 1e-4)
+
+
+@pytest.mark.gpu
+@require_cuda
+@pytest.mark.parametrize("fusion", ["mass", "ratio"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fusion_matches_the_torch_operator(fusion, dtype):
+    namespace = {}
+    exec(TRITON_CASE, namespace)
+    errors = namespace["fused_case"](fusion, "cuda", dtype, Lq=1000, Lk=777, D=128, blk=64, topk=0.2)
+    _check_case(errors, fusion, 2e-2)
 
 
 # ----- sidecar ------------------------------------------------------------------------------------------------------
