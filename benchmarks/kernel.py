@@ -150,8 +150,8 @@ def check(args):
     for i, (B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, tr, *fusion) in enumerate(cases):
         q, k, v, w, b, do = _inputs(B, H, Lq, Lk, D, dtype, seed=100 + i, transposed=tr)
         kw = dict(topk=topk, blkq=blkq, blkk=blkk, feature_map=fm, linear_scope=scope, scale=0.9 * D**-0.5)
+        label = f"{scope} fusion={fusion[0]}" if fusion else scope  # for the log line
         if fusion:
-            scope = f"{scope} fusion={fusion[0]}"  # for the log line
             kw.update(fusion_kwargs(fusion[0], D))
         ours = _run_ours(q, k, v, w, b, do, **kw)
         again = _run_ours(q, k, v, w, b, do, **kw)
@@ -181,7 +181,7 @@ def check(args):
             ok &= max(vs) <= 1e-2
             kernel += f" (vs portable: o={vs[0]:.1e} dq={vs[1]:.1e} dk={vs[2]:.1e} dv={vs[3]:.1e} dW={vs[4]:.1e})"
         failures += not ok
-        log(f"[check {'ok' if ok else 'FAIL'}] B{B} H{H} Lq{Lq} Lk{Lk} D{D} {blkq}x{blkk} top{topk} {fm} {scope} "
+        log(f"[check {'ok' if ok else 'FAIL'}] B{B} H{H} Lq{Lq} Lk{Lk} D{D} {blkq}x{blkk} top{topk} {fm} {label} "
             f"{str(dtype)[6:]}{' strided' if tr else ''}: {' '.join(errs)} deterministic={same} lut_equal={same_lut} "
             f"kernels={kernel}")
 
