@@ -17,11 +17,13 @@ SDPA flash                     18.058   52.345   70.404        0.65        0.58
 SDPA cuDNN                     11.821   30.266   42.088        1.00        1.00
 SLA ours (rest)                 1.229    2.900    4.129        9.62       10.44
 SLA ours (all)                  1.053    2.681    3.734       11.22       11.29
-{none}SLA public reference (all)      2.101    9.908   12.009        5.63        3.05
+{none}{fusion}SLA public reference (all)      2.101    9.908   12.009        5.63        3.05
 public reference / ours(rest): fwd 1.71x, bwd 3.42x
 public reference / ours(all):  fwd 1.99x, bwd 3.70x
 {none_line}kernels ('auto'): hopper"""
 NONE_ROW = "SLA ours (none)                 0.811    2.012    2.823       14.58       15.04\n"
+FUSION_ROWS = ("SLA ours (mass)                 2.000    5.000    7.000        5.91        6.05\n"
+               "SLA ours (ratio)                1.900    4.800    6.700        6.22        6.31\n")
 NONE_LINE = "linear branch (ours(rest) - ours(none)): fwd 0.418 ms, bwd 0.888 ms\n"
 KERNEL_LOG = """GPU Test GPU (132 SMs), torch 2.13.0, triton 3.9.0, CUDA 13.0, cuDNN 91900
 public SLA reference: found
@@ -53,7 +55,8 @@ sdpa-cudnn (compiled) in model: self-attention is 60% of the forward's GPU time;
 
 @pytest.mark.parametrize("with_none", [True, False])
 def test_layer_table_renders_every_provider_row(tmp_path, monkeypatch, with_none):
-    layer = LAYER_ROWS.format(none=NONE_ROW if with_none else "", none_line=NONE_LINE if with_none else "")
+    layer = LAYER_ROWS.format(none=NONE_ROW if with_none else "", none_line=NONE_LINE if with_none else "",
+                              fusion=FUSION_ROWS if with_none else "")
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "README.md").write_text(
         "# x\n\n## Benchmarks\n\nold numbers\n\n## Quality\n\nstudy table\n\n## Limits\n\nnone\n")
@@ -70,6 +73,7 @@ def test_layer_table_renders_every_provider_row(tmp_path, monkeypatch, with_none
     for text in (readme, results):
         assert layer in text  # the whole table, every row and line as logged
         assert ('"ours (none)" the sparse part alone' in text) == with_none
+        assert ('"ours (mass)" and "ours (ratio)" are `fusion="mass"`' in text) == with_none
         assert "1.23 ms (rest), 1.05 ms (all) | FAIL" in text  # targets stay judged on "rest"
     if not with_none:  # logs from before scope "none": the README's words as they were
         assert "\"ours\" is the whole operator; the last two columns are cuDNN's time over each\nprovider's." in readme
