@@ -343,3 +343,18 @@ def test_ratio_gate_round_trips_through_the_sidecar(tmp_path):
     default = type(tiny.model).from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"`fusion` \(installed 'sla', file 'ratio'\)"):
         enable_sla(default, **TEST_SLA_OVERRIDES)
+
+
+# ----- benchmarks/fusion_probe.py -----------------------------------------------------------------------------------
+
+
+def test_fusion_probe_runs_and_mass_beats_sla_untuned(capsys):
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks import fusion_probe
+
+    fusion_probe.main(["--length", "512", "--head-dim", "16", "--block", "32", "--topks", "0.125", "--spreads", "0.5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]
+    assert len(rows) == 1
+    cells = [float(x) for x in rows[0].strip("| ").split(" | ")]
+    assert 0 < cells[2] < 1 and cells[3] < 0.2  # mass outside; the estimate's log error on tight blocks
+    assert cells[5] < cells[4]  # mass closer to full attention than SLA at zero proj_l
