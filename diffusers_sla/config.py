@@ -48,6 +48,26 @@ def _whole_number(value: Any) -> int | None:
     return None
 
 
+def _layer_selectors(name: str, value: Any) -> tuple:
+    """A list of layer selectors (block indices and module-path globs) as a tuple of `int` and `str`."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]  # one selector given alone
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{name}` must be a list of block indices (int) and module-path globs (str), got {value!r}.")
+    selectors = []
+    for item in value:
+        index = _whole_number(item)
+        if index is not None:
+            selectors.append(index)
+        elif isinstance(item, str) and item.strip():
+            selectors.append(item.strip())
+        else:
+            raise ValueError(
+                f"`{name}` entries must be block indices (int) or non-empty module-path globs (str), got {item!r}."
+            )
+    return tuple(selectors)
+
+
 @dataclass(frozen=True)
 class SLAConfig:
     """Configuration of Sparse-Linear Attention.
@@ -82,6 +102,11 @@ class SLAConfig:
             run dense.
         min_kv_blocks (`int`, *optional*, defaults to `4`):
             Calls whose key sequence has fewer than this many key blocks run dense: SLA gains nothing there.
+        dense_layers (`tuple` of `int` or `str`, *optional*, defaults to `()`):
+            Attention modules that keep the model's own attention (reason `"dense_layer"` in `sla_summary`): an
+            integer is a transformer block index (counted over the model's top-level `*blocks` lists in module
+            order, negative from the end), a string a glob on the module path (`"transformer_blocks.0.*"`) that also
+            matches the attention modules below a matched path. Applied by `enable_sla` and `set_attn_processor`.
     """
 
     topk: float = field(default=0.2, metadata={"help": "Fraction of key blocks kept for exact attention, in (0, 1]."})
@@ -98,6 +123,9 @@ class SLAConfig:
         default="sla", metadata={"help": "Route for calls with a key padding mask: 'sla' or 'dense'."}
     )
     min_kv_blocks: int = field(default=4, metadata={"help": "Calls with fewer key blocks than this run dense."})
+    dense_layers: tuple = field(
+        default=(), metadata={"help": "Block indices or module-path globs of attention modules kept dense."}
+    )
 
     def __post_init__(self):
         # The dataclass is frozen: normalised values go in through object.__setattr__. One rule for every field:
@@ -134,6 +162,7 @@ class SLAConfig:
         if min_kv_blocks is None or min_kv_blocks < 0:
             raise ValueError(f"`min_kv_blocks` must be a non-negative integer, got {self.min_kv_blocks!r}.")
         store("min_kv_blocks", min_kv_blocks)
+        store("dense_layers", _layer_selectors("dense_layers", self.dense_layers))
 
     # ----- construction -------------------------------------------------------------------------------------------
 
@@ -207,7 +236,9 @@ class SLAConfig:
     # ----- serialisation ------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["dense_layers"] = list(self.dense_layers)  # what JSON gives back
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -29,7 +29,8 @@ Routing policy, decided by the small `*_reason` functions below (the first that 
 
 A processor call that makes no SDPA call at all is counted by `SLAAttnProcessor` as `"attention_backend"` (a
 non-native backend set with `set_attention_backend`), `"linear_attention"` (Sana's linear self-attention) or
-`"no_sdpa_call"`. Dense calls run the original SDPA with the original arguments, so they are exactly what the model
+`"no_sdpa_call"`, and a call of a module listed in `SLAConfig.dense_layers` (never routed) as `"dense_layer"`. Dense
+calls run the original SDPA with the original arguments, so they are exactly what the model
 computed before.
 """
 
@@ -60,6 +61,7 @@ DENSE_REASONS = (
     "attention_backend",
     "no_sdpa_call",
     "linear_attention",
+    "dense_layer",
 )
 
 

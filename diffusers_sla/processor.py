@@ -28,6 +28,7 @@ How it fits into diffusers:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import inspect
 import itertools
@@ -64,6 +65,8 @@ _QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
 # Dense reasons that follow the configured policy (logged at INFO); the others mean SLA did not run where a user
 # probably expected it (logged at WARNING).
 _POLICY_REASONS = frozenset({"cross_attention", "short_sequence", "key_padding_mask", "linear_attention"})
+# Set on attention modules that `SLAConfig.dense_layers` keeps on the model's own attention.
+DENSE_LAYER_ATTR = "_sla_dense_layer"
 
 _logged_once: set = set()
 _instance_numbers = itertools.count()
@@ -199,6 +202,10 @@ class SLAAttnProcessor:
             check_context_parallel(parallel, f"SLAAttnProcessor in {type(attn).__name__}")
             install_context_parallel_router()
         kwargs = self._kwargs_for(attn, inner, kwargs)
+        if attn.__dict__.get(DENSE_LAYER_ATTR, False):
+            # a layer the user keeps dense: the module's own processor, its attention call not routed at all
+            record_call(attn, "dense_layer")
+            return inner(attn, *args, **kwargs)
         with routing_scope(attn, self) as scope:
             output = inner(attn, *args, **kwargs)
         if scope.intercepted == 0:
@@ -667,6 +674,7 @@ def enable_sla(
             )
         modules_of.append(modules)
     # All or nothing: check what can be checked before touching anything, and undo every model on a later error.
+    _check_selectors("dense_layers", processor.config.dense_layers, targets)
     known = {_join(prefix, path) for (prefix, _), modules in zip(targets, modules_of) for path, _ in modules}
     unknown = sorted(set(sla_layers) - known)
     if unknown:
@@ -724,7 +732,7 @@ def _snapshot_modules(modules) -> list[tuple]:
         rows.append((
             attn, attn.__dict__.get("processor"), attn._modules.get("processor"), attn.__dict__.get(INNER_PROCESSOR_ATTR),
             layer, getattr(layer, "config", None), getattr(layer, "backend", None),
-            getattr(layer, _REPLAYED_ATTR, None),
+            getattr(layer, _REPLAYED_ATTR, None), attn.__dict__.get(DENSE_LAYER_ATTR),
         ))
     return rows
 
@@ -732,7 +740,10 @@ def _snapshot_modules(modules) -> list[tuple]:
 def _restore(snapshot: list[tuple]) -> None:
     from .serialization import _REPLAYED_ATTR
 
-    for attn, plain, child, inner, layer, config, backend, replayed in snapshot:
+    for attn, plain, child, inner, layer, config, backend, replayed, dense in snapshot:
+        attn.__dict__.pop(DENSE_LAYER_ATTR, None)
+        if dense is not None:
+            attn.__dict__[DENSE_LAYER_ATTR] = dense
         attn.__dict__.pop("processor", None)
         attn._modules.pop("processor", None)
         if plain is not None:
@@ -759,12 +770,22 @@ def _restore(snapshot: list[tuple]) -> None:
 def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, SparseLinearAttention]) -> None:
     """Give every module of `model` running an `SLAAttnProcessor` its own SLA layer, up front: re-attached from
     `sla_layers` (popped) when given there, kept (with the processor's config) when it has one, else new and
-    zero-initialised. Modules that will not run SLA (linear attention, cross-attention kept dense) get none."""
-    for path, attn in model.named_modules():
-        processor = getattr(attn, "processor", None)
-        if not _is_attention_module(attn) or not isinstance(processor, SLAAttnProcessor):
-            continue
+    zero-initialised. Modules that will not run SLA (linear attention, cross-attention kept dense, the config's
+    `dense_layers`) get none; a dense layer keeps the SLA layer it had (its weights are saved and loaded as before)."""
+    installed = [(path, attn) for path, attn in model.named_modules()
+                 if _is_attention_module(attn) and isinstance(getattr(attn, "processor", None), SLAAttnProcessor)]
+    paths, matched = [p for p, _ in installed], {}
+    dense = set()
+    for path, attn in installed:
+        selectors = attn.processor.config.dense_layers
+        if selectors not in matched:  # (one match per distinct setting, not per module)
+            matched[selectors] = select_layers(model, prefix, selectors, paths)[0] if selectors else {}
+        if path in matched[selectors]:
+            dense.add(path)
+    for path, attn in installed:
+        processor = attn.processor
         layer_stats(attn)  # exists before any call, so compiled code never sees it appear
+        attn.__dict__[DENSE_LAYER_ATTR] = path in dense
         existing = attn._modules.get(SLA_MODULE_NAME)
         reused = sla_layers.pop(_join(prefix, path), None)
         if reused is not None:
@@ -773,7 +794,7 @@ def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, Spar
         if isinstance(existing, SparseLinearAttention):
             existing.config, existing.backend = processor.config, processor.backend
             continue
-        if not _expects_sla(attn, processor.config):
+        if path in dense or not _expects_sla(attn, processor.config):
             continue
         head_dim = _infer_head_dim(attn)
         if head_dim is None:
@@ -784,6 +805,62 @@ def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, Spar
             continue
         layer = SparseLinearAttention(head_dim, config=processor.config, backend=processor.backend)
         attn.add_module(SLA_MODULE_NAME, layer.to(_module_device(attn)))
+
+
+def _block_paths(model: nn.Module) -> list[str]:
+    """The model's transformer blocks in module order: the items of its top-level `nn.ModuleList`s named `*blocks`
+    (Flux: `transformer_blocks.*` then `single_transformer_blocks.*`)."""
+    paths = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList) and name.endswith("blocks"):
+            paths += [f"{name}.{index}" for index in range(len(child))]
+    return paths
+
+
+def _glob_matches(pattern: str, path: str) -> bool:
+    # a pattern naming a module also names the attention modules below it ("transformer_blocks.0")
+    parts = path.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:n]), pattern) for n in range(1, len(parts) + 1))
+
+
+def select_layers(model: nn.Module, prefix: str, selectors, paths) -> tuple[dict, list]:
+    """Match layer selectors (block indices and module-path globs, see `SLAConfig.dense_layers`) against the
+    attention module `paths` of `model` (whose paths in a pipeline start with `prefix`). Returns
+    `({path: first matching selector}, [selectors matching none of them])`."""
+    blocks = _block_paths(model)
+    matched, unmatched = {}, []
+    for selector in selectors:
+        if isinstance(selector, int):
+            if not -len(blocks) <= selector < len(blocks):
+                unmatched.append(selector)
+                continue
+            block = blocks[selector]
+            hits = [p for p in paths if p == block or p.startswith(block + ".")]
+        else:
+            hits = [p for p in paths if _glob_matches(selector, p) or _glob_matches(selector, _join(prefix, p))]
+        if not hits:
+            unmatched.append(selector)
+        for path in hits:
+            matched.setdefault(path, selector)
+    return matched, unmatched
+
+
+def _check_selectors(name: str, selectors, targets) -> None:
+    """Raise when a layer selector matches no attention module of any of `targets` ((prefix, model) pairs)."""
+    if not selectors:
+        return
+    unmatched = None
+    for prefix, model in targets:
+        paths = [path for path, m in model.named_modules() if _is_attention_module(m)]
+        missed = select_layers(model, prefix, selectors, paths)[1]
+        unmatched = missed if unmatched is None else [s for s in unmatched if s in missed]
+    if unmatched:
+        prefix, model = targets[0]
+        raise ValueError(
+            f"`{name}`: {unmatched} match no attention module (nothing was changed). Integers are indices of the "
+            f"{len(_block_paths(model))} transformer blocks of {type(model).__name__} (negative from the end); "
+            f"strings are globs on module paths such as {_short([_join(prefix, p) for p, m in model.named_modules() if _is_attention_module(m)], 3)}."
+        )
 
 
 def _has_sla_layers(model: nn.Module) -> bool:
@@ -835,6 +912,9 @@ def _wrap_set_attn_processor() -> None:
         installs_sla = any(isinstance(value, SLAAttnProcessor) for value in values)  # before diffusers pops the dict
         if not installs_sla:
             return original(self, processor)
+        for value in values:
+            if isinstance(value, SLAAttnProcessor):
+                _check_selectors("dense_layers", value.config.dense_layers, [("", self)])
         snapshot = _snapshot(self)
         try:
             with _model_install():
@@ -876,6 +956,7 @@ def disable_sla(pipe_or_model) -> dict[str, SparseLinearAttention]:
                     _disabling.active = False
             _set_inner_processor(attn, None)
             attn.__dict__.pop("_sla_stats", None)
+            attn.__dict__.pop(DENSE_LAYER_ATTR, None)
             layer = attn._modules.pop(SLA_MODULE_NAME, None)
             if layer is not None:
                 removed[_join(prefix, path)] = layer

@@ -361,7 +361,10 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
 
     file_keys = set(weights.tensors)
     missing_keys = sorted(set(params) - file_keys)
-    unexpected = sorted(file_keys - set(params))
+    # entries of layers the config keeps dense (`dense_layers`) are expected: they are simply not used
+    dense_entries = {name for path, module in model.named_modules() if module.__dict__.get("_sla_dense_layer")
+                     and path not in layers for name in sla_entry_names(path)}
+    unexpected = sorted(file_keys - set(params) - dense_entries)
     missing_layers = sorted({params[k][0] for k in missing_keys})
     common = [k for k in params if k in file_keys]
 
