@@ -87,11 +87,12 @@ class InspectCommand:
             else:
                 others.append(name)
         layers = sorted(set(entries["weight"]) | set(entries["bias"]))
-        rows = [("layer", "weight", "bias", "|W|", "|b|", "dtype")]
+        rows = [("layer", "weight", "bias", "|W|", "|b|", "dtype", "topk")]
         for layer in layers:
             w, b = entries["weight"].get(layer), entries["bias"].get(layer)
             rows.append((layer, _shape(w), _shape(b), _norm(w), _norm(b),
-                         str((w if w is not None else b).dtype).replace("torch.", "")))
+                         str((w if w is not None else b).dtype).replace("torch.", ""),
+                         f"{weights.config_for(layer).topk:g}"))  # per layer: `layer_topk` saves its own
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         print(f"layers: {len(layers)}")
         for index, row in enumerate(rows):

@@ -28,6 +28,7 @@ How it fits into diffusers:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import inspect
@@ -620,6 +621,7 @@ def enable_sla(
     backend: str = "auto",
     sla_layers: dict[str, SparseLinearAttention] | None = None,
     strict: bool = True,
+    layer_topk=None,
     **overrides,
 ) -> SLAAttnProcessor:
     """Run SLA in every attention module of a model, or of a pipeline's denoiser(s).
@@ -639,6 +641,12 @@ def enable_sla(
             load location is replayed: when `False`, a config that differs from `config` and missing or extra layers
             are warnings instead of errors (as in `load_sla`). On an error SLA is not installed: the model is left
             as it was.
+        layer_topk (`dict` or callable, *optional*): a `topk` per layer. A dict maps layer selectors (block indices
+            and module-path globs, as in `SLAConfig.dense_layers`; the first that matches wins, each must match some
+            attention module) to a `topk`; a callable takes the attention module's path (as `sla_summary` prints it)
+            and returns a `topk`, or None for the config's. Those modules get a processor of their own with that
+            `topk`; the sidecar saves it per layer (`sla_layer_configs`), and `enable_sla(model)` after
+            `from_pretrained` restores it.
 
     Every module that will run SLA (softmax attention, not a cross-attention module kept dense by the policy) gets
     its own `attn.sla` up front (float32, on the module's device). Calling `enable_sla` again changes the config and
@@ -682,18 +690,57 @@ def enable_sla(
             f"`sla_layers`: no attention module at {unknown} in this model (nothing was changed); its attention "
             f"modules are {_short(sorted(known))}."
         )
+    own = _per_layer_processors(processor, layer_topk, targets, modules_of)
     snapshots = [_snapshot(model) for _, model in targets]
     try:
         with _model_install():
             for (prefix, model), modules in zip(targets, modules_of):
-                for _, attn in modules:
-                    attn.set_processor(processor)
+                for path, attn in modules:
+                    attn.set_processor(own.get(_join(prefix, path), processor))
                 _complete_install(model, prefix, sla_layers, strict=strict)
     except BaseException:
         for snapshot in snapshots:
             _restore(snapshot)
         raise
     return processor
+
+
+def _per_layer_processors(processor: "SLAAttnProcessor", layer_topk, targets, modules_of) -> dict:
+    """`{path: SLAAttnProcessor}` for the modules `layer_topk` gives a `topk` other than the processor's (one
+    processor per distinct value). Every value is checked before the caller touches the model."""
+    if layer_topk is None:
+        return {}
+    if not (isinstance(layer_topk, dict) or callable(layer_topk)):
+        raise ValueError("`layer_topk` must be a dict {block index or module-path glob: topk} or a callable "
+                         f"(module path) -> topk, got {type(layer_topk).__name__}.")
+    wanted = {}
+    if isinstance(layer_topk, dict):
+        from .config import _layer_selectors
+
+        selectors = _layer_selectors("layer_topk", list(layer_topk))  # the same rules as `dense_layers`
+        values = dict(zip(selectors, layer_topk.values()))
+        _check_selectors("layer_topk", selectors, targets)
+        for (prefix, model), modules in zip(targets, modules_of):
+            matched = select_layers(model, prefix, selectors, [path for path, _ in modules])[0]
+            wanted.update({_join(prefix, path): values[selector] for path, selector in matched.items()})
+    else:
+        for (prefix, _), modules in zip(targets, modules_of):
+            for path, _ in modules:
+                value = layer_topk(_join(prefix, path))
+                if value is not None:
+                    wanted[_join(prefix, path)] = value
+    made, own = {}, {}
+    for path, value in wanted.items():
+        try:
+            config = dataclasses.replace(processor.config, topk=value)
+        except ValueError as err:
+            raise ValueError(f"`layer_topk` for {path}: {err}") from None
+        if config.topk == processor.config.topk:
+            continue
+        if config.topk not in made:
+            made[config.topk] = SLAAttnProcessor(config, backend=processor.backend)
+        own[path] = made[config.topk]
+    return own
 
 
 def _short(items, limit: int = 6) -> str:

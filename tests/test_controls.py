@@ -133,3 +133,82 @@ def test_disable_sla_clears_dense_layers():
     enable_sla(tiny.model, dense_layers=[0], **TEST_SLA_OVERRIDES)
     disable_sla(tiny.model)
     assert not any("_sla_dense_layer" in m.__dict__ for m in tiny.model.modules())
+
+
+# ===== layer_topk =====
+
+
+def _layer_topks(model) -> dict[str, float]:
+    return {path: layer.config.topk for path, _, layer in iter_sla_layers(model)}
+
+
+@pytest.mark.parametrize("layer_topk", [
+    {"single_*": 0.7},
+    {-1: 0.7, "*": 0.1},  # the first selector that matches wins
+    lambda path: 0.7 if path.startswith("single") else None,
+])
+def test_layer_topk_gives_layers_their_own_topk(layer_topk):
+    tiny = build_tiny_model("flux", seed=0)
+    inputs = tiny.make_inputs(seed=1)
+    enable_sla(tiny.model, topk=0.1, layer_topk=layer_topk, **TEST_SLA_OVERRIDES)
+    assert _layer_topks(tiny.model) == {FLUX_DOUBLE: 0.1, FLUX_SINGLE: 0.7}
+    assert tiny.model.get_submodule(FLUX_SINGLE).processor.config.topk == 0.7
+    with torch.no_grad():
+        forward_output(tiny.model, inputs)
+    summary = sla_summary(tiny.model)
+    # the measured density follows each layer's own topk (0.7 keeps 2 of the 3 key blocks, 0.1 keeps 1)
+    assert summary[FLUX_SINGLE].mean_density > summary[FLUX_DOUBLE].mean_density
+
+
+def test_layer_topk_changes_the_output_of_its_layer_only():
+    tiny = build_tiny_model("flux", seed=0)
+    inputs = tiny.make_inputs(seed=1)
+    with torch.no_grad():
+        reference = forward_output(tiny.model, inputs)
+        enable_sla(tiny.model, topk=0.1, layer_topk={"*": 1.0}, linear_scope="none", **TEST_SLA_OVERRIDES)
+        out = forward_output(tiny.model, inputs)
+    assert rel(out, reference) < 1e-5  # topk 1.0 everywhere, sparse only: exact attention
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"nope*": 0.7}, r"`layer_topk`: \['nope\*'\] match no attention module"),
+    ({"*": 1.5}, r"`layer_topk` for transformer_blocks\.0\.attn: `topk` must be in \(0, 1\]"),
+    ({1.5: 0.7}, r"`layer_topk` entries must be block indices"),
+    (lambda path: "x", r"`layer_topk` for transformer_blocks\.0\.attn: `topk` must be a number"),
+    ([0.7], r"`layer_topk` must be a dict"),
+])
+def test_layer_topk_bad_values_are_errors_and_change_nothing(bad, message):
+    tiny = build_tiny_model("flux", seed=0)
+    processors = dict(tiny.model.attn_processors)
+    with pytest.raises(ValueError, match=message):
+        enable_sla(tiny.model, layer_topk=bad, **TEST_SLA_OVERRIDES)
+    assert dict(tiny.model.attn_processors) == processors
+    assert not any(SLA_MODULE_NAME in m._modules for m in tiny.model.modules())
+
+
+def test_layer_topk_is_saved_and_restored(tmp_path, capsys):
+    tiny = build_tiny_model("flux", seed=0)
+    inputs = tiny.make_inputs(seed=1)
+    enable_sla(tiny.model, topk=0.1, layer_topk={"single_*": 0.7}, **TEST_SLA_OVERRIDES)
+    randomize_sla(tiny.model, seed=3)
+    with torch.no_grad():
+        expected = forward_output(tiny.model, inputs)
+    tiny.model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / SLA_WEIGHTS_NAME), framework="pt") as handle:
+        metadata = handle.metadata()
+    stored = {json.loads(metadata["sla_config"])["topk"]} | {
+        values["topk"] for values in json.loads(metadata["sla_layer_configs"]).values()}
+    assert stored == {0.1, 0.7}
+
+    loaded = type(tiny.model).from_pretrained(tmp_path).eval()
+    enable_sla(loaded)
+    assert _layer_topks(loaded) == {FLUX_DOUBLE: 0.1, FLUX_SINGLE: 0.7}
+    with torch.no_grad():
+        assert torch.equal(forward_output(loaded, inputs), expected)
+
+    assert main(["inspect", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert any(line.split()[0] == FLUX_SINGLE and line.split()[-1] == "0.7" for line in table.splitlines()
+               if line.strip())
+    assert any(line.split()[0] == FLUX_DOUBLE and line.split()[-1] == "0.1" for line in table.splitlines()
+               if line.strip())
