@@ -3,10 +3,11 @@
 
 The config has two groups of fields:
 
-* the *operator* (`topk`, `blkq`, `blkk`, `feature_map`, `tie_feature_map_qk`, `linear_scope`): what SLA computes.
+* the *operator* (`topk`, `blkq`, `blkk`, `feature_map`, `tie_feature_map_qk`, `linear_scope`, `protect_text`): what
+  SLA computes.
   A backbone fine-tuned with SLA must be served with the same operator fields, so these are stored in
   `sla_attention.safetensors` and compared on load.
-* the *routing policy* (`cross_attention`, `masked_attention`, `min_kv_blocks`): which attention calls of a diffusers
+* the *routing policy* (`cross_attention`, `masked_attention`, `min_kv_blocks`, `dense_layers`): which attention calls of a diffusers
   model the processor sends to SLA and which it leaves dense. See `diffusers_sla/processor.py`.
 """
 
@@ -25,7 +26,7 @@ ALLOWED_LINEAR_SCOPES = ("rest", "all", "none")
 ALLOWED_ROUTES = ("sla", "dense")
 
 # Fields that change what the operator computes; the rest only decide which calls use it.
-OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope")
+OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope", "protect_text")
 
 
 def _plain(value: Any) -> Any:
@@ -93,6 +94,10 @@ class SLAConfig:
             `"all"`: the linear branch covers every key block (the reference implementation's main branch).
             `"none"`: no linear branch: the output is the sparse part alone (exact softmax over the selected blocks),
             `proj_l` is neither read nor given a gradient. For sparse-only baselines and ablations.
+        protect_text (`bool`, *optional*, defaults to `True`):
+            In joint text+image attention (Flux, SD3, QwenImage, HunyuanVideo, CogVideoX), every query block attends
+            exactly to the key blocks holding the text tokens, on top of its `topk` share of the other blocks (and
+            counted in the density). An operator field: SLA weights saved before it existed load with `False`.
         cross_attention (`str`, *optional*, defaults to `"dense"`):
             Route for cross-attention calls (keys from another sequence than the queries, e.g. text): `"dense"` keeps
             the model's own attention, `"sla"` uses SLA.
@@ -117,6 +122,9 @@ class SLAConfig:
     linear_scope: str = field(
         default="rest",
         metadata={"help": "Key blocks of the linear branch: 'rest' (not selected), 'all', or 'none' (sparse only)."},
+    )
+    protect_text: bool = field(
+        default=True, metadata={"help": "Joint attention: every query block keeps the text tokens' key blocks."}
     )
     cross_attention: str = field(default="dense", metadata={"help": "Route for cross-attention: 'dense' or 'sla'."})
     masked_attention: str = field(
@@ -154,10 +162,11 @@ class SLAConfig:
             if not isinstance(value, str) or value.lower() not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
             store(name, str(value).lower())
-        tie = _plain(self.tie_feature_map_qk)
-        if not isinstance(tie, bool):
-            raise ValueError(f"`tie_feature_map_qk` must be true or false, got {self.tie_feature_map_qk!r}.")
-        store("tie_feature_map_qk", tie)
+        for name in ("tie_feature_map_qk", "protect_text"):
+            value = _plain(getattr(self, name))
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
+            store(name, value)
         min_kv_blocks = _whole_number(self.min_kv_blocks)
         if min_kv_blocks is None or min_kv_blocks < 0:
             raise ValueError(f"`min_kv_blocks` must be a non-negative integer, got {self.min_kv_blocks!r}.")

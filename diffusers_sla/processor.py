@@ -69,6 +69,22 @@ _POLICY_REASONS = frozenset({"cross_attention", "short_sequence", "key_padding_m
 # Set on attention modules that `SLAConfig.dense_layers` keeps on the model's own attention.
 DENSE_LAYER_ATTR = "_sla_dense_layer"
 
+# Where each joint-attention processor puts the text tokens in the sequence it hands to SDPA (diffusers 0.42.1):
+# Flux and QwenImage `cat([text, image])`, CogVideoX `cat([encoder_hidden_states, hidden_states])`, SD3's joint
+# processors and HunyuanVideo's (double and single blocks) `cat([image, text])`. The text length is
+# `encoder_hidden_states.shape[1]`, or, for Flux's single-stream blocks (whose processor gets the joint sequence with
+# no `encoder_hidden_states`), the block's `encoder_hidden_states` recorded by `_record_single_block_text`.
+JOINT_TEXT_POSITION = {
+    "FluxAttnProcessor": "first", "FluxIPAdapterAttnProcessor": "first", "FluxAttnProcessor2_0": "first",
+    "FusedFluxAttnProcessor2_0": "first", "QwenDoubleStreamAttnProcessor2_0": "first",
+    "CogVideoXAttnProcessor2_0": "first", "FusedCogVideoXAttnProcessor2_0": "first",
+    "JointAttnProcessor2_0": "last", "FusedJointAttnProcessor2_0": "last", "SD3IPAdapterJointAttnProcessor2_0": "last",
+    "HunyuanVideoAttnProcessor2_0": "last",
+}
+# Blocks that concatenate text and image before their attention module: (class name, the attention child's name).
+_SINGLE_STREAM_BLOCKS = {"FluxSingleTransformerBlock": "attn"}
+_BLOCK_TEXT_ATTR = "_sla_block_text_tokens"
+
 _logged_once: set = set()
 _instance_numbers = itertools.count()
 _logged_once_lock = threading.Lock()
@@ -207,7 +223,7 @@ class SLAAttnProcessor:
             # a layer the user keeps dense: the module's own processor, its attention call not routed at all
             record_call(attn, "dense_layer")
             return inner(attn, *args, **kwargs)
-        with routing_scope(attn, self) as scope:
+        with routing_scope(attn, self, _text_tokens(attn, inner, args, kwargs)) as scope:
             output = inner(attn, *args, **kwargs)
         if scope.intercepted == 0:
             self._record_uncaught_call(attn, inner)
@@ -319,6 +335,48 @@ class SLAAttnProcessor:
         level = logging.INFO if reason in _POLICY_REASONS else logging.WARNING
         _log_once((self._log_key, reason), level, f"SLA: {messages[reason]} (first seen in {type(attn).__name__}; "
                   "counted per layer in `sla_summary(model)`).")
+
+
+def is_joint_attention(attn: nn.Module) -> bool:
+    """Whether `attn` runs a joint text+image processor, where `SLAConfig.protect_text` changes results."""
+    return type(attn.__dict__.get(INNER_PROCESSOR_ATTR)).__name__ in JOINT_TEXT_POSITION
+
+
+def operator_differences_for(attn: nn.Module, installed: SLAConfig, stored: SLAConfig) -> dict:
+    """`installed.operator_differences(stored)`, less `protect_text` where `attn` has no text to protect."""
+    differences = installed.operator_differences(stored)
+    if "protect_text" in differences and not is_joint_attention(attn):
+        del differences["protect_text"]
+    return differences
+
+
+def _text_tokens(attn: nn.Module, inner, args: tuple, kwargs: dict) -> tuple | None:
+    """("first" | "last", n): where a joint-attention call's n text tokens sit (`JOINT_TEXT_POSITION`), or None."""
+    position = JOINT_TEXT_POSITION.get(type(inner).__name__)
+    if position is None:
+        return None
+    encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (
+        args[1] if len(args) > 1 else None)
+    if isinstance(encoder, torch.Tensor) and encoder.ndim == 3:
+        return (position, encoder.shape[1])
+    recorded = attn.__dict__.get(_BLOCK_TEXT_ATTR)
+    return None if recorded is None else (position, recorded)
+
+
+def _record_single_block_text(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    # forward pre-hook of a single-stream block: its attention module sees text + image as one sequence
+    encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (
+        args[1] if len(args) > 1 else None)
+    attn = block._modules.get(_SINGLE_STREAM_BLOCKS[type(block).__name__])
+    if attn is not None:
+        attn.__dict__[_BLOCK_TEXT_ATTR] = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
+
+
+def _hook_single_stream_blocks(model: nn.Module) -> None:
+    for block in model.modules():
+        if type(block).__name__ in _SINGLE_STREAM_BLOCKS and not block.__dict__.get("_sla_text_hook"):
+            block.register_forward_pre_hook(_record_single_block_text, with_kwargs=True)
+            block.__dict__["_sla_text_hook"] = True
 
 
 def _call_parameters(processor) -> tuple[frozenset, bool]:
@@ -475,7 +533,7 @@ def _replay_into_module(attn: nn.Module, processor: "SLAAttnProcessor") -> None:
     head_dim = _infer_head_dim(attn) or tensors[0].shape[-1]
     layer = existing if isinstance(existing, SparseLinearAttention) else SparseLinearAttention(
         head_dim, config=processor.config, backend=processor.backend)
-    differences = processor.config.operator_differences(weights.config_for(path))
+    differences = operator_differences_for(attn, processor.config, weights.config_for(path))
     if differences:
         fields = ", ".join(f"`{n}` (set {a!r}, file {b!r})" for n, (a, b) in differences.items())
         raise ValueError(f"set_processor(SLAAttnProcessor) on {path!r}: the SLA config differs from the one the "
@@ -922,6 +980,7 @@ def _complete_install(model: nn.Module, prefix: str, sla_layers: dict[str, Spars
     from .serialization import on_sla_enabled
 
     _attach_sla_layers(model, prefix, sla_layers)
+    _hook_single_stream_blocks(model)
     _declare_fp32_layers(model)
     on_sla_enabled(model, strict=strict)
 

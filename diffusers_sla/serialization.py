@@ -276,6 +276,9 @@ def read_sla_file(path: str | os.PathLike) -> SLAWeightsFile:
         )
     try:
         config_values = json.loads(metadata[METADATA_CONFIG_KEY])
+        if isinstance(config_values, dict) and "protect_text" not in config_values:
+            # written before text protection existed: those weights were trained and served without it
+            config_values = {**config_values, "protect_text": False}
         # A newer diffusers-sla may have added routing fields: drop them with a warning, keep the operator.
         config = SLAConfig.from_dict(config_values, allow_unknown=True)
     except (KeyError, TypeError, ValueError) as err:
@@ -348,7 +351,10 @@ class SLALoadResult(NamedTuple):
 def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     """Check `weights` against the SLA layers of `model` without touching it. Returns the `(parameter, tensor)` pairs
     to copy and the `SLALoadResult`; raises `ValueError` listing every problem."""
+    from .processor import operator_differences_for
+
     layers = {path: layer for path, _, layer in iter_sla_layers(model)}
+    modules = {path: attn for path, attn, _ in iter_sla_layers(model)}
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no SLA layers: call `enable_sla` before loading SLA weights into it."
@@ -402,7 +408,7 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     by_layer: dict[str, tuple[SLAConfig, dict]] = {}
     for path in sorted({params[k][0] for k in common}):
         installed = adopt.get(path, layers[path].config)
-        layer_differences = installed.operator_differences(weights.config_for(path))
+        layer_differences = operator_differences_for(modules[path], installed, weights.config_for(path))
         if layer_differences:
             by_layer[path] = (installed, layer_differences)
         for name, values in layer_differences.items():

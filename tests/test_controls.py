@@ -150,7 +150,8 @@ def _layer_topks(model) -> dict[str, float]:
 def test_layer_topk_gives_layers_their_own_topk(layer_topk):
     tiny = build_tiny_model("flux", seed=0)
     inputs = tiny.make_inputs(seed=1)
-    enable_sla(tiny.model, topk=0.1, layer_topk=layer_topk, **TEST_SLA_OVERRIDES)
+    # (text protection off: with it, both layers keep the text block + 1 of the 2 others)
+    enable_sla(tiny.model, topk=0.1, layer_topk=layer_topk, protect_text=False, **TEST_SLA_OVERRIDES)
     assert _layer_topks(tiny.model) == {FLUX_DOUBLE: 0.1, FLUX_SINGLE: 0.7}
     assert tiny.model.get_submodule(FLUX_SINGLE).processor.config.topk == 0.7
     with torch.no_grad():
@@ -212,3 +213,124 @@ def test_layer_topk_is_saved_and_restored(tmp_path, capsys):
                if line.strip())
     assert any(line.split()[0] == FLUX_DOUBLE and line.split()[-1] == "0.1" for line in table.splitlines()
                if line.strip())
+
+
+# ===== protect_text =====
+
+# Where each family's joint attention puts the text (diffusers 0.42.1): checked below against the keys themselves.
+TEXT_FIRST = {"flux": True, "qwenimage": True, "cogvideox": True, "sd3": False, "hunyuanvideo": False}
+
+
+def _record_joint_calls(monkeypatch):
+    """Spy on the glue (`dispatch._run_sla`: each SLA call's keys and text position) and on block selection (the
+    torch operator's `select_blocks`: the forced range and the block map it returns)."""
+    from diffusers_sla import dispatch
+    from diffusers_sla.ops import reference
+
+    calls, selections = [], []
+    run_sla, select = dispatch._run_sla, reference.select_blocks
+
+    def spy_run(attn, processor, call, key_padding_mask, deferred_mask=None, text_tokens=None):
+        calls.append((call["key"].detach().clone(), call["query"].shape[-2], text_tokens,
+                      processor._sla_layer_for(attn, call["query"]).config))
+        return run_sla(attn, processor, call, key_padding_mask, deferred_mask, text_tokens)
+
+    def spy_select(q, k, topk, blkq, blkk, forced_blocks=None):
+        lut = select(q, k, topk, blkq, blkk, forced_blocks)
+        selections.append((forced_blocks, lut))
+        return lut
+
+    monkeypatch.setattr(dispatch, "_run_sla", spy_run)
+    monkeypatch.setattr(reference, "select_blocks", spy_select)
+    return calls, selections
+
+
+@pytest.mark.parametrize("family", sorted(TEXT_FIRST))
+def test_text_blocks_are_in_every_row_of_the_block_map(family, monkeypatch):
+    from diffusers_sla.dispatch import forced_text_keys
+    from diffusers_sla.ops.selection import lut_to_block_map
+
+    tiny = build_tiny_model(family, seed=0)
+    inputs = tiny.make_inputs(seed=1)
+    other = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"] + 1.0)  # the text alone changes
+    with torch.no_grad():
+        reference = forward_output(tiny.model, inputs)
+        enable_sla(tiny.model, topk=0.1, **TEST_SLA_OVERRIDES)  # protect_text is on by default
+        calls, selections = _record_joint_calls(monkeypatch)
+        forward_output(tiny.model, inputs)
+        first_run = len(calls)
+        forward_output(tiny.model, other)
+    assert first_run and len(calls) == 2 * first_run
+    # In the first joint call only the text's keys depend on the text: the rows that change are the text tokens, and
+    # the glue must protect exactly those, at the family's end of the sequence.
+    (k1, lq, text, config), (k2, *_) = calls[0], calls[first_run]
+    changed = ((k1 - k2).abs().amax(dim=(0, 1, 3)) > 0).nonzero().squeeze(-1)
+    n_text = inputs["encoder_hidden_states"].shape[1]
+    assert changed.numel() == n_text and text == ("first" if TEXT_FIRST[family] else "last", n_text)
+    forced = forced_text_keys(config, text, lq, k1.shape[-2])
+    assert forced == (changed.min().item(), changed.max().item() + 1)
+    # every SLA call of these joint models selected with the text blocks forced, in every row
+    assert selections and all(f is not None for f, _ in selections)
+    for forced_blocks, lut in selections:
+        block_map = lut_to_block_map(lut, max(lut.max().item() + 1, forced_blocks[1]))
+        assert block_map[..., forced_blocks[0]:forced_blocks[1]].all()
+    # topk=1.0 with protection: still the model's own output
+    enable_sla(tiny.model, topk=1.0, **TEST_SLA_OVERRIDES)
+    with torch.no_grad():
+        assert rel(forward_output(tiny.model, inputs), reference) < 1e-5
+
+
+def test_protect_text_off_selects_like_before(monkeypatch):
+    tiny = build_tiny_model("flux", seed=0)
+    inputs = tiny.make_inputs(seed=1)
+    enable_sla(tiny.model, topk=0.1, protect_text=False, **TEST_SLA_OVERRIDES)
+    _, selections = _record_joint_calls(monkeypatch)
+    with torch.no_grad():
+        forward_output(tiny.model, inputs)
+    assert selections and all(forced is None for forced, _ in selections)
+    assert sla_summary(tiny.model).mean_density == pytest.approx(1 / 3)  # 1 of 3 key blocks; protected: 2 of 3
+
+
+def test_protected_density_counts_the_text_blocks():
+    tiny = build_tiny_model("flux", seed=0)
+    enable_sla(tiny.model, topk=0.1, **TEST_SLA_OVERRIDES)
+    with torch.no_grad():
+        forward_output(tiny.model, tiny.make_inputs(seed=1))
+    assert sla_summary(tiny.model).mean_density == pytest.approx(2 / 3)  # the text block + 1 of the 2 others
+
+
+def test_a_sidecar_without_protect_text_loads_with_it_off(tmp_path):
+    # A file written before the field existed: its SLA was trained and served without protection.
+    from safetensors.torch import load_file, save_file
+
+    tiny = build_tiny_model("flux", seed=0)
+    enable_sla(tiny.model, topk=0.1, protect_text=False, **TEST_SLA_OVERRIDES)
+    randomize_sla(tiny.model, seed=3)
+    tiny.model.save_pretrained(tmp_path)
+    path = str(tmp_path / SLA_WEIGHTS_NAME)
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    old = json.loads(metadata["sla_config"])
+    del old["protect_text"], old["dense_layers"]
+    save_file(load_file(path), path, metadata={**metadata, "sla_config": json.dumps(old)})
+
+    loaded = type(tiny.model).from_pretrained(tmp_path)
+    enable_sla(loaded)
+    assert all(layer.config.protect_text is False for _, _, layer in iter_sla_layers(loaded))
+    # asking for protection explicitly is a config mismatch with those weights (an operator field)
+    fresh = type(tiny.model).from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="protect_text"):
+        enable_sla(fresh, topk=0.1, **TEST_SLA_OVERRIDES)
+
+
+def test_protect_text_is_not_a_mismatch_where_there_is_no_joint_attention(tmp_path):
+    # Wan takes its text through cross-attention: the field changes nothing there, so it must not block a load
+    tiny = build_tiny_model("wan", seed=0)
+    enable_sla(tiny.model, topk=0.1, protect_text=False, **TEST_SLA_OVERRIDES)
+    randomize_sla(tiny.model, seed=3)
+    tiny.model.save_pretrained(tmp_path)
+    loaded = type(tiny.model).from_pretrained(tmp_path)
+    enable_sla(loaded, topk=0.1, **TEST_SLA_OVERRIDES)  # protect_text=True by default, strict load
+    assert get_sla_state_dict(loaded).keys() == get_sla_state_dict(tiny.model).keys()
+    for key, value in get_sla_state_dict(loaded).items():
+        assert torch.equal(value, get_sla_state_dict(tiny.model)[key])

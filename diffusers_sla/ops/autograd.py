@@ -150,8 +150,10 @@ def sla_triton(
     feature_map: str,
     linear_scope: str,
     scale: float | None = None,
+    forced_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """SLA on the Triton kernels: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
+    `forced_blocks` (start, end): key blocks every query block keeps (`selection.select_blocks`).
 
     head_dim up to 128 (any size: non-powers of two run padded inside the kernels); larger heads fall back to the
     PyTorch operator with a warning."""
@@ -163,13 +165,15 @@ def sla_triton(
                            MAX_HEAD_DIM, q.shape[-1])
             _warned_fallback = True
         return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
-                             feature_map=feature_map, linear_scope=linear_scope, scale=scale)
+                             feature_map=feature_map, linear_scope=linear_scope, scale=scale,
+                             forced_blocks=forced_blocks)
+    forced = (0, 0) if forced_blocks is None else tuple(forced_blocks)
     kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
-    if _select == "fused" and not torch.compiler.is_compiling():
+    if _select == "fused" and not torch.compiler.is_compiling() and forced[1] <= forced[0]:
         # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`)
         return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk), **kw)
     if _select == "fused":
-        lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+        lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk, *forced)
     else:
-        lut = select_blocks(q, k, topk, blkq, blkk)
+        lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
     return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw)

@@ -22,7 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_bwd, gluon_compat, gluon_fwd, triton_fwd
 from .launch import Launcher
-from .selection import num_blocks, num_kept_blocks
+from .selection import force_scores, num_blocks, num_forced, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, is_cuda
 
@@ -350,12 +350,14 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
     return out
 
 
-def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
+def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int, force_start: int = 0,
+                        force_end: int = 0) -> torch.Tensor:
     """`selection.select_blocks` with its pooling fused into one Triton pass per tensor (the PyTorch version makes
     float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
     `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
-    (and of the score products' float32 sums) differs. -> int32 (B, H, n_q, kept), ascending rows."""
-    return _rank_blocks(*_pooled_for_selection(q, k, blkq, blkk), topk)
+    (and of the score products' float32 sums) differs. Key blocks [force_start, force_end) are in every row
+    (`selection.force_scores`). -> int32 (B, H, n_q, kept), ascending rows."""
+    return _rank_blocks(*_pooled_for_selection(q, k, blkq, blkk), topk, (force_start, force_end))
 
 
 def _pooled_for_selection(q, k, blkq, blkk):
@@ -372,9 +374,9 @@ def _block_scores(pooled_q, pooled_k):
     return pooled_q @ pooled_k.transpose(-1, -2)
 
 
-def _rank_blocks(pooled_q, pooled_k, topk):
-    scores = _block_scores(pooled_q, pooled_k)
-    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
+def _rank_blocks(pooled_q, pooled_k, topk, forced_blocks=(0, 0)):
+    scores = force_scores(_block_scores(pooled_q, pooled_k), forced_blocks)
+    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1], num_forced(forced_blocks)))
 
 
 def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
@@ -417,10 +419,11 @@ fast_select_blocks = torch.library.custom_op("diffusers_sla::select_blocks", mut
 
 
 @fast_select_blocks.register_fake
-def _(q, k, topk, blkq, blkk):
+def _(q, k, topk, blkq, blkk, force_start=0, force_end=0):
     B, H, Lq, _ = q.shape
     n_kblk = num_blocks(k.shape[2], blkk)
-    return q.new_empty(B, H, num_blocks(Lq, blkq), num_kept_blocks(topk, n_kblk), dtype=torch.int32)
+    kept = num_kept_blocks(topk, n_kblk, num_forced((force_start, force_end)))
+    return q.new_empty(B, H, num_blocks(Lq, blkq), kept, dtype=torch.int32)
 
 
 def _sla_fwd(

@@ -137,10 +137,12 @@ def sla_reference(
     linear_scope: str,
     scale: float | None = None,
     lut: torch.Tensor | None = None,
+    forced_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The whole SLA operator: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
 
     `lut` (B, H, n_q, kept), when given, replaces block selection (tests and kernels use it to share one map).
+    `forced_blocks` (start, end): key blocks every query block keeps (`selection.select_blocks`).
     `linear_scope="none"`: the sparse part alone; proj_weight and proj_bias are not read."""
     if linear_scope not in ALLOWED_LINEAR_SCOPES:
         raise ValueError(f"`linear_scope` must be one of {list(ALLOWED_LINEAR_SCOPES)}, got {linear_scope!r}.")
@@ -148,7 +150,7 @@ def sla_reference(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if lut is None:
-        lut = select_blocks(q, k, topk, blkq, blkk)
+        lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
 
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
     o_sparse = sparse_attention_reference(qc, kc, vc, lut, blkq, blkk, scale)
