@@ -75,12 +75,14 @@ class _SLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
                 dot_precision, selection=None):
-        # lut None: selected here from selection = (q_sel, k_sel, topk), beside the forward's first kernels
+        # lut None: selected here from selection = (q_sel, k_sel, topk, forced_blocks), beside the forward's first
+        # kernels
         store_bwd = any(ctx.needs_input_grad[:5])
         args = (scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision)
         if lut is None:
-            q_sel, k_sel, topk = selection
-            lut, outs = custom_ops.select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, *args)
+            q_sel, k_sel, topk, forced = selection
+            lut, outs = custom_ops.select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, *args,
+                                                      forced)
         else:
             outs = custom_ops.forward(q, k, v, proj_weight, proj_bias, lut, *args)
         o, lse, den, o_l, rb, zb, ht, zt = outs
@@ -169,9 +171,9 @@ def sla_triton(
                              forced_blocks=forced_blocks)
     forced = (0, 0) if forced_blocks is None else tuple(forced_blocks)
     kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
-    if _select == "fused" and not torch.compiler.is_compiling() and forced[1] <= forced[0]:
+    if _select == "fused" and not torch.compiler.is_compiling():
         # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`)
-        return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk), **kw)
+        return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk, forced), **kw)
     if _select == "fused":
         lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk, *forced)
     else:

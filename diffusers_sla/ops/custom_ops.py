@@ -123,12 +123,13 @@ class _Geometry(NamedTuple):
 
 
 def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor | None, blkq: int, blkk: int,
-              linear_scope: str, topk: float | None = None) -> _Geometry:
-    """From the block map's shape, or (lut None) from the `topk` the map will be selected with."""
+              linear_scope: str, topk: float | None = None, forced: int = 0) -> _Geometry:
+    """From the block map's shape, or (lut None) from the `topk` (and `forced` block count) the map will be selected
+    with."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk)
+    kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk, forced)
     return _Geometry(B, H, Lq, Lk, D, n_qblk, n_kblk, kept, _block_d(D), linear_scope == "rest",
                      _has_linear(linear_scope, kept, n_kblk), linear_scope != "none")
 
@@ -685,18 +686,18 @@ def _side_stream(device_index: int) -> torch.cuda.Stream:
 
 
 def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scale, feature_map, linear_scope, blkq,
-                       blkk, store_bwd, dot_precision):
+                       blkk, store_bwd, dot_precision, forced_blocks=(0, 0)):
     """`select_blocks_fused(q_sel, k_sel, ...)` then `forward(q, k, v, ..., lut, ...)`, -> (lut, forward's outputs).
 
     With `OVERLAP`, outside torch.compile: the same kernels in another order: the linear state on the caller's
     stream and the pooling on a second stream when the tensors are on the GPU (one after the other elsewhere), joined
     before the scores and the top-k. Same outputs, bit for bit."""
     if not OVERLAP or torch.compiler.is_compiling():
-        lut = select_blocks_fused(q_sel, k_sel, topk, blkq, blkk)
+        lut = select_blocks_fused(q_sel, k_sel, topk, blkq, blkk, *forced_blocks)
         return lut, forward(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
                             store_bwd, dot_precision)
     with torch.no_grad():
-        g = _geometry(q, k, None, blkq, blkk, linear_scope, topk)
+        g = _geometry(q, k, None, blkq, blkk, linear_scope, topk, num_forced(forced_blocks))
         side = None
         if q.is_cuda:
             main, side = torch.cuda.current_stream(q.device), _side_stream(q.device.index)
@@ -712,9 +713,9 @@ def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scal
                 x.record_stream(main)
         rest_weights = None
         if g.rest and g.has_linear:  # the top-k's launch also builds the 0/1 matrix and z_i (one launch fewer)
-            scores = _block_scores(*pooled)
+            scores = force_scores(_block_scores(*pooled), forced_blocks)
             lut, *rest_weights = top_blocks_and_rest(scores, g.kept, q.dtype, state.zkb, state.z_parts)
         else:
-            lut = _rank_blocks(*pooled, topk)
+            lut = _rank_blocks(*pooled, topk, forced_blocks)
         return lut, _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state, g, scale, feature_map, blkq, blkk,
                             store_bwd, dot_precision, rest_weights)
