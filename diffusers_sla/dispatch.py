@@ -62,6 +62,7 @@ DENSE_REASONS = (
     "no_sdpa_call",
     "linear_attention",
     "dense_layer",
+    "dense_step",
 )
 
 

@@ -334,3 +334,95 @@ def test_protect_text_is_not_a_mismatch_where_there_is_no_joint_attention(tmp_pa
     assert get_sla_state_dict(loaded).keys() == get_sla_state_dict(tiny.model).keys()
     for key, value in get_sla_state_dict(loaded).items():
         assert torch.equal(value, get_sla_state_dict(tiny.model)[key])
+
+
+# ===== sla_dense_steps =====
+
+
+def _pipeline_output(pipe, make_kwargs):
+    out = pipe(**dict(make_kwargs(seed=1), num_inference_steps=3))  # fresh generator: the same noise every call
+    return (out.images if hasattr(out, "images") else out.frames)
+
+
+def test_dense_steps_run_the_first_steps_dense():
+    from diffusers_sla import sla_dense_steps
+    from tiny_models import build_tiny_pipeline
+
+    pipe, make_kwargs = build_tiny_pipeline("flux", seed=0)
+    with torch.no_grad():
+        reference = _pipeline_output(pipe, make_kwargs)
+        enable_sla(pipe, topk=0.1, **TEST_SLA_OVERRIDES)
+        randomize_sla(pipe.transformer, seed=3)
+        sparse = _pipeline_output(pipe, make_kwargs)
+        layers = len(sla_summary(pipe).layers)
+        reset_calls = sla_summary(pipe).sla_calls
+        assert reset_calls == 3 * layers
+        from diffusers_sla import reset_sla_stats
+
+        reset_sla_stats(pipe)
+        with sla_dense_steps(pipe, 2):
+            mixed = _pipeline_output(pipe, make_kwargs)
+            summary = sla_summary(pipe)
+            assert summary.dense_calls == {"dense_step": 2 * layers} and summary.sla_calls == layers
+            reset_sla_stats(pipe)
+            again = _pipeline_output(pipe, make_kwargs)  # a second call inside the block starts dense again
+            assert sla_summary(pipe).dense_calls == {"dense_step": 2 * layers}
+            with sla_dense_steps(pipe, 3):
+                dense = _pipeline_output(pipe, make_kwargs)
+        assert torch.equal(mixed, again)
+        reset_sla_stats(pipe)
+        after = _pipeline_output(pipe, make_kwargs)  # outside the block: SLA at every step again
+    assert sla_summary(pipe).sla_calls == 3 * layers and not sla_summary(pipe).dense_calls
+    assert torch.equal(after, sparse)
+    torch.testing.assert_close(dense, reference, rtol=0, atol=0)  # every step dense: the model's own output
+    assert rel(mixed, reference) > 0 and rel(mixed, sparse) > 0
+    assert "step" not in pipe.scheduler.__dict__ and "set_timesteps" not in pipe.scheduler.__dict__
+
+
+@pytest.mark.parametrize("bad, message", [(-1, "`steps` must be"), (1.5, "`steps` must be")])
+def test_dense_steps_bad_values(bad, message):
+    from diffusers_sla import sla_dense_steps
+    from tiny_models import build_tiny_pipeline
+
+    pipe, _ = build_tiny_pipeline("flux", seed=0)
+    enable_sla(pipe, **TEST_SLA_OVERRIDES)
+    with pytest.raises(ValueError, match=message):
+        with sla_dense_steps(pipe, bad):
+            pass
+    disable_sla(pipe)
+    with pytest.raises(ValueError, match="runs no SLA"):
+        with sla_dense_steps(pipe, 1):
+            pass
+
+
+def test_dense_steps_under_compile_compile_two_graphs_once():
+    # regional compilation, as diffusers does it; a counting backend (no inductor): the dense and the SLA version of
+    # each block are compiled on the first call, and a second call compiles nothing new
+    from torch._dynamo.utils import counters
+
+    from diffusers_sla import sla_dense_steps
+    from tiny_models import build_tiny_pipeline
+
+    pipe, make_kwargs = build_tiny_pipeline("flux", seed=0)
+    enable_sla(pipe, topk=0.1, **TEST_SLA_OVERRIDES)
+    randomize_sla(pipe.transformer, seed=3)
+    with torch.no_grad(), sla_dense_steps(pipe, 1):
+        eager = _pipeline_output(pipe, make_kwargs)
+    model = pipe.transformer
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]  # (the counters are process-wide)
+    try:
+        model.compile_repeated_blocks(backend=lambda gm, _: gm.forward, fullgraph=True)
+        with torch.no_grad(), sla_dense_steps(pipe, 1):
+            _pipeline_output(pipe, make_kwargs)
+            first = counters["stats"]["unique_graphs"]
+            compiled = _pipeline_output(pipe, make_kwargs)
+        assert counters["stats"]["unique_graphs"] == first, "recompiled on a later call"
+        # dense + SLA per block class, and one more where a guard first meets the attribute
+        assert first - before <= 3 * len({type(b) for b in blocks})
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
