@@ -37,6 +37,7 @@ computed before.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -476,6 +477,14 @@ def _sla_templated_attention(query, key, value, attn_mask=None, dropout_p=0.0, i
     q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # (B, H, L_local, D)
     layer = processor._sla_layer_for(attn, q)
     config = layer.config
+    if config.protect_text and scope.text_tokens is not None:
+        # each rank's shard holds a piece of the text, so the text is not one key range of the gathered sequence
+        from .processor import _log_once
+
+        _log_once(("cp_protect_text", type(attn)), logging.WARNING,
+                  "SLA under context parallelism (Ulysses) does not protect the text tokens (SLAConfig.protect_text): "
+                  "the joint sequence's text is spread over the shards; these calls select blocks as with "
+                  "protect_text=False.")
     with _no_routing():
         out = layer.call_with_weights(lambda weight, bias: ulysses_sparse_linear_attention(
             q, k, v, weight, bias, group=ulysses_group(_parallel_config), config=config, scale=scale,
