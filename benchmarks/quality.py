@@ -312,18 +312,18 @@ def sample(model, n: int, shape: tuple[int, int, int], text_dim: int, steps: int
 # ===== Variants =====
 
 
-def _linear_branch(q, k, v, layer, scope: str) -> torch.Tensor:
+def _linear_branch(q, k, v, layer, scope: str, forced=None) -> torch.Tensor:
     """proj_l(phi(q) R / phi(q).z) of the package's reference operator, float32, over `scope` key blocks."""
     from diffusers_sla.ops.reference import linear_attention_reference
     from diffusers_sla.ops.selection import select_blocks
 
     c = layer.config
-    lut = select_blocks(q, k, c.topk, c.blkq, c.blkk) if scope == "rest" else None
+    lut = select_blocks(q, k, c.topk, c.blkq, c.blkk, forced) if scope == "rest" else None
     out = linear_attention_reference(q.float(), k.float(), v.float(), lut, c.blkq, c.blkk, c.feature_map, scope)
     return F.linear(out, layer.proj_l.weight.float(), layer.proj_l.bias.float())
 
 
-def _linear_only_forward(self, q, k, v, scale=None, key_padding_mask=None):
+def _linear_only_forward(self, q, k, v, scale=None, key_padding_mask=None, forced_keys=None):
     # Study-only path: the softmax attention is replaced by the linear branch over every key block.
     with torch.autocast(q.device.type, enabled=False):
         return _linear_branch(q, k, v, self, "all").to(q.dtype)
@@ -459,19 +459,20 @@ def _window_means(window: list) -> list:
 # ===== Diagnostics =====
 
 
-def _probe_forward(self, q, k, v, scale=None, key_padding_mask=None):
+def _probe_forward(self, q, k, v, scale=None, key_padding_mask=None, forced_keys=None):
     """Teacher probe: dense attention output (so the model runs as the teacher), plus, per topk, the attention mass
     outside the selected blocks and how much of the missing part (dense - sparse) a proj_l can explain."""
     from diffusers_sla.ops.reference import linear_attention_reference, sparse_attention_reference
-    from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
+    from diffusers_sla.ops.selection import forced_block_range, lut_to_block_map, select_blocks
 
     c = self.config
+    forced = None if forced_keys is None else forced_block_range(*forced_keys, c.blkk)  # protected text
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):
         qf, kf, vf = q.float(), k.float(), v.float()
         B, H, L, D = qf.shape
         n_k = L // c.blkk
-        luts = {t: select_blocks(q, k, t, c.blkq, c.blkk) for t in self._probe_topks}
+        luts = {t: select_blocks(q, k, t, c.blkq, c.blkk, forced) for t in self._probe_topks}
         maps = {t: lut_to_block_map(lut, n_k) for t, lut in luts.items()}
         outside = {t: torch.zeros((), device=q.device, dtype=torch.float64) for t in luts}
         dense = []
@@ -505,17 +506,18 @@ def _probe_forward(self, q, k, v, scale=None, key_padding_mask=None):
     return dense.to(q.dtype)
 
 
-def _norm_probe_forward(self, q, k, v, scale=None, key_padding_mask=None):
+def _norm_probe_forward(self, q, k, v, scale=None, key_padding_mask=None, forced_keys=None):
     """Tuned-model probe: the SLA output (torch reference), recording ||proj_l(linear)|| and ||sparse||."""
     from diffusers_sla.ops.reference import sparse_attention_reference
-    from diffusers_sla.ops.selection import select_blocks
+    from diffusers_sla.ops.selection import forced_block_range, select_blocks
 
     c = self.config
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    forced = None if forced_keys is None else forced_block_range(*forced_keys, c.blkk)  # protected text
     with torch.autocast(q.device.type, enabled=False):
-        lut = select_blocks(q, k, c.topk, c.blkq, c.blkk)
+        lut = select_blocks(q, k, c.topk, c.blkq, c.blkk, forced)
         sparse = sparse_attention_reference(q.float(), k.float(), v.float(), lut, c.blkq, c.blkk, scale)
-        lin = _linear_branch(q, k, v, self, c.linear_scope)
+        lin = _linear_branch(q, k, v, self, c.linear_scope, forced)
         self._norms[0] += float(lin.double().pow(2).sum())
         self._norms[1] += float(sparse.double().pow(2).sum())
         return (sparse + lin).to(q.dtype)

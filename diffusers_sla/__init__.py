@@ -16,7 +16,7 @@ if importlib.util.find_spec("diffusers") is not None:
     # `enable_sla` later finds the `sla_attention.safetensors` saved beside its weights (subfolder included), and
     # `save_pretrained` must write that file for models made SLA-capable by `set_attn_processor`.
     from .converters import ConversionResult, convert_simpletuner_sla, convert_turbodiffusion_wan
-    from .processor import SLAAttnProcessor, disable_sla, enable_sla, reset_sla_stats, sla_summary
+    from .processor import SLAAttnProcessor, disable_sla, enable_sla, reset_sla_stats, sla_dense_steps, sla_summary
     from .serialization import SLALoadResult, SLAWeightsFile, load_sla, read_sla_file, save_sla
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "read_sla_file",
     "reset_sla_stats",
     "save_sla",
+    "sla_dense_steps",
     "sla_summary",
     "sparse_linear_attention",
 ]

@@ -93,11 +93,12 @@ class InspectCommand:
                 others.append(name)
         layers = sorted(set(entries["weight"]) | set(entries["bias"]))
         gate = bool(entries["fusion_ratio_weight"] or entries["fusion_ratio_bias"])
-        rows = [("layer", "weight", "bias", "|W|", "|b|", "dtype") + (("sigmoid(c)", "|u|") if gate else ())]
+        rows = [("layer", "weight", "bias", "|W|", "|b|", "dtype", "topk") + (("sigmoid(c)", "|u|") if gate else ())]
         for layer in layers:
             w, b = entries["weight"].get(layer), entries["bias"].get(layer)
             row = (layer, _shape(w), _shape(b), _norm(w), _norm(b),
-                   str((w if w is not None else b).dtype).replace("torch.", ""))
+                   str((w if w is not None else b).dtype).replace("torch.", ""),
+                   f"{weights.config_for(layer).topk:g}")  # per layer: `layer_topk` saves its own
             if gate:
                 u, c = entries["fusion_ratio_weight"].get(layer), entries["fusion_ratio_bias"].get(layer)
                 row += ("-" if c is None else f"{float(torch.sigmoid(c.float()).flatten()[0]):.4g}", _norm(u))

@@ -3,12 +3,12 @@
 
 The config has two groups of fields:
 
-* the *operator* (`topk`, `blkq`, `blkk`, `feature_map`, `tie_feature_map_qk`, `linear_scope`, `fusion`): what SLA
-  computes.
+* the *operator* (`topk`, `blkq`, `blkk`, `feature_map`, `tie_feature_map_qk`, `linear_scope`, `protect_text`,
+  `fusion`): what SLA computes.
   A backbone fine-tuned with SLA must be served with the same operator fields, so these are stored in
   `sla_attention.safetensors` and compared on load.
-* the *routing policy* (`cross_attention`, `masked_attention`, `min_kv_blocks`): which attention calls of a diffusers
-  model the processor sends to SLA and which it leaves dense. See `diffusers_sla/processor.py`.
+* the *routing policy* (`cross_attention`, `masked_attention`, `min_kv_blocks`, `dense_layers`): which attention
+  calls of a diffusers model the processor sends to SLA and which it leaves dense. See `diffusers_sla/processor.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ ALLOWED_ROUTES = ("sla", "dense")
 ALLOWED_FUSIONS = ("sla", "mass", "ratio")
 
 # Fields that change what the operator computes; the rest only decide which calls use it.
-OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope", "fusion")
+OPERATOR_FIELDS = ("topk", "blkq", "blkk", "feature_map", "tie_feature_map_qk", "linear_scope", "protect_text",
+                   "fusion")
 
 
 def _plain(value: Any) -> Any:
@@ -48,6 +49,26 @@ def _whole_number(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
+
+
+def _layer_selectors(name: str, value: Any) -> tuple:
+    """A list of layer selectors (block indices and module-path globs) as a tuple of `int` and `str`."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]  # one selector given alone
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{name}` must be a list of block indices (int) and module-path globs (str), got {value!r}.")
+    selectors = []
+    for item in value:
+        index = _whole_number(item)
+        if index is not None:
+            selectors.append(index)
+        elif isinstance(item, str) and item.strip():
+            selectors.append(item.strip())
+        else:
+            raise ValueError(
+                f"`{name}` entries must be block indices (int) or non-empty module-path globs (str), got {item!r}."
+            )
+    return tuple(selectors)
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,10 @@ class SLAConfig:
             `"all"`: the linear branch covers every key block (the reference implementation's main branch).
             `"none"`: no linear branch: the output is the sparse part alone (exact softmax over the selected blocks),
             `proj_l` is neither read nor given a gradient. For sparse-only baselines and ablations.
+        protect_text (`bool`, *optional*, defaults to `True`):
+            In joint text+image attention (Flux, SD3, QwenImage, HunyuanVideo, CogVideoX), every query block attends
+            exactly to the key blocks holding the text tokens, on top of its `topk` share of the other blocks (and
+            counted in the density). An operator field: SLA weights saved before it existed load with `False`.
         fusion (`str`, *optional*, defaults to `"sla"`):
             How the two branches are combined (docs/fusion.md). `"sla"`: sparse part + `proj_l(linear part)`, the
             paper's sum. `"mass"`: a weighted mean of the sparse part and the linear term `o_lin + proj_l(o_lin)`,
@@ -90,6 +115,11 @@ class SLAConfig:
             run dense.
         min_kv_blocks (`int`, *optional*, defaults to `4`):
             Calls whose key sequence has fewer than this many key blocks run dense: SLA gains nothing there.
+        dense_layers (`tuple` of `int` or `str`, *optional*, defaults to `()`):
+            Attention modules that keep the model's own attention (reason `"dense_layer"` in `sla_summary`): an
+            integer is a transformer block index (counted over the model's top-level `*blocks` lists in module
+            order, negative from the end), a string a glob on the module path (`"transformer_blocks.0.*"`) that also
+            matches the attention modules below a matched path. Applied by `enable_sla` and `set_attn_processor`.
     """
 
     topk: float = field(default=0.2, metadata={"help": "Fraction of key blocks kept for exact attention, in (0, 1]."})
@@ -101,11 +131,17 @@ class SLAConfig:
         default="rest",
         metadata={"help": "Key blocks of the linear branch: 'rest' (not selected), 'all', or 'none' (sparse only)."},
     )
+    protect_text: bool = field(
+        default=True, metadata={"help": "Joint attention: every query block keeps the text tokens' key blocks."}
+    )
     cross_attention: str = field(default="dense", metadata={"help": "Route for cross-attention: 'dense' or 'sla'."})
     masked_attention: str = field(
         default="sla", metadata={"help": "Route for calls with a key padding mask: 'sla' or 'dense'."}
     )
     min_kv_blocks: int = field(default=4, metadata={"help": "Calls with fewer key blocks than this run dense."})
+    dense_layers: tuple = field(
+        default=(), metadata={"help": "Block indices or module-path globs of attention modules kept dense."}
+    )
     # last, so that positional construction keeps its meaning
     fusion: str = field(
         default="sla",
@@ -146,14 +182,16 @@ class SLAConfig:
             raise ValueError(
                 f"`fusion={self.fusion!r}` needs `linear_scope='rest'`, got `linear_scope={self.linear_scope!r}`."
             )
-        tie = _plain(self.tie_feature_map_qk)
-        if not isinstance(tie, bool):
-            raise ValueError(f"`tie_feature_map_qk` must be true or false, got {self.tie_feature_map_qk!r}.")
-        store("tie_feature_map_qk", tie)
+        for name in ("tie_feature_map_qk", "protect_text"):
+            value = _plain(getattr(self, name))
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
+            store(name, value)
         min_kv_blocks = _whole_number(self.min_kv_blocks)
         if min_kv_blocks is None or min_kv_blocks < 0:
             raise ValueError(f"`min_kv_blocks` must be a non-negative integer, got {self.min_kv_blocks!r}.")
         store("min_kv_blocks", min_kv_blocks)
+        store("dense_layers", _layer_selectors("dense_layers", self.dense_layers))
 
     # ----- construction -------------------------------------------------------------------------------------------
 
@@ -227,7 +265,9 @@ class SLAConfig:
     # ----- serialisation ------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["dense_layers"] = list(self.dense_layers)  # what JSON gives back
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

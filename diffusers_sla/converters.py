@@ -9,7 +9,8 @@
 
 Both are pickles: they are read with `torch.load(weights_only=True)`, which refuses anything but tensors and plain
 containers. Both were trained with the thu-ml SLA implementation, whose linear branch covers every key block, hence
-the default `linear_scope="all"` of the converted config.
+the default `linear_scope="all"` of the converted config; it selects text key blocks like any others, hence
+`protect_text=False`.
 
 The target `model` may be a model object (with SLA enabled, or not: then SLA is enabled on an empty copy built from
 its config), a diffusers model folder (a pipeline folder uses its `transformer` subfolder) or a config dict.
@@ -41,7 +42,8 @@ from .serialization import (
 )
 
 # The thu-ml SLA implementation (used by SimpleTuner and TurboDiffusion) runs its linear branch over all key blocks.
-LEGACY_CONFIG_DEFAULTS = {"linear_scope": "all"}
+# thu-ml's SLA: the linear branch over every key block, and no protected text tokens in joint attention
+LEGACY_CONFIG_DEFAULTS = {"linear_scope": "all", "protect_text": False}
 
 _TURBO_WAN_KEY = re.compile(
     r"^(?P<prefix>.*?)blocks\.(?P<block>\d+)\.self_attn\.attn_op\.local_attn\.proj_l\.(?P<name>weight|bias)$"

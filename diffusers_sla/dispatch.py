@@ -29,13 +29,15 @@ Routing policy, decided by the small `*_reason` functions below (the first that 
 
 A processor call that makes no SDPA call at all is counted by `SLAAttnProcessor` as `"attention_backend"` (a
 non-native backend set with `set_attention_backend`), `"linear_attention"` (Sana's linear self-attention) or
-`"no_sdpa_call"`. Dense calls run the original SDPA with the original arguments, so they are exactly what the model
+`"no_sdpa_call"`, and a call of a module listed in `SLAConfig.dense_layers` (never routed) as `"dense_layer"`. Dense
+calls run the original SDPA with the original arguments, so they are exactly what the model
 computed before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ import torch
 
 from .config import SLAConfig
 from .constants import SLA_MODULE_NAME
-from .ops.selection import num_blocks, num_kept_blocks
+from .ops.selection import forced_block_range, num_blocks, num_kept_blocks
 
 # Additive masks hold 0 for kept keys and a large negative number for masked ones (-10000, -inf, finfo.min).
 _ADDITIVE_MASKED_MAX = -1e4
@@ -60,6 +62,8 @@ DENSE_REASONS = (
     "attention_backend",
     "no_sdpa_call",
     "linear_attention",
+    "dense_layer",
+    "dense_step",
 )
 
 
@@ -98,6 +102,8 @@ class RoutingScope:
     attn: torch.nn.Module
     processor: object  # SLAAttnProcessor; typed loosely to avoid an import cycle
     intercepted: int = 0
+    # ("first" | "last", n): the joint sequence's n text tokens sit at its start or end (`processor._text_tokens`)
+    text_tokens: tuple | None = None
 
 
 # ===== The SDPA wrapper =====
@@ -143,10 +149,10 @@ def original_sdpa():
 
 
 @contextmanager
-def routing_scope(attn: torch.nn.Module, processor):
+def routing_scope(attn: torch.nn.Module, processor, text_tokens: tuple | None = None):
     """Route the SDPA calls made by this thread inside the block through `processor`'s policy for module `attn`."""
     install_sdpa_router()
-    scope = RoutingScope(attn, processor)
+    scope = RoutingScope(attn, processor, text_tokens=text_tokens)
     previous = getattr(_local, "scope", None)
     _local.scope = scope
     try:
@@ -188,7 +194,8 @@ def _route_in_scope(scope: RoutingScope, args: tuple, kwargs: dict):
         with _no_routing():
             return _original_sdpa(*args, **kwargs)
     with _no_routing():
-        out, density = _run_sla(attn, processor, call, decision.key_padding_mask, decision.deferred_mask)
+        out, density = _run_sla(attn, processor, call, decision.key_padding_mask, decision.deferred_mask,
+                                scope.text_tokens)
     record_call(attn, None, density)
     return out
 
@@ -336,17 +343,42 @@ def route_attention_call(attn: torch.nn.Module, config: SLAConfig, call: dict) -
 # ===== Running SLA =====
 
 
-def _density(config: SLAConfig, key_lengths: list[int]) -> float:
-    """Kept key blocks / all key blocks, averaged over the samples (each keeps the same count per query block)."""
+def _density(config: SLAConfig, key_lengths: list[int], forced: list[int] | None = None) -> float:
+    """Kept key blocks / all key blocks, averaged over the samples (each keeps the same count per query block);
+    `forced[i]`: sample i's forced (text) key blocks, which count as kept."""
     values = []
-    for length in key_lengths:
+    for i, length in enumerate(key_lengths):
         n = num_blocks(length, config.blkk)
-        values.append(num_kept_blocks(config.topk, n) / n if n else 0.0)
+        values.append(num_kept_blocks(config.topk, n, forced[i] if forced else 0) / n if n else 0.0)
     return sum(values) / len(values)
 
 
+def forced_text_keys(config: SLAConfig, text_tokens: tuple | None, query_len: int, key_len: int):
+    """The key range (start, end) of a joint call's text tokens when `config.protect_text` protects them, else None.
+    Only self/joint calls (queries and keys the same sequence) hold the text among image tokens."""
+    if not config.protect_text or text_tokens is None or query_len != key_len:
+        return None
+    position, n = text_tokens
+    if not 0 < n < key_len:
+        return None
+    return (0, n) if position == "first" else (key_len - n, key_len)
+
+
+def _forced_counts(config: SLAConfig, forced_keys, keep_rows) -> list[int] | None:
+    # forced key blocks per sample, counted among each sample's kept keys
+    if forced_keys is None:
+        return None
+    start, end = forced_keys
+    counts = []
+    for keep in keep_rows:
+        s, e = (start, end) if keep is None else (int(keep[:start].sum()), int(keep[:end].sum()))
+        lo, hi = forced_block_range(s, e, config.blkk)
+        counts.append(hi - lo)
+    return counts
+
+
 def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: torch.Tensor | None,
-             deferred_mask: torch.Tensor | None = None):
+             deferred_mask: torch.Tensor | None = None, text_tokens: tuple | None = None):
     query, key, value = call["query"], call["key"], call["value"]
     q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
     if k.shape[1] != q.shape[1]:
@@ -354,19 +386,24 @@ def _run_sla(attn: torch.nn.Module, processor, call: dict, key_padding_mask: tor
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     layer = processor._sla_layer_for(attn, q)
+    forced = forced_text_keys(layer.config, text_tokens, q.shape[2], k.shape[2])
     if deferred_mask is not None:
         config, scale = layer.config, call["scale"]
+        start, end = forced or (0, 0)
         out = layer.call_with_weights(lambda weight, bias: masked_sla(
             q, k, v, weight, bias, deferred_mask, query.ndim, config.topk, config.blkq, config.blkk,
-            config.feature_map, config.linear_scope, scale, layer.backend))
+            config.feature_map, config.linear_scope, scale, layer.backend, start, end))
         return (out.squeeze(1) if query.ndim == 3 else out), None  # the density depends on the mask's values
-    out = layer(q, k, v, scale=call["scale"], key_padding_mask=key_padding_mask)
+    # (forced_keys only when set: a layer whose forward was replaced, as the quality study does, keeps working)
+    extra = {} if forced is None else {"forced_keys": forced}
+    out = layer(q, k, v, scale=call["scale"], key_padding_mask=key_padding_mask, **extra)
     if key_padding_mask is None:
-        density = _density(layer.config, [k.shape[2]])
+        density = _density(layer.config, [k.shape[2]], _forced_counts(layer.config, forced, [None]))
     elif torch.compiler.is_compiling():
         density = None  # depends on the mask's values: reading them would break the compiled graph
     else:
-        density = _density(layer.config, key_padding_mask.sum(dim=1).tolist())
+        density = _density(layer.config, key_padding_mask.sum(dim=1).tolist(),
+                           _forced_counts(layer.config, forced, list(key_padding_mask)))
     return (out.squeeze(1) if query.ndim == 3 else out), density
 
 
@@ -440,6 +477,14 @@ def _sla_templated_attention(query, key, value, attn_mask=None, dropout_p=0.0, i
     q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # (B, H, L_local, D)
     layer = processor._sla_layer_for(attn, q)
     config = layer.config
+    if config.protect_text and scope.text_tokens is not None:
+        # each rank's shard holds a piece of the text, so the text is not one key range of the gathered sequence
+        from .processor import _log_once
+
+        _log_once(("cp_protect_text", type(attn)), logging.WARNING,
+                  "SLA under context parallelism (Ulysses) does not protect the text tokens (SLAConfig.protect_text): "
+                  "the joint sequence's text is spread over the shards; these calls select blocks as with "
+                  "protect_text=False.")
     with _no_routing():
         out = layer.call_with_weights(lambda weight, bias: ulysses_sparse_linear_attention(
             q, k, v, weight, bias, group=ulysses_group(_parallel_config), config=config, scale=scale,
@@ -462,7 +507,7 @@ def sla_layer_of(attn: torch.nn.Module):
 
 
 def _masked_forward(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope,
-                    scale, backend):
+                    scale, backend, force_start=0, force_end=0):
     from .ops.api import sparse_linear_attention
 
     batch, heads, query_len, key_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -473,20 +518,23 @@ def _masked_forward(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, bl
     return sparse_linear_attention(
         q, k, v, weight, bias, topk=topk, blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope,
         scale=scale, key_padding_mask=None if bool(keep.all()) else keep, backend=backend,
+        forced_keys=(force_start, force_end) if force_end > force_start else None,
     )
 
 
 @torch.library.custom_op("diffusers_sla::masked_sla", mutates_args=())
 def masked_sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                attn_mask: torch.Tensor, query_ndim: int, topk: float, blkq: int, blkk: int, feature_map: str,
-               linear_scope: str, scale: float | None, backend: str) -> torch.Tensor:
+               linear_scope: str, scale: float | None, backend: str, force_start: int = 0,
+               force_end: int = 0) -> torch.Tensor:
     with torch.no_grad():
         return _masked_forward(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map,
-                               linear_scope, scale, backend).contiguous()
+                               linear_scope, scale, backend, force_start, force_end).contiguous()
 
 
 @masked_sla.register_fake
-def _(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope, scale, backend):
+def _(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope, scale, backend,
+      force_start=0, force_end=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -494,12 +542,12 @@ def _(q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_ma
 def masked_sla_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor, attn_mask: torch.Tensor, query_ndim: int, topk: float, blkq: int,
                         blkk: int, feature_map: str, linear_scope: str, scale: float | None,
-                        backend: str) -> list[torch.Tensor]:
+                        backend: str, force_start: int = 0, force_end: int = 0) -> list[torch.Tensor]:
     def recompute():
         inputs = [t.detach().requires_grad_(True) for t in (q, k, v, weight, bias)]
         with torch.enable_grad():
             out = _masked_forward(*inputs, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope,
-                                  scale, backend)
+                                  scale, backend, force_start, force_end)
             grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
         # laid out as the fake impl says (`empty_like` keeps each input's strides): compiled code views them so
         return [torch.zeros_like(t) if g is None else torch.empty_like(t).copy_(g) for t, g in zip(inputs, grads)]
@@ -532,7 +580,7 @@ def _backward_worker():
 
 @masked_sla_backward.register_fake
 def _(grad, q, k, v, weight, bias, attn_mask, query_ndim, topk, blkq, blkk, feature_map, linear_scope, scale,
-      backend):
+      backend, force_start=0, force_end=0):
     return [torch.empty_like(t) for t in (q, k, v, weight, bias)]
 
 
@@ -544,7 +592,7 @@ def _masked_setup_context(ctx, inputs, output):
 def _masked_backward(ctx, grad):
     q, k, v, weight, bias, attn_mask = ctx.saved_tensors
     dq, dk, dv, dweight, dbias = masked_sla_backward(grad, q, k, v, weight, bias, attn_mask, *ctx.settings)
-    return dq, dk, dv, dweight, dbias, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dweight, dbias, None, None, None, None, None, None, None, None, None, None, None
 
 
 masked_sla.register_autograd(_masked_backward, setup_context=_masked_setup_context)

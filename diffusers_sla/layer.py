@@ -138,6 +138,7 @@ class SparseLinearAttention(nn.Module):
         v: torch.Tensor,
         scale: float | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        forced_keys: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"This layer was built for head_dim={self.head_dim}, got q of shape {tuple(q.shape)}.")
@@ -146,7 +147,8 @@ class SparseLinearAttention(nn.Module):
             ratio = dict(ratio_weight=self.fusion_ratio_weight, ratio_bias=self.fusion_ratio_bias)
         return self.call_with_weights(lambda weight, bias: sparse_linear_attention(
             q, k, v, weight, bias,
-            config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend, **ratio,
+            config=self.config, scale=scale, key_padding_mask=key_padding_mask, backend=self.backend,
+            forced_keys=forced_keys, **ratio,
         ))
 
     def call_with_weights(self, function):

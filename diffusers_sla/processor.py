@@ -28,6 +28,8 @@ How it fits into diffusers:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fnmatch
 import functools
 import inspect
 import itertools
@@ -64,6 +66,26 @@ _QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
 # Dense reasons that follow the configured policy (logged at INFO); the others mean SLA did not run where a user
 # probably expected it (logged at WARNING).
 _POLICY_REASONS = frozenset({"cross_attention", "short_sequence", "key_padding_mask", "linear_attention"})
+# Set on attention modules that `SLAConfig.dense_layers` keeps on the model's own attention.
+DENSE_LAYER_ATTR = "_sla_dense_layer"
+
+# Where each joint-attention processor puts the text tokens in the sequence it hands to SDPA (diffusers 0.42.1):
+# Flux and QwenImage `cat([text, image])`, CogVideoX `cat([encoder_hidden_states, hidden_states])`, SD3's joint
+# processors and HunyuanVideo's (double and single blocks) `cat([image, text])`. The text length is
+# `encoder_hidden_states.shape[1]`, or, for Flux's single-stream blocks (whose processor gets the joint sequence with
+# no `encoder_hidden_states`), the block's `encoder_hidden_states` recorded by `_record_single_block_text`.
+JOINT_TEXT_POSITION = {
+    "FluxAttnProcessor": "first", "FluxIPAdapterAttnProcessor": "first", "FluxAttnProcessor2_0": "first",
+    "FusedFluxAttnProcessor2_0": "first", "QwenDoubleStreamAttnProcessor2_0": "first",
+    "CogVideoXAttnProcessor2_0": "first", "FusedCogVideoXAttnProcessor2_0": "first",
+    "JointAttnProcessor2_0": "last", "FusedJointAttnProcessor2_0": "last", "SD3IPAdapterJointAttnProcessor2_0": "last",
+    "HunyuanVideoAttnProcessor2_0": "last",
+}
+# Blocks that concatenate text and image before their attention module: (class name, the attention child's name).
+_SINGLE_STREAM_BLOCKS = {"FluxSingleTransformerBlock": "attn"}
+_BLOCK_TEXT_ATTR = "_sla_block_text_tokens"
+# Set on attention modules while `sla_dense_steps` runs the current denoising step dense.
+DENSE_STEP_ATTR = "_sla_dense_step"
 
 _logged_once: set = set()
 _instance_numbers = itertools.count()
@@ -199,7 +221,11 @@ class SLAAttnProcessor:
             check_context_parallel(parallel, f"SLAAttnProcessor in {type(attn).__name__}")
             install_context_parallel_router()
         kwargs = self._kwargs_for(attn, inner, kwargs)
-        with routing_scope(attn, self) as scope:
+        if attn.__dict__.get(DENSE_LAYER_ATTR, False) or attn.__dict__.get(DENSE_STEP_ATTR, False):
+            # a layer or a step the user keeps dense: the module's own processor, its attention call not routed
+            record_call(attn, "dense_layer" if attn.__dict__.get(DENSE_LAYER_ATTR, False) else "dense_step")
+            return inner(attn, *args, **kwargs)
+        with routing_scope(attn, self, _text_tokens(attn, inner, args, kwargs)) as scope:
             output = inner(attn, *args, **kwargs)
         if scope.intercepted == 0:
             self._record_uncaught_call(attn, inner)
@@ -311,6 +337,48 @@ class SLAAttnProcessor:
         level = logging.INFO if reason in _POLICY_REASONS else logging.WARNING
         _log_once((self._log_key, reason), level, f"SLA: {messages[reason]} (first seen in {type(attn).__name__}; "
                   "counted per layer in `sla_summary(model)`).")
+
+
+def is_joint_attention(attn: nn.Module) -> bool:
+    """Whether `attn` runs a joint text+image processor, where `SLAConfig.protect_text` changes results."""
+    return type(attn.__dict__.get(INNER_PROCESSOR_ATTR)).__name__ in JOINT_TEXT_POSITION
+
+
+def operator_differences_for(attn: nn.Module, installed: SLAConfig, stored: SLAConfig) -> dict:
+    """`installed.operator_differences(stored)`, less `protect_text` where `attn` has no text to protect."""
+    differences = installed.operator_differences(stored)
+    if "protect_text" in differences and not is_joint_attention(attn):
+        del differences["protect_text"]
+    return differences
+
+
+def _text_tokens(attn: nn.Module, inner, args: tuple, kwargs: dict) -> tuple | None:
+    """("first" | "last", n): where a joint-attention call's n text tokens sit (`JOINT_TEXT_POSITION`), or None."""
+    position = JOINT_TEXT_POSITION.get(type(inner).__name__)
+    if position is None:
+        return None
+    encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (
+        args[1] if len(args) > 1 else None)
+    if isinstance(encoder, torch.Tensor) and encoder.ndim == 3:
+        return (position, encoder.shape[1])
+    recorded = attn.__dict__.get(_BLOCK_TEXT_ATTR)
+    return None if recorded is None else (position, recorded)
+
+
+def _record_single_block_text(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    # forward pre-hook of a single-stream block: its attention module sees text + image as one sequence
+    encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (
+        args[1] if len(args) > 1 else None)
+    attn = block._modules.get(_SINGLE_STREAM_BLOCKS[type(block).__name__])
+    if attn is not None:
+        attn.__dict__[_BLOCK_TEXT_ATTR] = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
+
+
+def _hook_single_stream_blocks(model: nn.Module) -> None:
+    for block in model.modules():
+        if type(block).__name__ in _SINGLE_STREAM_BLOCKS and not block.__dict__.get("_sla_text_hook"):
+            block.register_forward_pre_hook(_record_single_block_text, with_kwargs=True)
+            block.__dict__["_sla_text_hook"] = True
 
 
 def _call_parameters(processor) -> tuple[frozenset, bool]:
@@ -467,7 +535,7 @@ def _replay_into_module(attn: nn.Module, processor: "SLAAttnProcessor") -> None:
     head_dim = _infer_head_dim(attn) or tensors[0].shape[-1]
     layer = existing if isinstance(existing, SparseLinearAttention) else SparseLinearAttention(
         head_dim, config=processor.config, backend=processor.backend)
-    differences = processor.config.operator_differences(weights.config_for(path))
+    differences = operator_differences_for(attn, processor.config, weights.config_for(path))
     if differences:
         fields = ", ".join(f"`{n}` (set {a!r}, file {b!r})" for n, (a, b) in differences.items())
         raise ValueError(f"set_processor(SLAAttnProcessor) on {path!r}: the SLA config differs from the one the "
@@ -613,6 +681,7 @@ def enable_sla(
     backend: str = "auto",
     sla_layers: dict[str, SparseLinearAttention] | None = None,
     strict: bool = True,
+    layer_topk=None,
     **overrides,
 ) -> SLAAttnProcessor:
     """Run SLA in every attention module of a model, or of a pipeline's denoiser(s).
@@ -632,6 +701,12 @@ def enable_sla(
             load location is replayed: when `False`, a config that differs from `config` and missing or extra layers
             are warnings instead of errors (as in `load_sla`). On an error SLA is not installed: the model is left
             as it was.
+        layer_topk (`dict` or callable, *optional*): a `topk` per layer. A dict maps layer selectors (block indices
+            and module-path globs, as in `SLAConfig.dense_layers`; the first that matches wins, each must match some
+            attention module) to a `topk`; a callable takes the attention module's path (as `sla_summary` prints it)
+            and returns a `topk`, or None for the config's. Those modules get a processor of their own with that
+            `topk`; the sidecar saves it per layer (`sla_layer_configs`), and `enable_sla(model)` after
+            `from_pretrained` restores it.
 
     Every module that will run SLA (softmax attention, not a cross-attention module kept dense by the policy) gets
     its own `attn.sla` up front (float32, on the module's device). Calling `enable_sla` again changes the config and
@@ -667,6 +742,7 @@ def enable_sla(
             )
         modules_of.append(modules)
     # All or nothing: check what can be checked before touching anything, and undo every model on a later error.
+    _check_selectors("dense_layers", processor.config.dense_layers, targets)
     known = {_join(prefix, path) for (prefix, _), modules in zip(targets, modules_of) for path, _ in modules}
     unknown = sorted(set(sla_layers) - known)
     if unknown:
@@ -674,18 +750,57 @@ def enable_sla(
             f"`sla_layers`: no attention module at {unknown} in this model (nothing was changed); its attention "
             f"modules are {_short(sorted(known))}."
         )
+    own = _per_layer_processors(processor, layer_topk, targets, modules_of)
     snapshots = [_snapshot(model) for _, model in targets]
     try:
         with _model_install():
             for (prefix, model), modules in zip(targets, modules_of):
-                for _, attn in modules:
-                    attn.set_processor(processor)
+                for path, attn in modules:
+                    attn.set_processor(own.get(_join(prefix, path), processor))
                 _complete_install(model, prefix, sla_layers, strict=strict)
     except BaseException:
         for snapshot in snapshots:
             _restore(snapshot)
         raise
     return processor
+
+
+def _per_layer_processors(processor: "SLAAttnProcessor", layer_topk, targets, modules_of) -> dict:
+    """`{path: SLAAttnProcessor}` for the modules `layer_topk` gives a `topk` other than the processor's (one
+    processor per distinct value). Every value is checked before the caller touches the model."""
+    if layer_topk is None:
+        return {}
+    if not (isinstance(layer_topk, dict) or callable(layer_topk)):
+        raise ValueError("`layer_topk` must be a dict {block index or module-path glob: topk} or a callable "
+                         f"(module path) -> topk, got {type(layer_topk).__name__}.")
+    wanted = {}
+    if isinstance(layer_topk, dict):
+        from .config import _layer_selectors
+
+        selectors = _layer_selectors("layer_topk", list(layer_topk))  # the same rules as `dense_layers`
+        values = dict(zip(selectors, layer_topk.values()))
+        _check_selectors("layer_topk", selectors, targets)
+        for (prefix, model), modules in zip(targets, modules_of):
+            matched = select_layers(model, prefix, selectors, [path for path, _ in modules])[0]
+            wanted.update({_join(prefix, path): values[selector] for path, selector in matched.items()})
+    else:
+        for (prefix, _), modules in zip(targets, modules_of):
+            for path, _ in modules:
+                value = layer_topk(_join(prefix, path))
+                if value is not None:
+                    wanted[_join(prefix, path)] = value
+    made, own = {}, {}
+    for path, value in wanted.items():
+        try:
+            config = dataclasses.replace(processor.config, topk=value)
+        except ValueError as err:
+            raise ValueError(f"`layer_topk` for {path}: {err}") from None
+        if config.topk == processor.config.topk:
+            continue
+        if config.topk not in made:
+            made[config.topk] = SLAAttnProcessor(config, backend=processor.backend)
+        own[path] = made[config.topk]
+    return own
 
 
 def _short(items, limit: int = 6) -> str:
@@ -724,7 +839,7 @@ def _snapshot_modules(modules) -> list[tuple]:
         rows.append((
             attn, attn.__dict__.get("processor"), attn._modules.get("processor"), attn.__dict__.get(INNER_PROCESSOR_ATTR),
             layer, getattr(layer, "config", None), getattr(layer, "backend", None),
-            getattr(layer, _REPLAYED_ATTR, None),
+            getattr(layer, _REPLAYED_ATTR, None), attn.__dict__.get(DENSE_LAYER_ATTR),
         ))
     return rows
 
@@ -732,7 +847,10 @@ def _snapshot_modules(modules) -> list[tuple]:
 def _restore(snapshot: list[tuple]) -> None:
     from .serialization import _REPLAYED_ATTR
 
-    for attn, plain, child, inner, layer, config, backend, replayed in snapshot:
+    for attn, plain, child, inner, layer, config, backend, replayed, dense in snapshot:
+        attn.__dict__.pop(DENSE_LAYER_ATTR, None)
+        if dense is not None:
+            attn.__dict__[DENSE_LAYER_ATTR] = dense
         attn.__dict__.pop("processor", None)
         attn._modules.pop("processor", None)
         if plain is not None:
@@ -759,12 +877,22 @@ def _restore(snapshot: list[tuple]) -> None:
 def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, SparseLinearAttention]) -> None:
     """Give every module of `model` running an `SLAAttnProcessor` its own SLA layer, up front: re-attached from
     `sla_layers` (popped) when given there, kept (with the processor's config) when it has one, else new and
-    zero-initialised. Modules that will not run SLA (linear attention, cross-attention kept dense) get none."""
-    for path, attn in model.named_modules():
-        processor = getattr(attn, "processor", None)
-        if not _is_attention_module(attn) or not isinstance(processor, SLAAttnProcessor):
-            continue
+    zero-initialised. Modules that will not run SLA (linear attention, cross-attention kept dense, the config's
+    `dense_layers`) get none; a dense layer keeps the SLA layer it had (its weights are saved and loaded as before)."""
+    installed = [(path, attn) for path, attn in model.named_modules()
+                 if _is_attention_module(attn) and isinstance(getattr(attn, "processor", None), SLAAttnProcessor)]
+    paths, matched = [p for p, _ in installed], {}
+    dense = set()
+    for path, attn in installed:
+        selectors = attn.processor.config.dense_layers
+        if selectors not in matched:  # (one match per distinct setting, not per module)
+            matched[selectors] = select_layers(model, prefix, selectors, paths)[0] if selectors else {}
+        if path in matched[selectors]:
+            dense.add(path)
+    for path, attn in installed:
+        processor = attn.processor
         layer_stats(attn)  # exists before any call, so compiled code never sees it appear
+        attn.__dict__[DENSE_LAYER_ATTR] = path in dense
         existing = attn._modules.get(SLA_MODULE_NAME)
         reused = sla_layers.pop(_join(prefix, path), None)
         if reused is not None:
@@ -773,7 +901,7 @@ def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, Spar
         if isinstance(existing, SparseLinearAttention):
             existing.config, existing.backend = processor.config, processor.backend
             continue
-        if not _expects_sla(attn, processor.config):
+        if path in dense or not _expects_sla(attn, processor.config):
             continue
         head_dim = _infer_head_dim(attn)
         if head_dim is None:
@@ -784,6 +912,62 @@ def _attach_sla_layers(model: nn.Module, prefix: str, sla_layers: dict[str, Spar
             continue
         layer = SparseLinearAttention(head_dim, config=processor.config, backend=processor.backend)
         attn.add_module(SLA_MODULE_NAME, layer.to(_module_device(attn)))
+
+
+def _block_paths(model: nn.Module) -> list[str]:
+    """The model's transformer blocks in module order: the items of its top-level `nn.ModuleList`s named `*blocks`
+    (Flux: `transformer_blocks.*` then `single_transformer_blocks.*`)."""
+    paths = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList) and name.endswith("blocks"):
+            paths += [f"{name}.{index}" for index in range(len(child))]
+    return paths
+
+
+def _glob_matches(pattern: str, path: str) -> bool:
+    # a pattern naming a module also names the attention modules below it ("transformer_blocks.0")
+    parts = path.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:n]), pattern) for n in range(1, len(parts) + 1))
+
+
+def select_layers(model: nn.Module, prefix: str, selectors, paths) -> tuple[dict, list]:
+    """Match layer selectors (block indices and module-path globs, see `SLAConfig.dense_layers`) against the
+    attention module `paths` of `model` (whose paths in a pipeline start with `prefix`). Returns
+    `({path: first matching selector}, [selectors matching none of them])`."""
+    blocks = _block_paths(model)
+    matched, unmatched = {}, []
+    for selector in selectors:
+        if isinstance(selector, int):
+            if not -len(blocks) <= selector < len(blocks):
+                unmatched.append(selector)
+                continue
+            block = blocks[selector]
+            hits = [p for p in paths if p == block or p.startswith(block + ".")]
+        else:
+            hits = [p for p in paths if _glob_matches(selector, p) or _glob_matches(selector, _join(prefix, p))]
+        if not hits:
+            unmatched.append(selector)
+        for path in hits:
+            matched.setdefault(path, selector)
+    return matched, unmatched
+
+
+def _check_selectors(name: str, selectors, targets) -> None:
+    """Raise when a layer selector matches no attention module of any of `targets` ((prefix, model) pairs)."""
+    if not selectors:
+        return
+    unmatched = None
+    for prefix, model in targets:
+        paths = [path for path, m in model.named_modules() if _is_attention_module(m)]
+        missed = select_layers(model, prefix, selectors, paths)[1]
+        unmatched = missed if unmatched is None else [s for s in unmatched if s in missed]
+    if unmatched:
+        prefix, model = targets[0]
+        raise ValueError(
+            f"`{name}`: {unmatched} match no attention module (nothing was changed). Integers are indices of the "
+            f"{len(_block_paths(model))} transformer blocks of {type(model).__name__} (negative from the end); "
+            f"strings are globs on module paths such as {_short([_join(prefix, p) for p, m in model.named_modules() if _is_attention_module(m)], 3)}."
+        )
 
 
 def _has_sla_layers(model: nn.Module) -> bool:
@@ -798,6 +982,7 @@ def _complete_install(model: nn.Module, prefix: str, sla_layers: dict[str, Spars
     from .serialization import on_sla_enabled
 
     _attach_sla_layers(model, prefix, sla_layers)
+    _hook_single_stream_blocks(model)
     _declare_fp32_layers(model)
     on_sla_enabled(model, strict=strict)
 
@@ -835,6 +1020,9 @@ def _wrap_set_attn_processor() -> None:
         installs_sla = any(isinstance(value, SLAAttnProcessor) for value in values)  # before diffusers pops the dict
         if not installs_sla:
             return original(self, processor)
+        for value in values:
+            if isinstance(value, SLAAttnProcessor):
+                _check_selectors("dense_layers", value.config.dense_layers, [("", self)])
         snapshot = _snapshot(self)
         try:
             with _model_install():
@@ -876,6 +1064,7 @@ def disable_sla(pipe_or_model) -> dict[str, SparseLinearAttention]:
                     _disabling.active = False
             _set_inner_processor(attn, None)
             attn.__dict__.pop("_sla_stats", None)
+            attn.__dict__.pop(DENSE_LAYER_ATTR, None)
             layer = attn._modules.pop(SLA_MODULE_NAME, None)
             if layer is not None:
                 removed[_join(prefix, path)] = layer
@@ -1010,6 +1199,68 @@ def sla_summary(pipe_or_model) -> SLASummary:
             compiled_route=stats.compiled_route, compiled_density=stats.compiled_density,
         ))
     return SLASummary(layers)
+
+
+@contextlib.contextmanager
+def sla_dense_steps(pipe, steps: int):
+    """Run the first `steps` denoising steps of every call of `pipe` inside the block with dense attention (the
+    model's own), the later ones with SLA; `sla_summary` counts the dense ones with reason `dense_step`.
+
+        with sla_dense_steps(pipe, 2):
+            image = pipe(prompt, num_inference_steps=28).images[0]
+
+    Works with any diffusers pipeline whose denoising loop calls `pipe.scheduler.step` once per step (every
+    pipeline in diffusers does): a pipeline call starts dense when it sets the scheduler's timesteps
+    (`set_timesteps`), and each `scheduler.step` counts a finished step. True CFG, several calls per step and several
+    denoisers (Wan 2.2's `transformer_2`) are covered: the switch is on the attention modules. Under torch.compile
+    the switch is a Python attribute of each attention module, so each compiled region is compiled twice (dense and
+    SLA) on its first steps and then reused: no recompilation per step."""
+    from numbers import Integral
+
+    if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 0:
+        raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not callable(getattr(scheduler, "step", None)):
+        raise ValueError(f"`pipe`: sla_dense_steps needs a diffusers pipeline with a `scheduler`, got "
+                         f"{type(pipe).__name__}.")
+    modules = [attn for _, attn in _sla_modules(pipe)]
+    if not modules:
+        raise ValueError("`pipe` runs no SLA: call `enable_sla(pipe)` before `sla_dense_steps`.")
+    done = [0]
+
+    def switch():
+        dense = done[0] < steps
+        for attn in modules:
+            attn.__dict__[DENSE_STEP_ATTR] = dense
+
+    original_step, original_set = scheduler.__dict__.get("step"), scheduler.__dict__.get("set_timesteps")
+    step_method, set_method = scheduler.step, getattr(scheduler, "set_timesteps", None)
+
+    @functools.wraps(step_method)
+    def step(*args, **kwargs):
+        output = step_method(*args, **kwargs)
+        done[0] += 1
+        switch()
+        return output
+
+    def set_timesteps(*args, **kwargs):
+        done[0] = 0  # a new pipeline call
+        switch()
+        return set_method(*args, **kwargs)
+
+    scheduler.step = step
+    if set_method is not None:
+        scheduler.set_timesteps = functools.wraps(set_method)(set_timesteps)
+    switch()
+    try:
+        yield
+    finally:
+        for name, original in (("step", original_step), ("set_timesteps", original_set)):
+            scheduler.__dict__.pop(name, None)
+            if original is not None:
+                scheduler.__dict__[name] = original
+        for attn in modules:
+            attn.__dict__.pop(DENSE_STEP_ATTR, None)
 
 
 def reset_sla_stats(pipe_or_model) -> None:

@@ -279,6 +279,9 @@ def read_sla_file(path: str | os.PathLike) -> SLAWeightsFile:
         )
     try:
         config_values = json.loads(metadata[METADATA_CONFIG_KEY])
+        if isinstance(config_values, dict) and "protect_text" not in config_values:
+            # written before text protection existed: those weights were trained and served without it
+            config_values = {**config_values, "protect_text": False}
         # A newer diffusers-sla may have added routing fields: drop them with a warning, keep the operator.
         config = SLAConfig.from_dict(config_values, allow_unknown=True)
     except (KeyError, TypeError, ValueError) as err:
@@ -351,7 +354,10 @@ class SLALoadResult(NamedTuple):
 def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     """Check `weights` against the SLA layers of `model` without touching it. Returns the `(parameter, tensor)` pairs
     to copy and the `SLALoadResult`; raises `ValueError` listing every problem."""
+    from .processor import operator_differences_for
+
     layers = {path: layer for path, _, layer in iter_sla_layers(model)}
+    modules = {path: attn for path, attn, _ in iter_sla_layers(model)}
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no SLA layers: call `enable_sla` before loading SLA weights into it."
@@ -364,7 +370,10 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
 
     file_keys = set(weights.tensors)
     missing_keys = sorted(set(params) - file_keys)
-    unexpected = sorted(file_keys - set(params))
+    # entries of layers the config keeps dense (`dense_layers`) are expected: they are simply not used
+    dense_entries = {name for path, module in model.named_modules() if module.__dict__.get("_sla_dense_layer")
+                     and path not in layers for name in sla_entry_names(path)}
+    unexpected = sorted(file_keys - set(params) - dense_entries)
     missing_layers = sorted({params[k][0] for k in missing_keys})
     common = [k for k in params if k in file_keys]
 
@@ -402,7 +411,7 @@ def _plan_load(model: nn.Module, weights: SLAWeightsFile, strict: bool):
     by_layer: dict[str, tuple[SLAConfig, dict]] = {}
     for path in sorted({params[k][0] for k in common}):
         installed = adopt.get(path, layers[path].config)
-        layer_differences = installed.operator_differences(weights.config_for(path))
+        layer_differences = operator_differences_for(modules[path], installed, weights.config_for(path))
         if layer_differences:
             by_layer[path] = (installed, layer_differences)
         for name, values in layer_differences.items():

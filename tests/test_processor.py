@@ -740,14 +740,15 @@ def test_lora_on_qkv(order):
 
 
 def test_summary_reports_density_and_resets():
-    model, make_inputs = build_tiny_model("sd3")  # 72 joint keys = 3 blocks of 32; topk 0.5 keeps 1 of 3
+    # 72 joint keys = 3 blocks of 32, the text in the last: topk 0.5 keeps 1 of the 2 others, plus the text block
+    model, make_inputs = build_tiny_model("sd3")
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     _run(model, make_inputs(seed=20))
     summary = sla_summary(model)
     assert [layer.path for layer in summary.layers] == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
-    assert summary.mean_density == pytest.approx(1 / 3)
+    assert summary.mean_density == pytest.approx(2 / 3)
     table = summary.table()
-    assert "transformer_blocks.1.attn" in table and "0.333" in table and str(summary) == table
+    assert "transformer_blocks.1.attn" in table and "0.667" in table and str(summary) == table
     assert summary.to_dict()["layers"][0]["sla_calls"] == 1
     assert summary["transformer_blocks.0.attn"].sla_calls == 1
     reset_sla_stats(model)

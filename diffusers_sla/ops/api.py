@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..config import SLAConfig
+from .selection import forced_block_range
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def sparse_linear_attention(
     backend: str = "auto",
     ratio_weight: torch.Tensor | None = None,
     ratio_bias: torch.Tensor | None = None,
+    forced_keys: tuple[int, int] | None = None,
     **overrides,
 ) -> torch.Tensor:
     """Sparse-Linear Attention.
@@ -215,6 +217,10 @@ def sparse_linear_attention(
         ratio_weight, ratio_bias (`torch.Tensor`, *optional*): (head_dim,) and (1,) float32 parameters of the
             `fusion="ratio"` gate `sigmoid(q . ratio_weight + ratio_bias)`; required with that fusion, unused
             otherwise.
+        forced_keys (`tuple`, *optional*): a key range `(start, end)` (token indices into Lk, before any
+            `key_padding_mask` is applied) whose key blocks every query block attends to exactly, e.g. a joint
+            attention's text tokens. `topk` then applies to the other key blocks, the forced ones come on top
+            (`selection.num_kept_blocks`).
 
     Returns:
         `torch.Tensor` of shape (batch, heads, Lq, head_dim) and q's dtype.
@@ -234,10 +240,16 @@ def sparse_linear_attention(
     name = resolve_backend(backend, q.device, q.dtype)
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, k)
+    if forced_keys is not None:
+        start, end = (int(x) for x in forced_keys)
+        if not 0 <= start <= end <= k.shape[2]:
+            raise ValueError(f"`forced_keys` must be (start, end) with 0 <= start <= end <= Lk={k.shape[2]}, got "
+                             f"{forced_keys!r}.")
+        forced_keys = (start, end) if end > start else None
     if q.numel() == 0:
         return _empty_output(q, k, v, *((proj_weight, proj_bias) if cfg.linear_scope != "none" else (None, None)))
     with _autocast_disabled(q.device):
-        return _run(_load_backend(name), q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask,
+        return _run(_load_backend(name), q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask, forced_keys,
                     ratio_weight, ratio_bias)
 
 
@@ -257,7 +269,18 @@ def _autocast_disabled(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask, ratio_weight=None, ratio_bias=None):
+def _forced(forced_keys, blkk: int, keep: torch.Tensor | None = None):
+    """`forced_keys` as the backends' `forced_blocks` argument, counted among the kept keys `keep` (bool (Lk,))."""
+    if forced_keys is None:
+        return {}
+    start, end = forced_keys
+    if keep is not None:  # the range among the keys that remain once the masked ones are dropped
+        start, end = int(keep[:start].sum()), int(keep[:end].sum())
+    return {"forced_blocks": forced_block_range(start, end, blkk)} if end > start else {}
+
+
+def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask, forced_keys=None, ratio_weight=None,
+         ratio_bias=None):
     kwargs = dict(
         topk=cfg.topk, blkq=cfg.blkq, blkk=cfg.blkk, feature_map=cfg.feature_map,
         linear_scope=cfg.linear_scope, scale=scale,
@@ -265,15 +288,16 @@ def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask, rati
     if cfg.fusion != "sla":  # the default call stays exactly what it was
         kwargs.update(fusion=cfg.fusion, ratio_weight=ratio_weight, ratio_bias=ratio_bias)
     if key_padding_mask is None:
-        return fn(q, k, v, proj_weight, proj_bias, **kwargs)
+        return fn(q, k, v, proj_weight, proj_bias, **kwargs, **_forced(forced_keys, cfg.blkk))
 
     if bool((key_padding_mask == key_padding_mask[:1]).all()):
         # One pattern for the whole batch (the usual case: CFG pairs, equal prompts): one call over the kept keys.
         keep = key_padding_mask[0].nonzero().squeeze(-1)
+        forced = _forced(forced_keys, cfg.blkk, key_padding_mask[0])
         if keep.numel() == k.shape[2]:
-            return fn(q, k, v, proj_weight, proj_bias, **kwargs)
+            return fn(q, k, v, proj_weight, proj_bias, **kwargs, **forced)
         if keep.numel() > 0:
-            return fn(q, k[:, :, keep], v[:, :, keep], proj_weight, proj_bias, **kwargs)
+            return fn(q, k[:, :, keep], v[:, :, keep], proj_weight, proj_bias, **kwargs, **forced)
     outputs = []
     for b in range(q.shape[0]):
         keep = key_padding_mask[b].nonzero().squeeze(-1)
@@ -284,5 +308,6 @@ def _run(fn, q, k, v, proj_weight, proj_bias, cfg, scale, key_padding_mask, rati
             outputs.append(empty if cfg.linear_scope == "none" else empty + proj_bias.to(q.dtype))
             continue
         kb, vb = k[b : b + 1, :, keep], v[b : b + 1, :, keep]
-        outputs.append(fn(q[b : b + 1], kb, vb, proj_weight, proj_bias, **kwargs))
+        forced = _forced(forced_keys, cfg.blkk, key_padding_mask[b])
+        outputs.append(fn(q[b : b + 1], kb, vb, proj_weight, proj_bias, **kwargs, **forced))
     return torch.cat(outputs, dim=0)

@@ -76,12 +76,14 @@ class _SLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
                 dot_precision, selection=None):
-        # lut None: selected here from selection = (q_sel, k_sel, topk), beside the forward's first kernels
+        # lut None: selected here from selection = (q_sel, k_sel, topk, forced_blocks), beside the forward's first
+        # kernels
         store_bwd = any(ctx.needs_input_grad[:5])
         args = (scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision)
         if lut is None:
-            q_sel, k_sel, topk = selection
-            lut, outs = custom_ops.select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, *args)
+            q_sel, k_sel, topk, forced = selection
+            lut, outs = custom_ops.select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, *args,
+                                                      forced)
         else:
             outs = custom_ops.forward(q, k, v, proj_weight, proj_bias, lut, *args)
         o, lse, den, o_l, rb, zb, ht, zt = outs
@@ -209,20 +211,36 @@ def sla_triton(
     fusion: str = "sla",
     ratio_weight: torch.Tensor | None = None,
     ratio_bias: torch.Tensor | None = None,
+    forced_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """SLA on the Triton kernels: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
+    `forced_blocks` (start, end): key blocks every query block keeps (`selection.select_blocks`).
 
     head_dim up to 128 (any size: non-powers of two run padded inside the kernels); larger heads fall back to the
     PyTorch operator with a warning. The fusions "mass" and "ratio" (`ops/fusion.py`) run the sparse part on the
     kernels and the rest of the fusion in PyTorch (`_fused`)."""
     global _warned_fallback
     _check_args(q, topk, blkq, blkk, feature_map, linear_scope)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        if not _warned_fallback:
+            logger.warning("backend='triton' supports head_dim <= %d; head_dim=%d runs on the PyTorch operator.",
+                           MAX_HEAD_DIM, q.shape[-1])
+            _warned_fallback = True
+        return sla_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
+                             feature_map=feature_map, linear_scope=linear_scope, scale=scale,
+                             forced_blocks=forced_blocks, fusion=fusion,
+                             ratio_weight=ratio_weight, ratio_bias=ratio_bias)
+    forced = (0, 0) if forced_blocks is None else tuple(forced_blocks)
     kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
+    if fusion != "sla":  # the fusions run the sparse part on a block map chosen first (`_fused`)
+        lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
+        return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw, fusion=fusion,
+                                   ratio_weight=ratio_weight, ratio_bias=ratio_bias)
     if _select == "fused" and not torch.compiler.is_compiling():
         # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`)
-        return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk), **kw)
+        return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk, forced), **kw)
     if _select == "fused":
-        lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+        lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk, *forced)
     else:
-        lut = select_blocks(q, k, topk, blkq, blkk)
+        lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
     return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw)

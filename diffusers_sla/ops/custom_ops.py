@@ -22,7 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_bwd, gluon_compat, gluon_fwd, triton_fwd
 from .launch import Launcher
-from .selection import num_blocks, num_kept_blocks
+from .selection import force_scores, num_blocks, num_forced, num_kept_blocks
 from .triton_bwd import _attn_bwd, _attn_bwd_preprocess, _proj_grad
 from .triton_fwd import FEATURE_MAPS, LINEAR_EPS, _attn_fwd, is_cuda
 
@@ -123,12 +123,13 @@ class _Geometry(NamedTuple):
 
 
 def _geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor | None, blkq: int, blkk: int,
-              linear_scope: str, topk: float | None = None) -> _Geometry:
-    """From the block map's shape, or (lut None) from the `topk` the map will be selected with."""
+              linear_scope: str, topk: float | None = None, forced: int = 0) -> _Geometry:
+    """From the block map's shape, or (lut None) from the `topk` (and `forced` block count) the map will be selected
+    with."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk)
+    kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk, forced)
     return _Geometry(B, H, Lq, Lk, D, n_qblk, n_kblk, kept, _block_d(D), linear_scope == "rest",
                      _has_linear(linear_scope, kept, n_kblk), linear_scope != "none")
 
@@ -350,12 +351,14 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
     return out
 
 
-def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
+def _fast_select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int, force_start: int = 0,
+                        force_end: int = 0) -> torch.Tensor:
     """`selection.select_blocks` with its pooling fused into one Triton pass per tensor (the PyTorch version makes
     float32 copies of q and k) and its top-k in one Triton launch (`top_blocks_triton`: the same indices as
     `selection.top_blocks`). Same roundings and the same scores; only the order of the float32 sums inside a block
-    (and of the score products' float32 sums) differs. -> int32 (B, H, n_q, kept), ascending rows."""
-    return _rank_blocks(*_pooled_for_selection(q, k, blkq, blkk), topk)
+    (and of the score products' float32 sums) differs. Key blocks [force_start, force_end) are in every row
+    (`selection.force_scores`). -> int32 (B, H, n_q, kept), ascending rows."""
+    return _rank_blocks(*_pooled_for_selection(q, k, blkq, blkk), topk, (force_start, force_end))
 
 
 def _pooled_for_selection(q, k, blkq, blkk):
@@ -372,9 +375,9 @@ def _block_scores(pooled_q, pooled_k):
     return pooled_q @ pooled_k.transpose(-1, -2)
 
 
-def _rank_blocks(pooled_q, pooled_k, topk):
-    scores = _block_scores(pooled_q, pooled_k)
-    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1]))
+def _rank_blocks(pooled_q, pooled_k, topk, forced_blocks=(0, 0)):
+    scores = force_scores(_block_scores(pooled_q, pooled_k), forced_blocks)
+    return top_blocks_triton(scores, num_kept_blocks(topk, scores.shape[-1], num_forced(forced_blocks)))
 
 
 def top_blocks_triton(scores: torch.Tensor, kept: int) -> torch.Tensor:
@@ -417,10 +420,11 @@ fast_select_blocks = torch.library.custom_op("diffusers_sla::select_blocks", mut
 
 
 @fast_select_blocks.register_fake
-def _(q, k, topk, blkq, blkk):
+def _(q, k, topk, blkq, blkk, force_start=0, force_end=0):
     B, H, Lq, _ = q.shape
     n_kblk = num_blocks(k.shape[2], blkk)
-    return q.new_empty(B, H, num_blocks(Lq, blkq), num_kept_blocks(topk, n_kblk), dtype=torch.int32)
+    kept = num_kept_blocks(topk, n_kblk, num_forced((force_start, force_end)))
+    return q.new_empty(B, H, num_blocks(Lq, blkq), kept, dtype=torch.int32)
 
 
 def _sla_fwd(
@@ -688,18 +692,18 @@ def _side_stream(device_index: int) -> torch.cuda.Stream:
 
 
 def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scale, feature_map, linear_scope, blkq,
-                       blkk, store_bwd, dot_precision):
+                       blkk, store_bwd, dot_precision, forced_blocks=(0, 0)):
     """`select_blocks_fused(q_sel, k_sel, ...)` then `forward(q, k, v, ..., lut, ...)`, -> (lut, forward's outputs).
 
     With `OVERLAP`, outside torch.compile: the same kernels in another order: the linear state on the caller's
     stream and the pooling on a second stream when the tensors are on the GPU (one after the other elsewhere), joined
     before the scores and the top-k. Same outputs, bit for bit."""
     if not OVERLAP or torch.compiler.is_compiling():
-        lut = select_blocks_fused(q_sel, k_sel, topk, blkq, blkk)
+        lut = select_blocks_fused(q_sel, k_sel, topk, blkq, blkk, *forced_blocks)
         return lut, forward(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
                             store_bwd, dot_precision)
     with torch.no_grad():
-        g = _geometry(q, k, None, blkq, blkk, linear_scope, topk)
+        g = _geometry(q, k, None, blkq, blkk, linear_scope, topk, num_forced(forced_blocks))
         side = None
         if q.is_cuda:
             main, side = torch.cuda.current_stream(q.device), _side_stream(q.device.index)
@@ -715,9 +719,9 @@ def select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, scal
                 x.record_stream(main)
         rest_weights = None
         if g.rest and g.has_linear:  # the top-k's launch also builds the 0/1 matrix and z_i (one launch fewer)
-            scores = _block_scores(*pooled)
+            scores = force_scores(_block_scores(*pooled), forced_blocks)
             lut, *rest_weights = top_blocks_and_rest(scores, g.kept, q.dtype, state.zkb, state.z_parts)
         else:
-            lut = _rank_blocks(*pooled, topk)
+            lut = _rank_blocks(*pooled, topk, forced_blocks)
         return lut, _attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state, g, scale, feature_map, blkq, blkk,
                             store_bwd, dot_precision, rest_weights)

@@ -140,15 +140,19 @@ def sla_reference(
     fusion: str = "sla",
     ratio_weight: torch.Tensor | None = None,
     ratio_bias: torch.Tensor | None = None,
+    forced_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The whole SLA operator: q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D) in q's dtype.
 
     `lut` (B, H, n_q, kept), when given, replaces block selection (tests and kernels use it to share one map).
+    `forced_blocks` (start, end): key blocks every query block keeps (`selection.select_blocks`).
     `linear_scope="none"`: the sparse part alone; proj_weight and proj_bias are not read.
     `fusion` "mass" / "ratio" (with `ratio_weight`, `ratio_bias`): the fused combinations of `ops/fusion.py`."""
     if fusion != "sla":
         from .fusion import fused_reference  # fusion.py builds on this module
 
+        if lut is None and forced_blocks is not None:
+            lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
         return fused_reference(q, k, v, proj_weight, proj_bias, topk=topk, blkq=blkq, blkk=blkk,
                                feature_map=feature_map, linear_scope=linear_scope, fusion=fusion, scale=scale,
                                lut=lut, ratio_weight=ratio_weight, ratio_bias=ratio_bias)
@@ -158,7 +162,7 @@ def sla_reference(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if lut is None:
-        lut = select_blocks(q, k, topk, blkq, blkk)
+        lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
 
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
     o_sparse = sparse_attention_reference(qc, kc, vc, lut, blkq, blkk, scale)

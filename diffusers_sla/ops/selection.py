@@ -8,6 +8,11 @@ Everything here stays on the device: no `.item()`, no host synchronisation.
     pooled_k[j] = mean of the real rows of key block j of (k - k.mean(seq))     (B, H, n_k, D)
     score[i, j] = pooled_q[i] . pooled_k[j]
     lut[i]      = indices of the `num_kept_blocks` largest scores of row i (ties: lower index), ascending
+
+Forced key blocks (`forced_blocks=(start, end)`, a range of key block indices, e.g. the blocks holding a joint
+attention's text tokens) are in every row: their scores are set to +inf before the top-k. `topk` then applies to the
+other blocks, and the forced ones come on top: `num_kept_blocks(topk, n, forced)` = forced + `int(topk * (n -
+forced))` (at least 1 of the others while there are any).
 """
 
 from __future__ import annotations
@@ -15,10 +20,33 @@ from __future__ import annotations
 import torch
 
 
-def num_kept_blocks(topk: float, n_key_blocks: int) -> int:
+def num_kept_blocks(topk: float, n_key_blocks: int, forced: int = 0) -> int:
     """Key blocks kept per query block: `int(topk * n)`, but never 0 (the reference returns NaN there) and never
-    more than all blocks."""
+    more than all blocks. With `forced` blocks always kept: those, plus that count over the other blocks."""
+    if forced:
+        rest = n_key_blocks - forced
+        return forced + (num_kept_blocks(topk, rest) if rest > 0 else 0)
     return min(n_key_blocks, max(1, int(topk * n_key_blocks)))
+
+
+def forced_block_range(start: int, end: int, blkk: int) -> tuple[int, int]:
+    """The key blocks that hold key tokens [start, end): (first block, last block + 1); (0, 0) when empty."""
+    if end <= start:
+        return (0, 0)
+    return (start // blkk, num_blocks(end, blkk))
+
+
+def force_scores(scores: torch.Tensor, forced_blocks: tuple[int, int] | None) -> torch.Tensor:
+    """`scores` with the forced key blocks' columns at +inf, so that every top-k row holds them."""
+    if forced_blocks is None or forced_blocks[1] <= forced_blocks[0]:
+        return scores
+    scores = scores.clone()
+    scores[..., forced_blocks[0]:forced_blocks[1]] = float("inf")
+    return scores
+
+
+def num_forced(forced_blocks: tuple[int, int] | None) -> int:
+    return 0 if forced_blocks is None else max(0, forced_blocks[1] - forced_blocks[0])
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -59,10 +87,12 @@ def top_blocks(scores: torch.Tensor, kept: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int) -> torch.Tensor:
-    """Look-up table of selected key blocks: int32 (B, H, n_q, kept), ascending within each row."""
-    scores = block_scores(q, k, blkq, blkk)
-    return top_blocks(scores, num_kept_blocks(topk, scores.shape[-1]))
+def select_blocks(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int, blkk: int,
+                  forced_blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """Look-up table of selected key blocks: int32 (B, H, n_q, kept), ascending within each row; every row holds
+    the `forced_blocks` range (see the module docstring)."""
+    scores = force_scores(block_scores(q, k, blkq, blkk), forced_blocks)
+    return top_blocks(scores, num_kept_blocks(topk, scores.shape[-1], num_forced(forced_blocks)))
 
 
 def lut_to_block_map(lut: torch.Tensor, n_key_blocks: int) -> torch.Tensor:
