@@ -280,6 +280,25 @@ def interpreter_fusion_results():
         def refuse(*args, **kwargs):
             raise AssertionError("fusion 'sla' took the fused path")
 
+        # the public function with backend="triton" must run the fusion it is asked for (not SLA's sum), also with
+        # protected (forced) key blocks
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
+        w, b = torch.randn(16, 16, generator=g) / 4, torch.randn(16, generator=g) * 0.1
+        u, c = torch.randn(16, generator=g) * 0.3, torch.tensor([0.5])
+        public = {}
+        for f in ("mass", "ratio"):
+            for forced in (None, (0, 20)):
+                out = {be: sparse_linear_attention(q, k, v, w, b, topk=0.4, blkq=32, blkk=32, fusion=f,
+                                                   ratio_weight=u if f == "ratio" else None,
+                                                   ratio_bias=c if f == "ratio" else None, forced_keys=forced,
+                                                   backend=be) for be in ("triton", "torch")}
+                sla = sparse_linear_attention(q, k, v, w, b, topk=0.4, blkq=32, blkk=32, forced_keys=forced,
+                                              backend="torch")
+                public[f"{f} forced={forced}"] = [float((out["triton"] - out["torch"]).norm() / out["torch"].norm()),
+                                                  float((sla - out["torch"]).norm() / out["torch"].norm())]
+        results["public"] = public
+
         autograd._fused = refuse  # the default fusion must run the SLA kernels as before
         x = torch.randn(1, 1, 64, 16)
         sparse_linear_attention(x, x, x, torch.eye(16), torch.zeros(16), topk=0.5, blkq=32, blkk=32,
@@ -358,3 +377,12 @@ def test_fusion_probe_runs_and_mass_beats_sla_untuned(capsys):
     cells = [float(x) for x in rows[0].strip("| ").split(" | ")]
     assert 0 < cells[2] < 1 and cells[3] < 0.2  # mass outside; the estimate's log error on tight blocks
     assert cells[5] < cells[4]  # mass closer to full attention than SLA at zero proj_l
+
+
+@pytest.mark.skipif(not is_triton_available(), reason="needs Triton (its interpreter runs the kernels on the CPU)")
+def test_public_triton_backend_runs_the_requested_fusion(interpreter_fusion_results):
+    """`sparse_linear_attention(..., fusion=f, backend="triton")` equals the torch operator's fusion, with and without
+    protected key blocks, and differs from SLA's sum (so a path that ignored `fusion` would fail)."""
+    for case, (triton_err, sla_gap) in interpreter_fusion_results["public"].items():
+        assert triton_err <= 1e-4, f"{case}: relative error {triton_err:.2e}"
+        assert sla_gap > 1e-2, f"{case}: the fusion equals SLA's sum ({sla_gap:.2e})"
