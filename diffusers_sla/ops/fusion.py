@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ALLOWED_FUSIONS
-from .reference import _SCORE_ELEMENTS_PER_CHUNK, _pad_to_blocks, linear_attention_reference
+from .reference import (
+    _SCORE_ELEMENTS_PER_CHUNK, _pad_to_blocks, linear_attention_reference, sparse_attention_reference,
+)
 from .selection import num_blocks, select_blocks
 
 FUSIONS = ALLOWED_FUSIONS
@@ -50,43 +52,6 @@ def _check_fusion(fusion: str, linear_scope: str) -> None:
         raise ValueError(f"`fusion` must be one of {list(FUSIONS)}, got {fusion!r}.")
     if fusion != "sla" and linear_scope != "rest":
         raise ValueError(f"`fusion={fusion!r}` needs `linear_scope='rest'`, got {linear_scope!r}.")
-
-
-# ----- the sparse part with its row statistics ----------------------------------------------------------------------
-
-
-def _sparse_chunk_lse(q_blocks, k_flat, v_flat, key_valid_flat, gather_ids, scale):
-    keys = k_flat[gather_ids].flatten(3, 4)
-    values = v_flat[gather_ids].flatten(3, 4)
-    valid = key_valid_flat[gather_ids].flatten(3, 4)
-    scores = ((q_blocks @ keys.transpose(-1, -2)) * scale).masked_fill(~valid[..., None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # every query block keeps >= 1 block with >= 1 valid key: finite
-    return torch.exp(scores - lse[..., None]) @ values, lse
-
-
-def sparse_attention_with_lse(q, k, v, lut, blkq, blkk, scale):
-    """`reference.sparse_attention_reference` that also returns lse = log Z_sel per query row, (B, H, Lq)."""
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    n_q, n_k = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    kept = lut.shape[-1]
-    q_blocks = _pad_to_blocks(q, blkq)
-    k_flat = _pad_to_blocks(k, blkk).reshape(B * H * n_k, blkk, D)
-    v_flat = _pad_to_blocks(v, blkk).reshape(B * H * n_k, blkk, D)
-    key_valid = (torch.arange(n_k * blkk, device=q.device) < Lk).view(1, n_k, blkk).expand(B * H, n_k, blkk)
-    key_valid_flat = key_valid.reshape(B * H * n_k, blkk)
-    gather_ids = lut.long() + (torch.arange(B * H, device=q.device) * n_k).view(B, H, 1, 1)
-    chunk = max(1, _SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * kept * blkk))
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    outs, lses = [], []
-    for start in range(0, n_q, chunk):
-        args = (q_blocks[:, :, start : start + chunk], k_flat, v_flat, key_valid_flat,
-                gather_ids[:, :, start : start + chunk], scale)
-        o, lse = checkpoint(_sparse_chunk_lse, *args, use_reentrant=False) if needs_grad else _sparse_chunk_lse(*args)
-        outs.append(o)
-        lses.append(lse)
-    o = torch.cat(outs, dim=2).reshape(B, H, n_q * blkq, D)[:, :, :Lq]
-    return o, torch.cat(lses, dim=2).reshape(B, H, n_q * blkq)[:, :, :Lq]
 
 
 # ----- the rest's mass ----------------------------------------------------------------------------------------------
@@ -153,7 +118,7 @@ def fused_reference(q, k, v, proj_weight, proj_bias, *, topk, blkq, blkk, featur
     if lut is None:
         lut = select_blocks(q, k, topk, blkq, blkk)
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
-    o_sparse, lse = sparse_attention_with_lse(qc, kc, vc, lut, blkq, blkk, scale)
+    o_sparse, lse = sparse_attention_reference(qc, kc, vc, lut, blkq, blkk, scale, return_lse=True)
     o_linear = linear_attention_reference(qc, kc, vc, lut, blkq, blkk, feature_map, linear_scope)
     extra = {}
     if fusion == "mass":

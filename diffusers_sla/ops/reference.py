@@ -65,8 +65,21 @@ def _sparse_chunk(q_blocks, k_flat, v_flat, key_valid_flat, gather_ids, scale):
     return torch.softmax(scores, dim=-1) @ values
 
 
-def sparse_attention_reference(q, k, v, lut, blkq, blkk, scale):
-    """Exact softmax attention of each query block over its selected key blocks (`lut`), in q's dtype."""
+def _sparse_chunk_lse(q_blocks, k_flat, v_flat, key_valid_flat, gather_ids, scale):
+    """`_sparse_chunk` that also returns lse = log Z_sel per query row, (B, H, c, blkq)."""
+    keys = k_flat[gather_ids].flatten(3, 4)
+    values = v_flat[gather_ids].flatten(3, 4)
+    valid = key_valid_flat[gather_ids].flatten(3, 4)
+    scores = ((q_blocks @ keys.transpose(-1, -2)) * scale).masked_fill(~valid[..., None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # every query block keeps >= 1 block with >= 1 valid key: finite
+    return torch.exp(scores - lse[..., None]) @ values, lse
+
+
+def sparse_attention_reference(q, k, v, lut, blkq, blkk, scale, return_lse: bool = False):
+    """Exact softmax attention of each query block over its selected key blocks (`lut`), in q's dtype.
+
+    `return_lse`: also return lse = log Z_sel per query row, (B, H, Lq) (the fusions of `ops/fusion.py` weigh the
+    sparse part by it); the output alone keeps `torch.softmax`'s rounding."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_q, n_k = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
@@ -80,6 +93,7 @@ def sparse_attention_reference(q, k, v, lut, blkq, blkk, scale):
     row_base = (torch.arange(B * H, device=q.device) * n_k).view(B, H, 1, 1)
     gather_ids = lut.long() + row_base  # (B, H, n_q, kept)
 
+    chunk_fn = _sparse_chunk_lse if return_lse else _sparse_chunk
     chunk = max(1, _SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * kept * blkk))
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     outputs = []
@@ -87,10 +101,13 @@ def sparse_attention_reference(q, k, v, lut, blkq, blkk, scale):
         args = (q_blocks[:, :, start : start + chunk], k_flat, v_flat, key_valid_flat,
                 gather_ids[:, :, start : start + chunk], scale)
         if needs_grad:
-            outputs.append(checkpoint(_sparse_chunk, *args, use_reentrant=False))
+            outputs.append(checkpoint(chunk_fn, *args, use_reentrant=False))
         else:
-            outputs.append(_sparse_chunk(*args))
-    return torch.cat(outputs, dim=2).reshape(B, H, n_q * blkq, D)[:, :, :Lq]
+            outputs.append(chunk_fn(*args))
+    if not return_lse:
+        return torch.cat(outputs, dim=2).reshape(B, H, n_q * blkq, D)[:, :, :Lq]
+    o = torch.cat([o for o, _ in outputs], dim=2).reshape(B, H, n_q * blkq, D)[:, :, :Lq]
+    return o, torch.cat([lse for _, lse in outputs], dim=2).reshape(B, H, n_q * blkq)[:, :, :Lq]
 
 
 def linear_attention_reference(q, k, v, lut, blkq, blkk, feature_map, linear_scope):
