@@ -27,7 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ALLOWED_FUSIONS
 from .reference import (
-    _SCORE_ELEMENTS_PER_CHUNK, _pad_to_blocks, linear_attention_reference, sparse_attention_reference,
+    _SCORE_ELEMENTS_PER_CHUNK,
+    _pad_to_blocks,
+    linear_attention_reference,
+    sparse_attention_reference,
 )
 from .selection import num_blocks, select_blocks
 
