@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, build_tiny_pipeline, forward_output
+from tiny_models import (
+    TEST_SLA_OVERRIDES,
+    build_tiny_model,
+    build_tiny_pipeline,
+    forward_output,
+    randomize_proj_l,
+)
 
 from diffusers_sla import SparseLinearAttention, iter_sla_layers
 from diffusers_sla.processor import SLAAttnProcessor, disable_sla, enable_sla, sla_summary
@@ -22,14 +28,6 @@ EXACT_ATOL = 1e-4
 def _run(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return forward_output(model, inputs)
-
-
-def _randomize_proj_l(model, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, layer in iter_sla_layers(model):
-            layer.proj_l.weight.copy_(torch.randn(layer.proj_l.weight.shape, generator=gen) * 0.5)
-            layer.proj_l.bias.copy_(torch.randn(layer.proj_l.bias.shape, generator=gen) * 0.1)
 
 
 def _attention_modules(model):
@@ -75,7 +73,7 @@ def test_set_attn_processor_round_trip_keeps_the_users_config():
     model, make_inputs = build_tiny_model("flux")
     inputs = make_inputs(seed=2)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     before = _run(model, inputs)
     configs = _configs(model)
     model.set_attn_processor({name: type(p)() for name, p in model.attn_processors.items()})
@@ -162,7 +160,7 @@ def test_flux_ip_adapter_load_scale_unload_with_sla_match_dense():
 def _saved_wan(tmp_path):
     model, make_inputs = build_tiny_model("wan")
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model, seed=5)
+    randomize_proj_l(model, seed=5)
     model.save_pretrained(tmp_path / "m")
     return make_inputs(seed=6)
 
@@ -241,7 +239,7 @@ def test_accelerate_cpu_offload_in_either_order(order):
     inputs = make_inputs(seed=7)
     reference, _ = build_tiny_model("wan")
     enable_sla(reference, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(reference)
+    randomize_proj_l(reference)
     expected = _run(reference, inputs)
     state = reference.state_dict()
 
@@ -265,7 +263,7 @@ def test_layerwise_casting_keeps_proj_l_float32(storage_dtype):
     model, make_inputs = build_tiny_model("wan")
     inputs = make_inputs(seed=8)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     trained = {path: layer.proj_l.weight.clone() for path, _, layer in iter_sla_layers(model)}
     model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.float32)
     assert any(p.dtype == storage_dtype for p in model.parameters()), "nothing was cast"
@@ -293,7 +291,7 @@ def test_group_offload_runs_sla_with_the_same_output(offload_type):
     model, make_inputs = build_tiny_model("wan")
     inputs = make_inputs(seed=9)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     expected = _run(model, inputs)
     model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
                                offload_type=offload_type, num_blocks_per_group=1)
@@ -317,7 +315,7 @@ def test_compile_from_cold_does_not_recompile(family, how):
     model, make_inputs = build_tiny_model(family)
     inputs = make_inputs(seed=10)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -427,7 +425,7 @@ def test_compiled_masked_blocks_train_like_eager():
     model.train()
     inputs = make_inputs(seed=3)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
 
     def step():
         model.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ from tiny_models import (
     build_tiny_model,
     build_tiny_pipeline,
     forward_output,
+    randomize_proj_l,
 )
 from testing_utils import rel_err, require_cuda
 
@@ -60,14 +61,6 @@ def _expected_dense_reason(family: str, path: str) -> str | None:
         if re.search(pattern, path):
             return reason
     return None
-
-
-def _randomize_proj_l(model, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, layer in iter_sla_layers(model):
-            layer.proj_l.weight.copy_(torch.randn(layer.proj_l.weight.shape, generator=gen) * 0.5)
-            layer.proj_l.bias.copy_(torch.randn(layer.proj_l.bias.shape, generator=gen) * 0.1)
 
 
 def _run(model, inputs) -> torch.Tensor:
@@ -124,7 +117,7 @@ def test_sparse_sla_changes_output_and_runs_in_every_self_attention_layer(family
     reference = _run(model, inputs)
 
     enable_sla(model, topk=0.2, **_family_overrides(family))
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     output = _run(model, inputs)
 
     assert torch.isfinite(output).all()
@@ -144,7 +137,7 @@ def test_compiled_blocks_run_sla_in_one_graph_each_without_recompiling(family):
     model, make_inputs = build_tiny_model(family)
     inputs = make_inputs(seed=3)
     enable_sla(model, topk=0.5, **_family_overrides(family))
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     eager = _run(model, inputs)
     reset_sla_stats(model)
 
@@ -214,7 +207,7 @@ def test_compiled_blocks_train_like_eager():
     model.train()
     inputs = make_inputs(seed=3)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -246,7 +239,7 @@ def test_gpu_compiled_blocks_around_the_triton_kernels_match_eager():
     model = model.cuda().train()
     inputs = {name: value.cuda() for name, value in make_inputs(seed=3).items()}
     enable_sla(model, topk=0.5, backend="triton", **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -279,7 +272,7 @@ def test_gpu_whole_model_replays_from_one_cuda_graph():
     model, make_inputs = build_tiny_model("wan")
     model = model.cuda()
     enable_sla(model, topk=0.5, backend="triton", **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     static = {name: value.cuda() for name, value in make_inputs(seed=3).items()}
     graph, out = capture_cuda_graph(lambda: _run(model, static))
     for seed in (4, 5):
@@ -302,7 +295,7 @@ def test_disable_sla_restores_the_original_model(family):
     state_keys = set(model.state_dict())
 
     enable_sla(model, topk=0.2, **_family_overrides(family))
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     _run(model, inputs)
     removed = disable_sla(model)
 
@@ -418,7 +411,7 @@ def test_enable_sla_creates_one_layer_per_sla_module_up_front():
 def test_enable_sla_again_keeps_trained_weights_and_updates_config():
     model, _ = build_tiny_model("flux")
     enable_sla(model, topk=0.2, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     before = {path: layer.proj_l.weight.clone() for path, _, layer in iter_sla_layers(model)}
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     for path, _, layer in iter_sla_layers(model):
@@ -432,7 +425,7 @@ def test_linear_scope_none_runs_the_sparse_part_alone_and_switching_back_keeps_p
     model, make_inputs = build_tiny_model("wan")
     inputs = make_inputs(seed=9)
     enable_sla(model, topk=0.2, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     trained = _run(model, inputs)
     before = {path: [p.clone() for p in layer.proj_l.parameters()] for path, _, layer in iter_sla_layers(model)}
     enable_sla(model, topk=0.2, linear_scope="none", **TEST_SLA_OVERRIDES)
@@ -461,7 +454,7 @@ def test_disable_then_enable_with_removed_layers_keeps_weights():
     model, make_inputs = build_tiny_model("sd3")
     inputs = make_inputs(seed=8)
     enable_sla(model, topk=0.2, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     trained = _run(model, inputs)
     removed = disable_sla(model)
     enable_sla(model, topk=0.2, sla_layers=removed, **TEST_SLA_OVERRIDES)
@@ -776,7 +769,7 @@ def test_enable_sla_replays_saved_weights_and_their_config(tmp_path):
     model, make_inputs = build_tiny_model("flux")
     inputs = make_inputs(seed=21)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     trained = _run(model, inputs)
     model.save_pretrained(tmp_path)
 
@@ -793,7 +786,7 @@ def test_model_with_sla_survives_deepcopy_and_pickle():
     model, make_inputs = build_tiny_model("flux")
     inputs = make_inputs(seed=22)
     enable_sla(model, topk=0.2, **TEST_SLA_OVERRIDES)
-    _randomize_proj_l(model)
+    randomize_proj_l(model)
     expected = _run(model, inputs)
     buffer = io.BytesIO()
     torch.save(model, buffer)

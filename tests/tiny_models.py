@@ -36,6 +36,17 @@ def forward_output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def randomize_proj_l(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every SLA layer's `proj_l` non-zero weights, so that the linear branch changes the output."""
+    from diffusers_sla import iter_sla_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, layer in iter_sla_layers(model):
+            layer.proj_l.weight.copy_(torch.randn(layer.proj_l.weight.shape, generator=gen) * 0.5)
+            layer.proj_l.bias.copy_(torch.randn(layer.proj_l.bias.shape, generator=gen) * 0.1)
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
