@@ -67,15 +67,20 @@ def test_dense_layers_split_the_model():
     assert sla_summary(tiny.model)[FLUX_DOUBLE].sla_calls == 1
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([2], r"\[2\] match no attention module"),
-    (["nope.*"], r"\['nope\.\*'\] match no attention module"),
+@pytest.mark.parametrize("control, bad, message", [
+    ("dense_layers", [2], r"\[2\] match no attention module"),
+    ("dense_layers", ["nope.*"], r"\['nope\.\*'\] match no attention module"),
+    ("layer_topk", {"nope*": 0.7}, r"`layer_topk`: \['nope\*'\] match no attention module"),
+    ("layer_topk", {"*": 1.5}, r"`layer_topk` for transformer_blocks\.0\.attn: `topk` must be in \(0, 1\]"),
+    ("layer_topk", {1.5: 0.7}, r"`layer_topk` entries must be block indices"),
+    ("layer_topk", lambda path: "x", r"`layer_topk` for transformer_blocks\.0\.attn: `topk` must be a number"),
+    ("layer_topk", [0.7], r"`layer_topk` must be a dict"),
 ])
-def test_dense_layers_matching_nothing_is_an_error_and_changes_nothing(bad, message):
+def test_bad_layer_controls_are_errors_and_change_nothing(control, bad, message):
     tiny = build_tiny_model("flux", seed=0)
     processors = dict(tiny.model.attn_processors)
     with pytest.raises(ValueError, match=message):
-        enable_sla(tiny.model, dense_layers=bad, **TEST_SLA_OVERRIDES)
+        enable_sla(tiny.model, **{control: bad}, **TEST_SLA_OVERRIDES)
     assert dict(tiny.model.attn_processors) == processors
     assert not any(SLA_MODULE_NAME in m._modules for m in tiny.model.modules())
 
@@ -169,22 +174,6 @@ def test_layer_topk_changes_the_output_of_its_layer_only():
         enable_sla(tiny.model, topk=0.1, layer_topk={"*": 1.0}, linear_scope="none", **TEST_SLA_OVERRIDES)
         out = forward_output(tiny.model, inputs)
     assert rel(out, reference) < 1e-5  # topk 1.0 everywhere, sparse only: exact attention
-
-
-@pytest.mark.parametrize("bad, message", [
-    ({"nope*": 0.7}, r"`layer_topk`: \['nope\*'\] match no attention module"),
-    ({"*": 1.5}, r"`layer_topk` for transformer_blocks\.0\.attn: `topk` must be in \(0, 1\]"),
-    ({1.5: 0.7}, r"`layer_topk` entries must be block indices"),
-    (lambda path: "x", r"`layer_topk` for transformer_blocks\.0\.attn: `topk` must be a number"),
-    ([0.7], r"`layer_topk` must be a dict"),
-])
-def test_layer_topk_bad_values_are_errors_and_change_nothing(bad, message):
-    tiny = build_tiny_model("flux", seed=0)
-    processors = dict(tiny.model.attn_processors)
-    with pytest.raises(ValueError, match=message):
-        enable_sla(tiny.model, layer_topk=bad, **TEST_SLA_OVERRIDES)
-    assert dict(tiny.model.attn_processors) == processors
-    assert not any(SLA_MODULE_NAME in m._modules for m in tiny.model.modules())
 
 
 def test_layer_topk_is_saved_and_restored(tmp_path, capsys):
