@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-# the Hopper kernels passed the GPU tests and `kernel.py check` on these releases (H100/H200; benchmarks/NOTES.md)
+# `auto` takes the Hopper kernels only on releases where they passed the GPU tests and `kernel.py check`
 GPU_CHECKED = ((3, 6),)
 # they compile for sm_90a on these, asynchronous and within 3.6's spills (`offline_compile.py --triton-version`)
 COMPILE_CHECKED = ((3, 6), (3, 7), (3, 8), (3, 9))

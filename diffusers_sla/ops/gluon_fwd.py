@@ -50,9 +50,9 @@ def gluon_unavailable_reason() -> str:
 # Launch shape by key-block size, measured on the H100 at the Wan shape (benchmarks/NOTES.md v7):
 # BLOCK_N -> (query rows per program, warps, pipeline stages).
 LAUNCH = {64: (64, 4, 3), 128: (128, 8, 3)}
-# With 64-key tiles the loop keeps q in registers (`_attn_fwd_hopper`, LEAN). Triton 3.9's register allocation then
-# spills 308 B a thread in the loop (3.6: 24 B; `benchmarks/offline_compile.py --triton-version`); with q read from
-# shared memory it spills nothing, for ~2% of the kernel on 3.6 (NOTES.md v13: 1.288 against 1.263 ms).
+# With 64-key tiles the loop keeps q in registers (`_attn_fwd_hopper`, LEAN), except on Triton 3.9, whose register
+# allocation spills in that loop; there q is read from shared memory (`benchmarks/offline_compile.py --triton-version`
+# shows both; the cost is recorded in benchmarks/NOTES.md).
 Q_IN_REGISTERS = gc.TRITON_VERSION < (3, 9)
 
 
