@@ -55,6 +55,7 @@ import math
 import os
 import platform
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -85,6 +86,8 @@ PRESETS = {
         "val_videos": {"4k": 32, "16k": 8},
         "sample_videos": {"4k": 8, "16k": 4},
         "sample_steps": 20,
+        # SLA rows are also sampled with their first denoising steps dense (`sla_dense_steps`): 5 of 20
+        "dense_sample_steps": 5,
         "eval_every": {"4k": 50, "16k": 25},
         "teacher_eval_every": {"4k": 150, "16k": 50},
         "teacher_lr": 5e-4,
@@ -123,6 +126,7 @@ PRESETS = {
         "val_videos": {"toy": 4, "toy2": 2},
         "sample_videos": {"toy": 2, "toy2": 2},
         "sample_steps": 3,
+        "dense_sample_steps": 1,
         "eval_every": {"toy": 4, "toy2": 3},
         "teacher_eval_every": {"toy": 4, "toy2": 3},
         "teacher_lr": 2e-3,
@@ -286,9 +290,12 @@ def sample_labels(n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, n: int, shape: tuple[int, int, int], text_dim: int, steps: int, device, batch: int,
-           seed: int = 4321) -> tuple[torch.Tensor, torch.Tensor]:
+           seed: int = 4321, dense_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Videos drawn with FlowMatchEulerDiscreteScheduler from fixed noise and fixed labels (the same for every
-    variant): (uint8 (n, F, H, W), labels (n,))."""
+    variant): (uint8 (n, F, H, W), labels (n,)). With `dense_steps`, an SLA model runs its first `dense_steps`
+    steps dense through the package's `sla_dense_steps`, as a user's pipeline call would."""
+    from diffusers_sla import sla_dense_steps
+
     gen = torch.Generator().manual_seed(seed)
     labels = sample_labels(n)
     noise = torch.randn((n, 1, *shape), generator=gen)
@@ -299,11 +306,14 @@ def sample(model, n: int, shape: tuple[int, int, int], text_dim: int, steps: int
         x = noise[s : s + batch].to(device)
         cond = conditioning(labels[s : s + batch], text_dim).to(device)
         scheduler = make_scheduler()
-        scheduler.set_timesteps(steps, device=device)
-        for t in scheduler.timesteps:
-            with autocast(device):
-                v = predict(model, x, t.expand(x.shape[0]), cond)
-            x = scheduler.step(v.float(), t, x).prev_sample
+        # the pipeline-shaped object sla_dense_steps expects: the denoiser among `components`, and the scheduler
+        pipe = types.SimpleNamespace(components={"transformer": model}, scheduler=scheduler)
+        with sla_dense_steps(pipe, dense_steps) if dense_steps else contextlib.nullcontext():
+            scheduler.set_timesteps(steps, device=device)
+            for t in scheduler.timesteps:
+                with autocast(device):
+                    v = predict(model, x, t.expand(x.shape[0]), cond)
+                x = scheduler.step(v.float(), t, x).prev_sample
         out.append(to_uint8(x[:, 0]))
     model.train(was_training)
     return torch.cat(out), labels
@@ -980,6 +990,14 @@ def cmd_tune(args) -> None:
                     row["proj_l_weight_rms"] = proj_l_weight_rms(model)
             if variants[name]["kind"] == "ratio":
                 row["ratio_gate"] = ratio_gate_values(model)
+            dense_steps = preset.get("dense_sample_steps", 0)
+            if dense_steps and variants[name]["kind"] in ("sla", "sparse", "mass", "ratio"):
+                with clock.phase("sample"):
+                    runlog.samples[f"{key}@dense"], _ = sample(
+                        model, preset["sample_videos"][length], shape, text_dim,
+                        args.sample_steps or preset["sample_steps"], device, preset["batch"][length],
+                        dense_steps=dense_steps)
+                row["dense_sample_steps"] = dense_steps
             runlog.data["rows"][key] = {"length": length, "variant": row_name, "seed": seed, "how": how,
                                         "recipe": recipe, **result, **row, "wall_s": dict(clock.times)}
             runlog.samples[key] = videos
@@ -1114,6 +1132,11 @@ def compute_metrics(data: dict, samples: dict) -> dict:
         tuned = [r for r in data["rows"].values() if r["length"] == length]
         for r in sorted(tuned, key=lambda r: (_variant_order(preset, r["variant"]), r["seed"])):
             records.append((r["variant"], r, f"{length}/{r['variant']}/seed{r['seed']}"))
+        # the same tuned rows sampled with their first steps dense: sample metrics only (the loss is unchanged)
+        for r in sorted(tuned, key=lambda r: (_variant_order(preset, r["variant"]), r["seed"])):
+            if r.get("dense_sample_steps"):
+                records.append((f"{r['variant']}@dense{r['dense_sample_steps']}", {},
+                                f"{length}/{r['variant']}/seed{r['seed']}@dense"))
         rows: dict[str, dict[str, list]] = {}
         for variant, record, key in records:
             _add_metrics(rows.setdefault(variant, {}), record, samples.get(key), scorer)
@@ -1136,6 +1159,9 @@ ROW_NOTES = {
 
 
 def _row_label(variant: str) -> str:
+    if "@dense" in variant:
+        base, _, n = variant.partition("@dense")
+        return f"{variant} {_row_label(base)[len(base) + 1:-1]}, sampled with the first {n} steps dense)"
     base, _, tag = variant.partition("+")
     if tag:
         return f"{variant} {_row_label(base)[len(base) + 1:-1]}, recipe +{tag})"

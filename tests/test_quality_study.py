@@ -79,6 +79,24 @@ def test_every_variant_runs_for_every_seed(quality, toy_run):
     assert samples["toy/sla_25/seed1"].shape == samples["toy/teacher"].shape == (2, 4, 16, 16)
 
 
+def test_dense_steps_samples(quality, toy_run):
+    """SLA rows are sampled a second time with their first steps dense (sla_dense_steps on the study's sampler):
+    other videos than the all-SLA samples, scored in the report as rows of their own."""
+    rows = toy_run["log"]["rows"]
+    samples = torch.load(toy_run["out"] / quality.SAMPLES_NAME)
+    for seed in (0, 1):
+        for variant in ("sla_25", "sparse_25", "mass_25", "ratio_12"):
+            key = f"toy/{variant}/seed{seed}"
+            assert rows[key]["dense_sample_steps"] == 1, key
+            assert samples[f"{key}@dense"].shape == samples[key].shape, key
+        assert not torch.equal(samples[f"toy/sla_25/seed{seed}@dense"], samples[f"toy/sla_25/seed{seed}"])
+        assert "dense_sample_steps" not in rows[f"toy/full/seed{seed}"]
+    table = (toy_run["figures"] / "quality_table.md").read_text()
+    assert "| sla_25@dense1 (SLA topk 25 %, tuned, sampled with the first 1 steps dense) | – |" in table
+    metrics = json.loads((toy_run["figures"] / "quality_metrics.json").read_text())["toy"]
+    assert len(metrics["rows"]["sla_25@dense1"]["psnr"]) == 2
+
+
 def test_teacher_loss_decreases_and_probe_is_filled(quality, toy_run):
     teacher = toy_run["log"]["teachers"]["toy"]
     curve = [loss for _, loss in teacher["curve"]]
