@@ -1380,8 +1380,9 @@ def plot_samples(data: dict, samples: dict, length: str, path: Path, n_frames: i
     plt.close(fig)
 
 
-README_START = "<!-- quality-table:start -->"
-README_END = "<!-- quality-table:end -->"
+README_BLOCK = "quality-table"
+README_START = f"<!-- {README_BLOCK}:start -->"
+README_END = f"<!-- {README_BLOCK}:end -->"
 
 
 def cmd_render(args) -> None:
@@ -1401,16 +1402,17 @@ def cmd_render(args) -> None:
     if args.readme:
         readme = Path(args.readme)
         text = readme.read_text()
-        if README_START not in text or README_END not in text:
-            raise SystemExit(f"--readme: {readme} has no {README_START} ... {README_END} block to replace.")
-        head, rest = text.split(README_START, 1)
-        _, tail = rest.split(README_END, 1)
+        start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
+        if start not in text or end not in text:
+            raise SystemExit(f"--readme: {readme} has no {start} ... {end} block to replace.")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         rel = Path(os.path.relpath(figures, readme.parent)).as_posix()
         images = [f"![Held-out loss against tuning steps]({rel}/quality_loss.png)"]
         images += [f"![Samples, {length}]({rel}/quality_samples_{length}.png)" for length in data["teachers"]
                    if (figures / f"quality_samples_{length}.png").exists()]
         block = table + "\n" + "\n\n".join(images) + "\n"
-        readme.write_text(f"{head}{README_START}\n{block}{README_END}{tail}")
+        readme.write_text(f"{head}{start}\n{block}{end}{tail}")
     print(table)
     log(f"render: wrote quality_table.md, quality_metrics.json, quality_loss.png and sample grids to {figures}")
 
@@ -1455,6 +1457,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, nargs="+", help="Run folder(s) written by teacher/tune.")
     p.add_argument("--figures", default="docs/figures", help="Where the table, plot and sample grid go.")
     p.add_argument("--readme", default=None, help="Also replace the marked Quality table block in this README.")
+    p.add_argument("--block", default=README_BLOCK,
+                   help="The marked block of --readme to replace: <!-- BLOCK:start --> ... <!-- BLOCK:end -->.")
     args = parser.parse_args(argv)
     {"teacher": cmd_teacher, "tune": cmd_tune, "render": cmd_render}[args.command](args)
 
