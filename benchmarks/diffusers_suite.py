@@ -4,7 +4,7 @@
 diffusers' tests live in its repository, not in the wheel: point this script at a checkout (`git clone
 https://github.com/huggingface/diffusers`; the installed diffusers is what runs, the checkout only supplies
 `tests/`). For each family it runs `tests/models/transformers/<file>` under pytest with this file loaded as a plugin
-(`-p diffusers_suite`), which calls
+(`-p benchmarks.diffusers_suite`), which calls
 
     enable_sla(model, topk=1.0, blkq=32, blkk=32, min_kv_blocks=0)
 
@@ -12,7 +12,7 @@ on every diffusers model the tests construct (after `__init__`, or after `from_p
 replays a saved `sla_attention.safetensors`). At `topk=1.0` SLA is exact attention, so a test that passes without
 SLA and fails with it shows a contract SLA breaks. `--no-sla` runs the same selection without SLA (the baseline).
 
-    python benchmarks/diffusers_suite.py --diffusers ~/src/diffusers --out logs/peer [--families wan flux sd3]
+    python -m benchmarks.diffusers_suite --diffusers ~/src/diffusers --out logs/peer [--families wan flux sd3]
         [--no-sla] [--unskip-compile] [-- extra pytest arguments, e.g. -x -k processor]
 
 Writes `<out>/<sla|dense>.xml` (JUnit), `<out>/<sla|dense>.log`, and prints pytest's summary plus the number of
@@ -50,7 +50,7 @@ FAMILIES = {
 }
 
 
-# ===== The pytest plugin (loaded inside the pytest process with `-p diffusers_suite`) =====
+# ===== The pytest plugin (loaded inside the pytest process with `-p benchmarks.diffusers_suite`) =====
 
 _loading = threading.local()
 _installed = [0]
@@ -190,10 +190,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dense" if args.no_sla else "sla"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), str(REPO_ROOT),
-                                         env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "pytest", "-p", "diffusers_suite", "-p", "no:cacheprovider", "-q", "-rfE",
-               f"--junitxml={args.out / (tag + '.xml')}", *files, *extra]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])  # pytest runs in the checkout
+    command = [sys.executable, "-m", "pytest", "-p", "benchmarks.diffusers_suite", "-p", "no:cacheprovider", "-q",
+               "-rfE", f"--junitxml={args.out / (tag + '.xml')}", *files, *extra]
     command += ["--sla-off"] if args.no_sla else []
     command += ["--sla-unskip-compile"] if args.unskip_compile else []
     with open(args.out / f"{tag}.log", "w") as log:

@@ -6,7 +6,7 @@ parallelism (`enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
 SLA at each `--topk`, forward and one training step (gradient checkpointing on for every variant), at 81 frames
 480p (21 x 60 x 104 latents, 32,760 tokens) and 720p (21 x 90 x 160, 75,600 tokens), ratios side by side in one run:
 
-    torchrun --nproc-per-node 2 benchmarks/e2e_parallel.py --out LOGDIR
+    torchrun --nproc-per-node 2 -m benchmarks.e2e_parallel --out LOGDIR
 
 Rank 0 runs the 1-GPU rows while rank 1 waits; then both run the 2-GPU rows. Every 2-GPU output is compared with the
 1-GPU output of the same variant (relative error, bf16). The table is printed and written to LOGDIR/e2e_parallel.md.
@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.e2e_wan import WAN_1_3B, cuda_time_ms  # noqa: E402
+from benchmarks.e2e_wan import WAN_1_3B, cuda_time_ms
 
 RESOLUTIONS = {"480p": (60, 104), "720p": (90, 160)}  # latent height, width for 81 frames
 

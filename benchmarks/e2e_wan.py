@@ -15,10 +15,10 @@ self-attention would bound the forward at (Amdahl: total / (total - self-attenti
 (Timing the attention core alone in a loop instead overstates its share: that time includes host work the model
 hides behind its GPU work.)
 
-    python benchmarks/e2e_wan.py                  # the full table
-    python benchmarks/e2e_wan.py --frames 21 --topk 0.05 0.1 --skip-train
-    python benchmarks/e2e_wan.py --compile        # also the forward with torch.compile, every variant
-    python benchmarks/e2e_wan.py --frames 3 --cuda-graph --skip-train   # a short sequence, replayed from a CUDA graph
+    python -m benchmarks.e2e_wan                  # the full table
+    python -m benchmarks.e2e_wan --frames 21 --topk 0.05 0.1 --skip-train
+    python -m benchmarks.e2e_wan --compile        # also the forward with torch.compile, every variant
+    python -m benchmarks.e2e_wan --frames 3 --cuda-graph --skip-train   # a short sequence, replayed from a CUDA graph
 
 `--compile` adds a second table (forward and train step) in which each of the 30 transformer blocks runs through
 `torch.compile` (diffusers' `compile_repeated_blocks`: one compiled graph shared by all blocks), for the dense
@@ -32,13 +32,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Wan2.1-T2V-1.3B's transformer config (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json).
 WAN_1_3B = dict(

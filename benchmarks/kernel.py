@@ -1,10 +1,10 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """GPU validation and benchmark of the Triton SLA backend (`diffusers_sla.ops.autograd.sla_triton`).
 
-    python benchmarks/kernel.py check            # bf16 vs a float32 restatement and the golden files, poisoned outputs
-    python benchmarks/kernel.py bench            # Wan2.1-1.3B layer: SDPA flash / cuDNN, ours, public reference
-    python benchmarks/kernel.py sweep            # L in 4K..64K x topk in {0.05, 0.1, 0.2}
-    python benchmarks/kernel.py all --out DIR    # all three; logs and JSON under DIR
+    python -m benchmarks.kernel check            # bf16 vs a float32 restatement and the golden files, poisoned outputs
+    python -m benchmarks.kernel bench            # Wan2.1-1.3B layer: SDPA flash / cuDNN, ours, public reference
+    python -m benchmarks.kernel sweep            # L in 4K..64K x topk in {0.05, 0.1, 0.2}
+    python -m benchmarks.kernel all --out DIR    # all three; logs and JSON under DIR
 
 The public SLA reference (thu-ml/SLA) is optional: it is imported from $SLA_REFERENCE_PATH or `.device/sla_ref` when
 present. Timings are medians of `triton.testing.do_bench` (CUDA events) after warm-up; "bwd" is the backward alone
@@ -24,14 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusers_sla.ops import custom_ops
+from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut
+from diffusers_sla.ops.reference import sla_reference
+from diffusers_sla.ops.selection import lut_to_block_map, select_blocks, top_blocks
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from diffusers_sla.ops import custom_ops  # noqa: E402
-from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut  # noqa: E402
-from diffusers_sla.ops.reference import sla_reference  # noqa: E402
-from diffusers_sla.ops.selection import lut_to_block_map, select_blocks, top_blocks  # noqa: E402
-
 LOG = []
 
 

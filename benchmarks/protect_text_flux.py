@@ -6,8 +6,8 @@ FLUX.1-dev dimensions (hidden 3072, 24 heads of 128, T5 width 4096, 512 text tok
 blocks (4 double-stream + 8 single-stream by default). Writes `protect_text_flux.json` and `protect_text_flux.log` to
 --out.
 
-    python benchmarks/protect_text_flux.py --out runs/protect_text --sizes 1024 2048
-    python benchmarks/protect_text_flux.py --out /tmp/pt --tiny     # a CPU smoke run of the script itself
+    python -m benchmarks.protect_text_flux --out runs/protect_text --sizes 1024 2048
+    python -m benchmarks.protect_text_flux --out /tmp/pt --tiny     # a CPU smoke run of the script itself
 """
 
 from __future__ import annotations

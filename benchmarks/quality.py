@@ -29,11 +29,11 @@ main rows under `--tag NAME` (`--proj-l-lr-mult`, `--proj-l-init lsfit`, `--line
 Stages (each resumable: rows already in the log are skipped; each stops before --time-budget-s and writes what it has;
 the teacher checkpoints are cached under --cache, an ignored folder):
 
-    python benchmarks/quality.py teacher --length 4k  --out OUT
-    python benchmarks/quality.py tune    --length 4k  --out OUT
-    python benchmarks/quality.py teacher --length 16k --out OUT --init-from 4k   # starts from the 4K teacher
-    python benchmarks/quality.py tune    --length 16k --out OUT
-    python benchmarks/quality.py render  --out OUT                               # CPU: metrics, table, figures
+    python -m benchmarks.quality teacher --length 4k  --out OUT
+    python -m benchmarks.quality tune    --length 4k  --out OUT
+    python -m benchmarks.quality teacher --length 16k --out OUT --init-from 4k   # starts from the 4K teacher
+    python -m benchmarks.quality tune    --length 16k --out OUT
+    python -m benchmarks.quality render  --out OUT                               # CPU: metrics, table, figures
 
 `OUT/quality.json` holds every number (losses, curves, diagnostics, wall times, GPU and versions); `OUT/samples.pt`
 the generated videos (uint8). `render` computes the library metrics from them (PSNR/SSIM against the teacher's
@@ -42,7 +42,7 @@ frames against their conditioning class) and writes `quality_table.md`, `quality
 and `quality_samples_<length>.png` into --figures. The GPU stages need only torch and diffusers. Presets: `study`
 (the GPU study), `cpu` (a smaller look on a CPU), `toy` (the smoke test).
 
-Run with the repository on PYTHONPATH (`PYTHONPATH=$PWD python benchmarks/quality.py ...`) or the package installed.
+Run from the repository's root (`python -m benchmarks.quality ...`), as every script of `benchmarks/` is.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 """Write `benchmarks/RESULTS.md` and the README's "Benchmarks" section from the logs of one GPU session, so that no
 number is ever typed by hand.
 
-    python benchmarks/render_results.py --kernel-log k/log.txt --e2e-log e2e_full.log --commit abc1234
+    python -m benchmarks.render_results --kernel-log k/log.txt --e2e-log e2e_full.log --commit abc1234
 
-`--kernel-log` is the log of `python benchmarks/kernel.py all --out DIR` (DIR/log.txt), `--e2e-log` the output of
-`python benchmarks/e2e_wan.py`. Both runs must be on the same GPU and the same commit.
+`--kernel-log` is the log of `python -m benchmarks.kernel all --out DIR` (DIR/log.txt), `--e2e-log` the output of
+`python -m benchmarks.e2e_wan`. Both runs must be on the same GPU and the same commit.
 """
 
 from __future__ import annotations
@@ -170,14 +170,14 @@ float32 restatement, and the golden files of the public reference)
 `benchmarks/RESULTS.md`, the kernel work log in `benchmarks/NOTES.md`.
 
 **One Wan2.1-1.3B self-attention layer** (B=1, H=12, L=32760, D=128, topk=0.05, blocks 128×64;
-`python benchmarks/kernel.py bench`). {ours_readme}
+`python -m benchmarks.kernel bench`). {ours_readme}
 
 ```
 {layer}
 ```
 
 **The whole Wan2.1-T2V-1.3B transformer**, random bf16 weights, 81 frames at 480×832 = 32,760 tokens
-(`python benchmarks/e2e_wan.py --compile`; the train step is forward + backward with gradient checkpointing for every
+(`python -m benchmarks.e2e_wan --compile`; the train step is forward + backward with gradient checkpointing for every
 variant; the second table compiles every transformer block with `torch.compile`, dense and SLA alike, which is how a
 served model runs):
 
@@ -198,7 +198,7 @@ and is slower than cuDNN in eager mode (sweep in `benchmarks/RESULTS.md`). Captu
 one CUDA graph removes those costs (tested on the GPU; `e2e_wan.py --cuda-graph`, measured in `benchmarks/NOTES.md`
 v9: Wan2.1-1.3B at 4,680 / 7,800 tokens, captured SLA 1.09x / 1.17x captured cuDNN).
 
-Several GPUs: `torchrun --nproc-per-node 2 benchmarks/e2e_parallel.py --out LOGDIR` is written (1 GPU against 2 GPUs
+Several GPUs: `torchrun --nproc-per-node 2 -m benchmarks.e2e_parallel --out LOGDIR` is written (1 GPU against 2 GPUs
 with diffusers' Ulysses, dense cuDNN against SLA, forward and train step, 480p and 720p) but not yet run.
 """
     readme_path = ROOT / "README.md"

@@ -9,16 +9,12 @@ shapes, the kernels an op launched, device-side events): the GPU run itself need
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch.autograd.profiler_util import Kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import e2e_wan  # noqa: E402
+from benchmarks import e2e_wan
 
 CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 

@@ -364,12 +364,11 @@ def test_ratio_gate_round_trips_through_the_sidecar(tmp_path):
         enable_sla(default, **TEST_SLA_OVERRIDES)
 
 
-# ----- benchmarks/fusion_probe.py -----------------------------------------------------------------------------------
+# ----- benchmarks/lab/fusion_probe.py -------------------------------------------------------------------------------
 
 
 def test_fusion_probe_runs_and_mass_beats_sla_untuned(capsys):
-    sys.path.insert(0, str(REPO_ROOT))
-    from benchmarks import fusion_probe
+    from benchmarks.lab import fusion_probe
 
     fusion_probe.main(["--length", "512", "--head-dim", "16", "--block", "32", "--topks", "0.125", "--spreads", "0.5"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]

@@ -1,16 +1,11 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""`benchmarks/fwd_timeline.py`: what it reads out of the rows the Hopper forward writes with `timeline=` (the kernel
+"""`benchmarks/lab/fwd_timeline.py`: what it reads out of the rows the Hopper forward writes with `timeline=` (the kernel
 itself needs an sm_90 GPU; its rows are made up here, with known phases and overlaps)."""
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.fwd_timeline import phases  # noqa: E402
+from benchmarks.lab.fwd_timeline import phases
 
 
 def _rows(offset_of_second: int) -> torch.Tensor:

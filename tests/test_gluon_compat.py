@@ -2,7 +2,7 @@
 """`ops/gluon_compat.py`: the Gluon names resolved for the installed Triton, and which kernel "auto" takes on which
 Triton release (and says so once).
 
-The small kernel below is compiled for sm_90a against `benchmarks/offline_compile.py`'s stand-in driver (no GPU):
+The small kernel below is compiled for sm_90a against `benchmarks/lab/offline_compile.py`'s stand-in driver (no GPU):
 it uses every name the compatibility module resolves, in the shapes the Hopper kernels use them.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +17,6 @@ import torch
 from diffusers_sla.utils.import_utils import is_triton_available
 
 pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not installed")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 class _Owner:
     """A Gluon module whose old name survives as a stub (Triton 3.9 keeps `async_copy_global_to_shared` so)."""
@@ -142,7 +137,7 @@ if is_triton_available():
 
 
 def _compile_ring_copy(whole: bool):
-    from benchmarks import offline_compile
+    from benchmarks.lab import offline_compile
     from diffusers_sla.ops import gluon_fwd
 
     def launch():

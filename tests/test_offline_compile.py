@@ -1,20 +1,16 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""`benchmarks/offline_compile.py`: what it reads out of ptxas and the SASS, and how it refuses a Triton whose Gluon
+"""`benchmarks/lab/offline_compile.py`: what it reads out of ptxas and the SASS, and how it refuses a Triton whose Gluon
 API the Hopper kernels are not written for."""
 
 import json
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import offline_compile  # noqa: E402
-from diffusers_sla.ops import gluon_fwd  # noqa: E402
+from benchmarks.lab import offline_compile
+from diffusers_sla.ops import gluon_fwd
 
 # the shape of `ptxas -v` output for an sm_90a kernel, as ptxas 12.x prints it
 ASYNC_LOG = """ptxas info    : Compiling entry function '_attn_fwd_hopper' for 'sm_90a'

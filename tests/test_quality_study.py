@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 
@@ -12,20 +12,13 @@ import torch
 
 from diffusers_sla import enable_sla
 
-from testing_utils import REPO_ROOT
-
-SCRIPT = REPO_ROOT / "benchmarks" / "quality.py"
-
 pytest.importorskip("sklearn")
 pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("quality_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.quality")
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,10 @@
 layer table with every provider row `benchmarks/kernel.py bench` logged (the sparse-only "none" row included)."""
 
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import render_results  # noqa: E402
+from benchmarks import render_results
 
 # the lines `kernel.py all` logs, in its order (numbers made up)
 LAYER_ROWS = """provider                       fwd ms   bwd ms  fwd+bwd cuDNN/x fwd cuDNN/x bwd

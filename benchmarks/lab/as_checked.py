@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Run a script or module as if the installed Triton were GPU-checked for the Hopper kernels.
 
-    python benchmarks/lab/as_checked.py benchmarks/kernel.py bench --out DIR
-    python benchmarks/lab/as_checked.py -m pytest -q -m gpu tests/test_gluon_fwd.py
+    python -m benchmarks.lab.as_checked -m benchmarks.kernel bench --out DIR
+    python -m benchmarks.lab.as_checked -m pytest -q -m gpu tests/test_gluon_fwd.py
 
 For checking a Triton release on a GPU before it joins `gluon_compat.GPU_CHECKED`: "auto" then takes the Hopper
 kernels exactly as it will once the release is listed, so the GPU tests, `kernel.py check` and `kernel.py bench`
@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import runpy
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str]) -> None:

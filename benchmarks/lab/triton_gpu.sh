@@ -110,7 +110,7 @@ with() {
 tests() {
     local which=$1
     with "$which" "$PY" -c "import triton, torch; print('triton', triton.__version__, triton.__file__, 'torch', torch.__version__)"
-    with "$which" "$PY" benchmarks/lab/as_checked.py -m pytest -q -m gpu -p no:cacheprovider \
+    with "$which" "$PY" -m benchmarks.lab.as_checked -m pytest -q -m gpu -p no:cacheprovider \
         tests/test_gluon_fwd.py tests/test_gluon_bwd.py tests/test_triton_ops.py
 }
 
@@ -131,9 +131,9 @@ run() {
         case $s in
             install) step install 120 _install > "$OUT/new/install.txt" 2>&1 ;;
             *-tests) step "$s" 240 _tests "$which" > "$OUT/$which/tests.txt" 2>&1 ;;
-            *-bench) step "$s" 150 _with "$which" "$PY" benchmarks/lab/as_checked.py benchmarks/kernel.py bench \
+            *-bench) step "$s" 150 _with "$which" "$PY" -m benchmarks.lab.as_checked -m benchmarks.kernel bench \
                          > "$OUT/$which/bench.txt" 2>&1 ;;
-            *-check) step "$s" 150 _with "$which" "$PY" benchmarks/lab/as_checked.py benchmarks/kernel.py check \
+            *-check) step "$s" 150 _with "$which" "$PY" -m benchmarks.lab.as_checked -m benchmarks.kernel check \
                          > "$OUT/$which/check.txt" 2>&1 ;;
             *) echo "unknown step $s (known: $STEPS_DEFAULT)"; exit 2 ;;
         esac

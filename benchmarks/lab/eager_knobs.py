@@ -4,7 +4,7 @@
 * `custom_ops.OVERLAP` (env DIFFUSERS_SLA_OVERLAP): the block selection on a second stream, beside the linear state;
 * `launch.ENABLED` (env DIFFUSERS_SLA_FAST_LAUNCH): launches straight to the compiled kernel Triton picked.
 
-    python benchmarks/eager_knobs.py            # Wan layer shape, both scopes
+    python -m benchmarks.lab.eager_knobs            # Wan layer shape, both scopes
 
 For each variant: the whole eager forward (no autograd) as a caller sees it (CUDA events, `kernel.bench_ms`), its
 host time alone (`kernel.host_ms`), one call on an idle GPU (host and GPU time in series, as `e2e_wan.py`'s
@@ -17,18 +17,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.e2e_wan import cuda_time_ms  # noqa: E402
-from benchmarks.kernel import bench_ms, host_ms, wan_inputs  # noqa: E402
-from diffusers_sla.ops import custom_ops, launch  # noqa: E402
-from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
+from benchmarks.e2e_wan import cuda_time_ms
+from benchmarks.kernel import bench_ms, host_ms, wan_inputs
+from diffusers_sla.ops import custom_ops, launch
+from diffusers_sla.ops.autograd import sla_triton
 
 
 def set_knobs(overlap: bool, fast_launch: bool) -> None:

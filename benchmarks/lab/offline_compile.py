@@ -1,10 +1,10 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Compile the Hopper (Gluon) kernels for sm_90 on a machine without a GPU, and say what ptxas made of them.
 
-    python benchmarks/offline_compile.py            # forward, dK/dV and dQ kernels at the Wan layer shape
-    python benchmarks/offline_compile.py fwd --scope all --store-bwd
-    python benchmarks/offline_compile.py --scope none  # the sparse part alone: no linear epilogue, no bias
-    python benchmarks/offline_compile.py --triton-version 3.6.0 3.7.1 3.8.0 3.9.0   # one table, each release
+    python -m benchmarks.lab.offline_compile            # forward, dK/dV and dQ kernels at the Wan layer shape
+    python -m benchmarks.lab.offline_compile fwd --scope all --store-bwd
+    python -m benchmarks.lab.offline_compile --scope none  # the sparse part alone: no linear epilogue, no bias
+    python -m benchmarks.lab.offline_compile --triton-version 3.6.0 3.7.1 3.8.0 3.9.0   # one table, each release
 
 For each kernel: registers, spill bytes, shared memory, and whether ptxas kept the wgmma products asynchronous.
 ptxas serialises every wgmma of a kernel (one `WARPGROUP.DEPBAR` per product instead of a handful) when a non-wgmma
@@ -32,8 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 
 # the kernels this compiles, by the name the command line takes
 KERNELS = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ"}

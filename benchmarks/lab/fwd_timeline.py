@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Where the Hopper forward kernel's time goes, program by program (no hardware counters needed).
 
-    python benchmarks/fwd_timeline.py                       # Wan layer shape, scopes rest and all, topk 0.05 and 0.1
-    python benchmarks/fwd_timeline.py --topk 0.05 --scope rest
+    python -m benchmarks.lab.fwd_timeline                   # Wan layer shape, scopes rest and all, topk 0.05 and 0.1
+    python -m benchmarks.lab.fwd_timeline --topk 0.05 --scope rest
 
 Each program of `gluon_fwd._attn_fwd_hopper` (launched with `timeline=`) writes its SM, the SM clock at entry, at its
 first scores (the prologue: q and the first K/V tiles arrived), after its loop and at exit (the epilogue: the linear
@@ -22,17 +22,12 @@ program's loop, and what it costs is the loop running alone meanwhile.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.kernel import wan_inputs  # noqa: E402
-from diffusers_sla.ops import custom_ops, gluon_fwd  # noqa: E402
-from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
+from benchmarks.kernel import wan_inputs
+from diffusers_sla.ops import custom_ops, gluon_fwd
+from diffusers_sla.ops.autograd import sla_triton
 
 
 def captured_launch(fwd):

@@ -6,7 +6,7 @@ near their keys, values independent. For each spread and topk: the softmax mass 
 error of the rest-mass estimate in log space, and ||out - full|| / ||full|| for SLA at zero proj_l (= the sparse part
 alone) and for fusion "mass" at zero proj_l. The trained comparison is the quality study's.
 
-    PYTHONPATH=$PWD python benchmarks/fusion_probe.py
+    python -m benchmarks.lab.fusion_probe
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Where the time of one SLA call goes, on the GPU and on the host.
 
-    python benchmarks/profile_ops.py            # Wan layer shape: per-kernel GPU times, eager vs CUDA-graph replay
-    python benchmarks/profile_ops.py --once     # one forward + backward per scope, nothing else (for ncu)
-    python benchmarks/profile_ops.py --host-profile --scopes rest   # and where the forward's host time goes
+    python -m benchmarks.lab.profile_ops            # Wan layer shape: per-kernel GPU times, eager vs CUDA-graph replay
+    python -m benchmarks.lab.profile_ops --once     # one forward + backward per scope, nothing else (for ncu)
+    python -m benchmarks.lab.profile_ops --host-profile --scopes rest   # and where the forward's host time goes
 
 `kernel.py` times the whole operator the way a caller sees it (eager, CUDA events around each call). This script
 says how much of that is GPU work (the torch.profiler kernel table, and the same call replayed from a CUDA graph,
@@ -13,17 +13,12 @@ which has no host overhead) and how much is host time (Python, launches) that th
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.kernel import bench_ms, queue_gpu_spin, wan_inputs  # noqa: E402
-from diffusers_sla.ops.autograd import sla_triton  # noqa: E402
-from diffusers_sla.utils.cuda_graph import capture_cuda_graph  # noqa: E402
+from benchmarks.kernel import bench_ms, queue_gpu_spin, wan_inputs
+from diffusers_sla.ops.autograd import sla_triton
+from diffusers_sla.utils.cuda_graph import capture_cuda_graph
 
 
 def kernel_table(fn, calls=10):

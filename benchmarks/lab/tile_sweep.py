@@ -1,9 +1,9 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Tile-shape experiments on the GPU: the whole operator at the Wan layer shape under launch-shape overrides.
 
-    python benchmarks/tile_sweep.py                       # the variants below
-    python benchmarks/tile_sweep.py FWD_ROWS=64 WARPS=4   # one variant, DIFFUSERS_SLA_ prefixes implied
-    python benchmarks/tile_sweep.py --fwd-only STAGES=2 / FWD_ROWS=64 WARPS=4   # variants separated by "/"
+    python -m benchmarks.lab.tile_sweep                       # the variants below
+    python -m benchmarks.lab.tile_sweep FWD_ROWS=64 WARPS=4   # one variant, DIFFUSERS_SLA_ prefixes implied
+    python -m benchmarks.lab.tile_sweep --fwd-only STAGES=2 / FWD_ROWS=64 WARPS=4   # variants separated by "/"
 
 Each variant runs in its own process (the launch-shape overrides are read when a kernel is first compiled), times
 forward and backward (scope "rest" and "all"), lists the largest kernels, and compares o, dq, dk, dv with the first
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # v5 (NOTES.md): the defaults against the shapes they replaced or beat
 VARIANTS = [
@@ -34,12 +34,11 @@ VARIANTS = [
 
 CHILD = r'''
 import json, sys, torch
-sys.path.insert(0, sys.argv[1])
 from benchmarks.kernel import bench_ms, wan_inputs
-from benchmarks.profile_ops import kernel_table
+from benchmarks.lab.profile_ops import kernel_table
 from diffusers_sla.ops.autograd import sla_triton
 
-out_dir, first, fwd_only = sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
+out_dir, first, fwd_only = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 (q, k, v, w, b), do = wan_inputs(1, 12, 32760, 128)
 res = {}
 for scope in ("rest", "all"):
@@ -73,8 +72,8 @@ print("RESULT" + json.dumps(res))
 
 def run(variant: dict, out_dir: str, first: bool, fwd_only: bool = False) -> dict | None:
     env = {**os.environ, **{f"DIFFUSERS_SLA_{k}": v for k, v in variant.items()}}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO), out_dir, "1" if first else "0",
-                           "1" if fwd_only else "0"], env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, out_dir, "1" if first else "0",
+                           "1" if fwd_only else "0"], env=env, cwd=REPO,
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     if proc.returncode or not lines:
