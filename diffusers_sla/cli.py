@@ -4,7 +4,7 @@
     diffusers-sla demo [--family wan|flux]       offline: dense vs SLA on a tiny pipeline, images, save + reload
     diffusers-sla inspect FILE_OR_DIR_OR_REPO    what an sla_attention.safetensors holds
     diffusers-sla convert SRC OUT --model M      SimpleTuner sla_attention.pt / TurboDiffusion Wan .pth -> safetensors
-    diffusers-sla bench [...]                    the kernel benchmark (needs a CUDA GPU)
+    diffusers-sla bench [...]                    the kernel benchmark (a CUDA GPU and a clone of the repository)
 
 Each subcommand is a small class with `register_subcommand(subparsers)` and `run()`.
 """
@@ -12,6 +12,7 @@ Each subcommand is a small class with `register_subcommand(subparsers)` and `run
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,12 +160,23 @@ class ConvertCommand:
         return 0
 
 
+def benchmark_suite_root() -> Path | None:
+    """The repository whose benchmark suite `bench` runs: the clone this package was imported from (an editable
+    install, or the repository on PYTHONPATH), else the current folder; None when neither holds it (a wheel install:
+    the suite is not packaged, it imports the package's internals and reads the repository's golden files)."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "benchmarks" / "__init__.py").is_file() and (root / "benchmarks" / "kernel.py").is_file():
+            return root
+    return None
+
+
 class BenchCommand:
     @staticmethod
     def register_subcommand(subparsers) -> None:
-        parser = subparsers.add_parser("bench", help="kernel benchmark vs SDPA flash/cuDNN (needs a CUDA GPU)")
+        parser = subparsers.add_parser("bench", help="kernel benchmark vs SDPA flash/cuDNN (needs a CUDA GPU and a "
+                                                     "clone of the repository: python -m benchmarks.kernel)")
         parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "sweep", "check", "all"])
-        parser.add_argument("extra", nargs=argparse.REMAINDER, help="passed on to benchmarks/kernel.py")
+        parser.add_argument("extra", nargs=argparse.REMAINDER, help="passed on to python -m benchmarks.kernel")
         parser.set_defaults(command=BenchCommand)
 
     def __init__(self, args):
@@ -173,16 +185,19 @@ class BenchCommand:
     def run(self) -> int:
         import torch
 
+        root = benchmark_suite_root()
+        if root is None:
+            print("diffusers-sla bench runs the repository's benchmark suite (`python -m benchmarks.kernel`), which "
+                  "is not part of the installed package: run it from the root of a clone of the repository "
+                  "(`python -m benchmarks.kernel bench`, or `diffusers-sla bench` there).", file=sys.stderr)
+            return 2
         if not torch.cuda.is_available():
             print("diffusers-sla bench needs a CUDA GPU (the Triton kernels are GPU code); none is visible here.",
                   file=sys.stderr)
             return 2
-        script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel.py"
-        if not script.is_file():
-            print(f"diffusers-sla bench runs the repository's benchmarks/kernel.py, not found at {script}: run it "
-                  "from a clone of the repository (pip install -e .).", file=sys.stderr)
-            return 2
-        return subprocess.call([sys.executable, str(script), self.args.mode, *self.args.extra])
+        # the suite is imported from `root` as a package, exactly as `python -m benchmarks.kernel` in that folder
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+        return subprocess.call([sys.executable, "-m", "benchmarks.kernel", self.args.mode, *self.args.extra], env=env)
 
 
 COMMANDS = (DemoCommand, InspectCommand, ConvertCommand, BenchCommand)

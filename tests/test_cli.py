@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusers_sla import cli
 from diffusers_sla.cli import main
 from diffusers_sla.tiny import build_tiny_pipeline
+from testing_utils import REPO_ROOT
 
 
 def test_demo_wan_end_to_end(tmp_path, capsys):
@@ -146,6 +148,33 @@ def test_bench_without_cuda_says_so(capsys):
         pytest.skip("a GPU is present: the benchmark would run")
     assert main(["bench"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+
+def test_bench_from_an_installed_package_outside_a_clone_says_where_the_suite_is(tmp_path, monkeypatch, capsys):
+    # the package imported from a folder that holds no benchmark suite (as from a wheel), run from another folder
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "diffusers_sla" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.benchmark_suite_root() is None
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "not part of the installed package" in err and "python -m benchmarks.kernel bench" in err
+
+
+def test_bench_runs_the_clone_s_suite_as_a_package(tmp_path, monkeypatch):
+    # installed outside the clone, run from the clone's root: the suite found there, run as `-m benchmarks.kernel`
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "diffusers_sla" / "cli.py"))
+    monkeypatch.chdir(REPO_ROOT)
+    assert cli.benchmark_suite_root() == REPO_ROOT
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU run itself is the lead's
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    assert main(["bench", "sweep", "--topks", "0.1"]) == 0
+    (cmd, env), = calls
+    assert cmd[1:] == ["-m", "benchmarks.kernel", "sweep", "--topks", "0.1"]
+    # that command imports the suite from any folder: its argument parsing answers without a GPU
+    result = subprocess.run([*cmd[:3], "--help"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "{check,bench,sweep,all,quick}" in result.stdout
 
 
 def test_module_entry_point_and_bad_arguments():
