@@ -304,6 +304,15 @@ def build_tiny_model(family: str, seed: int = 0) -> TinyModel:
 
 
 # ===== Pipelines: tiny components, no text encoder (prompt embeddings are passed in) =====
+# Not `diffusers_sla.tiny`'s (the demo's, whose Wan latents are wider): each of these holds the transformer
+# `build_tiny_model` builds, so that a test can move inputs and SLA weights between a model and a pipeline.
+
+# The size of a call: 64+ image tokens per step, so that SLA engages at `TEST_SLA_OVERRIDES`.
+_PIPELINE_CALLS = {
+    "flux": {"height": 32, "width": 32, "guidance_scale": 1.0},  # latents 16 x 16 -> 8 x 8 = 64 packed tokens
+    # latents 12 x 12 -> 6 x 6 = 36 tokens per frame, 2 latent frames
+    "wan": {"height": 96, "width": 96, "num_frames": 5, "guidance_scale": 2.0},
+}
 
 
 def build_tiny_pipeline(family: str, seed: int = 0):
@@ -312,7 +321,20 @@ def build_tiny_pipeline(family: str, seed: int = 0):
     if family not in PIPELINE_FAMILIES:
         raise ValueError(f"`family` must be one of {list(PIPELINE_FAMILIES)}, got {family!r}.")
     torch.manual_seed(seed)
-    return _build_flux_pipeline() if family == "flux" else _build_wan_pipeline()
+    pipe = _build_flux_pipeline() if family == "flux" else _build_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def make_call_kwargs(seed: int = 0) -> dict:
+        gen = _generator(seed)
+        embeds = {"prompt_embeds": _randn(gen, 1, 8, 32)}
+        if family == "flux":
+            embeds["pooled_prompt_embeds"] = _randn(gen, 1, 32)
+        else:
+            embeds["negative_prompt_embeds"] = _randn(gen, 1, 8, 32)
+        return {**embeds, **_PIPELINE_CALLS[family], "num_inference_steps": 2, "output_type": "pt",
+                "generator": _generator(seed + 1)}
+
+    return pipe, make_call_kwargs
 
 
 def _build_flux_pipeline():
@@ -325,26 +347,10 @@ def _build_flux_pipeline():
         latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.0609, scaling_factor=1.5035,
     )
-    pipe = FluxPipeline(
+    return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-
-    def make_call_kwargs(seed: int = 0) -> dict:
-        gen = _generator(seed)
-        return {
-            "prompt_embeds": _randn(gen, 1, 8, 32),
-            "pooled_prompt_embeds": _randn(gen, 1, 32),
-            "height": 32,  # latents 16 x 16 -> 8 x 8 = 64 packed tokens
-            "width": 32,
-            "num_inference_steps": 2,
-            "guidance_scale": 1.0,
-            "output_type": "pt",
-            "generator": _generator(seed + 1),
-        }
-
-    return pipe, make_call_kwargs
 
 
 def _build_wan_pipeline():
@@ -355,24 +361,7 @@ def _build_wan_pipeline():
         base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 2.0, 1.0, 2.5],
     )
-    pipe = WanPipeline(
+    return WanPipeline(
         tokenizer=None, text_encoder=None, vae=vae, scheduler=UniPCMultistepScheduler(flow_shift=3.0),
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-
-    def make_call_kwargs(seed: int = 0) -> dict:
-        gen = _generator(seed)
-        return {
-            "prompt_embeds": _randn(gen, 1, 8, 32),
-            "negative_prompt_embeds": _randn(gen, 1, 8, 32),
-            "height": 96,  # latents 12 x 12 -> 6 x 6 = 36 tokens per frame, 2 latent frames
-            "width": 96,
-            "num_frames": 5,
-            "num_inference_steps": 2,
-            "guidance_scale": 2.0,
-            "output_type": "pt",
-            "generator": _generator(seed + 1),
-        }
-
-    return pipe, make_call_kwargs
