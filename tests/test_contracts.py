@@ -18,11 +18,10 @@ from tiny_models import (
     forward_output,
     randomize_proj_l,
 )
+from testing_utils import EXACT_ATOL
 
 from diffusers_sla import SparseLinearAttention, iter_sla_layers
 from diffusers_sla.processor import SLAAttnProcessor, disable_sla, enable_sla, sla_summary
-
-EXACT_ATOL = 1e-4
 
 
 def _run(model, inputs) -> torch.Tensor:

@@ -20,8 +20,7 @@ from diffusers_sla import sparse_linear_attention
 from diffusers_sla.ops.reference import sla_reference
 from diffusers_sla.ops.selection import (block_scores, forced_block_range, lut_to_block_map, num_kept_blocks,
                                          select_blocks, top_blocks)
-from diffusers_sla.utils.import_utils import is_triton_available
-from testing_utils import REPO_ROOT, rel_err
+from testing_utils import REPO_ROOT, rel_err, require_triton
 
 
 def _qkv(B=2, H=2, Lq=150, Lk=200, D=16, seed=0, dtype=torch.float32):
@@ -117,7 +116,7 @@ TRITON_CODE = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(not is_triton_available(), reason="Triton is not installed")
+@require_triton
 def test_triton_selection_forces_blocks_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
     run = subprocess.run([sys.executable, "-c", TRITON_CODE], env=env, capture_output=True, text=True, timeout=600)

@@ -25,9 +25,7 @@ from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
 from diffusers_sla.processor import enable_sla
 from diffusers_sla.serialization import get_sla_state_dict, read_sla_file
 
-from diffusers_sla.utils.import_utils import is_triton_available
-
-from testing_utils import REPO_ROOT, rel_err, require_cuda
+from testing_utils import REPO_ROOT, rel_err, require_cuda, require_triton
 
 
 def dense_fused(q, k, v, weight, bias, block_map, blkq, blkk, feature_map, scale, fusion, u=None, c=None):
@@ -313,7 +311,7 @@ def interpreter_fusion_results():
     return json.loads(line[len("RESULTS"):])
 
 
-@pytest.mark.skipif(not is_triton_available(), reason="needs Triton (its interpreter runs the kernels on the CPU)")
+@require_triton
 @pytest.mark.parametrize("fusion", ["mass", "ratio"])
 def test_triton_fusion_matches_the_torch_operator_under_the_interpreter(interpreter_fusion_results, fusion):
     """Forward and every gradient (q, k, v, proj_l, the gate) against the PyTorch operator, float32 (ieee products
@@ -378,7 +376,7 @@ def test_fusion_probe_runs_and_mass_beats_sla_untuned(capsys):
     assert cells[5] < cells[4]  # mass closer to full attention than SLA at zero proj_l
 
 
-@pytest.mark.skipif(not is_triton_available(), reason="needs Triton (its interpreter runs the kernels on the CPU)")
+@require_triton
 def test_public_triton_backend_runs_the_requested_fusion(interpreter_fusion_results):
     """`sparse_linear_attention(..., fusion=f, backend="triton")` equals the torch operator's fusion, with and without
     protected key blocks, and differs from SLA's sum (so a path that ignored `fusion` would fail)."""

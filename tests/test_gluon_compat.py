@@ -14,9 +14,10 @@ import re
 import pytest
 import torch
 
-from diffusers_sla.utils.import_utils import is_triton_available
+from testing_utils import HAS_TRITON, require_triton
 
-pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not installed")
+pytestmark = require_triton
+
 
 class _Owner:
     """A Gluon module whose old name survives as a stub (Triton 3.9 keeps `async_copy_global_to_shared` so)."""
@@ -109,7 +110,7 @@ def test_an_unchecked_triton_runs_the_hopper_kernels_when_asked_for(hopper_here,
 
 # -- the names in a kernel, compiled for sm_90a without a GPU ----------------------------------------------------
 
-if is_triton_available():
+if HAS_TRITON:
     from diffusers_sla.ops import gluon_compat as gc
 
     if gc.AVAILABLE:
@@ -148,7 +149,7 @@ def _compile_ring_copy(whole: bool):
     return offline_compile.compile_offline(launch)
 
 
-@pytest.mark.skipif(not is_triton_available() or not __import__("diffusers_sla.ops.gluon_compat").ops.gluon_compat
+@pytest.mark.skipif(not HAS_TRITON or not __import__("diffusers_sla.ops.gluon_compat").ops.gluon_compat
                     .AVAILABLE, reason="this Triton's Gluon lacks the names the kernels use")
 def test_the_resolved_names_compile_into_a_kernel_for_sm90(capfd):
     compiled = _compile_ring_copy(whole=True)

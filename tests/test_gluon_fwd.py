@@ -13,11 +13,9 @@ import re
 import pytest
 import torch
 
-from diffusers_sla.utils.import_utils import is_triton_available
+from testing_utils import HOPPER_CASES, hopper_case_inputs, rel_err, require_hopper, require_triton
 
-from testing_utils import HOPPER_CASES, hopper_case_inputs, rel_err, require_hopper
-
-pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not installed")
+pytestmark = require_triton
 
 GOOD = dict(dtype_bytes=2, blkq=128, blkk=64, block_d=128, head_dim=128, kept=25, dot_precision="tf32")
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_sla.utils.import_utils import is_triton_available
+from testing_utils import HAS_TRITON, require_triton
 
-pytestmark = pytest.mark.skipif(not is_triton_available(), reason="Triton is not installed")
+pytestmark = require_triton
 
-if is_triton_available():
+if HAS_TRITON:
     import triton
     import triton.language as tl
 

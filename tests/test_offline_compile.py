@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""`benchmarks/lab/offline_compile.py`: what it reads out of ptxas and the SASS, and how it refuses a Triton whose Gluon
-API the Hopper kernels are not written for."""
+"""`benchmarks/lab/offline_compile.py`: what it reads out of ptxas and the SASS, and how it refuses a Triton whose
+Gluon API the Hopper kernels are not written for."""
 
 import json
 import os

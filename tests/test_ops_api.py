@@ -7,7 +7,7 @@ import torch
 from diffusers_sla import SLAConfig, sparse_linear_attention
 from diffusers_sla.ops import resolve_backend, sla_reference
 
-from testing_utils import rel_err
+from testing_utils import rel_err, require_triton
 
 
 def make(B=2, H=2, Lq=160, Lk=160, D=32, seed=0):
@@ -79,9 +79,9 @@ def test_empty_inputs_give_empty_outputs_and_gradients(B, H, Lq):
         assert not w.grad.any() and not b.grad.any()  # nothing was computed, so nothing flows back
 
 
+@require_triton
 def test_bfloat16_under_the_triton_interpreter_is_refused(monkeypatch):
     # The interpreter's bfloat16 dot products are wrong (values near 1e10): refuse rather than return them.
-    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = (x.bfloat16() for x in make(B=1, H=1, Lq=64, Lk=64, D=16))
     with pytest.raises(ValueError, match=r"backend='triton' cannot compute bfloat16 under TRITON_INTERPRET=1"):

@@ -23,7 +23,7 @@ from tiny_models import (
     forward_output,
     randomize_proj_l,
 )
-from testing_utils import rel_err, require_cuda
+from testing_utils import EXACT_ATOL, rel_err, require_cuda
 
 from diffusers_sla import SLAConfig, SparseLinearAttention, iter_sla_layers
 from diffusers_sla.dispatch import key_padding_mask_from_attn_mask, route_attention_call, routing_scope
@@ -36,8 +36,6 @@ from diffusers_sla.processor import (
     sla_summary,
 )
 from diffusers_sla.utils.cuda_graph import capture_cuda_graph
-
-EXACT_ATOL = 1e-4
 
 # Attention modules that run dense by design under the tests' config (`TEST_SLA_OVERRIDES` + `_family_overrides`):
 # cross-attention to the text (policy "dense"), Sana's linear self-attention, HunyuanVideo's text-only token refiner

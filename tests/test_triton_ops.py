@@ -20,9 +20,8 @@ import pytest
 import torch
 
 from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
-from diffusers_sla.utils.import_utils import is_triton_available
 
-from testing_utils import GOLDEN_DIR, REPO_ROOT, golden_cases, rel_err, require_cuda, require_golden
+from testing_utils import GOLDEN_DIR, HAS_TRITON, REPO_ROOT, golden_cases, rel_err, require_cuda, require_golden
 
 # "o_no_grad": the inference path (no autograd), where the forward kernel stores nothing for a backward
 GRAD_NAMES = ("o", "dq", "dk", "dv", "dW", "db", "o_no_grad")
@@ -128,7 +127,7 @@ INTERPRETER_PROBE = textwrap.dedent('''
 
 
 def _triton_usable_on_cpu() -> tuple[bool, str]:
-    if not is_triton_available():
+    if not HAS_TRITON:
         return False, "Triton is not installed"
     probe = subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env={**os.environ, "TRITON_INTERPRET": "1"},
                            capture_output=True, text=True, timeout=300)

@@ -1,5 +1,6 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""Shared test helpers: markers for optional hardware, the golden-data location, error metrics, the Hopper cases."""
+"""Shared test helpers: markers for optional hardware and software, the golden-data location, error metrics, the
+Hopper cases."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusers_sla.utils.import_utils import is_triton_available
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repo with the team's `shared/` folder beside it; users' clones have no such folder.
 GOLDEN_DIR = Path(os.environ.get("DIFFUSERS_SLA_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
 
+# |out - dense| allowed where SLA must equal dense attention (topk=1.0, float32): summation order only
+EXACT_ATOL = 1e-4
+
 require_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+HAS_TRITON = is_triton_available()
+# the one skip for tests that need Triton (on a CPU its interpreter runs the kernels; Triton is Linux-only)
+require_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton, which is not installed")
 
 
 def require_golden(fn):
