@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.e2e_wan import WAN_1_3B, cuda_time_ms
+from benchmarks.e2e_wan import WAN_1_3B, add_variant_arguments, cuda_time_ms
 
 RESOLUTIONS = {"480p": (60, 104), "720p": (90, 160)}  # latent height, width for 81 frames
 
@@ -66,12 +66,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the table (e2e_parallel.md)")
     parser.add_argument("--resolutions", nargs="+", default=list(RESOLUTIONS), choices=list(RESOLUTIONS))
     parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
-    parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1])
-    parser.add_argument("--blkq", type=int, default=128)
-    parser.add_argument("--blkk", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--skip-train", action="store_true", help="time inference only")
+    add_variant_arguments(parser)
     args = parser.parse_args()
 
     from diffusers import ContextParallelConfig

@@ -169,17 +169,22 @@ def inmodel_lines(split: dict, label: str = "") -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
-    parser.add_argument("--height", type=int, default=60, help="latent height (60 = 480 px)")
-    parser.add_argument("--width", type=int, default=104, help="latent width (104 = 832 px)")
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SLA settings and timing options this script and `e2e_parallel` share."""
     parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1])
     parser.add_argument("--blkq", type=int, default=128)
     parser.add_argument("--blkk", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-train", action="store_true", help="time inference only")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
+    parser.add_argument("--height", type=int, default=60, help="latent height (60 = 480 px)")
+    parser.add_argument("--width", type=int, default=104, help="latent width (104 = 832 px)")
+    add_variant_arguments(parser)
     parser.add_argument("--compile", action="store_true",
                         help="also time the forward with every transformer block compiled (torch.compile)")
     parser.add_argument("--cuda-graph", action="store_true",

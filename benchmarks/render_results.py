@@ -50,6 +50,7 @@ def main() -> None:
     sweep = section(kernel, "== sweep", "total")
     e2e_table = section(e2e, "Wan2.1-T2V-1.3B transformer", "Forward ")  # up to the CUDA-graph or compiled table
     compiled_table = section(e2e, "Forward with every transformer block compiled")
+    e2e_tables = f"```\n{e2e_table}\n```\n\n```\n{compiled_table}\n```"  # the eager and the compiled table
     kernels_ran = "\n".join(line.strip() for line in e2e.splitlines() if "attention kernels:" in line)
 
     rest_f, rest_b = provider_ms(layer, "SLA ours (rest)")
@@ -140,13 +141,7 @@ Below L=16K our times are fixed costs (the launches of the custom ops and their 
 
 ## Whole Wan2.1-T2V-1.3B transformer (`benchmarks/e2e_wan.py`: random bf16 weights, 81 frames at 480x832)
 
-```
-{e2e_table}
-```
-
-```
-{compiled_table}
-```
+{e2e_tables}
 
 The attention kernels each row's forward ran (torch.profiler, one forward each):
 
@@ -181,13 +176,7 @@ float32 restatement, and the golden files of the public reference)
 variant; the second table compiles every transformer block with `torch.compile`, dense and SLA alike, which is how a
 served model runs):
 
-```
-{e2e_table}
-```
-
-```
-{compiled_table}
-```
+{e2e_tables}
 
 **Our targets, met or not:**
 
