@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusers_sla.ops import custom_ops
+from diffusers_sla.ops import buffers, custom_ops, fused_selection, kernel_choice, linear_state, tuning
 from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut
+from diffusers_sla.ops.backward import column_lut
 from diffusers_sla.ops.reference import sla_reference
 from diffusers_sla.ops.selection import lut_to_block_map, select_blocks, top_blocks
 
@@ -46,8 +47,8 @@ def rel_err(out, ref):
 
 @contextlib.contextmanager
 def kernels(name):
-    """Force `custom_ops`' choice of forward and backward kernels ("portable" or "hopper") inside the block."""
-    old = {env: os.environ.get(env) for env in custom_ops.KERNEL_ENV.values()}
+    """Force `kernel_choice`'s choice of forward and backward kernels ("portable" or "hopper") inside the block."""
+    old = {env: os.environ.get(env) for env in tuning.KERNEL_ENV.values()}
     os.environ.update({env: name for env in old})
     try:
         yield
@@ -59,13 +60,29 @@ def kernels(name):
                 os.environ[env] = value
 
 
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Output buffers start as NaN instead of uninitialised memory inside the block, so that an element no kernel
+    wrote shows up in the result (`buffers.empty` / `empty_like_input` replaced for the block)."""
+    real = buffers.empty, buffers.empty_like_input
+
+    def empty(*shape, device, dtype):
+        return real[0](*shape, device=device, dtype=dtype).fill_(float("nan"))
+
+    buffers.empty, buffers.empty_like_input = empty, lambda x: real[1](x).fill_(float("nan"))
+    try:
+        yield
+    finally:
+        buffers.empty, buffers.empty_like_input = real
+
+
 def auto_kernels(q, k, topk, blkq, blkk, scope):
     """The forward and backward kernels "auto" picks for these inputs (float32 inputs run in bfloat16)."""
     qc = q if q.dtype != torch.float32 else q.to(torch.bfloat16)
     lut = custom_ops.fast_select_blocks(qc, k.to(qc.dtype), topk, blkq, blkk)
-    g = custom_ops._geometry(qc, k, lut, blkq, blkk, scope)
-    fwd = custom_ops._forward_kernel(qc, g, blkq, blkk, "tf32")
-    bwd = custom_ops._backward_kernel(qc, g, blkq, blkk, "tf32")
+    g = buffers.geometry(qc, k, lut, blkq, blkk, scope)
+    fwd = kernel_choice.forward_kernel(qc, g, blkq, blkk, "tf32")
+    bwd = kernel_choice.backward_kernel(qc, g, blkq, blkk, "tf32")
     return fwd if fwd == bwd else f"forward {fwd}, backward {bwd}"
 
 
@@ -126,8 +143,12 @@ def _run_ours(q, k, v, w, b, do, lut=None, **kw):
 
 
 def check(args):
+    with poisoned_outputs():
+        return _check(args)
+
+
+def _check(args):
     names = ["o", "dq", "dk", "dv", "dW", "db", "o_no_grad"]
-    custom_ops.POISON_OUTPUTS = True
     failures = 0
     cases = [
         # B, H, Lq, Lk, D, blkq, blkk, topk, feature_map, scope, dtype, transposed
@@ -190,7 +211,7 @@ def check(args):
         scores = torch.randint(0, levels, (3072, n_k), generator=g, device="cuda").float()
         expected = torch.topk(scores, kept, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
         same_ties &= torch.equal(top_blocks(scores, kept), expected)
-        same_ties &= torch.equal(custom_ops.top_blocks_triton(scores, kept), expected)
+        same_ties &= torch.equal(fused_selection.top_blocks_triton(scores, kept), expected)
     failures += not same_ties
     log(f"[check {'ok' if same_ties else 'FAIL'}] top_blocks and top_blocks_triton equal torch.topk on tied scores: "
         f"{same_ties}")
@@ -216,7 +237,6 @@ def check(args):
             log(f"[golden {'ok' if ok else 'FAIL'}] {case}: block_map_equal={same_map} {' '.join(errs)}")
     else:
         log(f"[golden skipped] no golden files at {golden}")
-    custom_ops.POISON_OUTPUTS = False
     log(f"check: {failures} failure(s)")
     return failures
 
@@ -327,18 +347,18 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
     log(f"  fused vs torch selection: LUT entries that differ: "
         f"{(custom_ops.fast_select_blocks(q, k, topk, blkq, blkk) != lut).float().mean().item():.2e}")
     n_k = -(-L // blkk)
-    parts["selection: q pooling"] = bench_ms(lambda: custom_ops.block_means(q, blkq, center=False))
-    parts["selection: k mean (row sums)"] = bench_ms(lambda: custom_ops._row_sum_parts(k))
-    parts["selection: k pooling"] = bench_ms(lambda: custom_ops.block_means(k, blkk, center=True))
+    parts["selection: q pooling"] = bench_ms(lambda: fused_selection.block_means(q, blkq, center=False))
+    parts["selection: k mean (row sums)"] = bench_ms(lambda: fused_selection.row_sum_parts(k))
+    parts["selection: k pooling"] = bench_ms(lambda: fused_selection.block_means(k, blkk, center=True))
     parts["linear totals H,Z"] = bench_ms(
-        lambda: custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=scope == "rest"))
+        lambda: linear_state.linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=scope == "rest"))
     if scope == "rest":
-        _, z_parts, hb, zkb = custom_ops._linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=True)
+        _, z_parts, hb, zkb = linear_state.linear_totals(k, v, blkk, 128, feature_map, "tf32", store_blocks=True)
         parts["rest weights, z_i (gather)"] = bench_ms(
-            lambda: custom_ops._rest_weights(lut, n_k, q.dtype, zkb, z_parts))
+            lambda: linear_state.rest_weights(lut, n_k, q.dtype, zkb, z_parts))
 
         def rest_state():
-            weights, _ = custom_ops._rest_weights(lut, n_k, q.dtype, zkb, z_parts)
+            weights, _ = linear_state.rest_weights(lut, n_k, q.dtype, zkb, z_parts)
             torch.matmul(weights, hb.view(B, H, n_k, -1))
         parts["R_i, z_i (0/1 product)"] = bench_ms(rest_state)
         del hb, zkb, z_parts
@@ -354,7 +374,7 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
     saved = ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32")
     parts["sla_fwd (training, stores)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32"))
-    parts["column LUT"] = bench_ms(lambda: custom_ops.column_lut(lut, n_k))
+    parts["column LUT"] = bench_ms(lambda: column_lut(lut, n_k))
     parts["sla_bwd (all kernels)"] = bench_ms(
         lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
     with kernels("portable"):
@@ -401,10 +421,10 @@ def bench(args, PublicSLA):
     log("breakdown, ours (all):")
     parts_all = breakdown(B, H, L, D, topk, blkq, blkk, fm, "all")
     configs = {}
-    from diffusers_sla.ops.triton_bwd import _attn_bwd
-    from diffusers_sla.ops.triton_fwd import _attn_fwd
+    from diffusers_sla.ops.kernels.triton_bwd import attn_bwd
+    from diffusers_sla.ops.kernels.triton_fwd import attn_fwd
 
-    for kernel in (_attn_fwd, _attn_bwd):
+    for kernel in (attn_fwd, attn_bwd):
         best = getattr(kernel, "best_config", None)
         configs[kernel.fn.__name__] = str(best)
         log(f"config {kernel.fn.__name__}: {best}")
@@ -413,14 +433,16 @@ def bench(args, PublicSLA):
 
 def log_registers(tag=""):
     """Registers and spills of every compiled variant of the SLA kernels (from Triton's kernel cache)."""
-    from diffusers_sla.ops import triton_bwd, triton_fwd
+    from diffusers_sla.ops.kernels import linear_state as linear_state_kernels
+    from diffusers_sla.ops.kernels import selection as selection_kernels
+    from diffusers_sla.ops.kernels import triton_bwd, triton_fwd
 
-    for mod in (triton_fwd, triton_bwd):
+    for mod in (triton_fwd, triton_bwd, selection_kernels, linear_state_kernels):
         for name in dir(mod):
             fn = getattr(mod, name)
             jit = getattr(fn, "fn", fn)
             caches = getattr(jit, "device_caches", None)
-            if not name.startswith("_") or caches is None:
+            if caches is None:
                 continue
             try:
                 for dev_cache in caches.values():

@@ -1,9 +1,9 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""The Hopper backward kernels (`ops/gluon_bwd.py`: dK/dV and dQ) and how `custom_ops` chooses them.
+"""The Hopper backward kernels (`ops/kernels/gluon_bwd.py`: dK/dV and dQ) and how `kernel_choice` chooses them.
 
 Gluon does not run under the Triton interpreter, so on a CPU machine only the choice is tested (which launches the
 kernels can take, the error of a forced choice); on a Hopper GPU the whole backward runs with them against the
-portable `triton_bwd._attn_bwd`.
+portable `triton_bwd.attn_bwd`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ GOOD = dict(dtype_bytes=2, blkq=128, blkk=64, block_d=128, head_dim=128, dot_pre
 
 
 def test_supports_the_wan_launch_and_names_what_it_cannot_run(monkeypatch):
-    from diffusers_sla.ops import gluon_bwd
+    from diffusers_sla.ops.kernels import gluon_bwd
 
     # the launch rules, whatever Triton is installed here (the version gate has its own test)
     monkeypatch.setattr(gluon_bwd, "GLUON_AVAILABLE", True)
@@ -40,25 +40,26 @@ def test_supports_the_wan_launch_and_names_what_it_cannot_run(monkeypatch):
 
 
 def test_backward_kernel_knob_names_its_values_and_refuses_an_impossible_choice(monkeypatch):
-    from diffusers_sla.ops import custom_ops
+    from diffusers_sla.ops import buffers, kernel_choice
 
     q = torch.randn(1, 1, 256, 128, dtype=torch.bfloat16)  # on the CPU: never the Hopper kernel
     lut = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
-    g = custom_ops._geometry(q, q, lut, 128, 64, "rest")
+    g = buffers.geometry(q, q, lut, 128, 64, "rest")
     monkeypatch.delenv("DIFFUSERS_SLA_BWD_KERNEL", raising=False)
-    assert custom_ops._backward_kernel(q, g, 128, 64, "tf32") == "portable"
+    assert kernel_choice.backward_kernel(q, g, 128, 64, "tf32") == "portable"
     monkeypatch.setenv("DIFFUSERS_SLA_BWD_KERNEL", "fast")
     with pytest.raises(ValueError, match="DIFFUSERS_SLA_BWD_KERNEL='fast': allowed values are"):
-        custom_ops._backward_kernel(q, g, 128, 64, "tf32")
+        kernel_choice.backward_kernel(q, g, 128, 64, "tf32")
     monkeypatch.setenv("DIFFUSERS_SLA_BWD_KERNEL", "hopper")
     with pytest.raises(ValueError, match="DIFFUSERS_SLA_BWD_KERNEL=hopper cannot run this call: needs a CUDA"):
-        custom_ops._backward_kernel(q, g, 128, 64, "tf32")
+        kernel_choice.backward_kernel(q, g, 128, 64, "tf32")
 
 
 @pytest.mark.gpu
 @require_hopper
 @pytest.mark.parametrize("name", sorted(n for n, case in HOPPER_CASES.items() if case[6] == 64))
 def test_hopper_backward_kernel_matches_the_portable_kernel(monkeypatch, name):
+    from benchmarks.kernel import poisoned_outputs
     from diffusers_sla.ops import custom_ops
 
     B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]
@@ -66,14 +67,11 @@ def test_hopper_backward_kernel_matches_the_portable_kernel(monkeypatch, name):
     scale = 0.8 * D**-0.5
     lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
     saved = custom_ops.forward(q, k, v, w, b, lut, scale, fm, scope, blkq, blkk, True, "tf32")
-    custom_ops.POISON_OUTPUTS = True  # an element a kernel does not write stays NaN
-    try:
+    with poisoned_outputs():  # an element a kernel does not write stays NaN
         grads = {}
         for kernel in ("portable", "hopper"):
             monkeypatch.setenv("DIFFUSERS_SLA_BWD_KERNEL", kernel)
             grads[kernel] = custom_ops.backward(do, q, k, v, w, b, *saved, lut, scale, fm, scope, blkq, blkk, "tf32")
-    finally:
-        custom_ops.POISON_OUTPUTS = False
     for what, ours, ref in zip(("dq", "dk", "dv", "d proj_weight", "d proj_bias"), grads["hopper"],
                                grads["portable"]):
         assert ours.shape == ref.shape, what

@@ -60,33 +60,33 @@ def test_auto_takes_the_hopper_kernels_only_where_they_were_checked_on_a_gpu(mon
 
 @pytest.fixture
 def hopper_here(monkeypatch):
-    """custom_ops as on a Hopper GPU whose launch the Hopper kernels can run; its log cleared."""
-    from diffusers_sla.ops import custom_ops
+    """kernel_choice as on a Hopper GPU whose launch the Hopper kernels can run; its log cleared."""
+    from diffusers_sla.ops import kernel_choice
 
-    monkeypatch.setattr(custom_ops, "_on_hopper", lambda q: True)
+    monkeypatch.setattr(kernel_choice, "on_hopper", lambda q: True)
     monkeypatch.delenv("DIFFUSERS_SLA_FWD_KERNEL", raising=False)
-    custom_ops._log_choice_once.cache_clear()
-    yield custom_ops
-    custom_ops._log_choice_once.cache_clear()
+    kernel_choice.log_choice_once.cache_clear()
+    yield kernel_choice
+    kernel_choice.log_choice_once.cache_clear()
 
 
 def _messages(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "diffusers_sla.ops.custom_ops"]
+    return [r.getMessage() for r in caplog.records if r.name == "diffusers_sla.ops.kernel_choice"]
 
 
 def test_auto_says_once_which_kernel_it_took_and_why(hopper_here, monkeypatch, caplog):
     from diffusers_sla.ops import gluon_compat
 
-    custom_ops = hopper_here
+    kernel_choice = hopper_here
     q = torch.zeros(1)
     version = gluon_compat.TRITON_VERSION
     with caplog.at_level(logging.INFO, logger="diffusers_sla"):
         monkeypatch.setattr(gluon_compat, "GPU_CHECKED", (version,))
-        assert custom_ops._choose_kernel("forward", q, lambda: None) == "hopper"
-        assert custom_ops._choose_kernel("forward", q, lambda: None) == "hopper"
+        assert kernel_choice.choose_kernel("forward", q, lambda: None) == "hopper"
+        assert kernel_choice.choose_kernel("forward", q, lambda: None) == "hopper"
         monkeypatch.setattr(gluon_compat, "GPU_CHECKED", ())
-        assert custom_ops._choose_kernel("forward", q, lambda: None) == "portable"
-        assert custom_ops._choose_kernel("forward", q, lambda: None) == "portable"
+        assert kernel_choice.choose_kernel("forward", q, lambda: None) == "portable"
+        assert kernel_choice.choose_kernel("forward", q, lambda: None) == "portable"
     lines = _messages(caplog)
     assert len(lines) == 2, lines  # once per choice, not per call
     assert "runs the Hopper (Gluon) kernels" in lines[0] and "GPU-checked" in lines[0]
@@ -96,16 +96,16 @@ def test_auto_says_once_which_kernel_it_took_and_why(hopper_here, monkeypatch, c
 def test_an_unchecked_triton_runs_the_hopper_kernels_when_asked_for(hopper_here, monkeypatch, caplog):
     from diffusers_sla.ops import gluon_compat
 
-    custom_ops = hopper_here
+    kernel_choice = hopper_here
     monkeypatch.setattr(gluon_compat, "GPU_CHECKED", ())
     monkeypatch.setenv("DIFFUSERS_SLA_FWD_KERNEL", "hopper")
     with caplog.at_level(logging.INFO, logger="diffusers_sla"):
-        assert custom_ops._choose_kernel("forward", torch.zeros(1), lambda: None) == "hopper"
+        assert kernel_choice.choose_kernel("forward", torch.zeros(1), lambda: None) == "hopper"
     (line,) = _messages(caplog)
     assert "DIFFUSERS_SLA_FWD_KERNEL=hopper; note: the Hopper kernels" in line
     # a launch the kernels cannot run is still an error when forced
     with pytest.raises(ValueError, match="cannot run this call: blkk must be"):
-        custom_ops._choose_kernel("forward", torch.zeros(1), lambda: "blkk must be one of [64, 128] (got 32)")
+        kernel_choice.choose_kernel("forward", torch.zeros(1), lambda: "blkk must be one of [64, 128] (got 32)")
 
 
 # -- the names in a kernel, compiled for sm_90a without a GPU ----------------------------------------------------
@@ -139,7 +139,7 @@ if HAS_TRITON:
 
 def _compile_ring_copy(whole: bool):
     from benchmarks.lab import offline_compile
-    from diffusers_sla.ops import gluon_fwd
+    from diffusers_sla.ops.kernels import gluon_fwd
 
     def launch():
         x = torch.empty(64, 64, dtype=torch.float16)

@@ -1,9 +1,9 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""The Hopper forward kernel (`ops/gluon_fwd.py`) and how `custom_ops` chooses it.
+"""The Hopper forward kernel (`ops/kernels/gluon_fwd.py`) and how `kernel_choice` chooses it.
 
 Gluon does not run under the Triton interpreter, so on a CPU machine only the choice is tested (which launches the
 kernel can take, the error of a forced choice); on a Hopper GPU the kernel runs against the portable one
-(`triton_fwd._attn_fwd`), including the side outputs that the backward reads.
+(`triton_fwd.attn_fwd`), including the side outputs that the backward reads.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ GOOD = dict(dtype_bytes=2, blkq=128, blkk=64, block_d=128, head_dim=128, kept=25
 
 
 def test_supports_the_wan_launch_and_names_what_it_cannot_run(monkeypatch):
-    from diffusers_sla.ops import gluon_fwd
+    from diffusers_sla.ops.kernels import gluon_fwd
 
     # the launch rules, whatever Triton is installed here (the version gate has its own test)
     monkeypatch.setattr(gluon_fwd, "GLUON_AVAILABLE", True)
@@ -42,7 +42,8 @@ def test_supports_the_wan_launch_and_names_what_it_cannot_run(monkeypatch):
 
 
 def test_hopper_kernels_build_wherever_gluon_has_the_names_they_use():
-    from diffusers_sla.ops import gluon_bwd, gluon_compat, gluon_fwd
+    from diffusers_sla.ops import gluon_compat
+    from diffusers_sla.ops.kernels import gluon_bwd, gluon_fwd
 
     assert gluon_fwd.GLUON_AVAILABLE == gluon_bwd.GLUON_AVAILABLE == gluon_compat.AVAILABLE
     if gluon_compat.TRITON_VERSION in gluon_compat.COMPILE_CHECKED:
@@ -54,15 +55,15 @@ def test_hopper_kernels_build_wherever_gluon_has_the_names_they_use():
 
 
 def _choose(monkeypatch, value, q):
-    from diffusers_sla.ops import custom_ops
+    from diffusers_sla.ops import buffers, kernel_choice
 
     if value is None:
         monkeypatch.delenv("DIFFUSERS_SLA_FWD_KERNEL", raising=False)
     else:
         monkeypatch.setenv("DIFFUSERS_SLA_FWD_KERNEL", value)
     lut = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=q.device)
-    g = custom_ops._geometry(q, q, lut, 128, 64, "rest")
-    return custom_ops._forward_kernel(q, g, 128, 64, "tf32")
+    g = buffers.geometry(q, q, lut, 128, 64, "rest")
+    return kernel_choice.forward_kernel(q, g, 128, 64, "tf32")
 
 
 def test_forward_kernel_knob_names_its_values_and_refuses_an_impossible_choice(monkeypatch):
@@ -79,19 +80,17 @@ def test_forward_kernel_knob_names_its_values_and_refuses_an_impossible_choice(m
 @require_hopper
 @pytest.mark.parametrize("name", sorted(HOPPER_CASES))
 def test_hopper_kernel_matches_the_portable_kernel(monkeypatch, name):
+    from benchmarks.kernel import poisoned_outputs
     from diffusers_sla.ops import custom_ops
 
     B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]
     q, k, v, w, b, _ = hopper_case_inputs(name)
     lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
-    custom_ops.POISON_OUTPUTS = True  # an element a kernel does not write stays NaN
-    try:
+    with poisoned_outputs():  # an element a kernel does not write stays NaN
         outs = {}
         for kernel in ("portable", "hopper"):
             monkeypatch.setenv("DIFFUSERS_SLA_FWD_KERNEL", kernel)
             outs[kernel] = custom_ops.forward(q, k, v, w, b, lut, 0.8 * D**-0.5, fm, scope, blkq, blkk, True, "tf32")
-    finally:
-        custom_ops.POISON_OUTPUTS = False
     # o, lse, and the denominator and o_l the backward reads (R_i, z_i and the totals are built before the launch)
     for i, what in enumerate(("o", "lse", "den", "o_l")):
         ours, ref = outs["hopper"][i], outs["portable"][i]
@@ -106,7 +105,7 @@ def test_hopper_kernel_matches_the_portable_kernel(monkeypatch, name):
 @require_hopper
 def test_host_descriptors_hold_what_the_checked_constructor_holds():
     """`gluon_fwd._descriptor` skips `TensorDescriptor.__post_init__`'s checks (host time): same fields."""
-    from diffusers_sla.ops import gluon_fwd
+    from diffusers_sla.ops.kernels import gluon_fwd
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     for x, box, bits in ((torch.randn(1, 12, 300, 2, 128, device="cuda").to(torch.bfloat16)[:, :, :, 0]

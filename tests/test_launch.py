@@ -41,11 +41,11 @@ class _Compiled:
 
 @pytest.fixture
 def launcher(monkeypatch):
-    from diffusers_sla.ops import launch
+    from diffusers_sla.ops import launch, tuning
 
     monkeypatch.setattr(launch, "is_cuda", lambda: True)
     monkeypatch.setattr(launch, "_TRITON_VERSION", launch.FAST_TRITON[0])
-    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(tuning, "FAST_LAUNCH", True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     class _Driver:  # the active driver's stream query, the only other call that needs a GPU
@@ -118,7 +118,7 @@ def test_runtime_arguments_given_by_keyword_always_go_through_triton(launcher):
 
 
 def test_installed_launch_hooks_and_the_off_switch_send_every_launch_through_triton(launcher, monkeypatch):
-    from diffusers_sla.ops import launch
+    from diffusers_sla.ops import launch, tuning
 
     fast, slow_calls, compiled = launcher
     fast[(1,)](*_args(), BLOCK=16)
@@ -136,16 +136,16 @@ def test_installed_launch_hooks_and_the_off_switch_send_every_launch_through_tri
         finally:
             hooks.remove(profiler_hook)
     assert len(slow_calls) == 2  # a profiler's hook sees the launch
-    monkeypatch.setattr(launch, "ENABLED", False)
+    monkeypatch.setattr(tuning, "FAST_LAUNCH", False)
     fast[(1,)](*_args(), BLOCK=16)
     assert len(slow_calls) == 3 and not compiled.launches
-    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(tuning, "FAST_LAUNCH", True)
     fast[(1,)](*_args(), BLOCK=16)
     assert len(compiled.launches) == 1
 
 
 def test_without_a_gpu_driver_every_launch_is_tritons_own(launcher, monkeypatch):
-    from diffusers_sla.ops import launch
+    from diffusers_sla.ops import launch, tuning
 
     fast, slow_calls, compiled = launcher
     monkeypatch.setattr(launch, "is_cuda", lambda: False)  # the interpreter, or no GPU

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from benchmarks.lab import offline_compile
-from diffusers_sla.ops import gluon_fwd
+from diffusers_sla.ops.kernels import gluon_fwd
 
 # the shape of `ptxas -v` output for an sm_90a kernel, as ptxas 12.x prints it
 ASYNC_LOG = """ptxas info    : Compiling entry function '_attn_fwd_hopper' for 'sm_90a'
@@ -100,14 +100,14 @@ def test_names_the_kernels_it_knows_when_given_another():
 def test_compiles_the_three_hopper_kernels_with_asynchronous_products(capsys, monkeypatch):
     from triton.runtime import driver
 
-    from diffusers_sla.ops import launch
+    from diffusers_sla.ops import launch, tuning
 
     # as on a GPU machine, where the Launcher would take its shortcut (it must not, for a compile-only run)
     monkeypatch.setattr(launch, "is_cuda", lambda: True)
-    before, fast_launches = driver._active, launch.ENABLED
+    before, fast_launches = driver._active, tuning.FAST_LAUNCH
     assert offline_compile.main([]) == 0
     assert driver._active is before  # the stand-in driver is gone again
-    assert launch.ENABLED == fast_launches
+    assert tuning.FAST_LAUNCH == fast_launches
     out = capsys.readouterr().out
     for kernel, ceiling in SPILL_CEILING.items():
         assert kernel in out and "SERIALISED" not in out

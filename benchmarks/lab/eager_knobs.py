@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """A/B of the two eager-call knobs of the Triton backend, in one process, variants alternating:
 
-* `custom_ops.OVERLAP` (env DIFFUSERS_SLA_OVERLAP): the block selection on a second stream, beside the linear state;
-* `launch.ENABLED` (env DIFFUSERS_SLA_FAST_LAUNCH): launches straight to the compiled kernel Triton picked.
+* `tuning.OVERLAP`: the block selection on a second stream, beside the linear state;
+* `tuning.FAST_LAUNCH`: launches straight to the compiled kernel Triton picked.
 
     python -m benchmarks.lab.eager_knobs            # Wan layer shape, both scopes
 
@@ -22,13 +22,13 @@ import torch
 
 from benchmarks.e2e_wan import cuda_time_ms
 from benchmarks.kernel import bench_ms, host_ms, wan_inputs
-from diffusers_sla.ops import custom_ops, launch
+from diffusers_sla.ops import tuning
 from diffusers_sla.ops.autograd import sla_triton
 
 
 def set_knobs(overlap: bool, fast_launch: bool) -> None:
-    custom_ops.OVERLAP = overlap
-    launch.ENABLED = fast_launch
+    tuning.OVERLAP = overlap
+    tuning.FAST_LAUNCH = fast_launch
 
 
 def main():

@@ -26,7 +26,7 @@ import argparse
 import torch
 
 from benchmarks.kernel import wan_inputs
-from diffusers_sla.ops import custom_ops, gluon_fwd
+from diffusers_sla.ops.kernels import gluon_fwd
 from diffusers_sla.ops.autograd import sla_triton
 
 
@@ -39,12 +39,12 @@ def captured_launch(fwd):
         seen.append((args, kwargs))
         return real(*args, **kwargs)
 
-    custom_ops.gluon_fwd.launch = spy
+    gluon_fwd.launch = spy
     try:
         fwd()
         torch.cuda.synchronize()
     finally:
-        custom_ops.gluon_fwd.launch = real
+        gluon_fwd.launch = real
     if not seen:
         raise SystemExit("the forward did not run the Hopper kernel (needs an sm_90 GPU and Triton 3.6)")
     return seen[-1]

@@ -107,9 +107,9 @@ def compile_only(launch, *args, **kwargs):
     """Calls a launch function with every kernel launch turned into a compile: -> the compiled kernels."""
     from triton.runtime.jit import JITFunction
 
-    from diffusers_sla.ops import launch as fast_launch
+    from diffusers_sla.ops import tuning
 
-    compiled, functions, run, fast = [], set(), JITFunction.run, fast_launch.ENABLED
+    compiled, functions, run, fast = [], set(), JITFunction.run, tuning.FAST_LAUNCH
 
     def warmup_run(self, *a, grid, warmup, **kw):
         kernel = run(self, *a, grid=grid, warmup=True, **kw)
@@ -118,12 +118,12 @@ def compile_only(launch, *args, **kwargs):
         return kernel
 
     JITFunction.run = warmup_run
-    fast_launch.ENABLED = False  # every launch through `kernel[grid]`: no Launcher remembers a stand-in kernel
+    tuning.FAST_LAUNCH = False  # every launch through `kernel[grid]`: no Launcher remembers a stand-in kernel
     try:
         launch(*args, **kwargs)
     finally:
         JITFunction.run = run
-        fast_launch.ENABLED = fast
+        tuning.FAST_LAUNCH = fast
         for fn in functions:  # compiled for the stand-in driver: a real launch later compiles afresh
             fn.device_caches.clear()
     return compiled
@@ -156,8 +156,8 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     """{KERNELS key: (launch function, args, kwargs)} for the Hopper kernels at the Wan layer shape, on CPU tensors."""
     import torch
 
-    from diffusers_sla.ops import gluon_bwd, gluon_fwd
-    from diffusers_sla.ops.triton_fwd import LINEAR_EPS
+    from diffusers_sla.ops.kernels import gluon_bwd, gluon_fwd
+    from diffusers_sla.ops.kernels.common import LINEAR_EPS
 
     B, H, D, blkq, blkk = 1, 12, 128, 128, 64
     n_q, n_k = -(-L // blkq), -(-L // blkk)
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     if args.triton_version:
         return _across_versions(args)
 
-    from diffusers_sla.ops import gluon_fwd
+    from diffusers_sla.ops.kernels import gluon_fwd
 
     if not gluon_fwd.GLUON_AVAILABLE:
         print(json.dumps({"error": gluon_fwd.gluon_unavailable_reason()}) if args.json else

@@ -1,11 +1,12 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Tile-shape experiments on the GPU: the whole operator at the Wan layer shape under launch-shape overrides.
 
-    python -m benchmarks.lab.tile_sweep                       # the variants below
-    python -m benchmarks.lab.tile_sweep FWD_ROWS=64 WARPS=4   # one variant, DIFFUSERS_SLA_ prefixes implied
-    python -m benchmarks.lab.tile_sweep --fwd-only STAGES=2 / FWD_ROWS=64 WARPS=4   # variants separated by "/"
+    python -m benchmarks.lab.tile_sweep                           # the variants below
+    python -m benchmarks.lab.tile_sweep FWD_ROWS=64 FWD_WARPS=4   # one variant: constants of diffusers_sla/ops/tuning.py
+    python -m benchmarks.lab.tile_sweep --fwd-only FWD_STAGES=2 / FWD_ROWS=64 FWD_WARPS=4   # variants separated by "/"
 
-Each variant runs in its own process (the launch-shape overrides are read when a kernel is first compiled), times
+Each variant runs in its own process (the launch shapes are chosen when a kernel is first compiled) with the named
+`tuning` constants set before the first call, times
 forward and backward (scope "rest" and "all"), lists the largest kernels, and compares o, dq, dk, dv with the first
 variant's (the defaults), so that a faster shape that computes something else shows up at once.
 """
@@ -13,7 +14,6 @@ variant's (the defaults), so that a faster shape that computes something else sh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,11 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# v5 (NOTES.md): the defaults against the shapes they replaced or beat
+# the defaults against the shapes they replaced or beat
 VARIANTS = [
     {},
     {"FWD_ROWS": "64"},
-    {"FWD_ROWS": "64", "STAGES": "2"},
+    {"FWD_ROWS": "64", "FWD_STAGES": "2"},
     {"DKDV_ROWS": "128", "BWD0_STAGES": "3"},
     {"DKDV_ROWS": "32"},
     {"BWD0_STAGES": "3"},
@@ -36,9 +36,14 @@ CHILD = r'''
 import json, sys, torch
 from benchmarks.kernel import bench_ms, wan_inputs
 from benchmarks.lab.profile_ops import kernel_table
+from diffusers_sla.ops import tuning
 from diffusers_sla.ops.autograd import sla_triton
 
 out_dir, first, fwd_only = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+for name, value in json.loads(sys.argv[4]).items():
+    if not hasattr(tuning, name):
+        raise SystemExit(f"diffusers_sla.ops.tuning has no constant {name}")
+    setattr(tuning, name, int(value))
 (q, k, v, w, b), do = wan_inputs(1, 12, 32760, 128)
 res = {}
 for scope in ("rest", "all"):
@@ -71,10 +76,8 @@ print("RESULT" + json.dumps(res))
 
 
 def run(variant: dict, out_dir: str, first: bool, fwd_only: bool = False) -> dict | None:
-    env = {**os.environ, **{f"DIFFUSERS_SLA_{k}": v for k, v in variant.items()}}
     proc = subprocess.run([sys.executable, "-c", CHILD, out_dir, "1" if first else "0",
-                           "1" if fwd_only else "0"], env=env, cwd=REPO,
-                          capture_output=True, text=True)
+                           "1" if fwd_only else "0", json.dumps(variant)], cwd=REPO, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     if proc.returncode or not lines:
         print(f"  failed (rc {proc.returncode}): {proc.stderr.strip()[-600:]}")

@@ -5,8 +5,8 @@ Same contract as `reference.sla_reference`: same block selection (`selection.sel
 `+ LINEAR_EPS`, proj_l in float32, output in q's dtype, gradients for q, k, v, proj_weight and proj_bias (none for
 proj_l with `linear_scope="none"`: the kernels then get empty stand-ins, never proj_l itself).
 
-Precision policy for float32 (and float64) inputs, set with `set_fp32_compute` or the environment variable
-`DIFFUSERS_SLA_TRITON_FP32` (read at import):
+Precision policy for float32 (and float64) inputs, set with `set_fp32_compute` or the environment switch
+`tuning.FP32_COMPUTE_ENV` (read at import):
 
 * `"bf16"` (default on CUDA): q, k, v are cast to bfloat16 and the kernels run on the bf16 tensor cores;
 * `"tf32"`: the kernels run on float32 tensors with tf32 matrix products;
@@ -14,39 +14,33 @@ Precision policy for float32 (and float64) inputs, set with `set_fp32_compute` o
 
 float16 and bfloat16 inputs always run in their own dtype. Block selection always sees the caller's tensors.
 
-Block selection: `DIFFUSERS_SLA_SELECT="fused"` (default) pools q and k with one Triton pass each
-(`custom_ops.fast_select_blocks`: the same roundings, scores and top-k as `selection.select_blocks`, only the order
-of the float32 sums inside a block differs); `"torch"` calls `selection.select_blocks` itself. In eager calls the
-fused selection runs inside the Function's forward (`custom_ops.select_and_forward`: its pooling on a second CUDA
-stream beside the linear branch's first pass; `DIFFUSERS_SLA_OVERLAP=0` runs them in sequence); under
-`torch.compile` it is its own op, ahead of the forward op.
+Block selection: `tuning.SELECT = "fused"` (default) pools q and k with one Triton pass each
+(`fused_selection`: the same roundings, scores and top-k as `selection.select_blocks`, only the order of the float32
+sums inside a block differs); `"torch"` calls `selection.select_blocks` itself. In eager calls the fused selection
+runs inside the Function's forward (`custom_ops.select_and_forward`: its pooling on a second CUDA stream beside the
+linear branch's first pass, unless `tuning.OVERLAP` is off); under `torch.compile` it is its own op, ahead of the
+forward op.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from ..config import ALLOWED_LINEAR_SCOPES
-from . import custom_ops
+from . import custom_ops, tuning
 from . import fusion as fusion_ops
 from .reference import linear_attention_reference, sla_reference
 from .selection import select_blocks
 
 logger = logging.getLogger(__name__)
 
-FP32_COMPUTE_MODES = ("bf16", "tf32", "ieee")
+FP32_COMPUTE_MODES = tuning.FP32_COMPUTE_MODES
 ALLOWED_BLOCKS = (32, 64, 128)
 MAX_HEAD_DIM = 128
 
-_fp32_compute = os.environ.get("DIFFUSERS_SLA_TRITON_FP32", "bf16")
-if _fp32_compute not in FP32_COMPUTE_MODES:
-    raise ValueError(f"`DIFFUSERS_SLA_TRITON_FP32` must be one of {list(FP32_COMPUTE_MODES)}, got {_fp32_compute!r}.")
-_select = os.environ.get("DIFFUSERS_SLA_SELECT", "fused")
-if _select not in ("fused", "torch"):
-    raise ValueError(f"`DIFFUSERS_SLA_SELECT` must be one of ['fused', 'torch'], got {_select!r}.")
+_fp32_compute = tuning.FP32_COMPUTE
 _warned_fallback = False
 
 
@@ -236,10 +230,10 @@ def sla_triton(
         lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
         return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw, fusion=fusion,
                                    ratio_weight=ratio_weight, ratio_bias=ratio_bias)
-    if _select == "fused" and not torch.compiler.is_compiling():
+    if tuning.SELECT == "fused" and not torch.compiler.is_compiling():
         # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`)
         return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk, forced), **kw)
-    if _select == "fused":
+    if tuning.SELECT == "fused":
         lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk, *forced)
     else:
         lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)

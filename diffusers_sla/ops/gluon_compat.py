@@ -17,13 +17,15 @@ result) or one slot as a tile of the same size, never one slot as a larger tile.
 The kernels call `barrier`, `async_load`, `async_store` and `reinterpret` from here. `GPU_CHECKED` lists the releases
 on which the Hopper kernels passed the GPU tests and golden checks; `COMPILE_CHECKED` those for which they compile for
 sm_90a with asynchronous wgmma products and no more spills than on 3.6 (`benchmarks/offline_compile.py
---triton-version`). `custom_ops` takes the Hopper kernels by default ("auto") on GPU-checked releases only; on any
-other release where the names resolve they run when asked for (DIFFUSERS_SLA_FWD_KERNEL / _BWD_KERNEL=hopper).
+--triton-version`). `kernel_choice` takes the Hopper kernels by default ("auto") on GPU-checked releases only; on
+any other release where the names resolve they run when asked for (`tuning.KERNEL_ENV` set to "hopper").
 """
 
 from __future__ import annotations
 
 import triton
+
+from . import tuning
 
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # `auto` takes the Hopper kernels only on releases where they passed the GPU tests and `kernel.py check`
@@ -91,5 +93,6 @@ def auto_reason(version=TRITON_VERSION) -> str | None:
         state = "compile for sm_90a on it but have not yet passed the GPU checks"
     else:
         state = "have not been checked on it"
+    forward, backward = tuning.KERNEL_ENV["forward"], tuning.KERNEL_ENV["backward"]
     return (f"the Hopper kernels {state} on Triton {version_text(version)} (GPU-checked: Triton {checked}); set "
-            "DIFFUSERS_SLA_FWD_KERNEL=hopper and DIFFUSERS_SLA_BWD_KERNEL=hopper to use them")
+            f"{forward}=hopper and {backward}=hopper to use them")

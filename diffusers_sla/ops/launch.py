@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """Kernel launches with less host work per call.
 
-An eager SLA forward launches nine kernels. On some lent hosts their Python side took longer than the GPU work they
-queue (1.45 ms against ~1.17 ms at the Wan shape, benchmarks/NOTES.md v13), so the eager call waited on the host.
+An eager SLA forward launches nine kernels, and their Python side can take longer than the GPU work they queue, so
+that the eager call waits on the host.
 Most of a launch's host time is `JITFunction.run` working out, again at every call, which compiled kernel the
 arguments select: each argument's specialization (dtype, 16-byte alignment, whether an integer is 1 or a multiple
 of 16, ...), a string cache key, the option checks.
@@ -21,13 +21,13 @@ interface has not been checked (`FAST_TRITON`).
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import triton
 from triton.runtime import driver
 
-from .triton_fwd import is_cuda
+from . import tuning
+from .kernels.common import is_cuda
 
 try:
     from triton import knobs
@@ -38,8 +38,6 @@ except ImportError:  # pragma: no cover - older Triton
 # enter_hook, exit_hook, *args)` (the call `JITFunction.run` ends with) was read and checked, and whose
 # specialization (`native_specialize_impl`) gives the same facts for every kind of argument `_arg_key` covers.
 FAST_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
-# off (DIFFUSERS_SLA_FAST_LAUNCH=0): every launch through `kernel[grid]`, for an A/B of the host time
-ENABLED = os.environ.get("DIFFUSERS_SLA_FAST_LAUNCH", "1") != "0"
 _TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 _INT32 = (-(2**31), 2**31)
 
@@ -82,7 +80,7 @@ class Launcher:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _usable(self) -> bool:
-        return (ENABLED and _TRITON_VERSION in FAST_TRITON and is_cuda() and knobs is not None
+        return (tuning.FAST_LAUNCH and _TRITON_VERSION in FAST_TRITON and is_cuda() and knobs is not None
                 and _unhooked(knobs.runtime.launch_enter_hook) and _unhooked(knobs.runtime.launch_exit_hook)
                 and not getattr(self.kernel, "pre_run_hooks", None))
 

@@ -11,7 +11,7 @@ With o = o_s + o_l W^T + b, o_l = N / d, N = phi(q) R_i, d = phi(q) . z_i + eps,
     dh_j = sum_{i that did not select j} dR_i   ("rest"),   dh_j = dH = sum_i dR_i   ("all")
     dv_j += phi(k_j) dh_j,   dphi(k_j) = v_j dh_j^T + dz_j,   dphi(q_i) = dN_i R_i^T + dd z_i^T
 
-`_attn_bwd` has two kinds of programs, launched separately: key-block programs (dK, dV) walk a column-wise look-up
+`attn_bwd` has two kinds of programs, launched separately: key-block programs (dK, dV) walk a column-wise look-up
 table, i.e. only the query blocks that selected their key block; query-block programs (dQ) walk the forward's LUT.
 Nothing scans all blocks, and no D x D matrix is touched inside either loop: dh_j and dz_j ("rest") come from a 0/1
 matrix product over the per-query-block dR_i, dz_i before the launch.
@@ -20,11 +20,12 @@ matrix product over the per-query-block dR_i, dz_i before the launch.
 import triton
 import triton.language as tl
 
-from .triton_fwd import _feature_map, _feature_map_bwd, is_cuda, prune_configs
+from .. import tuning
+from .common import autotune_configs, feature_map, feature_map_bwd, prune_configs
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
+def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
                          stride_oz, stride_oh, stride_om, stride_ok,  #
                          stride_doz, stride_doh, stride_dom, stride_dok,  #
                          stride_qz, stride_qh, stride_qm, stride_qk,  #
@@ -68,7 +69,7 @@ def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
         # -- per query block: dR_i = phi(q)^T dN, dz_i = sum dd phi(q) ----
         q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh +
                     offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=mask, other=0.0)
-        phiq = tl.where(m_ok[:, None], _feature_map(q.to(tl.float32), d_ok, FEATURE_MAP), 0.0)
+        phiq = tl.where(m_ok[:, None], feature_map(q.to(tl.float32), d_ok, FEATURE_MAP), 0.0)
         dr = tl.dot(tl.trans(phiq.to(q.dtype)), dn.to(q.dtype), input_precision=DOT_PREC)
         blk = off_hz.to(tl.int64) * N_QBLK + start_m
         tl.store(DRB + blk * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :],
@@ -78,7 +79,7 @@ def _attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
 
 
 @triton.jit
-def _proj_grad(DO, OL, DWP, DBP,  #
+def proj_grad(DO, OL, DWP, DBP,  #
                stride_doz, stride_doh, stride_dom, stride_dok,  #
                H, N_CTX_Q, N_TILES, TOTAL_TILES, SPLIT,  #
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -151,24 +152,14 @@ def _attn_bwd_dq(dq, q, do, m, Di, desc_k, desc_v, off_z, off_h, LUT,  #
     return dq
 
 
-def _bwd_configs():
-    if not is_cuda():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in [4, 8] for s in [2, 3]]
-
-
-def keep(conf):
-    return True
-
-
-configs = [c for c in _bwd_configs() if keep(c)]
+configs = autotune_configs(tuning.BWD_AUTOTUNE_WARPS, tuning.BWD_AUTOTUNE_STAGES)
 
 
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "STEP_M", "KEPT", "REST",
                                "HAS_LINEAR", "FEATURE_MAP", "PROGRAM"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
-def _attn_bwd(Q, K, V, DO, desc_q, desc_k, desc_v, desc_do, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
+def attn_bwd(Q, K, V, DO, desc_q, desc_k, desc_v, desc_do, M, D, DN, DD, LUT, COLQ, COFF, CCNT,  #
               RB, ZB, HT, ZT, DHB, DZB, DHT, DZT,  #
               DQ, DK, DV,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
@@ -220,10 +211,10 @@ def _attn_bwd(Q, K, V, DO, desc_q, desc_k, desc_v, desc_do, M, D, DN, DD, LUT, C
                 dh = tl.load(DHT + hz * BLOCK_D * BLOCK_D + dd_offs)
                 dz = tl.load(DZT + hz * BLOCK_D + offs_k)
             kf = k.to(tl.float32)
-            phik = tl.where(n_ok[:, None], _feature_map(kf, d_ok, FEATURE_MAP), 0.0)
+            phik = tl.where(n_ok[:, None], feature_map(kf, d_ok, FEATURE_MAP), 0.0)
             dv = tl.dot(phik.to(v.dtype), dh.to(v.dtype), dv, input_precision=DOT_PREC)
             dphik = tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=DOT_PREC) + dz[None, :]
-            dk += _feature_map_bwd(kf, phik, dphik, FEATURE_MAP)
+            dk += feature_map_bwd(kf, phik, dphik, FEATURE_MAP)
         out = (hz * N_CTX_KV + offs_n)[:, None] * HEAD_DIM + offs_k[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -253,6 +244,6 @@ def _attn_bwd(Q, K, V, DO, desc_q, desc_k, desc_v, desc_do, M, D, DN, DD, LUT, C
             dphiq = tl.dot(dn.to(q.dtype), tl.trans(r.to(q.dtype)), input_precision=DOT_PREC) + \
                 dd[:, None] * z[None, :]
             qf = q.to(tl.float32)
-            dq += _feature_map_bwd(qf, _feature_map(qf, d_ok, FEATURE_MAP), dphiq, FEATURE_MAP)
+            dq += feature_map_bwd(qf, feature_map(qf, d_ok, FEATURE_MAP), dphiq, FEATURE_MAP)
         tl.store(DQ + (row_base + offs_m)[:, None] * HEAD_DIM + offs_k[None, :], dq.to(DQ.dtype.element_ty),
                  mask=q_mask)

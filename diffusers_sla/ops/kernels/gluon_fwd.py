@@ -1,9 +1,9 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """SLA forward for Hopper (sm_90) in Gluon, Triton's explicit-layout dialect.
 
-The same computation as `triton_fwd._attn_fwd` (read that file first: this one only differs in how the loop is
+The same computation as `triton_fwd.attn_fwd` (read that file first: this one only differs in how the loop is
 scheduled). `tl.dot` on Hopper waits for each product as soon as it is issued, so a program's softmax and its tensor
-core work never overlap (benchmarks/NOTES.md v6). Here the products are asynchronous `wgmma` instructions:
+core work never overlap. Here the products are asynchronous `wgmma` instructions:
 
     wait K[j+1] -> issue S[j+1] = Q K[j+1]^T      (tensor cores)
     softmax of S[j], rescale acc                  (runs while S[j+1] is computed)
@@ -18,12 +18,12 @@ output, so any layout with a unit inner stride (diffusers' (B, L, H, D) view inc
 block of 128 rows runs as two 64-row programs of one warpgroup each (4 warps): two such programs fit on an SM, so
 one's epilogue hides behind the other's loop.
 
-The epilogue (linear branch and `proj_l`, as in `_attn_fwd`) loads its D x D tiles (R in the input dtype and W in
+The epilogue (linear branch and `proj_l`, as in `attn_fwd`) loads its D x D tiles (R in the input dtype and W in
 float32 for a tf32 product, both at once) into the K/V ring, which is free by then: no shared memory of its own. The
 output tile leaves by TMA through q's shared memory.
 
-Only compiled on CUDA devices of compute capability 9.0; `custom_ops.sla_fwd` picks it there (`supports`), the
-portable `_attn_fwd` everywhere else and under the Triton interpreter, which does not run Gluon.
+Only compiled on CUDA devices of compute capability 9.0; `ops/forward.py` picks it there (`supports`), the
+portable `attn_fwd` everywhere else and under the Triton interpreter, which does not run Gluon.
 """
 
 from __future__ import annotations
@@ -31,15 +31,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from . import gluon_compat as gc
-from .launch import Launcher
+from .. import gluon_compat as gc
+from .. import tuning
+from ..launch import Launcher
 
 # Gluon's names differ between Triton releases: `gluon_compat` resolves them (and says on which releases the kernels
 # were checked)
 TRITON_VERSION = gc.TRITON_VERSION
 GLUON_AVAILABLE = gc.AVAILABLE
 if GLUON_AVAILABLE:
-    from .gluon_compat import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
+    from ..gluon_compat import (TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
                                warpgroup_mma_wait)
 
 
@@ -47,13 +48,11 @@ def gluon_unavailable_reason() -> str:
     return gc.unavailable_reason()
 
 
-# Launch shape by key-block size, measured on the H100 at the Wan shape (benchmarks/NOTES.md v7):
-# BLOCK_N -> (query rows per program, warps, pipeline stages).
-LAUNCH = {64: (64, 4, 3), 128: (128, 8, 3)}
-# With 64-key tiles the loop keeps q in registers (`_attn_fwd_hopper`, LEAN), except on Triton 3.9, whose register
-# allocation spills in that loop; there q is read from shared memory (`benchmarks/offline_compile.py --triton-version`
-# shows both; the cost is recorded in benchmarks/NOTES.md).
-Q_IN_REGISTERS = gc.TRITON_VERSION < (3, 9)
+# BLOCK_N -> (query rows per program, warps, pipeline stages)
+LAUNCH = tuning.GLUON_FWD_LAUNCH
+# With 64-key tiles the loop keeps q in registers (`_attn_fwd_hopper`, LEAN), except where the register allocation
+# spills in that loop; there q is read from shared memory (`benchmarks/offline_compile.py --triton-version` shows both)
+Q_IN_REGISTERS = gc.TRITON_VERSION < tuning.GLUON_Q_IN_REGISTERS_BEFORE
 
 
 def launch_reason(launch: dict, dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int,
@@ -93,7 +92,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _feature_map_gl(x, d_ok, FEATURE_MAP: gl.constexpr):
-        # `triton_fwd._feature_map` for Gluon tensors: x fp32 (rows, BLOCK_D); padded columns come out as 0.
+        # `common.feature_map` for Gluon tensors: x fp32 (rows, BLOCK_D); padded columns come out as 0.
         if FEATURE_MAP == 0:
             x = gl.where(d_ok[None, :], x, float("-inf"))
             e = gl.exp(x - gl.max(x, 1)[:, None])
@@ -199,7 +198,7 @@ if GLUON_AVAILABLE:
                          HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, STORE_BWD: gl.constexpr,
                          EPS: gl.constexpr, FOLD_SCALE: gl.constexpr, TIMELINE: gl.constexpr,
                          HAS_PROJ: gl.constexpr, num_warps: gl.constexpr):
-        # Arguments as `_attn_fwd`, except that q, k, v and out come as host-built 4-D (B, H, L, D) tensor
+        # Arguments as `attn_fwd`, except that q, k, v and out come as host-built 4-D (B, H, L, D) tensor
         # descriptors (`launch`) and the linear state as desc_r, over BLOCK_D x BLOCK_D tiles in the input dtype, one
         # per query block for "rest" (R_i), one per head for "all" (the total H), with ZB the matching z vectors
         # (float32); desc_w is proj_l's float32 weight. TIMELINE (profiling only): each program writes its SM and
@@ -248,8 +247,7 @@ if GLUON_AVAILABLE:
         # 64-key tiles: q stays in registers as the A operand of every S product (each product then reads only K
         # from shared memory), and the loop takes two steps per iteration, so that the scores alternate between two
         # register sets instead of being copied out of the product's registers at every step (32 moves per thread).
-        # 5-7% off the kernel (H200, benchmarks/NOTES.md v13); with 128-key tiles both would spill. (q in registers
-        # only where that does not spill: `Q_IN_REGISTERS`.)
+        # With 128-key tiles both would spill. (q in registers only where that does not spill: `Q_IN_REGISTERS`.)
         LEAN: gl.constexpr = BLOCK_N == 64
         if LEAN and _Q_IN_REGISTERS:
             q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
@@ -359,7 +357,7 @@ if GLUON_AVAILABLE:
             _timeline(tl_row, 4, start_m, False, True)
 
 
-    # launched with less host work per call (launch.py): its host-built descriptors make it the costliest launch
+    # launched with less host work per call (`ops/launch.py`): its host-built descriptors make it the costliest launch
     _attn_fwd_hopper_launcher = Launcher(_attn_fwd_hopper)
 
 
@@ -372,12 +370,11 @@ def _tile_layout(element_bits: int, rank: int):
 def _descriptor(x, box, element_bits: int = 16):
     """A host-built TMA descriptor over all of x (4-D (B, H, L, D) or 2-D), in the 128-byte swizzle the kernel's
     shared-memory tiles use. Built on the host once per call: descriptors built on the device cost each program
-    ~8% of its time in global-memory fences (ncu; the kernel 0.08 ms faster at the Wan shape, benchmarks/NOTES.md
-    v8), for ~0.1 ms more host time per call (less with the cached layouts).
+    a share of its time in global-memory fences, more than the host time they save.
 
     Built without the dataclass's checks (`TensorDescriptor.__post_init__`: 16-byte alignment, unit inner stride,
     power-of-two box), which cost more host time than the rest of the launch's arguments together: every caller
-    passes a tensor `custom_ops._tma_ready` made addressable, and a power-of-two box. The fields are the ones
+    passes a tensor `buffers.tma_ready` made addressable, and a power-of-two box. The fields are the ones
     `TensorDescriptor(...)` would hold (test_gluon_fwd compares them), the defaulted ones included (Triton 3.7 added
     `round_f32_to_tf32`)."""
     desc = object.__new__(TensorDescriptor)
@@ -408,8 +405,8 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
            block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int, store_bwd: bool,
            eps: float, timeline=None, has_proj: bool = True):
     """Runs `_attn_fwd_hopper` (the caller checked `supports`). q, k, v, o: (B, H, L, D) with unit inner stride and
-    16-byte aligned rows (`custom_ops._tma_ready`); r_tiles: (n, block_d, block_d) in q's dtype, one tile per query
-    block ("rest") or per head ("all"), z the matching float32 vectors; other arguments as `_attn_fwd`.
+    16-byte aligned rows (`buffers.tma_ready`); r_tiles: (n, block_d, block_d) in q's dtype, one tile per query
+    block ("rest") or per head ("all"), z the matching float32 vectors; other arguments as `triton_fwd.attn_fwd`.
     timeline (profiling, `benchmarks/fwd_timeline.py`): an int64 (programs, 8) tensor each program fills (`_timeline`).
     has_proj False (scope "none"): no bias is added, and proj_weight / proj_bias may be empty (never read).
     """

@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """SLA backward for Hopper (sm_90) in Gluon: the dK/dV and the dQ programs.
 
-The same computation as `triton_bwd._attn_bwd` (read that file first: this one only differs in how the loops are
-scheduled). `tl.dot` waits for each product as soon as it is issued (benchmarks/NOTES.md v6); here the products are
+The same computation as `triton_bwd.attn_bwd` (read that file first: this one only differs in how the loops are
+scheduled). `tl.dot` waits for each product as soon as it is issued; here the products are
 asynchronous `wgmma` instructions, so each step's CUDA-core work runs under its tensor-core work.
 
 Key-block programs (dK, dV), one per key block, walk the column LUT, i.e. only the query blocks that selected their
@@ -22,31 +22,27 @@ Query programs (dQ), BLOCK_M rows each, walk the forward's LUT with K/V tiles in
 `gluon_fwd._attn_fwd_hopper` does: issue dP = dO V^T and the next S = Q K^T, P = exp2(S - lse) under both,
 dS = P (dP - delta), issue dQ += dS K.
 
-The epilogues add the linear branch's part (dh_j, dz_j for dK/dV; R_i, z_i for dQ, as in `_attn_bwd`): its
+The epilogues add the linear branch's part (dh_j, dz_j for dK/dV; R_i, z_i for dQ, as in `triton_bwd.attn_bwd`): its
 BLOCK_D x BLOCK_D tile arrives by TMA into the ring, free by then. Results leave by TMA through shared memory.
 
-Only compiled on CUDA devices of compute capability 9.0; `custom_ops._sla_bwd` picks these kernels there
-(`supports`), the portable `_attn_bwd` everywhere else and under the Triton interpreter, which does not run Gluon.
+Only compiled on CUDA devices of compute capability 9.0; `ops/backward.py` picks these kernels there
+(`supports`), the portable `triton_bwd.attn_bwd` everywhere else and under the Triton interpreter, which does not run Gluon.
 """
 
 from __future__ import annotations
 
-import os
-
+from .. import tuning
 from .gluon_fwd import GLUON_AVAILABLE, _descriptor, gluon_unavailable_reason, launch_reason, linear_tiles_2d
 
 if GLUON_AVAILABLE:
-    from . import gluon_compat as gc
-    from .gluon_compat import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from .. import gluon_compat as gc
+    from ..gluon_compat import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from .gluon_fwd import _box, _feature_map_gl, _init_barriers, _invalidate_barriers, _issue_kv
 
 
-# Launch shapes, key-block size -> (query rows per step or program, warps, ring stages), the shapes timed on the H200
-# at the Wan shape (benchmarks/NOTES.md v11, v12): 2 stages keep a program at ~96 KB of shared memory, so two fit on
-# an SM; with 3, one does (dK/dV 1.51 ms against 1.14, dQ 1.17 against 0.84, same outputs).
-# `DIFFUSERS_SLA_DKDV_STAGES` / `_DQ_STAGES` override the stages.
-LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DKDV_STAGES", "2")))}
-DQ_LAUNCH = {64: (64, 4, int(os.environ.get("DIFFUSERS_SLA_DQ_STAGES", "2")))}
+# key-block size -> (query rows per step or program, warps, ring stages)
+LAUNCH = tuning.GLUON_DKDV_LAUNCH
+DQ_LAUNCH = tuning.GLUON_DQ_LAUNCH
 
 
 def supports(dtype_bytes: int, blkq: int, blkk: int, block_d: int, head_dim: int, dot_precision: str) -> str | None:
@@ -62,7 +58,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _feature_map_bwd_gl(phi, dphi, FEATURE_MAP: gl.constexpr):
-        # `triton_fwd._feature_map_bwd` for Gluon tensors, from phi alone, so that x need not stay in registers:
+        # `common.feature_map_bwd` for Gluon tensors, from phi alone, so that x need not stay in registers:
         # elu(x) + 1 > 1 exactly where x > 0 (at x = 0 both branches give dphi), relu(x) > 0 exactly where x > 0
         if FEATURE_MAP == 0:
             dx = phi * (dphi - gl.sum(dphi * phi, 1)[:, None])
@@ -102,7 +98,7 @@ if GLUON_AVAILABLE:
                               STEP_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                               REST: gl.constexpr, HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr,
                               num_warps: gl.constexpr):
-        # Arguments as `_attn_bwd` (PROGRAM 0), except that q, dO, k, v, dk, dv come as host-built 4-D (B, H, L, D)
+        # Arguments as `triton_bwd.attn_bwd` (PROGRAM 0), except that q, dO, k, v, dk, dv come as host-built 4-D (B, H, L, D)
         # tensor descriptors (`launch`) and the linear branch's dh as desc_dh over BLOCK_D x BLOCK_D tiles in the
         # input dtype, one per key block for "rest" (dh_j), one per head for "all" (dH), with DZ the matching dz
         # vectors (float32).
@@ -153,8 +149,8 @@ if GLUON_AVAILABLE:
         s_cur = warpgroup_mma(k_smem, ring.index(0).permute((1, 0)), zero_s, use_acc=False)
         start_m = _query_row(COLQ, 0, SPLIT, BLOCK_M, STEP_M, valid=n_steps > 0)
         # each step's lse and delta rows are loaded one step ahead, 64 floats spread over the warpgroup (a register or
-        # two per thread), and moved into the scores' column layout when used (H200, Wan shape: 1.372 -> 1.145 ms
-        # against loading them in the step that uses them; NOTES.md v11)
+        # two per thread), and moved into the scores' column layout when used: faster than loading them in the step
+        # that uses them
         row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         offs_r = gl.arange(0, STEP_M, layout=row_layout)
         m_next = gl.load(M + row_base + start_m + offs_r, mask=start_m + offs_r < N_CTX_Q, other=float("inf"))
@@ -237,7 +233,7 @@ if GLUON_AVAILABLE:
                             HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                             BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
                             HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, num_warps: gl.constexpr):
-        # The query programs (dQ) of `_attn_bwd` (PROGRAM 1): BLOCK_M query rows each, SPLIT per query block, walking
+        # The query programs (dQ) of `triton_bwd.attn_bwd` (PROGRAM 1): BLOCK_M query rows each, SPLIT per query block, walking
         # the forward's LUT with K/V tiles in a TMA ring as `gluon_fwd._attn_fwd_hopper` does. Per step:
         #   issue dP = dO V^T, then the next step's S = Q K^T; P = exp2(S - lse) under both; wait for dP;
         #   dS = P (dP - delta); issue dQ += dS K; wait for all; refill the ring slot.
@@ -352,9 +348,9 @@ def launch_dkdv(q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_til
                 n_kblk: int, kept: int, block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool,
                 feature_map: int):
     """Runs `_attn_bwd_dkdv_hopper` (the caller checked `supports`). q, k, v, do, dk, dv: (B, H, L, D) with unit
-    inner stride and 16-byte aligned rows (`custom_ops._tma_ready`); dh_tiles: (n, block_d, block_d) in q's dtype,
+    inner stride and 16-byte aligned rows (`buffers.tma_ready`); dh_tiles: (n, block_d, block_d) in q's dtype,
     one tile per key block ("rest") or per head ("all"), dz the matching float32 vectors; other arguments as
-    `_attn_bwd`."""
+    `triton_bwd.attn_bwd`."""
     B, H, Lq, D = q.shape
     rows, warps, stages = LAUNCH[blkk]
     dh2d = linear_tiles_2d(dh_tiles, has_linear, q, block_d)
@@ -373,7 +369,7 @@ def launch_dq(q, k, v, do, dq, lut, lse, delta, dn, dd, r_tiles, z, scale: float
               block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int):
     """Runs `_attn_bwd_dq_hopper` (the caller checked `supports`). q, k, v, do, dq: (B, H, L, D) with unit inner
     stride and 16-byte aligned rows; r_tiles: (n, block_d, block_d) in q's dtype, one tile per query block ("rest")
-    or per head ("all"), z the matching float32 vectors (as `gluon_fwd.launch`); other arguments as `_attn_bwd`."""
+    or per head ("all"), z the matching float32 vectors (as `gluon_fwd.launch`); other arguments as `triton_bwd.attn_bwd`."""
     B, H, Lq, D = q.shape
     rows, warps, stages = DQ_LAUNCH[blkk]
     r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
