@@ -1,17 +1,8 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""Forced key blocks (`ops/selection.py`, `ops/reference.py`, `ops/api.py`, the Triton selection in
-`ops/custom_ops.py` and `ops/autograd.py`): blocks every query block keeps, e.g. a joint attention's text tokens.
-
-The Triton cases run the real kernels under the Triton interpreter in a subprocess (`TRITON_INTERPRET=1` must be set
-before Triton is imported, see `test_triton_ops.py`)."""
+"""Forced key blocks (`ops/selection.py`, `ops/reference.py`, `ops/api.py`): blocks every query block keeps, e.g. a
+joint attention's text tokens. The Triton selection's forced blocks: `tests/kernels/test_forced_blocks_kernels.py`."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,7 +11,7 @@ from diffusers_sla import sparse_linear_attention
 from diffusers_sla.ops.reference import sla_reference
 from diffusers_sla.ops.selection import (block_scores, forced_block_range, lut_to_block_map, num_kept_blocks,
                                          select_blocks, top_blocks)
-from testing_utils import REPO_ROOT, rel_err, require_triton
+from testing_utils import rel_err
 
 
 def _qkv(B=2, H=2, Lq=150, Lk=200, D=16, seed=0, dtype=torch.float32):
@@ -91,39 +82,3 @@ def test_api_forced_keys_are_checked(bad):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="`forced_keys` must be"):
         sparse_linear_attention(q, k, v, forced_keys=bad, blkq=32, blkk=32)
-
-
-TRITON_CODE = textwrap.dedent('''
-    import json, torch
-    from diffusers_sla.ops import custom_ops
-    from diffusers_sla.ops.autograd import sla_triton
-    from diffusers_sla.ops.reference import sla_reference
-    from diffusers_sla.ops.selection import select_blocks
-    results = {}
-    for name, dtype, forced in (("fp32_first", torch.float32, (0, 2)), ("fp16_last", torch.float16, (5, 7))):
-        g = torch.Generator().manual_seed(1)
-        q, k, v = (torch.randn(1, 2, L, 32, generator=g).to(dtype) for L in (100, 200, 200))
-        w, b = torch.randn(32, 32, generator=g) / 6, torch.randn(32, generator=g)
-        lut_triton = custom_ops.fast_select_blocks(q, k, 0.3, 32, 32, *forced)
-        lut_torch = select_blocks(q, k, 0.3, 32, 32, forced)
-        kw = dict(topk=0.3, blkq=32, blkk=32, feature_map="softmax", linear_scope="rest", scale=32 ** -0.5)
-        out = sla_triton(q, k, v, w, b, forced_blocks=forced, **kw)
-        ref = sla_reference(*(x.double() for x in (q, k, v, w, b)), forced_blocks=forced, **kw)
-        results[name] = {"same_lut": bool(torch.equal(lut_triton, lut_torch)), "kept": lut_torch.shape[-1],
-                         "forced_in_rows": bool(all(((lut_triton == j).any(-1)).all() for j in range(*forced))),
-                         "err": ((out.double() - ref).norm() / ref.norm()).item()}
-    print(json.dumps(results))
-''')
-
-
-@require_triton
-def test_triton_selection_forces_blocks_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    run = subprocess.run([sys.executable, "-c", TRITON_CODE], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    for name, tol in (("fp32_first", 1e-4), ("fp16_last", 2e-3)):
-        r = results[name]
-        assert r["same_lut"] and r["forced_in_rows"], (name, r)
-        assert r["kept"] == 2 + int(0.3 * 5), (name, r)
-        assert r["err"] < tol, (name, r)

@@ -145,7 +145,7 @@ def test_installed_launch_hooks_and_the_off_switch_send_every_launch_through_tri
 
 
 def test_without_a_gpu_driver_every_launch_is_tritons_own(launcher, monkeypatch):
-    from diffusers_sla.ops import launch, tuning
+    from diffusers_sla.ops import launch
 
     fast, slow_calls, compiled = launcher
     monkeypatch.setattr(launch, "is_cuda", lambda: False)  # the interpreter, or no GPU

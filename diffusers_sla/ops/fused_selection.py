@@ -19,7 +19,7 @@ from .launch import Launcher
 from .selection import force_scores, num_blocks, num_forced, num_kept_blocks
 
 # launched with less host work per call (launch.py): an eager forward at a long sequence can wait on their host time
-_row_sums, _key_mean, _block_mean, _top_blocks_kernel = (
+ROW_SUMS, KEY_MEAN, BLOCK_MEAN, TOP_BLOCKS = (
     Launcher(kernel) for kernel in (kernels.row_sums, kernels.key_mean, kernels.block_mean, kernels.top_blocks_kernel))
 
 # the Triton element type of each input dtype (for roundings inside kernels that do not read the tensor itself)
@@ -37,8 +37,8 @@ def row_sum_parts(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         chunk = num_blocks(tiles, min(split(tiles, B * H, tuning.ROW_SUMS_TARGET), tuning.ROW_SUMS_MAX_PARTS)) * rows
     n_part = max(1, num_blocks(L, chunk))
     parts = torch.empty(B * H, n_part, bd, device=x.device, dtype=torch.float32)
-    _row_sums[(n_part, B * H)](x, parts, *strides(x), H, L, chunk, n_part, HEAD_DIM=D, BLOCK_D=bd,
-                               BLOCK_M=rows, num_warps=tuning.ROW_SUMS_WARPS, num_stages=tuning.ROW_SUMS_STAGES)
+    ROW_SUMS[(n_part, B * H)](x, parts, *strides(x), H, L, chunk, n_part, HEAD_DIM=D, BLOCK_D=bd,
+                              BLOCK_M=rows, num_warps=tuning.ROW_SUMS_WARPS, num_stages=tuning.ROW_SUMS_STAGES)
     return parts
 
 
@@ -51,11 +51,11 @@ def block_means(x: torch.Tensor, block: int, center: bool, round_to_input: bool 
     mean = torch.empty(B * H if center else 0, bd, device=x.device, dtype=torch.float32)
     if center:
         parts = row_sum_parts(x)
-        _key_mean[(B * H,)](parts, mean, parts.shape[1], L, BLOCK_D=bd,
-                            PART_P2=triton.next_power_of_2(parts.shape[1]), DTYPE=_TL_DTYPES[x.dtype], num_warps=2)
+        KEY_MEAN[(B * H,)](parts, mean, parts.shape[1], L, BLOCK_D=bd,
+                           PART_P2=triton.next_power_of_2(parts.shape[1]), DTYPE=_TL_DTYPES[x.dtype], num_warps=2)
     out = torch.empty(B, H, n, D, device=x.device, dtype=x.dtype if round_to_input else torch.float32)
-    _block_mean[(n, B * H)](x, mean, out, *strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=bd, BLOCK=block,
-                            CENTER=center, num_warps=tuning.BLOCK_MEAN_WARPS, num_stages=1)
+    BLOCK_MEAN[(n, B * H)](x, mean, out, *strides(x), H, L, n, HEAD_DIM=D, BLOCK_D=bd, BLOCK=block,
+                           CENTER=center, num_warps=tuning.BLOCK_MEAN_WARPS, num_stages=1)
     return out
 
 
@@ -119,8 +119,7 @@ def _top_blocks(scores, kept, rest=None):
         zi = buffers.empty(B, H, n_qblk, bd, device=scores.device, dtype=torch.float32)
     if rows:
         n_k_p2 = triton.next_power_of_2(n_k)
-        _top_blocks_kernel[(rows,)](scores.contiguous(), lut, w, zb, zs, zi, n_k, kept, n_qblk, n_split,
-                                    N_K_P2=n_k_p2, REST=rest is not None, BLOCK_D=bd,
-                                    num_warps=tuning.TOPK_WARPS or (1 if n_k_p2 <= 512 else 4 if n_k_p2 <= 1024
-                                                                    else 8))
+        TOP_BLOCKS[(rows,)](scores.contiguous(), lut, w, zb, zs, zi, n_k, kept, n_qblk, n_split,
+                            N_K_P2=n_k_p2, REST=rest is not None, BLOCK_D=bd,
+                            num_warps=tuning.TOPK_WARPS or (1 if n_k_p2 <= 512 else 4 if n_k_p2 <= 1024 else 8))
     return lut, w, zi

@@ -21,7 +21,7 @@ from .launch import Launcher
 from .selection import num_blocks
 
 # launched with less host work per call (launch.py): an eager forward at a long sequence can wait on their host time
-_linear_state, _rest_weights_kernel = Launcher(kernels.linear_state), Launcher(kernels.rest_weights_kernel)
+LINEAR_STATE, REST_WEIGHTS = Launcher(kernels.linear_state), Launcher(kernels.rest_weights_kernel)
 
 
 def linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=False):
@@ -44,7 +44,7 @@ def linear_totals(k, v, blkk, block_d, feature_map, dot_precision, store_blocks=
         hs = buffers.empty(B * H, n_split, block_d, block_d, device=k.device, dtype=torch.float32)
         hb, zb = k.new_empty(0), k.new_empty(0, dtype=torch.float32)
     zs = buffers.empty(B * H, n_split, block_d, device=k.device, dtype=torch.float32)
-    _linear_state[(n_split, B * H)](
+    LINEAR_STATE[(n_split, B * H)](
         kd, vd, hb, zb, hs, zs, *strides(kd), *strides(vd), H, Lk, n_kblk, n_split, B * H * n_kblk * block_d,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=blkk, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BLOCKS=store_blocks,
         DOT_PREC=dot_precision,
@@ -76,9 +76,9 @@ def rest_weights(lut: torch.Tensor, n_kblk: int, dtype: torch.dtype, z_blocks: t
         second = w32 = torch.empty(B, H, n_qblk, n_kblk, device=lut.device, dtype=torch.float32)
         zb = zs = zi = w32.new_empty(0)
     lut = lut.contiguous()
-    _rest_weights_kernel[(n_qblk, B * H)](lut, w, w32, zb, zs, zi, n_qblk, n_kblk, kept, n_split,
-                                          KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, BLOCK_D=block_d,
-                                          STORE_W32=not z_rest, Z_REST=z_rest, num_warps=4)
+    REST_WEIGHTS[(n_qblk, B * H)](lut, w, w32, zb, zs, zi, n_qblk, n_kblk, kept, n_split,
+                                  KEPT_P2=triton.next_power_of_2(kept), BLOCK_J=128, BLOCK_D=block_d,
+                                  STORE_W32=not z_rest, Z_REST=z_rest, num_warps=4)
     return w, second
 
 

@@ -358,7 +358,7 @@ if GLUON_AVAILABLE:
 
 
     # launched with less host work per call (`ops/launch.py`): its host-built descriptors make it the costliest launch
-    _attn_fwd_hopper_launcher = Launcher(_attn_fwd_hopper)
+    LAUNCHER = Launcher(_attn_fwd_hopper)
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,7 +416,7 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
     # without a linear branch nothing reads W, but its descriptor needs a real float32 tile (scope "none" passes an
     # empty proj_weight); proj_bias is float32 like every proj_l tensor here
     w2d = proj_weight if has_linear else proj_bias.new_empty(block_d, block_d)
-    _attn_fwd_hopper_launcher[launch_grid(n_qblk, blkq, blkk, B * H)](
+    LAUNCHER[launch_grid(n_qblk, blkq, blkk, B * H)](
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
         _descriptor(r2d, [block_d, block_d]), _descriptor(w2d, [block_d, block_d // 2], 32),
