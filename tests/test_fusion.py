@@ -1,15 +1,10 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
 """`SLAConfig.fusion` ("mass", "ratio"; `ops/fusion.py`): the PyTorch operator against a dense float64 restatement,
 gradients by gradcheck, the mass estimate against the true rest mass, the default "sla" unchanged, the layer's gate
-parameters, the Triton backend's logged fallback and the sidecar round trip."""
+parameters, the Triton backend's logged fallback and the sidecar round trip. The fusions on the Triton kernels:
+`tests/kernels/test_fusion_kernels.py`."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -25,7 +20,7 @@ from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
 from diffusers_sla.processor import enable_sla
 from diffusers_sla.serialization import get_sla_state_dict, read_sla_file
 
-from testing_utils import REPO_ROOT, rel_err, require_cuda, require_triton
+from testing_utils import rel_err
 
 
 def dense_fused(q, k, v, weight, bias, block_map, blkq, blkk, feature_map, scale, fusion, u=None, c=None):
@@ -216,121 +211,6 @@ def test_functional_ratio_needs_its_parameters():
                                 ratio_bias=torch.zeros(1))
 
 
-# ----- Triton backend: the sparse part and ln Z_sel on the kernels ---------------------------------------------------
-
-# Run in a subprocess under the Triton interpreter (it must be chosen before Triton is imported, which other test
-# modules do without it), and in-process on a CUDA GPU.
-TRITON_CASE = textwrap.dedent("""
-    import torch
-    from diffusers_sla.ops.autograd import sla_triton_with_lut
-    from diffusers_sla.ops.reference import sla_reference
-    from diffusers_sla.ops.selection import select_blocks
-
-    def fused_case(fusion, device, dtype, Lq=96, Lk=80, D=16, blk=32, topk=0.4):
-        # the Triton path against the PyTorch operator on one block map: {name: [rel err, |reference|]}, with
-        # None for a gradient both sides leave out ("mass" has no gate)
-        g = torch.Generator().manual_seed(7)
-        q, k, v = (torch.randn(1, 2, L, D, generator=g).to(device, dtype) for L in (Lq, Lk, Lk))
-        weight = (torch.randn(D, D, generator=g) / D**0.5).to(device)
-        bias = (torch.randn(D, generator=g) * 0.1).to(device)
-        u, c = (torch.randn(D, generator=g) * 0.3).to(device), torch.tensor([0.5], device=device)
-        lut = select_blocks(q, k, topk, blk, blk)
-        kw = dict(blkq=blk, blkk=blk, feature_map="softmax", linear_scope="rest", fusion=fusion)
-        do = torch.linspace(-1, 1, q.numel(), device=device).view_as(q)
-        results = []
-        for run in ("triton", "torch"):
-            leaves = [(x if run == "triton" else x.float()).detach().clone().requires_grad_()
-                      for x in (q, k, v, weight, bias, u, c)]
-            if run == "triton":
-                out = sla_triton_with_lut(*leaves[:5], lut, ratio_weight=leaves[5], ratio_bias=leaves[6], **kw)
-            else:
-                out = sla_reference(*leaves[:5], topk=topk, lut=lut, ratio_weight=leaves[5], ratio_bias=leaves[6],
-                                    **kw)
-            out.backward(do.to(out.dtype))
-            results.append([out.detach().float()] + [None if x.grad is None else x.grad.float() for x in leaves])
-        errors = {}
-        for name, a, b in zip(("o", "q", "k", "v", "proj_weight", "proj_bias", "u", "c"), *results):
-            errors[name] = (None if a is None else "given") if b is None else [
-                float((a - b).norm() / b.norm()), float(b.abs().sum())]
-        return errors
-""")
-
-
-def _check_case(errors: dict, fusion: str, tol: float) -> None:
-    for name, value in errors.items():
-        if fusion == "mass" and name in ("u", "c"):
-            assert value is None, name  # no gate: no gradient on either side
-            continue
-        err, magnitude = value
-        assert magnitude > 0, name
-        assert err <= tol, f"{fusion} {name}: relative error {err:.2e} > {tol:.0e}"
-
-
-@pytest.fixture(scope="module")
-def interpreter_fusion_results():
-    script = TRITON_CASE + textwrap.dedent("""
-        import json
-        from diffusers_sla import sparse_linear_attention
-        from diffusers_sla.ops import autograd
-
-        results = {f: fused_case(f, "cpu", torch.float32) for f in ("mass", "ratio")}
-
-        def refuse(*args, **kwargs):
-            raise AssertionError("fusion 'sla' took the fused path")
-
-        # the public function with backend="triton" must run the fusion it is asked for (not SLA's sum), also with
-        # protected (forced) key blocks
-        g = torch.Generator().manual_seed(3)
-        q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
-        w, b = torch.randn(16, 16, generator=g) / 4, torch.randn(16, generator=g) * 0.1
-        u, c = torch.randn(16, generator=g) * 0.3, torch.tensor([0.5])
-        public = {}
-        for f in ("mass", "ratio"):
-            for forced in (None, (0, 20)):
-                out = {be: sparse_linear_attention(q, k, v, w, b, topk=0.4, blkq=32, blkk=32, fusion=f,
-                                                   ratio_weight=u if f == "ratio" else None,
-                                                   ratio_bias=c if f == "ratio" else None, forced_keys=forced,
-                                                   backend=be) for be in ("triton", "torch")}
-                sla = sparse_linear_attention(q, k, v, w, b, topk=0.4, blkq=32, blkk=32, forced_keys=forced,
-                                              backend="torch")
-                public[f"{f} forced={forced}"] = [float((out["triton"] - out["torch"]).norm() / out["torch"].norm()),
-                                                  float((sla - out["torch"]).norm() / out["torch"].norm())]
-        results["public"] = public
-
-        autograd._fused = refuse  # the default fusion must run the SLA kernels as before
-        x = torch.randn(1, 1, 64, 16)
-        sparse_linear_attention(x, x, x, torch.eye(16), torch.zeros(16), topk=0.5, blkq=32, blkk=32,
-                                backend="triton")
-        print("RESULTS" + json.dumps(results))
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
-    return json.loads(line[len("RESULTS"):])
-
-
-@require_triton
-@pytest.mark.parametrize("fusion", ["mass", "ratio"])
-def test_triton_fusion_matches_the_torch_operator_under_the_interpreter(interpreter_fusion_results, fusion):
-    """Forward and every gradient (q, k, v, proj_l, the gate) against the PyTorch operator, float32 (ieee products
-    under the interpreter). "mass" checks the kernels' d lse path (delta - dlse); the script also checks that the
-    default fusion never takes the fused path."""
-    _check_case(interpreter_fusion_results[fusion], fusion, 1e-4)
-
-
-@pytest.mark.gpu
-@require_cuda
-@pytest.mark.parametrize("fusion", ["mass", "ratio"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_fusion_matches_the_torch_operator(fusion, dtype):
-    namespace = {}
-    exec(TRITON_CASE, namespace)
-    errors = namespace["fused_case"](fusion, "cuda", dtype, Lq=1000, Lk=777, D=128, blk=64, topk=0.2)
-    _check_case(errors, fusion, 2e-2)
-
-
 # ----- sidecar ------------------------------------------------------------------------------------------------------
 
 
@@ -374,12 +254,3 @@ def test_fusion_probe_runs_and_mass_beats_sla_untuned(capsys):
     cells = [float(x) for x in rows[0].strip("| ").split(" | ")]
     assert 0 < cells[2] < 1 and cells[3] < 0.2  # mass outside; the estimate's log error on tight blocks
     assert cells[5] < cells[4]  # mass closer to full attention than SLA at zero proj_l
-
-
-@require_triton
-def test_public_triton_backend_runs_the_requested_fusion(interpreter_fusion_results):
-    """`sparse_linear_attention(..., fusion=f, backend="triton")` equals the torch operator's fusion, with and without
-    protected key blocks, and differs from SLA's sum (so a path that ignored `fusion` would fail)."""
-    for case, (triton_err, sla_gap) in interpreter_fusion_results["public"].items():
-        assert triton_err <= 1e-4, f"{case}: relative error {triton_err:.2e}"
-        assert sla_gap > 1e-2, f"{case}: the fusion equals SLA's sum ({sla_gap:.2e})"
