@@ -26,12 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ALLOWED_FUSIONS
-from .reference import (
-    _SCORE_ELEMENTS_PER_CHUNK,
-    _pad_to_blocks,
-    linear_attention_reference,
-    sparse_attention_reference,
-)
+from .branches import SCORE_ELEMENTS_PER_CHUNK, linear_attention_reference, pad_to_blocks, sparse_attention_reference
 from .selection import num_blocks, select_blocks
 
 FUSIONS = ALLOWED_FUSIONS
@@ -74,13 +69,13 @@ def rest_log_mass(q, k, lut, blkq, blkk, scale):
     Lk = k.shape[2]
     n_q, n_k = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
     count = (Lk - torch.arange(n_k, device=q.device) * blkk).clamp(max=blkk).to(q.dtype)  # valid keys per block
-    k_blocks = _pad_to_blocks(k, blkk)  # padded rows are zero: sums over valid keys only
+    k_blocks = pad_to_blocks(k, blkk)  # padded rows are zero: sums over valid keys only
     mean = k_blocks.sum(dim=3) / count[:, None]
     var = (k_blocks.square().sum(dim=3) / count[:, None] - mean.square()).clamp_min(0.0)
     rest = torch.ones(B, H, n_q, n_k, dtype=torch.bool, device=q.device)
     rest.scatter_(-1, lut.long(), False)
-    q_blocks = _pad_to_blocks(q, blkq)
-    chunk = max(1, _SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * n_k))
+    q_blocks = pad_to_blocks(q, blkq)
+    chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * n_k))
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     parts = []
     for start in range(0, n_q, chunk):

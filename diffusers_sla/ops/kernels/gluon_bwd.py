@@ -26,7 +26,8 @@ The epilogues add the linear branch's part (dh_j, dz_j for dK/dV; R_i, z_i for d
 BLOCK_D x BLOCK_D tile arrives by TMA into the ring, free by then. Results leave by TMA through shared memory.
 
 Only compiled on CUDA devices of compute capability 9.0; `ops/backward.py` picks these kernels there
-(`supports`), the portable `triton_bwd.attn_bwd` everywhere else and under the Triton interpreter, which does not run Gluon.
+(`supports`), the portable `triton_bwd.attn_bwd` everywhere else and under the Triton interpreter, which does not
+run Gluon.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ if GLUON_AVAILABLE:
                               STEP_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                               REST: gl.constexpr, HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr,
                               num_warps: gl.constexpr):
-        # Arguments as `triton_bwd.attn_bwd` (PROGRAM 0), except that q, dO, k, v, dk, dv come as host-built 4-D (B, H, L, D)
+        # Arguments as `attn_bwd` (PROGRAM 0), except that q, dO, k, v, dk, dv come as host-built 4-D (B, H, L, D)
         # tensor descriptors (`launch`) and the linear branch's dh as desc_dh over BLOCK_D x BLOCK_D tiles in the
         # input dtype, one per key block for "rest" (dh_j), one per head for "all" (dH), with DZ the matching dz
         # vectors (float32).
@@ -233,7 +234,7 @@ if GLUON_AVAILABLE:
                             HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                             BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
                             HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, num_warps: gl.constexpr):
-        # The query programs (dQ) of `triton_bwd.attn_bwd` (PROGRAM 1): BLOCK_M query rows each, SPLIT per query block, walking
+        # The query programs (dQ) of `attn_bwd` (PROGRAM 1): BLOCK_M query rows each, SPLIT per query block, walking
         # the forward's LUT with K/V tiles in a TMA ring as `gluon_fwd._attn_fwd_hopper` does. Per step:
         #   issue dP = dO V^T, then the next step's S = Q K^T; P = exp2(S - lse) under both; wait for dP;
         #   dS = P (dP - delta); issue dQ += dS K; wait for all; refill the ring slot.
@@ -369,7 +370,7 @@ def launch_dq(q, k, v, do, dq, lut, lse, delta, dn, dd, r_tiles, z, scale: float
               block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int):
     """Runs `_attn_bwd_dq_hopper` (the caller checked `supports`). q, k, v, do, dq: (B, H, L, D) with unit inner
     stride and 16-byte aligned rows; r_tiles: (n, block_d, block_d) in q's dtype, one tile per query block ("rest")
-    or per head ("all"), z the matching float32 vectors (as `gluon_fwd.launch`); other arguments as `triton_bwd.attn_bwd`."""
+    or per head ("all"), z the matching float32 vectors (as `gluon_fwd.launch`); other arguments as `attn_bwd`."""
     B, H, Lq, D = q.shape
     rows, warps, stages = DQ_LAUNCH[blkk]
     r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
