@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""`benchmarks/lab/fwd_timeline.py`: what it reads out of the rows the Hopper forward writes with `timeline=` (the
-kernel itself needs an sm_90 GPU; its rows are made up here, with known phases and overlaps)."""
+"""`benchmarks/lab/fwd_timeline.py`: what it reads out of the timeline rows an instrumented Hopper forward wrote
+(the instrumentation is not in the shipped kernel; rows are made up here, with known phases and overlaps)."""
 
 import pytest
 import torch

@@ -1,22 +1,18 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""Where the Hopper forward kernel's time goes, program by program (no hardware counters needed).
+"""Where the Hopper forward kernel's time went, program by program: the reader of timeline rows.
 
-    python -m benchmarks.lab.fwd_timeline                   # Wan layer shape, scopes rest and all, topk 0.05 and 0.1
-    python -m benchmarks.lab.fwd_timeline --topk 0.05 --scope rest
+    python -m benchmarks.lab.fwd_timeline ROWS.pt     # rows saved (torch.save) by an instrumented run
 
-Each program of `gluon_fwd._attn_fwd_hopper` (launched with `timeline=`) writes its SM, the SM clock at entry, at its
+An instrumented build of `gluon_fwd._attn_fwd_hopper` had each program write its SM, the SM clock at entry, at its
 first scores (the prologue: q and the first K/V tiles arrived), after its loop and at exit (the epilogue: the linear
-branch, proj_l and the output store), and the global timer at entry and exit. From those this prints the mean
-prologue / loop / epilogue of one program, the kernel's span, and how the programs that share an SM overlap: the
-share of SM time with two programs in their loops, one, or none (an SM whose programs are all in prologue or
-epilogue does no attention work). The kernel is launched exactly as the operator launches it (same arguments,
-captured from one forward call).
+branch, proj_l and the output store), and the global timer at entry and exit: one int64 row of 8 per program. From
+those `phases` gives the mean prologue / loop / epilogue of one program, the kernel's span, and how the programs that
+share an SM overlap: the share of SM time with two programs in their loops, one, or none.
 
-First reading (H200, Wan shape, rest, topk 0.05; benchmarks/NOTES.md v16): prologue 2.0 us, loop 24.9 us, epilogue
-5.3 us per program; an SM's two programs are out of phase by themselves (entries a third of a program apart), so
-an SM holds no loop only 3.6% of the time. Starting the first wave's second programs later (to force the offset)
-took that to 1.2% and made the kernel slower (0.864 -> 0.868 / 0.875 ms): the epilogue already runs beside the other
-program's loop, and what it costs is the loop running alone meanwhile.
+The instrumentation (a TIMELINE constexpr and a `timeline=` argument of `gluon_fwd.launch`) left the shipped kernel
+in the redesign of issue #30, since no user path needs it; to take new rows, check out the commit before that change
+(`git log -S TIMELINE -- diffusers_sla/ops`) and run this file's version there. Its readings are in
+docs/kernel-design.md.
 """
 
 from __future__ import annotations
@@ -25,33 +21,9 @@ import argparse
 
 import torch
 
-from benchmarks.kernel import wan_inputs
-from diffusers_sla.ops.kernels import gluon_fwd
-from diffusers_sla.ops.autograd import sla_triton
-
-
-def captured_launch(fwd):
-    """The positional and keyword arguments of the forward's `gluon_fwd.launch` call."""
-    seen = []
-    real = gluon_fwd.launch
-
-    def spy(*args, **kwargs):
-        seen.append((args, kwargs))
-        return real(*args, **kwargs)
-
-    gluon_fwd.launch = spy
-    try:
-        fwd()
-        torch.cuda.synchronize()
-    finally:
-        gluon_fwd.launch = real
-    if not seen:
-        raise SystemExit("the forward did not run the Hopper kernel (needs an sm_90 GPU and Triton 3.6)")
-    return seen[-1]
-
 
 def phases(rows: torch.Tensor) -> dict:
-    """rows: int64 (programs, 8) as `_timeline` writes them -> per-program phases and per-SM overlap shares."""
+    """rows: int64 (programs, 8) as the instrumented kernel wrote them -> per-program phases and per-SM overlap shares."""
     t = rows.cpu().double()
     sm = rows[:, 1].cpu()
     entry, first, loop_end, exit_ = t[:, 0], t[:, 2], t[:, 3], t[:, 4]
@@ -108,36 +80,15 @@ def phases(rows: torch.Tensor) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--L", type=int, default=32760)
-    parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1])
-    parser.add_argument("--scope", nargs="+", default=["rest", "all"])
-    parser.add_argument("--out", help="save the raw rows (torch.save) here")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", help="a torch.save'd tensor of rows, or a dict of them (scope, topk) -> rows")
     args = parser.parse_args()
-    B, H, L, D, blkq, blkk = 1, 12, args.L, 128, 128, 64
-    (q, k, v, w, b), _ = wan_inputs(B, H, L, D)
-    raw = {}
-    for scope in args.scope:
-        for topk in args.topk:
-            def fwd():
-                with torch.no_grad():
-                    return sla_triton(q, k, v, w, b, topk=topk, blkq=blkq, blkk=blkk, feature_map="softmax",
-                                      linear_scope=scope)
-
-            largs, kwargs = captured_launch(fwd)
-            lut = largs[3]
-            programs, batch_heads = gluon_fwd.launch_grid(lut.shape[2], blkq, blkk, lut.shape[0] * lut.shape[1])
-            rows = torch.full((programs * batch_heads, 8), -1, dtype=torch.int64, device="cuda")
-            for _ in range(3):  # warm: compile the TIMELINE variant, settle the clocks
-                gluon_fwd.launch(*largs, **kwargs, timeline=rows)
-            torch.cuda.synchronize()
-            report = phases(rows)
-            raw[(scope, topk)] = rows.cpu()
-            print(f"== scope {scope}, topk {topk}, kept {lut.shape[-1]}: {report.pop('programs')} programs ==")
-            for key, value in report.items():
-                print(f"  {key:<42s} {value:9.3f}")
-    if args.out:
-        torch.save(raw, args.out)
+    saved = torch.load(args.rows)
+    for key, rows in (saved.items() if isinstance(saved, dict) else [("rows", saved)]):
+        report = phases(rows)
+        print(f"== {key}: {report.pop('programs')} programs ==")
+        for name, value in report.items():
+            print(f"  {name:<42s} {value:9.3f}")
 
 
 if __name__ == "__main__":

@@ -130,22 +130,6 @@ if GLUON_AVAILABLE:
             mbarrier.invalidate(bars.index(s))
 
     @gluon.jit
-    def _timeline(row, col: gl.constexpr, dummy, first: gl.constexpr, last: gl.constexpr):
-        # profiling only: the SM clock at row[col] (cycles, comparable between the programs of one SM); the first
-        # call also writes the SM's index (row[1]) and the global timer (ns, row[5]), the last the global timer (row[6])
-        clock = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dummy], dtype=gl.int64, is_pure=False,
-                                          pack=1)
-        gl.store(row + col, clock)
-        if first or last:
-            ns = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=gl.int64,
-                                           is_pure=False, pack=1)
-            gl.store(row + (5 if first else 6), ns)
-        if first:
-            sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dummy], dtype=gl.int32, is_pure=False,
-                                           pack=1)
-            gl.store(row + 1, sm.to(gl.int64))
-
-    @gluon.jit
     def _box(tile, desc):
         # a 2-D shared-memory tile seen as the 4-D box of `desc` (leading unit dims: the same bytes and swizzle)
         return gc.reinterpret(tile, tile.dtype, desc.block_type.shape, desc.layout)
@@ -191,24 +175,20 @@ if GLUON_AVAILABLE:
         return acc, s_cur, m_i, l_i, start_n
 
     @gluon.jit
-    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, desc_r, desc_w, LUT, M, Den, OL, ZB, Bias, TL,  #
+    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, desc_r, desc_w, LUT, M, Den, OL, ZB, Bias,  #
                          sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT,  #
                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
                          HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, STORE_BWD: gl.constexpr,
-                         EPS: gl.constexpr, FOLD_SCALE: gl.constexpr, TIMELINE: gl.constexpr,
+                         EPS: gl.constexpr, FOLD_SCALE: gl.constexpr,
                          HAS_PROJ: gl.constexpr, num_warps: gl.constexpr):
         # Arguments as `attn_fwd`, except that q, k, v and out come as host-built 4-D (B, H, L, D) tensor
         # descriptors (`launch`) and the linear state as desc_r, over BLOCK_D x BLOCK_D tiles in the input dtype, one
         # per query block for "rest" (R_i), one per head for "all" (the total H), with ZB the matching z vectors
-        # (float32); desc_w is proj_l's float32 weight. TIMELINE (profiling only): each program writes its SM and
-        # the SM clock at entry, at its first scores, after its loop and at exit to TL (`_timeline`).
+        # (float32); desc_w is proj_l's float32 weight.
         dtype: gl.constexpr = desc_q.dtype
         start_m = gl.program_id(0)
         off_hz = gl.program_id(1)
-        if TIMELINE:
-            tl_row = TL + (off_hz * gl.num_programs(0) + start_m).to(gl.int64) * 8
-            _timeline(tl_row, 0, start_m, True, False)
         off_z = off_hz // H
         off_h = off_hz % H
 
@@ -256,8 +236,6 @@ if GLUON_AVAILABLE:
         mbarrier.wait(bar_k.index(0), 0)
         s_tok = warpgroup_mma(q_op, kv_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s_cur = warpgroup_mma_wait(0, deps=(s_tok,))
-        if TIMELINE:
-            _timeline(tl_row, 2, start_m, False, False)
         start_n = gl.load(LUT) * BLOCK_N
         UNROLL: gl.constexpr = 2 if LEAN else 1
         if KEPT % UNROLL == 1:  # the odd first step of a two-step loop
@@ -272,8 +250,6 @@ if GLUON_AVAILABLE:
                     off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
                     TILE_BYTES, FOLD_SCALE)
 
-        if TIMELINE:
-            _timeline(tl_row, 3, start_m, False, False)
         _invalidate_barriers(bar_k, STAGES)
         _invalidate_barriers(bar_v, STAGES)
 
@@ -353,8 +329,6 @@ if GLUON_AVAILABLE:
         gc.async_store(desc_o, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_o))
         tma.store_wait(0)
         mbarrier.invalidate(bar_q)
-        if TIMELINE:
-            _timeline(tl_row, 4, start_m, False, True)
 
 
     # launched with less host work per call (`ops/launch.py`): its host-built descriptors make it the costliest launch
@@ -403,11 +377,10 @@ def launch_grid(n_qblk: int, blkq: int, blkk: int, batch_heads: int) -> tuple[in
 
 def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, scale: float, n_qblk: int, kept: int,
            block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int, store_bwd: bool,
-           eps: float, timeline=None, has_proj: bool = True):
+           eps: float, has_proj: bool = True):
     """Runs `_attn_fwd_hopper` (the caller checked `supports`). q, k, v, o: (B, H, L, D) with unit inner stride and
     16-byte aligned rows (`buffers.tma_ready`); r_tiles: (n, block_d, block_d) in q's dtype, one tile per query
     block ("rest") or per head ("all"), z the matching float32 vectors; other arguments as `triton_fwd.attn_fwd`.
-    timeline (profiling, `benchmarks/fwd_timeline.py`): an int64 (programs, 8) tensor each program fills (`_timeline`).
     has_proj False (scope "none"): no bias is added, and proj_weight / proj_bias may be empty (never read).
     """
     B, H, Lq, D = q.shape
@@ -420,9 +393,9 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
         _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
         _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
         _descriptor(r2d, [block_d, block_d]), _descriptor(w2d, [block_d, block_d // 2], 32),
-        lut, lse, den, o_l, z, proj_bias, lse if timeline is None else timeline,  # TL: unread without a timeline
+        lut, lse, den, o_l, z, proj_bias,
         scale, H, Lq, k.shape[2], n_qblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, STORE_BWD=store_bwd, EPS=eps, FOLD_SCALE=scale > 0,
-        TIMELINE=timeline is not None, HAS_PROJ=has_proj, num_warps=warps,
+        HAS_PROJ=has_proj, num_warps=warps,
     )
