@@ -65,7 +65,7 @@ BWD0_WARPS = BWD0_STAGES = 0
 BWD1_WARPS = BWD1_STAGES = 0
 # the backward preprocess with 128 x 128 tiles: 16 warps keep its D x D products in registers (10% faster than 8)
 PREPROCESS_WIDE_WARPS = 16
-# `proj_grad` programs, each summing dO^T o_l over a strided set of row tiles: one per H100 SM (33 took 3x as long)
+# `proj_grad` programs, each summing dO^T o_l over a strided set of row tiles: one per H100 SM (fewer left SMs idle)
 PROJ_GRAD_TARGET = 132
 
 # ===== Linear state (kernels/linear_state.py) =====

@@ -23,8 +23,7 @@ def row_sums(X, Parts,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # First pass of the key mean: the float32 sum of rows [part * CHUNK, (part + 1) * CHUNK) of one head, written to
     # Parts (B*H, N_PART, BLOCK_D). Many programs, each streaming its rows, read x as fast as the pooling pass does
-    # (50 us at the Wan shape on the H100, 71 for a torch mean over dim 2; NOTES.md, "Glue"); `block_mean` adds the
-    # parts in a fixed order.
+    # (faster than a torch mean over the rows); `key_mean` adds the parts in a fixed order.
     part = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_z = off_hz // H
@@ -47,8 +46,7 @@ def row_sums(X, Parts,  #
 def key_mean(Parts, Mean, N_PART, N_CTX, BLOCK_D: tl.constexpr, PART_P2: tl.constexpr, DTYPE: tl.constexpr):
     # Second pass of the key mean, one program per head: (sum of the N_PART row sums of `row_sums`, in a fixed order)
     # / N_CTX, rounded to the keys' dtype DTYPE as `selection.block_scores` rounds k.mean(); float32 (B*H, BLOCK_D).
-    # Once per head, so that each pooling program reads one vector, not its head's parts (22 KB at the Wan shape, more
-    # than its 16 KB block; on the GPU the two ways time the same, NOTES.md v12).
+    # Once per head, so that each pooling program reads one vector, not its head's parts (which can outweigh its block).
     off_hz = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, PART_P2)
