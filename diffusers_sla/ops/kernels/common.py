@@ -42,6 +42,13 @@ def is_cuda():
 
 
 @triton.jit
+def program_head(H):
+    # this program's row of the (batch * heads) grid axis, and its batch and head
+    off_hz = tl.program_id(1)
+    return off_hz, off_hz // H, off_hz % H
+
+
+@triton.jit
 def feature_map(x, d_ok, FEATURE_MAP: tl.constexpr):
     # x: fp32 (rows, BLOCK_D); d_ok: (BLOCK_D,) real head-dim columns. Padded columns come out as 0.
     if FEATURE_MAP == 0:

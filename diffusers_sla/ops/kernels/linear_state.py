@@ -10,7 +10,7 @@ D x D state. Host side: `ops/linear_state.py`.
 import triton
 import triton.language as tl
 
-from .common import feature_map
+from .common import feature_map, program_head
 
 
 @triton.jit
@@ -71,9 +71,7 @@ def linear_state(K, V, HB, ZB, HS, ZS,  #
     # nothing D x D inside the attention loop), z_i = Z - the selected z_j (`rest_weights_kernel`). K/V tiles come
     # through tensor descriptors (rows past N_KV and columns past HEAD_DIM are zeros), h_j leaves through one as well.
     split = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
+    off_hz, off_z, off_h = program_head(H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_D)
     d_ok = offs_k < HEAD_DIM

@@ -13,6 +13,7 @@ ties to the lower index. Host side: `ops/fused_selection.py`.
 import triton
 import triton.language as tl
 
+from .common import program_head
 from .linear_state import z_rest
 
 
@@ -25,9 +26,7 @@ def row_sums(X, Parts,  #
     # Parts (B*H, N_PART, BLOCK_D). Many programs, each streaming its rows, read x as fast as the pooling pass does
     # (faster than a torch mean over the rows); `key_mean` adds the parts in a fixed order.
     part = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
+    off_hz, off_z, off_h = program_head(H)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_D)
     d_ok = offs_k < HEAD_DIM
@@ -64,9 +63,7 @@ def block_mean(X, Mean, Out,  #
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
     # CENTER: Mean is the head's rounded key mean (`key_mean`, float32 (B*H, BLOCK_D)).
     blk = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
+    off_hz, off_z, off_h = program_head(H)
     offs_m = blk * BLOCK + tl.arange(0, BLOCK)
     offs_k = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_CTX

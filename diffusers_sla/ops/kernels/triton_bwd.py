@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .common import autotune_configs, feature_map, feature_map_bwd, prune_configs
+from .common import autotune_configs, feature_map, feature_map_bwd, program_head, prune_configs
 
 
 @triton.jit
@@ -34,9 +34,7 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
                          HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
                          PROJ_PREC: tl.constexpr, HAS_PROJ: tl.constexpr):
     start_m = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
+    off_hz, off_z, off_h = program_head(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_CTX_Q
@@ -173,9 +171,7 @@ def attn_bwd(Q, K, V, DO, desc_q, desc_k, desc_v, desc_do, M, D, DN, DD, LUT, CO
     # query programs (dQ) of STEP_M rows each, BLOCK_M // STEP_M per query block. Two launches, so that each kind
     # compiles with its own registers and config.
     pid = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
+    off_hz, off_z, off_h = program_head(H)
     offs_k = tl.arange(0, BLOCK_D)
     d_ok = offs_k < HEAD_DIM
     Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .common import autotune_configs, feature_map, prune_configs
+from .common import autotune_configs, feature_map, program_head, prune_configs
 
 
 @triton.jit
@@ -76,9 +76,7 @@ def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               FOLD_SCALE: tl.constexpr, HAS_PROJ: tl.constexpr):
     # BLOCK_M rows per program: a query block of SPLIT * BLOCK_M rows runs as SPLIT programs that share its LUT row
     start_m = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_z = off_hz // H
-    off_h = off_hz % H
+    off_hz, off_z, off_h = program_head(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_D)
