@@ -42,10 +42,17 @@ def is_cuda():
 
 
 @triton.jit
-def program_head(H):
-    # this program's row of the (batch * heads) grid axis, and its batch and head
+def program_ids(H):
+    # the grid of every SLA kernel is (work items of one head, batch * heads): this program's item, its row of the
+    # second axis, and that row's batch and head
     off_hz = tl.program_id(1)
-    return off_hz, off_hz // H, off_hz % H
+    return tl.program_id(0), off_hz, off_hz // H, off_hz % H
+
+
+@triton.jit
+def head_base(X, off_z, off_h, stride_z, stride_h):
+    # the start of one (batch, head) slice of a (B, H, L, D) tensor, in 64-bit offsets (large tensors overflow int32)
+    return X + off_z.to(tl.int64) * stride_z + off_h.to(tl.int64) * stride_h
 
 
 @triton.jit

@@ -10,7 +10,7 @@ D x D state. Host side: `ops/linear_state.py`.
 import triton
 import triton.language as tl
 
-from .common import feature_map, program_head
+from .common import feature_map, head_base, program_ids
 
 
 @triton.jit
@@ -70,13 +70,12 @@ def linear_state(K, V, HB, ZB, HS, ZS,  #
     # R_i = sum of h_j over the blocks query block i did not select is then one 0/1 matrix product (no cancellation,
     # nothing D x D inside the attention loop), z_i = Z - the selected z_j (`rest_weights_kernel`). K/V tiles come
     # through tensor descriptors (rows past N_KV and columns past HEAD_DIM are zeros), h_j leaves through one as well.
-    split = tl.program_id(0)
-    off_hz, off_z, off_h = program_head(H)
+    split, off_hz, off_z, off_h = program_ids(H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_D)
     d_ok = offs_k < HEAD_DIM
-    K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    K = head_base(K, off_z, off_h, stride_kz, stride_kh)
+    V = head_base(V, off_z, off_h, stride_vz, stride_vh)
     desc_k = tl.make_tensor_descriptor(K, shape=[N_KV, HEAD_DIM], strides=[stride_kn, 1],
                                        block_shape=[BLOCK_N, BLOCK_D])
     desc_v = tl.make_tensor_descriptor(V, shape=[N_KV, HEAD_DIM], strides=[stride_vn, 1],

@@ -13,7 +13,7 @@ ties to the lower index. Host side: `ops/fused_selection.py`.
 import triton
 import triton.language as tl
 
-from .common import program_head
+from .common import head_base, program_ids
 from .linear_state import z_rest
 
 
@@ -25,12 +25,11 @@ def row_sums(X, Parts,  #
     # First pass of the key mean: the float32 sum of rows [part * CHUNK, (part + 1) * CHUNK) of one head, written to
     # Parts (B*H, N_PART, BLOCK_D). Many programs, each streaming its rows, read x as fast as the pooling pass does
     # (faster than a torch mean over the rows); `key_mean` adds the parts in a fixed order.
-    part = tl.program_id(0)
-    off_hz, off_z, off_h = program_head(H)
+    part, off_hz, off_z, off_h = program_ids(H)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_D)
     d_ok = offs_k < HEAD_DIM
-    X += off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh
+    X = head_base(X, off_z, off_h, stride_xz, stride_xh)
     end = tl.minimum(part * CHUNK + CHUNK, N_CTX)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for m0 in range(part * CHUNK, end, BLOCK_M):
@@ -45,7 +44,7 @@ def row_sums(X, Parts,  #
 def key_mean(Parts, Mean, N_PART, N_CTX, BLOCK_D: tl.constexpr, PART_P2: tl.constexpr, DTYPE: tl.constexpr):
     # Second pass of the key mean, one program per head: (sum of the N_PART row sums of `row_sums`, in a fixed order)
     # / N_CTX, rounded to the keys' dtype DTYPE as `selection.block_scores` rounds k.mean(); float32 (B*H, BLOCK_D).
-    # Once per head, so that each pooling program reads one vector, not its head's parts (which can outweigh its block).
+    # Once per head, so that each pooling program reads one vector, not its head's parts (which can outweigh a block).
     off_hz = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, PART_P2)
@@ -62,13 +61,12 @@ def block_mean(X, Mean, Out,  #
     # Block selection's pooling in one pass: mean over each block's real rows in float32, of x or (for keys) of
     # x - mean rounded to x's dtype, as `selection.block_scores` computes it with several PyTorch passes.
     # CENTER: Mean is the head's rounded key mean (`key_mean`, float32 (B*H, BLOCK_D)).
-    blk = tl.program_id(0)
-    off_hz, off_z, off_h = program_head(H)
+    blk, off_hz, off_z, off_h = program_ids(H)
     offs_m = blk * BLOCK + tl.arange(0, BLOCK)
     offs_k = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_CTX
     d_ok = offs_k < HEAD_DIM
-    x = tl.load(X + off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh + offs_m[:, None] * stride_xm +
+    x = tl.load(head_base(X, off_z, off_h, stride_xz, stride_xh) + offs_m[:, None] * stride_xm +
                 offs_k[None, :] * stride_xk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     xf = x.to(tl.float32)
     if CENTER:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .common import autotune_configs, feature_map, feature_map_bwd, program_head, prune_configs
+from .common import autotune_configs, feature_map, feature_map_bwd, head_base, program_ids, prune_configs
 
 
 @triton.jit
@@ -33,16 +33,15 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,  #
                          HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
                          PROJ_PREC: tl.constexpr, HAS_PROJ: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_hz, off_z, off_h = program_head(H)
+    start_m, off_hz, off_z, off_h = program_ids(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_CTX_Q
     d_ok = offs_k < HEAD_DIM
     mask = m_ok[:, None] & d_ok[None, :]
-    o = tl.load(O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om +
+    o = tl.load(head_base(O, off_z, off_h, stride_oz, stride_oh) + offs_m[:, None] * stride_om +
                 offs_k[None, :] * stride_ok, mask=mask, other=0.0).to(tl.float32)
-    do_in = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh +
+    do_in = tl.load(head_base(DO, off_z, off_h, stride_doz, stride_doh) +
                     offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
     do = do_in.to(tl.float32)
     if HAS_PROJ:  # o holds proj_l's bias; scope "none" (no proj_l) reads neither W nor the bias
@@ -64,7 +63,7 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
         tl.store(DD + row, dd, mask=m_ok)
         tl.store(DN + row[:, None] * HEAD_DIM + offs_k[None, :], dn.to(DN.dtype.element_ty), mask=mask)
         # -- per query block: dR_i = phi(q)^T dN, dz_i = sum dd phi(q) ----
-        q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh +
+        q = tl.load(head_base(Q, off_z, off_h, stride_qz, stride_qh) +
                     offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=mask, other=0.0)
         phiq = tl.where(m_ok[:, None], feature_map(q.to(tl.float32), d_ok, FEATURE_MAP), 0.0)
         dr = tl.dot(tl.trans(phiq.to(q.dtype)), dn.to(q.dtype), input_precision=DOT_PREC)
@@ -93,7 +92,7 @@ def proj_grad(DO, OL, DWP, DBP,  #
         offs_m = (t % N_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N_CTX_Q
         mask = m_ok[:, None] & d_ok[None, :]
-        do = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh +
+        do = tl.load(head_base(DO, off_z, off_h, stride_doz, stride_doh) +
                      offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
         row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
         ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0)
@@ -170,14 +169,13 @@ def attn_bwd(Q, K, V, DO, desc_q, desc_k, desc_v, desc_do, M, D, DN, DD, LUT, CO
     # PROGRAM 0: key-block programs (dK, dV), one per key block, reading query tiles of STEP_M rows; PROGRAM 1:
     # query programs (dQ) of STEP_M rows each, BLOCK_M // STEP_M per query block. Two launches, so that each kind
     # compiles with its own registers and config.
-    pid = tl.program_id(0)
-    off_hz, off_z, off_h = program_head(H)
+    pid, off_hz, off_z, off_h = program_ids(H)
     offs_k = tl.arange(0, BLOCK_D)
     d_ok = offs_k < HEAD_DIM
-    Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    DO += off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+    Q = head_base(Q, off_z, off_h, stride_qz, stride_qh)
+    K = head_base(K, off_z, off_h, stride_kz, stride_kh)
+    V = head_base(V, off_z, off_h, stride_vz, stride_vh)
+    DO = head_base(DO, off_z, off_h, stride_doz, stride_doh)
     row_base = off_hz.to(tl.int64) * N_CTX_Q
     qk_scale = sm_scale * 1.44269504  # 1/log(2)
     hz = off_hz.to(tl.int64)

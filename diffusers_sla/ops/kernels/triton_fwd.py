@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .common import autotune_configs, feature_map, program_head, prune_configs
+from .common import autotune_configs, feature_map, head_base, program_ids, prune_configs
 
 
 @triton.jit
@@ -75,8 +75,7 @@ def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               STORE_BWD: tl.constexpr, DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr,
               FOLD_SCALE: tl.constexpr, HAS_PROJ: tl.constexpr):
     # BLOCK_M rows per program: a query block of SPLIT * BLOCK_M rows runs as SPLIT programs that share its LUT row
-    start_m = tl.program_id(0)
-    off_hz, off_z, off_h = program_head(H)
+    start_m, off_hz, off_z, off_h = program_ids(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_D)
@@ -84,9 +83,9 @@ def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
     d_ok = offs_k < HEAD_DIM
     q_mask = m_ok[:, None] & d_ok[None, :]
 
-    Q += off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    K += off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    V += off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
+    Q = head_base(Q, off_z, off_h, stride_qz, stride_qh)
+    K = head_base(K, off_z, off_h, stride_kz, stride_kh)
+    V = head_base(V, off_z, off_h, stride_vz, stride_vh)
     hz = off_hz.to(tl.int64)
     desc_q = tl.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
                                        block_shape=[BLOCK_M, BLOCK_D])
@@ -133,6 +132,6 @@ def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
             tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
     if HAS_PROJ:
         acc += bias[None, :]
-    O_ptrs = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh + \
+    O_ptrs = head_base(Out, off_z, off_h, stride_oz, stride_oh) + \
         offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
     tl.store(O_ptrs, acc.to(Out.dtype.element_ty), mask=q_mask)
