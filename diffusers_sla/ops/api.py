@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..config import SLAConfig
+from ..utils.import_utils import is_triton_available
 from .selection import forced_block_range
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ def _load_backend(name: str) -> Callable:
 def preload_backends() -> None:
     """Import every backend whose dependencies are installed (Triton's only where Triton is), so that a layer's first
     call inside torch.compile'd code finds its backend loaded. Called when a layer is built."""
-    from ..utils.import_utils import is_triton_available
-
     for name in _BACKENDS:
         if name != "triton" or is_triton_available():
             try:
@@ -62,8 +61,6 @@ def preload_backends() -> None:
 def triton_backend_usable(device: torch.device) -> bool:
     """True where the Triton kernels can run: CUDA tensors with Triton installed, or any tensor under the Triton
     interpreter (`TRITON_INTERPRET=1`, used by CI to test the real kernels on the CPU)."""
-    from ..utils.import_utils import is_triton_available
-
     if not is_triton_available():
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -90,8 +87,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
             "products are wrong): use float16 or float32 inputs, or backend='torch'."
         )
     if backend == "triton" and not triton_backend_usable(device):
-        from ..utils.import_utils import is_triton_available
-
         if not is_triton_available():
             raise RuntimeError("backend='triton' needs Triton: `pip install triton` (Linux) or use backend='torch'.")
         raise ValueError(
