@@ -143,7 +143,7 @@ def _compile_ring_copy(whole: bool):
 
     def launch():
         x = torch.empty(64, 64, dtype=torch.float16)
-        _ring_copy[(1,)](gluon_fwd._descriptor(x, [64, 64]), gluon_fwd._descriptor(x, [64, 64]), WHOLE=whole,
+        _ring_copy[(1,)](gluon_fwd.descriptor(x, [64, 64]), gluon_fwd.descriptor(x, [64, 64]), WHOLE=whole,
                          num_warps=4)
 
     return offline_compile.compile_offline(launch)

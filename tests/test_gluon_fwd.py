@@ -104,13 +104,13 @@ def test_hopper_kernel_matches_the_portable_kernel(monkeypatch, name):
 @pytest.mark.gpu
 @require_hopper
 def test_host_descriptors_hold_what_the_checked_constructor_holds():
-    """`gluon_fwd._descriptor` skips `TensorDescriptor.__post_init__`'s checks (host time): same fields."""
+    """`gluon_fwd.descriptor` skips `TensorDescriptor.__post_init__`'s checks (host time): same fields."""
     from diffusers_sla.ops.kernels import gluon_fwd
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     for x, box, bits in ((torch.randn(1, 12, 300, 2, 128, device="cuda").to(torch.bfloat16)[:, :, :, 0]
                           .transpose(1, 2), [1, 1, 64, 128], 16),
                          (torch.randn(128, 128, device="cuda"), [128, 128], 32)):
-        ours = gluon_fwd._descriptor(x, box, bits)
-        checked = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gluon_fwd._tile_layout(bits, len(box)))
+        ours = gluon_fwd.descriptor(x, box, bits)
+        checked = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gluon_fwd.tile_layout(bits, len(box)))
         assert vars(ours) == vars(checked)

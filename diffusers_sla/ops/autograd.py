@@ -128,7 +128,7 @@ def _fused(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, lin
            ratio_weight, ratio_bias):
     """Fusion "mass" / "ratio": the sparse part and ln Z_sel from the kernels, the linear branch, the rest's mass
     and the combination in float32 PyTorch (`ops/fusion.py`). Output in q's dtype."""
-    fusion_ops._check_fusion(fusion, linear_scope)
+    fusion_ops.check_fusion(fusion, linear_scope)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)

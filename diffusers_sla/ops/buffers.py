@@ -122,7 +122,7 @@ def tma_addressable(x: torch.Tensor) -> bool:
 def head_tiles(x: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
     """A host-built tensor descriptor over all of a (B, H, L, D) tensor, boxes of one head's `rows` x `block_d` (rows
     and columns past L and D read as zeros), for the backward kernels. Built once per call, as the Hopper forward's
-    (`gluon_fwd._descriptor`), instead of in every program."""
+    (`gluon_fwd.descriptor`), instead of in every program."""
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, block_d])
 
 

@@ -45,7 +45,7 @@ def fusion_parameter_shapes(fusion: str, head_dim: int) -> dict[str, tuple[int, 
     return {}
 
 
-def _check_fusion(fusion: str, linear_scope: str) -> None:
+def check_fusion(fusion: str, linear_scope: str) -> None:
     if fusion not in FUSIONS:
         raise ValueError(f"`fusion` must be one of {list(FUSIONS)}, got {fusion!r}.")
     if fusion != "sla" and linear_scope != "rest":
@@ -107,7 +107,7 @@ def fused_reference(q, k, v, proj_weight, proj_bias, *, topk, blkq, blkk, featur
                     scale=None, lut=None, ratio_weight=None, ratio_bias=None):
     """The SLA operator with fusion "mass" or "ratio" in PyTorch: float32 (float64 for float64 inputs), autograd
     through every input and parameter, output in q's dtype."""
-    _check_fusion(fusion, linear_scope)
+    check_fusion(fusion, linear_scope)
     if fusion == "ratio" and (ratio_weight is None or ratio_bias is None):
         raise ValueError("`fusion='ratio'` needs `ratio_weight` (head_dim,) and `ratio_bias` (1,).")
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

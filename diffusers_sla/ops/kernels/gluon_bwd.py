@@ -33,12 +33,12 @@ run Gluon.
 from __future__ import annotations
 
 from .. import tuning
-from .gluon_fwd import GLUON_AVAILABLE, _descriptor, gluon_unavailable_reason, launch_reason, linear_tiles_2d
+from .gluon_fwd import GLUON_AVAILABLE, descriptor, gluon_unavailable_reason, launch_reason, linear_tiles_2d
 
 if GLUON_AVAILABLE:
     from .. import gluon_compat as gc
     from ..gluon_compat import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_fwd import _box, _feature_map_gl, _init_barriers, _invalidate_barriers, _issue_kv
+    from .gluon_fwd import as_box, feature_map_gl, init_barriers, invalidate_barriers, issue_kv
 
 
 # key-block size -> (query rows per step or program, warps, ring stages)
@@ -88,8 +88,8 @@ if GLUON_AVAILABLE:
         ok = (step < n_steps) | ALWAYS
         start_m = _query_row(COLQ, step, SPLIT, BLOCK_M, STEP_M, valid=step < n_steps)
         mbarrier.expect(bar, 2 * TILE_BYTES, pred=ok)
-        gc.async_load(desc_q, [off_z, off_h, start_m, 0], bar, _box(q_slot, desc_q), pred=ok)
-        gc.async_load(desc_do, [off_z, off_h, start_m, 0], bar, _box(do_slot, desc_do), pred=ok)
+        gc.async_load(desc_q, [off_z, off_h, start_m, 0], bar, as_box(q_slot, desc_q), pred=ok)
+        gc.async_load(desc_do, [off_z, off_h, start_m, 0], bar, as_box(do_slot, desc_do), pred=ok)
 
     @gluon.jit
     def _attn_bwd_dkdv_hopper(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, desc_dh,  #
@@ -122,8 +122,8 @@ if GLUON_AVAILABLE:
         v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_D], tile_layout)
         # the ring: q tiles in slots 0..STAGES-1, dO tiles in STAGES..2*STAGES-1; the epilogue reuses it for dh
         ring = gl.allocate_shared_memory(dtype, [2 * STAGES, STEP_M, BLOCK_D], tile_layout)
-        bar_kv = _init_barriers(1).index(0)
-        bar = _init_barriers(STAGES)  # one per ring slot, for its q and dO tiles
+        bar_kv = init_barriers(1).index(0)
+        bar = init_barriers(STAGES)  # one per ring slot, for its q and dO tiles
 
         col = off_hz.to(gl.int64) * N_KBLK + start_n  # this key block's row in the column LUT and the side tensors
         SPLIT: gl.constexpr = BLOCK_M // STEP_M
@@ -131,8 +131,8 @@ if GLUON_AVAILABLE:
         COLQ += off_hz.to(gl.int64) * N_QBLK * KEPT + gl.load(COFF + col)
         TILE_BYTES: gl.constexpr = STEP_M * BLOCK_D * 2
         mbarrier.expect(bar_kv, 2 * BLOCK_N * BLOCK_D * 2)
-        gc.async_load(desc_k, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(k_smem, desc_k))
-        gc.async_load(desc_v, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, _box(v_smem, desc_v))
+        gc.async_load(desc_k, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, as_box(k_smem, desc_k))
+        gc.async_load(desc_v, [off_z, off_h, start_n * BLOCK_N, 0], bar_kv, as_box(v_smem, desc_v))
         # step 0 is loaded even for a key block no query block selected (its rows then come from query block 0 and
         # are never used): the first S^T product below needs a tile
         for s in gl.static_range(STAGES):
@@ -185,7 +185,7 @@ if GLUON_AVAILABLE:
             _issue_qdo(desc_q, desc_do, COLQ, j + STAGES, n_steps, off_z, off_h, q_tile, do_tile, bar.index(slot),
                        SPLIT, BLOCK_M, STEP_M, TILE_BYTES)
 
-        _invalidate_barriers(bar, STAGES)
+        invalidate_barriers(bar, STAGES)
         dk = dk * sm_scale
 
         # -- epilogue: the linear branch, dv += phi(k) dh, dk += phi'(k) (v dh^T + dz) ----
@@ -204,18 +204,18 @@ if GLUON_AVAILABLE:
             # phi(k) straight in the A-operand layout of the product with dh (rows past N_CTX_KV hold zeros; their
             # dk, dv are never stored)
             offs_dp = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, op_layout))
-            phik = _feature_map_gl(k_smem.load(op_layout).to(gl.float32), offs_dp < HEAD_DIM, FEATURE_MAP)
+            phik = feature_map_gl(k_smem.load(op_layout).to(gl.float32), offs_dp < HEAD_DIM, FEATURE_MAP)
             mbarrier.wait(bar_kv, 1)
             dv = warpgroup_mma(phik.to(dtype), dh_smem, dv)
         dv_smem.store(dv.to(dtype))
         fence_async_shared()
-        gc.async_store(desc_dv, [off_z, off_h, start_n * BLOCK_N, 0], _box(dv_smem, desc_dv))
+        gc.async_store(desc_dv, [off_z, off_h, start_n * BLOCK_N, 0], as_box(dv_smem, desc_dv))
         if HAS_LINEAR:
             offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, acc_layout))
             dz = gl.load(DZ + dh_row * BLOCK_D + offs_d)
             dphik = warpgroup_mma(v_smem, dh_smem.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_D], gl.float32,
                                                                              layout=acc_layout), use_acc=False)
-            phik = _feature_map_gl(k_smem.load(acc_layout).to(gl.float32), offs_d < HEAD_DIM, FEATURE_MAP)
+            phik = feature_map_gl(k_smem.load(acc_layout).to(gl.float32), offs_d < HEAD_DIM, FEATURE_MAP)
             dk += _feature_map_bwd_gl(phik, dphik + dz[None, :], FEATURE_MAP)
         mbarrier.invalidate(bar_kv)
 
@@ -224,7 +224,7 @@ if GLUON_AVAILABLE:
         gc.barrier()
         k_smem.store(dk.to(dtype))
         fence_async_shared()
-        gc.async_store(desc_dk, [off_z, off_h, start_n * BLOCK_N, 0], _box(k_smem, desc_dk))
+        gc.async_store(desc_dk, [off_z, off_h, start_n * BLOCK_N, 0], as_box(k_smem, desc_dk))
         tma.store_wait(0)
 
 
@@ -257,19 +257,19 @@ if GLUON_AVAILABLE:
         do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
         # the ring: K tiles in slots 0..STAGES-1, V tiles in STAGES..2*STAGES-1; the epilogue reuses it for R
         kv_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, BLOCK_N, BLOCK_D], tile_layout)
-        bar_q = _init_barriers(1).index(0)
-        bar_k = _init_barriers(STAGES)
-        bar_v = _init_barriers(STAGES)
+        bar_q = init_barriers(1).index(0)
+        bar_k = init_barriers(STAGES)
+        bar_v = init_barriers(STAGES)
 
         blk = off_hz.to(gl.int64) * N_QBLK + start_m // SPLIT  # this query block's row in the LUT and side tensors
         LUT += blk * KEPT
         TILE_BYTES: gl.constexpr = BLOCK_N * BLOCK_D * 2
         mbarrier.expect(bar_q, 2 * BLOCK_M * BLOCK_D * 2)
-        gc.async_load(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
+        gc.async_load(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, as_box(q_smem, desc_q))
         gc.async_load(desc_do, [off_z, off_h, start_m * BLOCK_M, 0], bar_q,
-                                        _box(do_smem, desc_do))
+                                        as_box(do_smem, desc_do))
         for s in gl.static_range(STAGES):
-            _issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
+            issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
                       bar_k.index(s), bar_v.index(s), BLOCK_N, TILE_BYTES)
 
         # rows past N_CTX_Q are zeros (TMA); their dq is never stored. Keys past N_CTX_KV are zero rows of k and v:
@@ -303,11 +303,11 @@ if GLUON_AVAILABLE:
             dq, s_cur = warpgroup_mma_wait(0, deps=(dq_tok, s_tok))
             # every warp is done with this slot: refill it with the tiles of step j + STAGES
             gc.barrier()
-            _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
+            issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
                       kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
 
-        _invalidate_barriers(bar_k, STAGES)
-        _invalidate_barriers(bar_v, STAGES)
+        invalidate_barriers(bar_k, STAGES)
+        invalidate_barriers(bar_v, STAGES)
         dq = dq * sm_scale
 
         # -- epilogue: the linear branch, dq += phi'(q) (dN R^T + dd z^T) ----
@@ -332,7 +332,7 @@ if GLUON_AVAILABLE:
             mbarrier.wait(bar_q, 1)
             dphiq = warpgroup_mma(gl.convert_layout(dn.to(dtype), op_layout), r_smem.permute((1, 0)),
                                   dd[:, None] * z[None, :])
-            phiq = _feature_map_gl(q_smem.load(acc_layout).to(gl.float32), offs_d < HEAD_DIM, FEATURE_MAP)
+            phiq = feature_map_gl(q_smem.load(acc_layout).to(gl.float32), offs_d < HEAD_DIM, FEATURE_MAP)
             dq += _feature_map_bwd_gl(phiq, dphiq, FEATURE_MAP)
         mbarrier.invalidate(bar_q)
 
@@ -341,7 +341,7 @@ if GLUON_AVAILABLE:
         gc.barrier()
         q_smem.store(dq.to(dtype))
         fence_async_shared()
-        gc.async_store(desc_dq, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_dq))
+        gc.async_store(desc_dq, [off_z, off_h, start_m * BLOCK_M, 0], as_box(q_smem, desc_dq))
         tma.store_wait(0)
 
 
@@ -356,10 +356,10 @@ def launch_dkdv(q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh_til
     rows, warps, stages = LAUNCH[blkk]
     dh2d = linear_tiles_2d(dh_tiles, has_linear, q, block_d)
     _attn_bwd_dkdv_hopper[(n_kblk, B * H)](
-        _descriptor(q, [1, 1, rows, block_d]), _descriptor(do, [1, 1, rows, block_d]),
-        _descriptor(k, [1, 1, blkk, block_d]), _descriptor(v, [1, 1, blkk, block_d]),
-        _descriptor(dk, [1, 1, blkk, block_d]), _descriptor(dv, [1, 1, blkk, block_d]),
-        _descriptor(dh2d, [block_d, block_d]),
+        descriptor(q, [1, 1, rows, block_d]), descriptor(do, [1, 1, rows, block_d]),
+        descriptor(k, [1, 1, blkk, block_d]), descriptor(v, [1, 1, blkk, block_d]),
+        descriptor(dk, [1, 1, blkk, block_d]), descriptor(dv, [1, 1, blkk, block_d]),
+        descriptor(dh2d, [block_d, block_d]),
         lse, delta, col_q, col_off, col_cnt, dz, scale, H, Lq, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, STEP_M=rows, BLOCK_N=blkk, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, num_warps=warps,
@@ -375,9 +375,9 @@ def launch_dq(q, k, v, do, dq, lut, lse, delta, dn, dd, r_tiles, z, scale: float
     rows, warps, stages = DQ_LAUNCH[blkk]
     r2d = linear_tiles_2d(r_tiles, has_linear, q, block_d)
     _attn_bwd_dq_hopper[(n_qblk * (blkq // rows), B * H)](
-        _descriptor(q, [1, 1, rows, block_d]), _descriptor(do, [1, 1, rows, block_d]),
-        _descriptor(k, [1, 1, blkk, block_d]), _descriptor(v, [1, 1, blkk, block_d]),
-        _descriptor(dq, [1, 1, rows, block_d]), _descriptor(r2d, [block_d, block_d]),
+        descriptor(q, [1, 1, rows, block_d]), descriptor(do, [1, 1, rows, block_d]),
+        descriptor(k, [1, 1, blkk, block_d]), descriptor(v, [1, 1, blkk, block_d]),
+        descriptor(dq, [1, 1, rows, block_d]), descriptor(r2d, [block_d, block_d]),
         lut, lse, delta, dn, dd, z, scale, H, Lq, n_qblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, num_warps=warps,

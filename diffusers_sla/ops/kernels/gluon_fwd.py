@@ -91,7 +91,7 @@ if GLUON_AVAILABLE:
     _Q_IN_REGISTERS = gl.constexpr(Q_IN_REGISTERS)
 
     @gluon.jit
-    def _feature_map_gl(x, d_ok, FEATURE_MAP: gl.constexpr):
+    def feature_map_gl(x, d_ok, FEATURE_MAP: gl.constexpr):
         # `common.feature_map` for Gluon tensors: x fp32 (rows, BLOCK_D); padded columns come out as 0.
         if FEATURE_MAP == 0:
             x = gl.where(d_ok[None, :], x, float("-inf"))
@@ -105,19 +105,19 @@ if GLUON_AVAILABLE:
         return phi
 
     @gluon.jit
-    def _issue_kv(desc_k, desc_v, LUT, step, KEPT, off_z, off_h, k_slot, v_slot, bar_k, bar_v,
+    def issue_kv(desc_k, desc_v, LUT, step, KEPT, off_z, off_h, k_slot, v_slot, bar_k, bar_v,
                   BLOCK_N: gl.constexpr, TILE_BYTES: gl.constexpr):
         # TMA loads of the K and V tiles of LUT step `step` into one ring slot (nothing when step >= KEPT); the
         # descriptors are 4-D (B, H, L, D), the slots 2-D: each is viewed as the (1, 1, BLOCK_N, BLOCK_D) box
         ok = step < KEPT
         start_n = gl.load(LUT + step, mask=ok, other=0) * BLOCK_N
         mbarrier.expect(bar_k, TILE_BYTES, pred=ok)
-        gc.async_load(desc_k, [off_z, off_h, start_n, 0], bar_k, _box(k_slot, desc_k), pred=ok)
+        gc.async_load(desc_k, [off_z, off_h, start_n, 0], bar_k, as_box(k_slot, desc_k), pred=ok)
         mbarrier.expect(bar_v, TILE_BYTES, pred=ok)
-        gc.async_load(desc_v, [off_z, off_h, start_n, 0], bar_v, _box(v_slot, desc_v), pred=ok)
+        gc.async_load(desc_v, [off_z, off_h, start_n, 0], bar_v, as_box(v_slot, desc_v), pred=ok)
 
     @gluon.jit
-    def _init_barriers(n: gl.constexpr):
+    def init_barriers(n: gl.constexpr):
         # n mbarriers in shared memory, each completed by one arrival (a TMA transaction count on top)
         bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(n):
@@ -125,12 +125,12 @@ if GLUON_AVAILABLE:
         return bars
 
     @gluon.jit
-    def _invalidate_barriers(bars, n: gl.constexpr):
+    def invalidate_barriers(bars, n: gl.constexpr):
         for s in gl.static_range(n):
             mbarrier.invalidate(bars.index(s))
 
     @gluon.jit
-    def _box(tile, desc):
+    def as_box(tile, desc):
         # a 2-D shared-memory tile seen as the 4-D box of `desc` (leading unit dims: the same bytes and swizzle)
         return gc.reinterpret(tile, tile.dtype, desc.block_type.shape, desc.layout)
 
@@ -170,7 +170,7 @@ if GLUON_AVAILABLE:
         start_n = next_n
         # every warp is done with this slot: refill it with the tiles of step j + STAGES
         gc.barrier()
-        _issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
+        issue_kv(desc_k, desc_v, LUT, j + STAGES, KEPT, off_z, off_h, kv_smem.index(slot),
                   kv_smem.index(STAGES + slot), bar_k.index(slot), bar_v.index(slot), BLOCK_N, TILE_BYTES)
         return acc, s_cur, m_i, l_i, start_n
 
@@ -203,17 +203,17 @@ if GLUON_AVAILABLE:
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], tile_layout)
         # the ring: K tiles in slots 0..STAGES-1, V tiles in STAGES..2*STAGES-1; the epilogue reuses it
         kv_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, BLOCK_N, BLOCK_D], tile_layout)
-        bar_q = _init_barriers(1).index(0)
-        bar_k = _init_barriers(STAGES)
-        bar_v = _init_barriers(STAGES)
+        bar_q = init_barriers(1).index(0)
+        bar_k = init_barriers(STAGES)
+        bar_v = init_barriers(STAGES)
 
         blk = off_hz.to(gl.int64) * N_QBLK + start_m // SPLIT  # this query block's row in the side tensors
         LUT += blk * KEPT
         TILE_BYTES: gl.constexpr = BLOCK_N * BLOCK_D * 2
         mbarrier.expect(bar_q, BLOCK_M * BLOCK_D * 2)
-        gc.async_load(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, _box(q_smem, desc_q))
+        gc.async_load(desc_q, [off_z, off_h, start_m * BLOCK_M, 0], bar_q, as_box(q_smem, desc_q))
         for s in gl.static_range(STAGES):
-            _issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
+            issue_kv(desc_k, desc_v, LUT, s, KEPT, off_z, off_h, kv_smem.index(s), kv_smem.index(STAGES + s),
                       bar_k.index(s), bar_v.index(s), BLOCK_N, TILE_BYTES)
 
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -250,8 +250,8 @@ if GLUON_AVAILABLE:
                     off_h, desc_k, desc_v, zero_s, offs_n, qk_scale, dtype, p_layout, o_layout, BLOCK_N, STAGES,
                     TILE_BYTES, FOLD_SCALE)
 
-        _invalidate_barriers(bar_k, STAGES)
-        _invalidate_barriers(bar_v, STAGES)
+        invalidate_barriers(bar_k, STAGES)
+        invalidate_barriers(bar_v, STAGES)
 
         offs_m = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         gl.store(M + off_hz.to(gl.int64) * N_CTX_Q + offs_m, m_i + gl.log2(l_i), mask=offs_m < N_CTX_Q)
@@ -289,7 +289,7 @@ if GLUON_AVAILABLE:
             # phi(q) straight in the A-operand layout of the product with R (no layout conversion)
             offs_kp = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, p_layout))
             z = gl.load(ZB + r_row * BLOCK_D + offs_kp)
-            phiq = _feature_map_gl(q_smem.load(p_layout).to(gl.float32), offs_kp < HEAD_DIM, FEATURE_MAP)
+            phiq = feature_map_gl(q_smem.load(p_layout).to(gl.float32), offs_kp < HEAD_DIM, FEATURE_MAP)
             den = gl.convert_layout(gl.sum(phiq * z[None, :], 1) + EPS, gl.SliceLayout(1, o_layout))
             mbarrier.wait(bar_q, 1)
             num = warpgroup_mma(phiq.to(dtype), r_smem, gl.zeros([BLOCK_M, BLOCK_D], gl.float32, layout=o_layout),
@@ -326,7 +326,7 @@ if GLUON_AVAILABLE:
         gc.barrier()
         q_smem.store(acc.to(dtype))
         fence_async_shared()
-        gc.async_store(desc_o, [off_z, off_h, start_m * BLOCK_M, 0], _box(q_smem, desc_o))
+        gc.async_store(desc_o, [off_z, off_h, start_m * BLOCK_M, 0], as_box(q_smem, desc_o))
         tma.store_wait(0)
         mbarrier.invalidate(bar_q)
 
@@ -336,12 +336,12 @@ if GLUON_AVAILABLE:
 
 
 @functools.lru_cache(maxsize=None)
-def _tile_layout(element_bits: int, rank: int):
+def tile_layout(element_bits: int, rank: int):
     # built once: constructing a layout object costs more host time than the rest of a descriptor
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=element_bits, rank=rank)
 
 
-def _descriptor(x, box, element_bits: int = 16):
+def descriptor(x, box, element_bits: int = 16):
     """A host-built TMA descriptor over all of x (4-D (B, H, L, D) or 2-D), in the 128-byte swizzle the kernel's
     shared-memory tiles use. Built on the host once per call: descriptors built on the device cost each program
     a share of its time in global-memory fences, more than the host time they save.
@@ -354,7 +354,7 @@ def _descriptor(x, box, element_bits: int = 16):
     desc = object.__new__(TensorDescriptor)
     desc.__dict__.update(_descriptor_defaults())
     desc.__dict__.update(base=x, shape=list(x.shape), strides=list(x.stride()), block_shape=list(box),
-                         layout=_tile_layout(element_bits, len(box)))
+                         layout=tile_layout(element_bits, len(box)))
     return desc
 
 
@@ -390,9 +390,9 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
     # empty proj_weight); proj_bias is float32 like every proj_l tensor here
     w2d = proj_weight if has_linear else proj_bias.new_empty(block_d, block_d)
     LAUNCHER[launch_grid(n_qblk, blkq, blkk, B * H)](
-        _descriptor(q, [1, 1, rows, block_d]), _descriptor(k, [1, 1, blkk, block_d]),
-        _descriptor(v, [1, 1, blkk, block_d]), _descriptor(o, [1, 1, rows, block_d]),
-        _descriptor(r2d, [block_d, block_d]), _descriptor(w2d, [block_d, block_d // 2], 32),
+        descriptor(q, [1, 1, rows, block_d]), descriptor(k, [1, 1, blkk, block_d]),
+        descriptor(v, [1, 1, blkk, block_d]), descriptor(o, [1, 1, rows, block_d]),
+        descriptor(r2d, [block_d, block_d]), descriptor(w2d, [block_d, block_d // 2], 32),
         lut, lse, den, o_l, z, proj_bias,
         scale, H, Lq, k.shape[2], n_qblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
