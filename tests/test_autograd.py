@@ -6,6 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from testing_utils import require_triton
+
+pytestmark = require_triton
+
 
 @pytest.mark.parametrize(
     "kwargs, message",

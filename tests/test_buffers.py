@@ -7,6 +7,10 @@ import torch
 
 from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
 
+from testing_utils import require_triton
+
+pytestmark = require_triton
+
 
 def test_unaligned_inputs_are_copied_to_an_aligned_tensor():
     """A contiguous view at an offset that is not a multiple of 16 bytes cannot back a tensor descriptor: `tma_ready`

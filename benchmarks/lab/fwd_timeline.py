@@ -23,7 +23,7 @@ import torch
 
 
 def phases(rows: torch.Tensor) -> dict:
-    """rows: int64 (programs, 8) as the instrumented kernel wrote them -> per-program phases and per-SM overlap shares."""
+    """rows: int64 (programs, 8) as the instrumented kernel wrote them -> per-program phases, per-SM overlap shares."""
     t = rows.cpu().double()
     sm = rows[:, 1].cpu()
     entry, first, loop_end, exit_ = t[:, 0], t[:, 2], t[:, 3], t[:, 4]

@@ -2,8 +2,8 @@
 """Tile-shape experiments on the GPU: the whole operator at the Wan layer shape under launch-shape overrides.
 
     python -m benchmarks.lab.tile_sweep                           # the variants below
-    python -m benchmarks.lab.tile_sweep FWD_ROWS=64 FWD_WARPS=4   # one variant: constants of diffusers_sla/ops/tuning.py
-    python -m benchmarks.lab.tile_sweep --fwd-only FWD_STAGES=2 / FWD_ROWS=64 FWD_WARPS=4   # variants separated by "/"
+    python -m benchmarks.lab.tile_sweep FWD_ROWS=64 FWD_WARPS=4   # one variant: constants of ops/tuning.py
+    python -m benchmarks.lab.tile_sweep --fwd-only FWD_STAGES=2 / FWD_ROWS=64 FWD_WARPS=4   # variants apart by "/"
 
 Each variant runs in its own process (the launch shapes are chosen when a kernel is first compiled) with the named
 `tuning` constants set before the first call, times
