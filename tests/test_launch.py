@@ -4,7 +4,7 @@
 On a CPU machine the GPU launch itself cannot happen, so these tests replace the two calls that would reach the
 driver: `kernel[grid]` (Triton's own path: it records the call and returns a stand-in compiled kernel) and the
 compiled kernel's launcher (it records what it is given). The kernel's signature is a real `@triton.jit` function's.
-On a GPU, `test_triton_ops.py::test_fast_launches_match_plain_launches` runs the real thing.
+On a GPU, `kernels/test_attention_kernels.py::test_fast_launches_match_plain_launches` runs the real thing.
 """
 
 from __future__ import annotations

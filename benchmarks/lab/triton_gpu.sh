@@ -111,7 +111,7 @@ tests() {
     local which=$1
     with "$which" "$PY" -c "import triton, torch; print('triton', triton.__version__, triton.__file__, 'torch', torch.__version__)"
     with "$which" "$PY" -m benchmarks.lab.as_checked -m pytest -q -m gpu -p no:cacheprovider \
-        tests/test_gluon_fwd.py tests/test_gluon_bwd.py tests/test_triton_ops.py
+        tests/test_gluon_fwd.py tests/test_gluon_bwd.py tests/kernels
 }
 
 run() {
