@@ -36,3 +36,10 @@ def test_kernel_switch_names_the_variable_and_its_values(monkeypatch):
     with pytest.raises(ValueError, match=r"DIFFUSERS_SLA_BWD_KERNEL='gluon': allowed values are \('auto', 'portable', "
                                          r"'hopper'\)"):
         tuning.kernel_switch("backward")
+
+
+def test_retired_switches_are_named_when_set():
+    assert tuning.retired_switches_set({"DIFFUSERS_SLA_OVERLAP": "0", "DIFFUSERS_SLA_FWD_KERNEL": "auto"}) == \
+        ["DIFFUSERS_SLA_OVERLAP"]
+    assert tuning.retired_switches_set({}) == []
+    assert not set(tuning.RETIRED_SWITCHES) & (set(tuning.KERNEL_ENV.values()) | {tuning.FP32_COMPUTE_ENV})

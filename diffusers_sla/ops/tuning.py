@@ -11,7 +11,10 @@ once here).
 
 from __future__ import annotations
 
+import logging
 import os
+
+logger = logging.getLogger(__name__)
 
 # ===== Environment switches =====
 
@@ -35,6 +38,23 @@ FP32_COMPUTE_ENV = "DIFFUSERS_SLA_TRITON_FP32"
 FP32_COMPUTE = os.environ.get(FP32_COMPUTE_ENV, "bf16")
 if FP32_COMPUTE not in FP32_COMPUTE_MODES:
     raise ValueError(f"`{FP32_COMPUTE_ENV}` must be one of {list(FP32_COMPUTE_MODES)}, got {FP32_COMPUTE!r}.")
+
+# Environment switches of earlier releases, now constants here: set, they would be ignored, so that is said once.
+RETIRED_SWITCHES = tuple(f"DIFFUSERS_SLA_{name}" for name in (
+    "SPLIT_TARGET", "BLOCKS_TARGET", "TOTALS_TARGET", "LS_WARPS", "LS_STAGES", "PROJ_GRAD_TARGET", "TOPK_WARPS",
+    "ROW_SUMS_TARGET", "FWD_ROWS", "DKDV_ROWS", "DQ_ROWS", "WARPS", "STAGES", "BWD_WARPS", "BWD_STAGES", "BWD0_WARPS",
+    "BWD0_STAGES", "BWD1_WARPS", "BWD1_STAGES", "AUTOTUNE", "DKDV_STAGES", "DQ_STAGES", "OVERLAP", "FAST_LAUNCH",
+    "SELECT"))
+
+
+def retired_switches_set(environ=os.environ) -> list[str]:
+    """The retired switches set in `environ` (they have no effect)."""
+    return [name for name in RETIRED_SWITCHES if name in environ]
+
+
+if retired_switches_set():
+    logger.warning("%s no longer read: the launch shapes and experiment switches are constants in "
+                   "diffusers_sla/ops/tuning.py.", ", ".join(retired_switches_set()))
 
 # ===== Eager-call shortcuts (same results either way; off only for an A/B of host time) =====
 
