@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""What every Triton kernel file shares: the feature maps of the linear branch, their constants, and which Triton
-backend runs the kernels.
+"""What every Triton kernel file shares: which Triton backend runs the kernels, the grid and head-offset helpers, the
+feature maps of the linear branch and their constants, and the one-config-per-shape choice of warps and stages.
 
 Feature maps are constexpr ids: 0 = softmax over head_dim, 1 = elu + 1, 2 = relu. Head dims that are not a power of
 two run in a padded BLOCK_D with masked columns (padded columns are 0 after every feature map).
