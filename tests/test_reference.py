@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
-"""The PyTorch SLA operator (`ops/reference.py`, `ops/selection.py`) against the public reference's golden outputs and
-against an independent dense float64 restatement of the math."""
+"""The PyTorch SLA operator (`ops/reference.py`, `ops/branches.py`) against the public reference's golden outputs and
+against an independent dense float64 restatement of the math. Block selection: `test_selection.py`."""
 
 import json
 import subprocess
@@ -14,8 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_sla.ops.reference import LINEAR_EPS, apply_feature_map, linear_attention_reference, sla_reference
-from diffusers_sla.ops.selection import (lut_to_block_map, mean_pool_blocks, num_kept_blocks, select_blocks,
-                                        top_blocks)
+from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
 
 from testing_utils import GOLDEN_DIR, REPO_ROOT, golden_cases, rel_err, require_golden
 
@@ -43,46 +42,6 @@ def random_inputs(B, H, Lq, Lk, D, dtype=torch.float64, seed=0):
     weight = torch.randn(D, D, generator=g, dtype=dtype) / D**0.5
     bias = torch.randn(D, generator=g, dtype=dtype)
     return q, k, v, weight, bias
-
-
-# ----- block selection ----------------------------------------------------------------------------------------------
-
-
-def test_num_kept_blocks_never_zero_never_more_than_all():
-    assert num_kept_blocks(0.2, 512) == 102
-    assert num_kept_blocks(0.05, 10) == 1  # int(0.5) == 0 in the reference: NaN there
-    assert num_kept_blocks(1.0, 7) == 7
-    assert num_kept_blocks(0.99, 1) == 1
-
-
-def test_mean_pool_averages_real_rows_of_partial_blocks():
-    x = torch.randn(1, 2, 70, 8, dtype=torch.float64)
-    pooled = mean_pool_blocks(x, 32)
-    assert pooled.shape == (1, 2, 3, 8)
-    torch.testing.assert_close(pooled[:, :, 2].double(), x[:, :, 64:].mean(dim=2), rtol=1e-5, atol=1e-6)
-
-
-def test_selection_picks_the_highest_scoring_blocks():
-    q, k, *_ = random_inputs(1, 2, 96, 160, 16)
-    lut = select_blocks(q, k, 0.4, 32, 32)
-    assert lut.shape == (1, 2, 3, 2) and lut.dtype == torch.int32
-    assert (lut[..., 1:] > lut[..., :-1]).all(), "LUT rows must be ascending"
-    pooled_q = mean_pool_blocks(q, 32)
-    pooled_k = mean_pool_blocks(k - k.mean(dim=2, keepdim=True), 32)
-    scores = pooled_q @ pooled_k.transpose(-1, -2)
-    expected = scores.topk(2, dim=-1).indices.sort(dim=-1).values
-    assert torch.equal(lut.long(), expected)
-
-
-def test_top_blocks_breaks_ties_towards_the_lower_index():
-    scores = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0]])
-    # 3.0 at 1 and 3, then three 2.0s for the last two places: indices 2 and 4 win over 5
-    assert top_blocks(scores, 4).tolist() == [[1, 2, 3, 4]]
-    tied = torch.randint(0, 4, (64, 40)).float()  # many ties: same rule as a stable descending sort
-    expected = torch.sort(tied, dim=-1, descending=True, stable=True).indices[:, :7].sort(dim=-1).values
-    assert torch.equal(top_blocks(tied, 7).long(), expected)
-    untied = torch.randn(64, 40)
-    assert torch.equal(top_blocks(untied, 7).long(), untied.topk(7, dim=-1).indices.sort(dim=-1).values)
 
 
 # ----- against the public reference (golden files) ------------------------------------------------------------------
