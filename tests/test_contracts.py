@@ -21,7 +21,9 @@ from tiny_models import (
 from testing_utils import EXACT_ATOL
 
 from diffusers_sla import SparseLinearAttention, iter_sla_layers
-from diffusers_sla.processor import SLAAttnProcessor, disable_sla, enable_sla, sla_summary
+from diffusers_sla.integration.install import disable_sla, enable_sla
+from diffusers_sla.integration.processor import SLAAttnProcessor
+from diffusers_sla.integration.report import sla_summary
 
 
 def _run(model, inputs) -> torch.Tensor:

@@ -26,15 +26,12 @@ from tiny_models import (
 from testing_utils import EXACT_ATOL, rel_err, require_cuda
 
 from diffusers_sla import SLAConfig, SparseLinearAttention, iter_sla_layers
-from diffusers_sla.dispatch import key_padding_mask_from_attn_mask, route_attention_call, routing_scope
-from diffusers_sla.processor import (
-    INNER_PROCESSOR_ATTR,
-    SLAAttnProcessor,
-    disable_sla,
-    enable_sla,
-    reset_sla_stats,
-    sla_summary,
-)
+from diffusers_sla.integration.install import disable_sla, enable_sla
+from diffusers_sla.integration.modules import INNER_PROCESSOR_ATTR
+from diffusers_sla.integration.processor import SLAAttnProcessor
+from diffusers_sla.integration.report import reset_sla_stats, sla_summary
+from diffusers_sla.integration.routing import key_padding_mask_from_attn_mask, route_attention_call
+from diffusers_sla.integration.sdpa import routing_scope
 from diffusers_sla.utils.cuda_graph import capture_cuda_graph
 
 # Attention modules that run dense by design under the tests' config (`TEST_SLA_OVERRIDES` + `_family_overrides`):
@@ -84,9 +81,9 @@ def _assert_every_layer_ran_as_designed(family: str, model) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_logs():
     # Log-once memory is per process; tests that count log lines need a clean slate.
-    from diffusers_sla import processor
+    from diffusers_sla.integration import logs
 
-    processor._logged_once.clear()
+    logs._logged_once.clear()
     yield
 
 
@@ -640,7 +637,7 @@ def test_routed_sdpa_honours_scale_gqa_and_padding():
 
 
 def sla_summary_of(attn):
-    from diffusers_sla.dispatch import layer_stats
+    from diffusers_sla.integration.stats import layer_stats
 
     return layer_stats(attn)
 
@@ -796,9 +793,9 @@ def test_model_with_sla_survives_deepcopy_and_pickle():
 
 def test_lazy_layers_born_in_a_training_forward_warn(monkeypatch, caplog):
     # Parameters created inside a training forward are in no optimizer or DDP bucket built before: a WARNING, once.
-    from diffusers_sla import processor as processor_module
+    from diffusers_sla.integration import logs
 
-    monkeypatch.setattr(processor_module, "_logged_once", set())
+    monkeypatch.setattr(logs, "_logged_once", set())
     model, make_inputs = build_tiny_model("wan")
     model.train()
     _set_on_each_module(model, SLAAttnProcessor(**TEST_SLA_OVERRIDES))

@@ -19,12 +19,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, build_tiny_pipeline, forward_output
 
-from diffusers_sla import serialization
-from diffusers_sla.constants import SLA_WEIGHTS_NAME
-from diffusers_sla.converters import convert_simpletuner_sla, convert_turbodiffusion_wan
-from diffusers_sla.layer import iter_sla_layers
-from diffusers_sla.processor import SLAAttnProcessor, disable_sla, enable_sla
-from diffusers_sla.serialization import get_sla_state_dict, load_sla, read_sla_file, save_sla
+from diffusers_sla import hooks
+from diffusers_sla.config import SLA_WEIGHTS_NAME
+from diffusers_sla.integration.install import disable_sla, enable_sla
+from diffusers_sla.integration.layer import iter_sla_layers
+from diffusers_sla.integration.processor import SLAAttnProcessor
+from diffusers_sla.weights.converters import convert_simpletuner_sla, convert_turbodiffusion_wan
+from diffusers_sla.weights.format import read_sla_file
+from diffusers_sla.weights.hub import parse_hf_cache_path
+from diffusers_sla.weights.io import get_sla_state_dict, load_sla, save_sla
 
 BASE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -181,7 +184,7 @@ def test_model_without_sla_is_unaffected(tmp_path):
     tiny = build_tiny_model("flux", seed=0)
     tiny.model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", BASE_WEIGHTS]
-    serialization.install_hooks()  # idempotent: still one wrapper
+    hooks.install_hooks()  # idempotent: still one wrapper
     from diffusers import ModelMixin
 
     assert not getattr(ModelMixin.save_pretrained.__wrapped__, "_diffusers_sla_hook", False)
@@ -570,10 +573,10 @@ def test_hf_cache_paths_lead_back_to_the_repo(tmp_path):
     # Pipelines load components from cache snapshots without downloading the SLA file: the snapshot folder says
     # which repo, commit and subfolder to fetch it from.
     folder = tmp_path / "hub" / "models--user--tiny-wan" / "snapshots" / ("b" * 40) / "transformer"
-    assert serialization._parse_hf_cache_path(str(folder)) == (
+    assert parse_hf_cache_path(str(folder)) == (
         str(tmp_path / "hub"), "user/tiny-wan", "b" * 40, "transformer"
     )
-    assert serialization._parse_hf_cache_path(str(tmp_path / "plain" / "transformer")) is None
+    assert parse_hf_cache_path(str(tmp_path / "plain" / "transformer")) is None
 
 
 def test_missing_file_in_offline_cache_warns(offline_hub_cache):
