@@ -1,0 +1,36 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""Helpers shared by the diffusers glue's tests (test_processor, test_routing, test_install)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import forward_output
+
+from diffusers_sla.integration import logs
+
+EXACT_ATOL = 1e-4
+
+
+def run_eval(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return forward_output(model, inputs)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def loss_gradients(model, inputs) -> dict[str, torch.Tensor]:
+    """The gradients of one training step (loss: the mean square of the output), by parameter name."""
+    model.zero_grad(set_to_none=True)
+    forward_output(model, inputs).square().mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(autouse=True)
+def fresh_logs():
+    # Log-once memory is per process; tests that count log lines need a clean slate. (Autouse in every test module
+    # that imports it.)
+    logs._logged_once.clear()
+    yield
