@@ -57,6 +57,8 @@ class WeightsReplay:
     into_module: Callable[[nn.Module, SLAAttnProcessor], None]
 
 
+# Replaced by `hooks.py` when diffusers_sla is imported, before any model can be installed on: importing any module
+# of the package runs its __init__, which imports `hooks`.
 _replay = WeightsReplay(stored_config=lambda model: None, into_model=lambda model, strict: [],
                         into_module=lambda attn, processor: None)
 
