@@ -7,8 +7,8 @@ With the default (native) attention backend, every diffusers processor ends its 
 on `torch.nn.functional` at call time, so we install one thin wrapper there, once, the first time an
 `SLAAttnProcessor` is built. Outside an SLA processor call the wrapper reads one thread-local attribute and calls the
 original SDPA: other models, other threads and our own dense fallbacks are untouched. Inside an SLA processor call
-(`routing_scope`) the wrapper decides, per SDPA call, between SLA and the original SDPA (`routing.route_attention_call`,
-which documents the policy).
+(`routing_scope`) the wrapper decides, per SDPA call, between SLA and the original SDPA
+(`routing.route_attention_call`, whose module documents the policy).
 
 Why a thread-local scope rather than swapping `F.scaled_dot_product_attention` for the duration of each call:
 a swap is undone by whichever thread finishes first, so a second thread could silently run dense; the scope is
