@@ -28,6 +28,25 @@ def loss_gradients(model, inputs) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def uncompile(model) -> None:
+    for module in model.modules():
+        module._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def eager_and_compiled_gradients(model, inputs, **compile_kwargs) -> tuple[dict, dict]:
+    """`loss_gradients` eagerly, then with the model's repeated blocks compiled with `aot_eager` (dynamo and
+    autograd's tracing, no code generation); the model is left uncompiled."""
+    eager = loss_gradients(model, inputs)
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(backend="aot_eager", **compile_kwargs)
+        compiled = loss_gradients(model, inputs)
+    finally:
+        uncompile(model)
+    return eager, compiled
+
+
 @pytest.fixture(autouse=True)
 def fresh_logs():
     # Log-once memory is per process; tests that count log lines need a clean slate. (Autouse in every test module

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from glue_testing import EXACT_ATOL, loss_gradients, run_eval
+from glue_testing import EXACT_ATOL, eager_and_compiled_gradients, run_eval, uncompile
 from tiny_models import (
     TEST_SLA_OVERRIDES,
     build_tiny_model,
@@ -297,12 +297,6 @@ def test_group_offload_runs_sla_with_the_same_output(offload_type):
 # ===== torch.compile from a cold start =====
 
 
-def _uncompile(model) -> None:
-    for module in model.modules():
-        module._compiled_call_impl = None
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("family", ["wan", "flux", "qwenimage"])
 @pytest.mark.parametrize("how", ["whole_model", "repeated_blocks"])
 def test_compile_from_cold_does_not_recompile(family, how):
@@ -323,7 +317,7 @@ def test_compile_from_cold_does_not_recompile(family, how):
                 first = run_eval(model, inputs)
                 second = run_eval(model, inputs)
     finally:
-        _uncompile(model)
+        uncompile(model)
     eager = run_eval(model, inputs)
     torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(first, second)
@@ -422,13 +416,7 @@ def test_compiled_masked_blocks_train_like_eager():
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     randomize_proj_l(model)
 
-    eager = loss_gradients(model, inputs)
-    torch._dynamo.reset()
-    try:
-        model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
-        compiled = loss_gradients(model, inputs)
-    finally:
-        _uncompile(model)
+    eager, compiled = eager_and_compiled_gradients(model, inputs, fullgraph=True)
     assert any(".sla.proj_l." in name for name in eager)
     for name, grad in compiled.items():
         if name in eager:

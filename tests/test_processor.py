@@ -14,7 +14,13 @@ import re
 
 import pytest
 import torch
-from glue_testing import EXACT_ATOL, fresh_logs, loss_gradients, max_diff, run_eval  # noqa: F401  (fresh_logs: autouse)
+from glue_testing import (  # noqa: F401  (fresh_logs: autouse)
+    EXACT_ATOL,
+    eager_and_compiled_gradients,
+    fresh_logs,
+    max_diff,
+    run_eval,
+)
 from testing_utils import rel_err, require_cuda
 from tiny_models import FAMILIES, TEST_SLA_OVERRIDES, build_tiny_model, forward_output, randomize_proj_l
 
@@ -177,16 +183,7 @@ def test_compiled_blocks_train_like_eager():
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     randomize_proj_l(model)
 
-    eager = loss_gradients(model, inputs)
-    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
-    torch._dynamo.reset()
-    try:
-        model.compile_repeated_blocks(backend="aot_eager")
-        compiled = loss_gradients(model, inputs)
-    finally:
-        for block in blocks:
-            block._compiled_call_impl = None
-        torch._dynamo.reset()
+    eager, compiled = eager_and_compiled_gradients(model, inputs)
     assert compiled.keys() == eager.keys() and any(".sla.proj_l." in name for name in eager)
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
