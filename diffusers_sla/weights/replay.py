@@ -127,7 +127,7 @@ def peek_sla_config(
 
 
 def sla_config_at_load_location(model: nn.Module) -> SLAConfig | None:
-    """The `SLAConfig` of the SLA weights that `on_sla_enabled` would replay into `model`, or `None`. Never raises
+    """The `SLAConfig` of the SLA weights that `replay_into_model` would replay into `model`, or `None`. Never raises
     for a missing file or an unreachable Hub."""
     location = _load_location(model)
     if location is None or not location.get("path"):
