@@ -125,6 +125,25 @@ def test_model_without_sla_is_unaffected(tmp_path):
     assert not getattr(ModelMixin.save_pretrained.__wrapped__, "_diffusers_sla_hook", False)
 
 
+def test_every_patch_is_applied_once():
+    # hooks.py's table: each patched function of diffusers is our wrapper, around diffusers' own (not around another
+    # wrapper of ours), however often the hooks are installed
+    from diffusers import ModelMixin
+    from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    hooks.install_hooks()
+    hooks.install_hooks()
+    patched = [(Attention, "set_processor"), (Attention, "get_processor"), (AttentionModuleMixin, "set_processor"),
+               (AttentionModuleMixin, "get_processor"), (AttentionMixin, "set_attn_processor"),
+               (ModelMixin, "save_pretrained"), (ModelMixin, "from_pretrained")]
+    for owner, name in patched:
+        function = owner.__dict__[name]
+        function = getattr(function, "__func__", function)  # from_pretrained is a classmethod
+        assert getattr(function, "_diffusers_sla_hook", False), f"{owner.__name__}.{name}"
+        assert not getattr(function.__wrapped__, "_diffusers_sla_hook", False), f"{owner.__name__}.{name}"
+
+
 def test_saving_without_sla_removes_a_stale_sidecar(tmp_path, caplog):
     # A folder saved with SLA, then saved again from the same model with SLA turned off: the old sidecar must not
     # stay beside the new base weights, where `enable_sla` would load its old `proj_l`.
