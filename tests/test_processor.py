@@ -278,7 +278,6 @@ def test_disable_then_enable_with_removed_layers_keeps_weights():
     assert torch.equal(run_eval(model, inputs), trained)
 
 
-
 # ===== set_attn_processor: one shared instance, per-layer state, each module's own processor =====
 
 

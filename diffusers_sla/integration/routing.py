@@ -216,7 +216,6 @@ def route_attention_call(attn: torch.nn.Module, config: SLAConfig, call: dict) -
     return RouteDecision(None, None if bool(keep.all()) else keep)  # (eager only: one host read per masked call)
 
 
-
 # ===== Density =====
 
 

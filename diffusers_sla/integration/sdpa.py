@@ -159,7 +159,6 @@ def _route_in_scope(scope: RoutingScope, args: tuple, kwargs: dict):
     return out
 
 
-
 def sla_layer_for(attn: torch.nn.Module, processor: RoutingOwner, q: torch.Tensor) -> SparseLinearAttention:
     """The module's own SLA layer, created at first use when `enable_sla` did not create it."""
     layer = attn._modules.get(SLA_MODULE_NAME)

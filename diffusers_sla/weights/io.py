@@ -293,7 +293,6 @@ def mark_replayed(model: nn.Module) -> None:
         setattr(layer, REPLAYED_ATTR, True)
 
 
-
 def load_sla_state_dict(
     model: nn.Module, weights: SLAWeightsFile | str | os.PathLike, *, strict: bool = True
 ) -> SLALoadResult:

@@ -56,7 +56,6 @@ def _on_meta_device(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-
 def replay_into_model(model_or_pipe: Any, *, strict: bool = True) -> list[SLALoadResult]:
     """Replay rule, called by `enable_sla` once SLA layers are installed.
 
