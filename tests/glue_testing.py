@@ -9,8 +9,6 @@ from tiny_models import forward_output
 
 from diffusers_sla.integration import logs
 
-EXACT_ATOL = 1e-4
-
 
 def run_eval(model, inputs) -> torch.Tensor:
     with torch.no_grad():

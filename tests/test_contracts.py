@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from glue_testing import EXACT_ATOL, eager_and_compiled_gradients, run_eval, uncompile
+from glue_testing import eager_and_compiled_gradients, run_eval, uncompile
+from testing_utils import EXACT_ATOL
 from tiny_models import (
     TEST_SLA_OVERRIDES,
     build_tiny_model,

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from glue_testing import EXACT_ATOL, fresh_logs, max_diff, run_eval  # noqa: F401  (fresh_logs: autouse)
+from glue_testing import fresh_logs, max_diff, run_eval  # noqa: F401  (fresh_logs: autouse)
+from testing_utils import EXACT_ATOL
 from tiny_models import (
     PIPELINE_FAMILIES,
     TEST_SLA_OVERRIDES,

@@ -14,14 +14,8 @@ import re
 
 import pytest
 import torch
-from glue_testing import (  # noqa: F401  (fresh_logs: autouse)
-    EXACT_ATOL,
-    eager_and_compiled_gradients,
-    fresh_logs,
-    max_diff,
-    run_eval,
-)
-from testing_utils import rel_err, require_cuda
+from glue_testing import eager_and_compiled_gradients, fresh_logs, max_diff, run_eval  # noqa: F401  (fresh_logs: autouse)
+from testing_utils import EXACT_ATOL, rel_err, require_cuda
 from tiny_models import FAMILIES, TEST_SLA_OVERRIDES, build_tiny_model, forward_output, randomize_proj_l
 
 from diffusers_sla import SparseLinearAttention, iter_sla_layers

@@ -9,7 +9,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from glue_testing import EXACT_ATOL, fresh_logs, max_diff, run_eval  # noqa: F401  (fresh_logs: autouse)
+from glue_testing import fresh_logs, max_diff, run_eval  # noqa: F401  (fresh_logs: autouse)
+from testing_utils import EXACT_ATOL
 from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model
 
 from diffusers_sla import SLAConfig
