@@ -59,8 +59,8 @@ _stats: list = []  # the per-layer counters of every model SLA was installed on 
 
 def _install_sla(model) -> None:
     from diffusers_sla import enable_sla
-    from diffusers_sla.dispatch import layer_stats
-    from diffusers_sla.processor import _sla_modules
+    from diffusers_sla.integration.report import sla_modules
+    from diffusers_sla.integration.stats import layer_stats
 
     try:
         enable_sla(model, **SLA_SETTINGS)
@@ -69,7 +69,7 @@ def _install_sla(model) -> None:
             return
         raise
     _installed[0] += 1
-    _stats.extend(layer_stats(attn) for _, attn in _sla_modules(model))
+    _stats.extend(layer_stats(attn) for _, attn in sla_modules(model))
 
 
 def _wrap_init(cls) -> None:

@@ -6,18 +6,22 @@ __version__ = "0.1.0"
 import importlib.util
 
 from .config import SLAConfig
-from .layer import SparseLinearAttention, iter_sla_layers
+from .integration.layer import SparseLinearAttention, iter_sla_layers
 from .ops import sparse_linear_attention
 
 # diffusers is a dependency, but the operator alone runs without it (e.g. on a bare GPU box that benchmarks the
 # kernels): import the diffusers glue only where diffusers is installed.
 if importlib.util.find_spec("diffusers") is not None:
-    # Imported now, not on first use: `from_pretrained` must be wrapped before a model is loaded, so that
-    # `enable_sla` later finds the `sla_attention.safetensors` saved beside its weights (subfolder included), and
-    # `save_pretrained` must write that file for models made SLA-capable by `set_attn_processor`.
-    from .converters import ConversionResult, convert_simpletuner_sla, convert_turbodiffusion_wan
-    from .processor import SLAAttnProcessor, disable_sla, enable_sla, reset_sla_stats, sla_dense_steps, sla_summary
-    from .serialization import SLALoadResult, SLAWeightsFile, load_sla, read_sla_file, save_sla
+    # `hooks` is imported now, not on first use: it patches diffusers (`from_pretrained` must be wrapped before a
+    # model is loaded, so that `enable_sla` later finds the `sla_attention.safetensors` saved beside its weights).
+    from . import hooks  # noqa: F401
+    from .integration.dense_steps import sla_dense_steps
+    from .integration.install import disable_sla, enable_sla
+    from .integration.processor import SLAAttnProcessor
+    from .integration.report import reset_sla_stats, sla_summary
+    from .weights.converters import ConversionResult, convert_simpletuner_sla, convert_turbodiffusion_wan
+    from .weights.format import SLAWeightsFile, read_sla_file
+    from .weights.io import SLALoadResult, load_sla, save_sla
 
 __all__ = [
     "ConversionResult",

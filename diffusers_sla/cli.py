@@ -6,7 +6,8 @@
     diffusers-sla convert SRC OUT --model M      SimpleTuner sla_attention.pt / TurboDiffusion Wan .pth -> safetensors
     diffusers-sla bench [...]                    the kernel benchmark (a CUDA GPU and a clone of the repository)
 
-Each subcommand is a small class with `register_subcommand(subparsers)` and `run()`.
+Each subcommand is a small class with `register_subcommand(subparsers)` and `run()`, which imports what it runs
+(torch and diffusers take seconds to import: `diffusers-sla --help` should not wait for them).
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ class InspectCommand:
     def run(self) -> int:
         import torch
 
-        from .constants import SLA_WEIGHTS_NAME
-        from .serialization import read_sla_file, resolve_sla_file
+        from .config import SLA_WEIGHTS_NAME
+        from .weights.format import read_sla_file
+        from .weights.hub import resolve_sla_file
 
         source, subfolder = self.args.source, self.args.subfolder
         path, where = resolve_sla_file(source, subfolder)
@@ -143,7 +145,7 @@ class ConvertCommand:
         self.args = args
 
     def run(self) -> int:
-        from .converters import convert_simpletuner_sla, convert_turbodiffusion_wan
+        from .weights.converters import convert_simpletuner_sla, convert_turbodiffusion_wan
 
         a = self.args
         kind = a.format

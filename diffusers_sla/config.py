@@ -8,7 +8,10 @@ The config has two groups of fields:
   A backbone fine-tuned with SLA must be served with the same operator fields, so these are stored in
   `sla_attention.safetensors` and compared on load.
 * the *routing policy* (`cross_attention`, `masked_attention`, `min_kv_blocks`, `dense_layers`): which attention
-  calls of a diffusers model the processor sends to SLA and which it leaves dense. See `diffusers_sla/processor.py`.
+  calls of a diffusers model the processor sends to SLA and which it leaves dense. See
+  `diffusers_sla/integration/routing.py`.
+
+It is also the one home of the constants the other modules share (file name, format version, allowed values).
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+# (set by the package's __init__ before it imports any of its modules)
+from . import __version__
+
+# The file that carries SLA weights beside a transformer's own weights.
+SLA_WEIGHTS_NAME = "sla_attention.safetensors"
+# Bumped whenever the layout of SLA_WEIGHTS_NAME changes incompatibly.
+SLA_FORMAT_VERSION = "1"
+# Attribute under which each SLA-enabled attention module holds its own `SparseLinearAttention`.
+SLA_MODULE_NAME = "sla"
 
 ALLOWED_BLOCK_SIZES = (32, 64, 128)
 ALLOWED_FEATURE_MAPS = ("softmax", "elu", "relu")
@@ -51,7 +64,7 @@ def _whole_number(value: Any) -> int | None:
     return None
 
 
-def _layer_selectors(name: str, value: Any) -> tuple:
+def layer_selectors(name: str, value: Any) -> tuple:
     """A list of layer selectors (block indices and module-path globs) as a tuple of `int` and `str`."""
     if isinstance(value, (str, int)) and not isinstance(value, bool):
         value = [value]  # one selector given alone
@@ -191,7 +204,7 @@ class SLAConfig:
         if min_kv_blocks is None or min_kv_blocks < 0:
             raise ValueError(f"`min_kv_blocks` must be a non-negative integer, got {self.min_kv_blocks!r}.")
         store("min_kv_blocks", min_kv_blocks)
-        store("dense_layers", _layer_selectors("dense_layers", self.dense_layers))
+        store("dense_layers", layer_selectors("dense_layers", self.dense_layers))
 
     # ----- construction -------------------------------------------------------------------------------------------
 
@@ -200,7 +213,7 @@ class SLAConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, allow_unknown: bool = False) -> "SLAConfig":
+    def from_dict(cls, values: dict[str, Any], *, allow_unknown: bool = False) -> SLAConfig:
         """Build a config from a dict. Unknown keys are an error (a typo must not be ignored), unless
         `allow_unknown=True`, used for files written by a newer version: those keys are dropped with a warning."""
         if not isinstance(values, dict):
@@ -215,7 +228,7 @@ class SLAConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @classmethod
-    def from_json(cls, source: str | os.PathLike, *, allow_unknown: bool = False) -> "SLAConfig":
+    def from_json(cls, source: str | os.PathLike, *, allow_unknown: bool = False) -> SLAConfig:
         """Build a config from a JSON string (`'{"topk": 0.15}'`) or from the path of a JSON file."""
         text = os.fspath(source)
         where = "JSON"
@@ -240,7 +253,7 @@ class SLAConfig:
         return cls.from_dict(values, allow_unknown=allow_unknown)
 
     @classmethod
-    def coerce(cls, config: "SLAConfig | dict | str | os.PathLike | None" = None, **overrides) -> "SLAConfig":
+    def coerce(cls, config: SLAConfig | dict | str | os.PathLike | None = None, **overrides) -> SLAConfig:
         """The one entry point that turns whatever a user passed (None, a config, a dict, JSON text or a JSON file)
         plus keyword overrides into a validated `SLAConfig`."""
         if config is None:
@@ -274,8 +287,6 @@ class SLAConfig:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the config as JSON to `path` (a file)."""
-        from . import __version__
-
         with open(path, "w", encoding="utf-8") as handle:
             json.dump({**self.to_dict(), "diffusers_sla_version": __version__}, handle, indent=2, sort_keys=True)
 
@@ -283,7 +294,7 @@ class SLAConfig:
         """The fields that change what SLA computes (see module docstring)."""
         return {name: getattr(self, name) for name in OPERATOR_FIELDS}
 
-    def operator_differences(self, other: "SLAConfig") -> dict[str, tuple[Any, Any]]:
+    def operator_differences(self, other: SLAConfig) -> dict[str, tuple[Any, Any]]:
         """`{field: (self_value, other_value)}` for every operator field that differs."""
         return {
             name: (getattr(self, name), getattr(other, name))

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SLAConfig
-from .constants import SLA_WEIGHTS_NAME
-from .layer import iter_sla_layers
+from .config import SLA_WEIGHTS_NAME, SLAConfig
+from .integration.install import enable_sla
+from .integration.layer import iter_sla_layers
+from .integration.report import reset_sla_stats, sla_summary
 from .tiny import build_tiny_pipeline, tiny_prompt_embeddings
 
 
@@ -83,8 +84,6 @@ def run_demo(
     print_fn=print,
 ) -> DemoResult:
     """Dense vs SLA on a tiny pipeline; see the module docstring. Returns the measured figures."""
-    from . import enable_sla, reset_sla_stats, sla_summary
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe = build_tiny_pipeline(family, seed=seed).to(device)

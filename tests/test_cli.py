@@ -55,26 +55,25 @@ def test_inspect_prints_config_layers_and_norms(saved_wan_transformer, capsys):
     assert f"{0.5 * 32 ** 0.5:.4g}" in out  # |b| of a bias filled with 0.5
 
 
-def test_inspect_shows_the_sparse_only_scope(tmp_path, capsys):
+def _inspect_tiny_wan(tmp_path, capsys, **overrides) -> str:
+    """`diffusers-sla inspect`'s output for a tiny Wan transformer saved with SLA enabled with `overrides`."""
     from diffusers_sla import enable_sla
 
     transformer = build_tiny_pipeline("wan").transformer
-    enable_sla(transformer, linear_scope="none")
+    enable_sla(transformer, **overrides)
     transformer.save_pretrained(tmp_path / "model")
     assert main(["inspect", str(tmp_path / "model")]) == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_inspect_shows_the_sparse_only_scope(tmp_path, capsys):
+    out = _inspect_tiny_wan(tmp_path, capsys, linear_scope="none")
     assert "linear_scope: none" in out and "layers: 2" in out
 
 
 def test_inspect_shows_the_ratio_gate(tmp_path, capsys):
     """A fusion="ratio" file holds two gate entries per layer beside proj_l: still one row per layer, with the gate."""
-    from diffusers_sla import enable_sla
-
-    transformer = build_tiny_pipeline("wan").transformer
-    enable_sla(transformer, fusion="ratio")
-    transformer.save_pretrained(tmp_path / "model")
-    assert main(["inspect", str(tmp_path / "model")]) == 0
-    out = capsys.readouterr().out
+    out = _inspect_tiny_wan(tmp_path, capsys, fusion="ratio")
     assert "fusion: ratio" in out and "layers: 2" in out and "sigmoid(c)" in out
     assert "0.9526" in out  # sigmoid(3), the gate's initial bias
 

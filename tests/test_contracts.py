@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from glue_testing import eager_and_compiled_gradients, run_eval, uncompile
+from testing_utils import EXACT_ATOL
 from tiny_models import (
     TEST_SLA_OVERRIDES,
     build_tiny_model,
     build_tiny_pipeline,
-    forward_output,
     randomize_proj_l,
 )
-from testing_utils import EXACT_ATOL
 
 from diffusers_sla import SparseLinearAttention, iter_sla_layers
-from diffusers_sla.processor import SLAAttnProcessor, disable_sla, enable_sla, sla_summary
-
-
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return forward_output(model, inputs)
+from diffusers_sla.integration.install import disable_sla, enable_sla
+from diffusers_sla.integration.processor import SLAAttnProcessor
+from diffusers_sla.integration.report import sla_summary
 
 
 def _attention_modules(model):
@@ -46,7 +43,7 @@ def test_get_processor_returns_what_was_set_and_sla_stays_on_beneath(family):
 
     model, make_inputs = build_tiny_model(family)
     inputs = make_inputs(seed=1)
-    reference = _run(model, inputs)
+    reference = run_eval(model, inputs)
     own = {name: type(p) for name, p in model.attn_processors.items()}
     enable_sla(model, topk=1.0, **TEST_SLA_OVERRIDES)
     assert {name: type(p) for name, p in model.attn_processors.items()} == own
@@ -56,7 +53,7 @@ def test_get_processor_returns_what_was_set_and_sla_stays_on_beneath(family):
     new = type(attn.get_processor())()  # a fresh instance of the module's own processor class
     attn.set_processor(new)
     assert attn.get_processor() is new and model.attn_processors[f"{path}.processor"] is new
-    assert _run(model, inputs).sub(reference).abs().max() <= EXACT_ATOL
+    assert run_eval(model, inputs).sub(reference).abs().max() <= EXACT_ATOL
     assert sla_summary(model)[path].sla_calls == 1  # SLA ran beneath the new processor
     assert _configs(model) == configs
 
@@ -73,12 +70,12 @@ def test_set_attn_processor_round_trip_keeps_the_users_config():
     inputs = make_inputs(seed=2)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     randomize_proj_l(model)
-    before = _run(model, inputs)
+    before = run_eval(model, inputs)
     configs = _configs(model)
     model.set_attn_processor({name: type(p)() for name, p in model.attn_processors.items()})
     model.set_attn_processor(dict(model.attn_processors))
     assert _configs(model) == configs and all(c.topk == 0.5 and c.blkq == 32 for c in configs.values())
-    assert torch.equal(_run(model, inputs), before)
+    assert torch.equal(run_eval(model, inputs), before)
     disable_sla(model)  # one rule: only disable_sla turns SLA off
     assert not list(iter_sla_layers(model)) and not any(
         isinstance(m.processor, SLAAttnProcessor) for _, m in _attention_modules(model))
@@ -125,9 +122,9 @@ def test_flux_ip_adapter_load_scale_unload_with_sla_match_dense():
     state_dict = _flux_ip_adapter_state_dict(model)
 
     # dense: the same transformer before SLA
-    no_adapter = _run(model, inputs)
+    no_adapter = run_eval(model, inputs)
     model._load_ip_adapter_weights([state_dict])
-    dense_adapter = _run(model, _with_image(inputs, image))
+    dense_adapter = run_eval(model, _with_image(inputs, image))
     pipe.unload_ip_adapter()
     assert (dense_adapter - no_adapter).abs().max() > 1e-3, "the adapter must change the output"
 
@@ -137,19 +134,19 @@ def test_flux_ip_adapter_load_scale_unload_with_sla_match_dense():
     ip_processors = [p for p in model.attn_processors.values() if isinstance(p, FluxIPAdapterAttnProcessor)]
     assert len(ip_processors) == len(model.transformer_blocks)
     assert any(".processor.to_k_ip." in name for name in model.state_dict())  # the keys a dense model has
-    out = _run(model, _with_image(inputs, image))
+    out = run_eval(model, _with_image(inputs, image))
     assert (out - dense_adapter).abs().max() <= EXACT_ATOL
     assert sla_summary(model).sla_calls > 0
 
     pipe.set_ip_adapter_scale(0.0)
     assert all(p.scale == [0.0] for p in ip_processors)
-    assert (_run(model, _with_image(inputs, image)) - no_adapter).abs().max() <= EXACT_ATOL
+    assert (run_eval(model, _with_image(inputs, image)) - no_adapter).abs().max() <= EXACT_ATOL
 
     pipe.unload_ip_adapter()
     assert not any(isinstance(p, FluxIPAdapterAttnProcessor) for p in model.attn_processors.values())
     assert all(isinstance(p, FluxAttnProcessor) for p in model.attn_processors.values())
     assert _configs(model) == configs  # not reset to SLAAttnProcessor()'s defaults
-    assert (_run(model, inputs) - no_adapter).abs().max() <= EXACT_ATOL
+    assert (run_eval(model, inputs) - no_adapter).abs().max() <= EXACT_ATOL
     assert not any(".to_k_ip." in name for name in model.state_dict())
 
 
@@ -171,7 +168,7 @@ def test_every_install_path_replays_the_saved_sla_weights(tmp_path, path):
     inputs = _saved_wan(tmp_path)
     served = WanTransformer3DModel.from_pretrained(tmp_path / "m")
     enable_sla(served)
-    expected = _run(served, inputs)
+    expected = run_eval(served, inputs)
 
     loaded = WanTransformer3DModel.from_pretrained(tmp_path / "m")
     processor = SLAAttnProcessor(topk=0.5, **TEST_SLA_OVERRIDES)
@@ -180,7 +177,7 @@ def test_every_install_path_replays_the_saved_sla_weights(tmp_path, path):
             attn.set_processor(processor)
     else:
         loaded.set_attn_processor({name: processor for name in loaded.attn_processors})
-    assert torch.equal(_run(loaded, inputs), expected)
+    assert torch.equal(run_eval(loaded, inputs), expected)
 
 
 def test_per_module_install_with_another_config_fails_and_leaves_the_module(tmp_path):
@@ -239,7 +236,7 @@ def test_accelerate_cpu_offload_in_either_order(order):
     reference, _ = build_tiny_model("wan")
     enable_sla(reference, topk=0.5, **TEST_SLA_OVERRIDES)
     randomize_proj_l(reference)
-    expected = _run(reference, inputs)
+    expected = run_eval(reference, inputs)
     state = reference.state_dict()
 
     if order == "sla_then_offload":
@@ -253,7 +250,7 @@ def test_accelerate_cpu_offload_in_either_order(order):
             for path, _, layer in iter_sla_layers(model):
                 layer.proj_l.weight.copy_(state[f"{path}.sla.proj_l.weight"])
                 layer.proj_l.bias.copy_(state[f"{path}.sla.proj_l.bias"])
-    assert torch.equal(_run(model, inputs), expected)
+    assert torch.equal(run_eval(model, inputs), expected)
     assert sla_summary(model).sla_calls > 0
 
 
@@ -266,7 +263,7 @@ def test_layerwise_casting_keeps_proj_l_float32(storage_dtype):
     trained = {path: layer.proj_l.weight.clone() for path, _, layer in iter_sla_layers(model)}
     model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.float32)
     assert any(p.dtype == storage_dtype for p in model.parameters()), "nothing was cast"
-    _run(model, inputs)
+    run_eval(model, inputs)
     for path, _, layer in iter_sla_layers(model):
         assert layer.proj_l.weight.dtype == torch.float32 and layer.proj_l.bias.dtype == torch.float32
         assert torch.equal(layer.proj_l.weight, trained[path])
@@ -291,20 +288,14 @@ def test_group_offload_runs_sla_with_the_same_output(offload_type):
     inputs = make_inputs(seed=9)
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     randomize_proj_l(model)
-    expected = _run(model, inputs)
+    expected = run_eval(model, inputs)
     model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
                                offload_type=offload_type, num_blocks_per_group=1)
-    assert torch.equal(_run(model, inputs), expected)
+    assert torch.equal(run_eval(model, inputs), expected)
     assert all(layer.proj_l.weight.dtype == torch.float32 for _, _, layer in iter_sla_layers(model))
 
 
 # ===== torch.compile from a cold start =====
-
-
-def _uncompile(model) -> None:
-    for module in model.modules():
-        module._compiled_call_impl = None
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("family", ["wan", "flux", "qwenimage"])
@@ -320,15 +311,15 @@ def test_compile_from_cold_does_not_recompile(family, how):
         with torch._dynamo.config.patch(error_on_recompile=True):
             if how == "whole_model":
                 compiled = torch.compile(model, fullgraph=True, backend="eager")
-                first = _run(compiled, inputs)
-                second = _run(compiled, inputs)
+                first = run_eval(compiled, inputs)
+                second = run_eval(compiled, inputs)
             else:
                 model.compile_repeated_blocks(fullgraph=True, backend="eager")
-                first = _run(model, inputs)
-                second = _run(model, inputs)
+                first = run_eval(model, inputs)
+                second = run_eval(model, inputs)
     finally:
-        _uncompile(model)
-    eager = _run(model, inputs)
+        uncompile(model)
+    eager = run_eval(model, inputs)
     torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(first, second)
     assert all(layer.compiled_route is not None for layer in sla_summary(model).layers)
@@ -394,9 +385,9 @@ def test_sd3_ip_adapter_load_scale_unload_with_sla_match_dense():
     def with_image():
         return {**inputs, "joint_attention_kwargs": {"ip_adapter_image_embeds": image}}
 
-    no_adapter = _run(model, inputs)
+    no_adapter = run_eval(model, inputs)
     model._load_ip_adapter_weights(state_dict)
-    dense_adapter = _run(model, with_image())
+    dense_adapter = run_eval(model, with_image())
     SD3IPAdapterMixin.unload_ip_adapter(pipe)
     assert (dense_adapter - no_adapter).abs().max() > 1e-3, "the adapter must change the output"
 
@@ -405,16 +396,16 @@ def test_sd3_ip_adapter_load_scale_unload_with_sla_match_dense():
     model._load_ip_adapter_weights(state_dict)
     assert all(isinstance(p, SD3IPAdapterJointAttnProcessor2_0) for n, p in model.attn_processors.items()
                if n.startswith("transformer_blocks."))  # (the image projection has attention modules of its own)
-    assert (_run(model, with_image()) - dense_adapter).abs().max() <= EXACT_ATOL
+    assert (run_eval(model, with_image()) - dense_adapter).abs().max() <= EXACT_ATOL
     assert sla_summary(model).sla_calls > 0
 
     SD3IPAdapterMixin.set_ip_adapter_scale(pipe, 0.0)
-    assert (_run(model, with_image()) - no_adapter).abs().max() <= EXACT_ATOL
+    assert (run_eval(model, with_image()) - no_adapter).abs().max() <= EXACT_ATOL
 
     SD3IPAdapterMixin.unload_ip_adapter(pipe)
     assert {n: type(p) for n, p in model.attn_processors.items()} == {n: JointAttnProcessor2_0 for n in model.attn_processors}
     assert _configs(model) == configs
-    assert (_run(model, inputs) - no_adapter).abs().max() <= EXACT_ATOL
+    assert (run_eval(model, inputs) - no_adapter).abs().max() <= EXACT_ATOL
 
 
 def test_compiled_masked_blocks_train_like_eager():
@@ -426,18 +417,7 @@ def test_compiled_masked_blocks_train_like_eager():
     enable_sla(model, topk=0.5, **TEST_SLA_OVERRIDES)
     randomize_proj_l(model)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        forward_output(model, inputs).square().mean().backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    eager = step()
-    torch._dynamo.reset()
-    try:
-        model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
-        compiled = step()
-    finally:
-        _uncompile(model)
+    eager, compiled = eager_and_compiled_gradients(model, inputs, fullgraph=True)
     assert any(".sla.proj_l." in name for name in eager)
     for name, grad in compiled.items():
         if name in eager:

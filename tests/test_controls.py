@@ -13,10 +13,10 @@ from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, forward_output
 
 from diffusers_sla import SLAConfig, enable_sla, sla_summary
 from diffusers_sla.cli import main
-from diffusers_sla.constants import SLA_MODULE_NAME, SLA_WEIGHTS_NAME
-from diffusers_sla.layer import iter_sla_layers
-from diffusers_sla.processor import disable_sla
-from diffusers_sla.serialization import get_sla_state_dict
+from diffusers_sla.config import SLA_MODULE_NAME, SLA_WEIGHTS_NAME
+from diffusers_sla.integration.install import disable_sla
+from diffusers_sla.integration.layer import iter_sla_layers
+from diffusers_sla.weights.io import get_sla_state_dict
 
 FLUX_DOUBLE, FLUX_SINGLE = "transformer_blocks.0.attn", "single_transformer_blocks.0.attn"
 
@@ -211,17 +211,17 @@ TEXT_FIRST = {"flux": True, "qwenimage": True, "cogvideox": True, "sd3": False, 
 
 
 def _record_joint_calls(monkeypatch):
-    """Spy on the glue (`dispatch._run_sla`: each SLA call's keys and text position) and on block selection (the
+    """Spy on the glue (`sdpa._run_sla`: each SLA call's keys and text position) and on block selection (the
     torch operator's `select_blocks`: the forced range and the block map it returns)."""
-    from diffusers_sla import dispatch
+    from diffusers_sla.integration import sdpa
     from diffusers_sla.ops import reference
 
     calls, selections = [], []
-    run_sla, select = dispatch._run_sla, reference.select_blocks
+    run_sla, select = sdpa._run_sla, reference.select_blocks
 
     def spy_run(attn, processor, call, key_padding_mask, deferred_mask=None, text_tokens=None):
         calls.append((call["key"].detach().clone(), call["query"].shape[-2], text_tokens,
-                      processor._sla_layer_for(attn, call["query"]).config))
+                      sdpa.sla_layer_for(attn, processor, call["query"]).config))
         return run_sla(attn, processor, call, key_padding_mask, deferred_mask, text_tokens)
 
     def spy_select(q, k, topk, blkq, blkk, forced_blocks=None):
@@ -229,14 +229,14 @@ def _record_joint_calls(monkeypatch):
         selections.append((forced_blocks, lut))
         return lut
 
-    monkeypatch.setattr(dispatch, "_run_sla", spy_run)
+    monkeypatch.setattr(sdpa, "_run_sla", spy_run)
     monkeypatch.setattr(reference, "select_blocks", spy_select)
     return calls, selections
 
 
 @pytest.mark.parametrize("family", sorted(TEXT_FIRST))
 def test_text_blocks_are_in_every_row_of_the_block_map(family, monkeypatch):
-    from diffusers_sla.dispatch import forced_text_keys
+    from diffusers_sla.integration.routing import forced_text_keys
     from diffusers_sla.ops.selection import lut_to_block_map
 
     tiny = build_tiny_model(family, seed=0)

@@ -11,7 +11,7 @@ import sys
 from safetensors.torch import load_file
 
 from diffusers_sla import SLAConfig, enable_sla, iter_sla_layers
-from diffusers_sla.constants import SLA_WEIGHTS_NAME
+from diffusers_sla.config import SLA_WEIGHTS_NAME
 
 from testing_utils import REPO_ROOT
 

@@ -12,13 +12,14 @@ from safetensors import safe_open
 from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, forward_output
 
 from diffusers_sla import SLAConfig, SparseLinearAttention, sparse_linear_attention
-from diffusers_sla.constants import SLA_WEIGHTS_NAME
-from diffusers_sla.layer import iter_sla_layers
+from diffusers_sla.config import SLA_WEIGHTS_NAME
+from diffusers_sla.integration.layer import iter_sla_layers
 from diffusers_sla.ops import fusion as fusion_ops
 from diffusers_sla.ops.reference import LINEAR_EPS, apply_feature_map, sla_reference
 from diffusers_sla.ops.selection import lut_to_block_map, select_blocks
-from diffusers_sla.processor import enable_sla
-from diffusers_sla.serialization import get_sla_state_dict, read_sla_file
+from diffusers_sla.integration.install import enable_sla
+from diffusers_sla.weights.format import read_sla_file
+from diffusers_sla.weights.io import get_sla_state_dict
 
 from testing_utils import rel_err
 

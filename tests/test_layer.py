@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusers_sla import SLAConfig, SparseLinearAttention
-from diffusers_sla.layer import SLAProjection
+from diffusers_sla.integration.layer import SLAProjection
 from diffusers_sla.ops import sla_reference
 
 from testing_utils import rel_err

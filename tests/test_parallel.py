@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffusers_sla.ops.api import sparse_linear_attention
-from diffusers_sla.parallel import heads_to_sequence, sequence_to_heads, ulysses_sparse_linear_attention
+from diffusers_sla.integration.parallel import heads_to_sequence, sequence_to_heads, ulysses_sparse_linear_attention
 
 # float64: the comparison then measures the collectives and the sharding, not float32 summation order.
 SETTINGS = dict(topk=0.25, blkq=32, blkk=32, backend="torch")
@@ -141,7 +141,7 @@ def test_enable_sla_refuses_a_model_with_context_parallelism(degrees, why):
 @pytest.mark.parametrize("degrees", [{"ring_degree": 2}, {"ulysses_degree": 2, "ring_degree": 2}])
 def test_first_sla_call_refuses_ring_enabled_after_enable_sla(degrees):
     from diffusers_sla import disable_sla, enable_sla
-    from diffusers_sla.processor import INNER_PROCESSOR_ATTR
+    from diffusers_sla.integration.modules import INNER_PROCESSOR_ATTR
     from tests.tiny_models import forward_output
 
     model, make_inputs = _tiny_wan()
@@ -161,7 +161,7 @@ def test_first_sla_call_refuses_ring_enabled_after_enable_sla(degrees):
 
 
 def test_no_context_parallelism_is_allowed():
-    from diffusers_sla.parallel import check_context_parallel, context_parallel_degrees
+    from diffusers_sla.integration.parallel import check_context_parallel, context_parallel_degrees
 
     assert context_parallel_degrees(None) is None
     check_context_parallel(None, "here")
@@ -180,7 +180,7 @@ def test_no_context_parallelism_is_allowed():
 
 def _sla_wan(seed: int = 0):
     from diffusers_sla import enable_sla
-    from diffusers_sla.layer import iter_sla_layers
+    from diffusers_sla.integration.layer import iter_sla_layers
     from tests.tiny_models import TEST_SLA_OVERRIDES
 
     model, make_inputs = _tiny_wan()
@@ -212,7 +212,7 @@ def _wan_ulysses_worker(rank: int, world: int, port: int, out_dir: str, sla_firs
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
             enable_sla(model, topk=0.34, backend="torch", **TEST_SLA_OVERRIDES)
             gen = torch.Generator().manual_seed(0)
-            from diffusers_sla.layer import iter_sla_layers
+            from diffusers_sla.integration.layer import iter_sla_layers
             with torch.no_grad():
                 for _, _, layer in iter_sla_layers(model):
                     layer.proj_l.weight.copy_(0.2 * torch.randn(layer.proj_l.weight.shape, generator=gen))

@@ -4,20 +4,33 @@
 Two parts:
 
 * `check_context_parallel`: which context parallelism SLA runs under. Ulysses alone: yes, through
-  `ulysses_sparse_linear_attention` (`dispatch._sla_templated_attention` takes the place of diffusers'
+  `ulysses_sparse_linear_attention` (`_sla_templated_attention` below takes the place of diffusers'
   `_templated_context_parallel_attention`, whose Ulysses backward would recompute dense attention). Ring, alone or with
   Ulysses, gives each attention step one shard of the keys while SLA selects its key blocks among all keys: a clear
   error (docs/context-parallel.md has the details).
 * `ulysses_sparse_linear_attention`: the head-sharded SLA call, with its autograd through the all-to-all
   collectives.
+* `install_context_parallel_router`: the patch of diffusers' context-parallel attention that routes SLA calls there.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import torch
 import torch.distributed as dist
+from diffusers.models import attention_dispatch
+from diffusers.models.attention_dispatch import _native_attention_forward_op
+from torch import nn
 
-from .ops.api import sparse_linear_attention
+from diffusers_sla.ops.api import sparse_linear_attention
+
+from .logs import log_once
+from .modules import INNER_PROCESSOR_ATTR, is_attention_module
+from .routing import block_density, route_attention_call
+from .sdpa import SDPA_DEFAULTS, active_scope, log_dense_once, no_routing, sla_layer_for
+from .stats import record_call
 
 SUPPORTED_CONTEXT_PARALLEL = "ulysses_degree >= 1 with ring_degree=1 and ulysses_anything=False"
 
@@ -64,6 +77,16 @@ def check_context_parallel(parallel_config, where: str):
     return None if context_parallel_degrees(parallel_config) is None else parallel_config
 
 
+def check_model_parallelism(model: nn.Module, where: str) -> None:
+    """Raise when `enable_parallelism` gave `model` (or one of its attention processors) context parallelism that SLA
+    does not run (ring)."""
+    check_context_parallel(getattr(model, "_parallel_config", None), where)
+    for module in model.modules():
+        if is_attention_module(module):
+            inner = getattr(module, INNER_PROCESSOR_ATTR, None) or module.processor
+            check_context_parallel(getattr(inner, "_parallel_config", None), where)
+
+
 def ulysses_group(parallel_config):
     """The process group of a diffusers `ParallelConfig`'s Ulysses mesh."""
     cp = getattr(parallel_config, "context_parallel_config", parallel_config)
@@ -75,6 +98,7 @@ def ulysses_group(parallel_config):
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     # The autograd variant of the functional all-to-all: its backward is the inverse all-to-all of the gradient.
+    # (imported on first use, as before the split: only context-parallel runs need torch's functional collectives)
     from torch.distributed import _functional_collectives as funcol
 
     shape = x.shape
@@ -141,3 +165,82 @@ def ulysses_sparse_linear_attention(
     out = sparse_linear_attention(q, k, v, proj_weight, proj_bias, config=config, scale=scale, backend=backend,
                                   **overrides)
     return heads_to_sequence(out, group)
+
+
+# ===== Ulysses context parallelism =====
+#
+# Under diffusers' context parallelism the native backend sends the attention calls it parallelizes (those to which
+# the processor passes its parallel config: Wan's self-attention, not its cross-attention over the unsharded text)
+# to `attention_dispatch._templated_context_parallel_attention` with this rank's sequence shard of q, k, v in
+# (batch, seq, heads, head_dim). Its Ulysses path is an autograd Function whose backward recomputes dense SDPA, so
+# inside an SLA processor call we take that function's place: SLA calls run `ulysses_sparse_linear_attention`
+# (all-to-all to heads, SLA over every token, all-to-all back, autograd through all of it); dense calls, other
+# attention backends and calls outside an SLA processor run diffusers' function unchanged. Ring never gets here:
+# `SLAAttnProcessor` refuses it first (`check_context_parallel`).
+
+_original_templated = None
+_install_lock = threading.Lock()
+
+
+def install_context_parallel_router() -> None:
+    """Install `_sla_templated_attention` in diffusers' attention dispatch (idempotent)."""
+    global _original_templated
+    if attention_dispatch._templated_context_parallel_attention is _sla_templated_attention:
+        return
+    with _install_lock:
+        current = attention_dispatch._templated_context_parallel_attention
+        if current is not _sla_templated_attention:
+            _original_templated = current
+            attention_dispatch._templated_context_parallel_attention = _sla_templated_attention
+
+
+def _global_view(x: torch.Tensor, world: int) -> torch.Tensor:
+    # shape-only stand-in for the gathered (B, H, L, D) tensor: the routing policy reads shapes and dtypes here
+    return torch.empty((x.shape[0], x.shape[2], x.shape[1] * world, x.shape[3]), dtype=x.dtype, device="meta")
+
+
+def _sla_templated_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                             enable_gqa=False, return_lse=False, *, forward_op, backward_op, _parallel_config=None):
+    def diffusers_attention():
+        with no_routing():
+            return _original_templated(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                       return_lse, forward_op=forward_op, backward_op=backward_op,
+                                       _parallel_config=_parallel_config)
+
+    scope = active_scope()
+    degrees = context_parallel_degrees(_parallel_config)
+    if scope is None or forward_op is not _native_attention_forward_op or return_lse or degrees is None \
+            or degrees[1] != 1 or _parallel_config.context_parallel_config.ulysses_anything:
+        return diffusers_attention()
+    scope.intercepted += 1
+    processor, attn = scope.processor, scope.attn
+    world = degrees[0]
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        reason = "unsupported_shape"
+    elif attn_mask is not None:
+        reason = "attention_mask"  # diffusers all-gathers a sharded mask; SLA's masked path is not sharded
+    else:
+        view = dict(SDPA_DEFAULTS, query=_global_view(query, world), key=_global_view(key, world),
+                    value=_global_view(value, world), dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        reason = route_attention_call(attn, processor.config, view).reason
+    if reason is None and query.shape[2] % world:
+        reason = "unsupported_shape"  # diffusers' Ulysses needs the heads divisible by the degree as well
+    if reason is not None:
+        record_call(attn, reason)
+        log_dense_once(processor, reason, attn)
+        return diffusers_attention()
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # (B, H, L_local, D)
+    layer = sla_layer_for(attn, processor, q)
+    config = layer.config
+    if config.protect_text and scope.text_tokens is not None:
+        # each rank's shard holds a piece of the text, so the text is not one key range of the gathered sequence
+        log_once(("cp_protect_text", type(attn)), logging.WARNING,
+                 "SLA under context parallelism (Ulysses) does not protect the text tokens (SLAConfig.protect_text): "
+                 "the joint sequence's text is spread over the shards; these calls select blocks as with "
+                 "protect_text=False.")
+    with no_routing():
+        out = layer.call_with_weights(lambda weight, bias: ulysses_sparse_linear_attention(
+            q, k, v, weight, bias, group=ulysses_group(_parallel_config), config=config, scale=scale,
+            backend=layer.backend))
+    record_call(attn, None, block_density(config, [k.shape[2] * world]))
+    return out.permute(0, 2, 1, 3)

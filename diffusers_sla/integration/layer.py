@@ -6,9 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SLAConfig
-from .ops.api import BACKEND_NAMES, preload_backends, sparse_linear_attention
-from .ops.fusion import RATIO_BIAS_INIT, fusion_parameter_shapes
+from diffusers_sla.config import SLA_MODULE_NAME, SLAConfig
+from diffusers_sla.ops.api import BACKEND_NAMES, preload_backends, sparse_linear_attention
+from diffusers_sla.ops.fusion import RATIO_BIAS_INIT, fusion_parameter_shapes
+
+# Set on SLA layers once they hold loaded weights (or once the replay found nothing to load), so that a later
+# `enable_sla` does not replay the saved file over trained weights.
+REPLAYED_ATTR = "_sla_replayed"
 
 
 class SLAProjection(nn.Module):
@@ -177,9 +181,7 @@ class SparseLinearAttention(nn.Module):
 
 def iter_sla_layers(model: nn.Module):
     """Yield `(path, attention_module, sla_layer)` for every attention module of `model` that holds its own
-    `SparseLinearAttention` (as the child `constants.SLA_MODULE_NAME`), in `named_modules()` order."""
-    from .constants import SLA_MODULE_NAME
-
+    `SparseLinearAttention` (as the child `config.SLA_MODULE_NAME`), in `named_modules()` order."""
     for path, module in model.named_modules():
         layer = module._modules.get(SLA_MODULE_NAME)
         if isinstance(layer, SparseLinearAttention):
