@@ -34,6 +34,9 @@ SLA_FORMAT_VERSION = "1"
 SLA_MODULE_NAME = "sla"
 
 ALLOWED_BLOCK_SIZES = (32, 64, 128)
+# Added to the linear branch's denominator (every backend): keeps rows whose features are all zero (possible with
+# relu) at 0 instead of NaN, and the linear branch at 0 when no key block is left for it.
+LINEAR_EPS = 1e-5
 ALLOWED_FEATURE_MAPS = ("softmax", "elu", "relu")
 ALLOWED_LINEAR_SCOPES = ("rest", "all", "none")
 ALLOWED_ROUTES = ("sla", "dense")

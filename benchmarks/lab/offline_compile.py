@@ -157,7 +157,7 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     import torch
 
     from diffusers_sla.ops.kernels import gluon_bwd, gluon_fwd
-    from diffusers_sla.ops.kernels.common import LINEAR_EPS
+    from diffusers_sla.config import LINEAR_EPS
 
     B, H, D, blkq, blkk = 1, 12, 128, 128, 64
     n_q, n_k = -(-L // blkq), -(-L // blkk)

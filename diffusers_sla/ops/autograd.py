@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from ..config import ALLOWED_LINEAR_SCOPES
+from ..config import ALLOWED_BLOCK_SIZES, ALLOWED_LINEAR_SCOPES
 from . import custom_ops, tuning
 from . import fusion as fusion_ops
 from .reference import linear_attention_reference, sla_reference
@@ -37,7 +37,6 @@ from .selection import select_blocks
 logger = logging.getLogger(__name__)
 
 FP32_COMPUTE_MODES = tuning.FP32_COMPUTE_MODES
-ALLOWED_BLOCKS = (32, 64, 128)
 MAX_HEAD_DIM = 128
 
 _fp32_compute = tuning.FP32_COMPUTE
@@ -148,8 +147,8 @@ def _fused(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, lin
 
 def _check_args(q, topk, blkq, blkk, feature_map, linear_scope):
     for name, value in (("blkq", blkq), ("blkk", blkk)):
-        if value not in ALLOWED_BLOCKS:
-            raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCKS)} for backend='triton', got {value!r}.")
+        if value not in ALLOWED_BLOCK_SIZES:
+            raise ValueError(f"`{name}` must be one of {list(ALLOWED_BLOCK_SIZES)} for backend='triton', got {value!r}.")
     if feature_map not in ("softmax", "elu", "relu"):
         raise ValueError(f"`feature_map` must be one of ['softmax', 'elu', 'relu'], got {feature_map!r}.")
     if linear_scope not in ALLOWED_LINEAR_SCOPES:

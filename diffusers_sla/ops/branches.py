@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..config import LINEAR_EPS
 from .selection import num_blocks
-# Added to the linear branch's denominator, as in the reference's main branch: keeps rows whose features are all
-# zero (possible with relu) at 0 instead of NaN, and the linear branch at 0 when no key block is left for it.
-LINEAR_EPS = 1e-5
 
 # Upper bound on the elements of one chunk's score matrix (B * H * rows * kept keys): 2**23 float32 = 32 MiB.
 SCORE_ELEMENTS_PER_CHUNK = 1 << 23

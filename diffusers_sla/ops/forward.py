@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config import LINEAR_EPS
 from . import buffers
 from .buffers import Geometry, geometry, proj_precision, query_rows, side_shapes, strides, tma_addressable, tma_ready
 from .kernel_choice import forward_kernel
 from .kernels import gluon_fwd
-from .kernels.common import FEATURE_MAPS, LINEAR_EPS
+from .kernels.common import FEATURE_MAPS
 from .kernels.triton_fwd import attn_fwd
 from .linear_state import LinearState, linear_state_of, rest_weights
 

@@ -14,7 +14,6 @@ import triton.language as tl
 
 from .. import tuning
 
-LINEAR_EPS = 1e-5  # same constant as reference.LINEAR_EPS
 FEATURE_MAPS = {"softmax": 0, "elu": 1, "relu": 2}
 
 
