@@ -113,7 +113,7 @@ Written by `benchmarks/render_results.py` from one GPU session's logs (`benchmar
 `benchmarks/e2e_wan.py`) on the code of commit {args.commit}. Timings are medians (CUDA events); "fwd" runs without
 autograd, "bwd" is the backward alone; {ours_results}
 The public reference is thu-ml/SLA's `SparseLinearAttention` (linear scope "all"), imported from a git-ignored copy
-and timed in the same run. How we got here, and what did not work: `NOTES.md`.
+and timed in the same run. The kernels' design, and what did not work: `docs/kernel-design.md`.
 
 **{gpu}**
 
@@ -162,7 +162,7 @@ float32 restatement, and the golden files of the public reference)
 
 {gpu}; bf16; every provider side by side in the same run (commit {args.commit}). Rendered from the run logs by
 `benchmarks/render_results.py`; the sweep, the breakdown and the GPU correctness checks are in
-`benchmarks/RESULTS.md`, the kernel work log in `benchmarks/NOTES.md`.
+`benchmarks/RESULTS.md`, the kernels' design and what decided it in `docs/kernel-design.md`.
 
 **One Wan2.1-1.3B self-attention layer** (B=1, H=12, L=32760, D=128, topk=0.05, blocks 128×64;
 `python -m benchmarks.kernel bench`). {ours_readme}
@@ -184,8 +184,8 @@ served model runs):
 
 Below 16K tokens the operator is dominated by fixed host costs (Python glue and about a dozen launches per call)
 and is slower than cuDNN in eager mode (sweep in `benchmarks/RESULTS.md`). Capturing the whole transformer forward in
-one CUDA graph removes those costs (tested on the GPU; `e2e_wan.py --cuda-graph`, measured in `benchmarks/NOTES.md`
-v9: Wan2.1-1.3B at 4,680 / 7,800 tokens, captured SLA 1.09x / 1.17x captured cuDNN).
+one CUDA graph removes those costs (tested on the GPU; `e2e_wan.py --cuda-graph`, measured on an H100, in
+`docs/kernel-design.md`: Wan2.1-1.3B at 4,680 / 7,800 tokens, captured SLA 1.09x / 1.17x captured cuDNN).
 
 Several GPUs: `torchrun --nproc-per-node 2 -m benchmarks.e2e_parallel --out LOGDIR` is written (1 GPU against 2 GPUs
 with diffusers' Ulysses, dense cuDNN against SLA, forward and train step, 480p and 720p) but not yet run.

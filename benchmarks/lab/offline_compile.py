@@ -9,8 +9,8 @@
 For each kernel: registers, spill bytes, shared memory, and whether ptxas kept the wgmma products asynchronous.
 ptxas serialises every wgmma of a kernel (one `WARPGROUP.DEPBAR` per product instead of a handful) when a non-wgmma
 instruction reads an in-flight product's accumulator (advisory C7514) or when registers run out (C7511); such a
-kernel compiles, runs correctly and is slow. Catching that here costs no device time (benchmarks/NOTES.md v11, v13,
-v15). Nothing runs: correctness and speed still need the GPU tests and `kernel.py`.
+kernel compiles, runs correctly and is slow. Catching that here costs no device time (docs/kernel-design.md,
+"How to measure a change"). Nothing runs: correctness and speed still need the GPU tests and `kernel.py`.
 
 How: a stand-in Triton driver whose target is sm_90, and `JITFunction.run` made to compile only (Triton's warmup
 path), so the real launch functions (`gluon_fwd.launch`, `gluon_bwd.launch_dkdv`, `gluon_bwd.launch_dq`) build
