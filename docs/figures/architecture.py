@@ -21,7 +21,7 @@ SIDE_COLOR = "#f7f7f2"
 
 
 def parse(text: str) -> tuple[list[dict], list[dict]]:
-    """-> (wings, sides); a wing is {"title", "caption", "rows": [(indent, name, note)]}."""
+    """-> (wings, sides); a wing is {"title", "caption", "folder", "rows": [(nested, names, note)]}."""
     wings, sides, current = [], [], None
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.rstrip()
@@ -29,18 +29,36 @@ def parse(text: str) -> tuple[list[dict], list[dict]]:
             continue
         kind, _, rest = line.partition(" ")
         if kind in ("wing", "side") and not raw.startswith(" "):
-            title, _, caption = rest.partition("|")
-            current = {"title": title.strip(), "caption": caption.strip(), "rows": []}
+            title, caption, folder = ([part.strip() for part in rest.split("|")] + ["", ""])[:3]
+            if kind == "wing" and not folder.endswith("/"):
+                raise ValueError(f"line {n}: a `wing` line ends with `| <folder>/`, got {raw!r}")
+            current = {"title": title, "caption": caption, "folder": folder, "rows": []}
             (wings if kind == "wing" else sides).append(current)
             continue
         if current is None or current in sides:
             raise ValueError(f"line {n}: a module line must follow a `wing` line, got {raw!r}")
-        indent = len(line) - len(line.lstrip())
+        nested = line != line.lstrip()
+        parents = [names for is_nested, names, _ in current["rows"] if not is_nested]
+        if nested and not (parents and parents[-1].endswith("/")):
+            raise ValueError(f"line {n}: an indented line needs a folder line (`name/`) above it, got {raw!r}")
         name, sep, note = line.strip().partition("  ")
-        current["rows"].append((indent > 0, name, note.strip() if sep else ""))
+        current["rows"].append((nested, name, note.strip() if sep else ""))
     if not wings:
         raise ValueError("the spec has no `wing` line")
     return wings, sides
+
+
+def module_paths(wings: list[dict]) -> list[str]:
+    """Every path the wings name, relative to the repository root (`tests/test_docs.py` checks that they exist)."""
+    paths = []
+    for wing in wings:
+        inner = wing["folder"]  # where indented lines live: the last unindented folder line
+        for nested, names, _ in wing["rows"]:
+            for name in (part.strip() for part in names.split(",")):
+                paths.append((inner if nested else wing["folder"]) + name)
+            if not nested:
+                inner = wing["folder"] + names
+    return paths
 
 
 def draw(wings: list[dict], sides: list[dict], out: Path) -> None:
@@ -65,8 +83,8 @@ def draw(wings: list[dict], sides: list[dict], out: Path) -> None:
         ax.add_patch(FancyBboxPatch((x, top - h), col_w, h, boxstyle="round,pad=0.02,rounding_size=0.12",
                                     fc=WING_COLORS[i % len(WING_COLORS)], ec="#555555", lw=1.2))
         ax.text(x + col_w / 2, top - 0.25, wing["title"], ha="center", va="center", fontsize=12, weight="bold")
-        ax.text(x + col_w / 2, top - 0.52, wing["caption"], ha="center", va="center", fontsize=9, style="italic",
-                color="#444444")
+        ax.text(x + col_w / 2, top - 0.52, f'{wing["caption"]}   {wing["folder"]}', ha="center", va="center",
+                fontsize=8.5, style="italic", color="#444444")
         for r, (nested, name, note) in enumerate(wing["rows"]):
             y = top - head_h - (r + 0.5) * row_h
             dx = 0.32 if nested else 0.12
