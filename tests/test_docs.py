@@ -75,8 +75,8 @@ def test_no_document_points_to_the_old_kernel_log():
     # the work log moved to docs/history/kernel-journal.md (which names its old path) and its design to
     # docs/kernel-design.md
     old = "NOTES" + ".md"
-    files = [*_documents(), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.md"),
-             *(ROOT / "tests").rglob("*.py")]
+    files = [*_documents(), *(ROOT / "diffusers_sla").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"),
+             *(ROOT / "benchmarks").rglob("*.md"), *(ROOT / "tests").rglob("*.py")]
     hits = [str(f.relative_to(ROOT)) for f in files
             if "history" not in f.parts and old in f.read_text(encoding="utf-8")]
     assert not hits, f"still pointing to {old}: {hits}"
