@@ -32,7 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLA_SETTINGS = {"topk": 1.0, "blkq": 32, "blkk": 32, "min_kv_blocks": 0}
 
-# The families of issue #35 and their test files under diffusers' tests/models/transformers/.
+# The families the peer check covers and their test files under diffusers' tests/models/transformers/.
 FAMILIES = {
     "wan": ["test_models_transformer_wan.py"],
     "wan_animate": ["test_models_transformer_wan_animate.py"],

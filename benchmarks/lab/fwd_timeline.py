@@ -9,8 +9,8 @@ branch, proj_l and the output store), and the global timer at entry and exit: on
 those `phases` gives the mean prologue / loop / epilogue of one program, the kernel's span, and how the programs that
 share an SM overlap: the share of SM time with two programs in their loops, one, or none.
 
-The instrumentation (a TIMELINE constexpr and a `timeline=` argument of `gluon_fwd.launch`) left the shipped kernel
-in the redesign of issue #30, since no user path needs it; to take new rows, check out the commit before that change
+The instrumentation (a TIMELINE constexpr and a `timeline=` argument of `gluon_fwd.launch`) is not in the shipped
+kernel, since no user path needs it; to take new rows, check out the last commit that had it
 (`git log -S TIMELINE -- diffusers_sla/ops`) and run this file's version there. Its readings are in
 docs/kernel-design.md.
 """
