@@ -1129,11 +1129,12 @@ def compute_metrics(data: dict, samples: dict) -> dict:
                   "crop": crop}
         records = [("teacher", teacher, f"{length}/teacher")]
         records += [(name, record, f"{length}/{name}") for name, record in teacher["untuned"].items()]
-        tuned = [r for r in data["rows"].values() if r["length"] == length]
-        for r in sorted(tuned, key=lambda r: (_variant_order(preset, r["variant"]), r["seed"])):
+        tuned = sorted((r for r in data["rows"].values() if r["length"] == length),
+                       key=lambda r: (_variant_order(preset, r["variant"]), r["seed"]))
+        for r in tuned:
             records.append((r["variant"], r, f"{length}/{r['variant']}/seed{r['seed']}"))
         # the same tuned rows sampled with their first steps dense: sample metrics only (the loss is unchanged)
-        for r in sorted(tuned, key=lambda r: (_variant_order(preset, r["variant"]), r["seed"])):
+        for r in tuned:
             if r.get("dense_sample_steps"):
                 records.append((f"{r['variant']}@dense{r['dense_sample_steps']}", {},
                                 f"{length}/{r['variant']}/seed{r['seed']}@dense"))

@@ -3,8 +3,8 @@
 #
 # Check the Hopper kernels on a newer Triton on a GPU machine that has torch + Triton 3.6 and cannot download:
 # a slimmed copy of the newer wheel travels in pieces of 20 MiB (the device tool carries 64 MiB a call) into the ignored
-# folder .tritonwheel/, one piece a call, and is installed beside the machine's own Triton (--target, first on
-# PYTHONPATH only for the steps of that version).
+# folder .tritonwheel/, one piece a call, and is unpacked beside the machine's own Triton (.tritonwheel/site, first
+# on PYTHONPATH only for the steps of that version).
 #
 #   bash benchmarks/lab/triton_gpu.sh prepare [3.7.1] [3.12]   # here: download the wheel, split it into pieces
 #   bash benchmarks/lab/triton_gpu.sh pieces                   # here: list the pieces (one `carry` per call)
@@ -81,18 +81,18 @@ step() {
 
 install_new() {
     [ -f "$DIR/meta" ] || { echo "no .tritonwheel/meta: carry it with the last piece"; return 1; }
-    local wheel sha n
-    { read -r wheel; read -r sha; read -r n; } < "$DIR/meta"
+    local tarball sha n
+    { read -r tarball; read -r sha; read -r n; } < "$DIR/meta"
     local got
     got=$(ls "$DIR"/part? 2>/dev/null | wc -l)
     if [ "$got" -ne "$n" ]; then
         echo "have $got of $n pieces ($(ls "$DIR" | tr '\n' ' ')): the machine went back between calls?"
         return 1
     fi
-    mkdir -p /tmp/tritonwheel && cat "$DIR"/part? > "/tmp/tritonwheel/$wheel"
-    echo "$sha  /tmp/tritonwheel/$wheel" | sha256sum -c - || return 1
+    mkdir -p /tmp/tritonwheel && cat "$DIR"/part? > "/tmp/tritonwheel/$tarball"
+    echo "$sha  /tmp/tritonwheel/$tarball" | sha256sum -c - || return 1
     rm -rf "$DIR/site" && mkdir -p "$DIR/site"
-    tar xJf "/tmp/tritonwheel/$wheel" -C "$DIR/site"
+    tar xJf "/tmp/tritonwheel/$tarball" -C "$DIR/site"
 }
 
 # with VERSION (base|new): the environment of that Triton, then the command
