@@ -203,3 +203,48 @@ def test_non_native_attention_backend_is_counted_and_logged(caplog):
     finally:
         _AttentionBackendRegistry.set_active_backend(active)
         model.reset_attention_backend()
+
+
+def test_an_sdpa_wrapper_installed_above_the_router_runs_once_and_does_not_recurse():
+    """A tool that wraps `F.scaled_dot_product_attention` after SLA's router (a profiler marking each call, say) keeps
+    calling the router inside its wrapper; the router must not take that wrapper as the dense SDPA beneath it, or each
+    dense call would go round the two without end (it did: RecursionError in `benchmarks/e2e_wan.py`)."""
+    import functools
+
+    processor = SLAAttnProcessor(topk=1.0, **TEST_SLA_OVERRIDES)
+    attn = torch.nn.Module()
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    with routing_scope(attn, processor):  # installs the router
+        pass
+    router = F.scaled_dot_product_attention
+    calls = []
+
+    def closure_wrapper(query, key, *args, **kwargs):
+        calls.append("closure")
+        return router(query, key, *args, **kwargs)
+
+    @functools.wraps(router)
+    def wraps_wrapper(*args, **kwargs):
+        calls.append("wraps")
+        return router.__call__(*args, **kwargs)
+
+    for wrapper in (closure_wrapper, wraps_wrapper, functools.partial(closure_wrapper)):
+        F.scaled_dot_product_attention = wrapper
+        try:
+            calls.clear()
+            with routing_scope(attn, processor) as scope:
+                got = F.scaled_dot_product_attention(q, k, v)
+            assert scope.intercepted == 1 and len(calls) == 1, wrapper
+            dense = F.scaled_dot_product_attention(q, k, v)  # outside a scope: the wrapper, then torch's own
+            assert torch.equal(dense, torch._C._nn.scaled_dot_product_attention(q, k, v)) and len(calls) == 2
+            assert max_diff(got, dense) <= EXACT_ATOL
+        finally:
+            F.scaled_dot_product_attention = router
+    # A replacement that does not call the router is routed around again at the next SLA call.
+    F.scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention
+    try:
+        with routing_scope(attn, processor) as scope:
+            F.scaled_dot_product_attention(q, k, v)
+        assert scope.intercepted == 1 and F.scaled_dot_product_attention is router
+    finally:
+        F.scaled_dot_product_attention = router

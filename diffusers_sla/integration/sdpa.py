@@ -91,14 +91,36 @@ def _sla_sdpa(*args, **kwargs):
     return _route_in_scope(scope, args, kwargs)
 
 
+def _calls_router(fn, depth: int = 4) -> bool:
+    """Whether `fn` wraps `_sla_sdpa`: through `functools.wraps`' `__wrapped__`, a `functools.partial` or a closure
+    cell, `depth` levels deep (how wrappers of a function are written)."""
+    if fn is _sla_sdpa:
+        return True
+    if depth == 0 or fn is None:
+        return False
+    inner = [getattr(fn, "__wrapped__", None), getattr(fn, "func", None)]
+    inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ()) if _cell_filled(cell)]
+    return any(callable(f) and _calls_router(f, depth - 1) for f in inner)
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell (a closure variable not yet assigned)
+        return False
+    return True
+
+
 def install_sdpa_router() -> None:
-    """Install the SDPA wrapper on `torch.nn.functional` (idempotent; re-installs if someone replaced it)."""
+    """Install the SDPA wrapper on `torch.nn.functional` (idempotent). Re-installs if someone replaced it, unless the
+    replacement wraps the router: then the router still runs inside it, and taking the replacement as the dense SDPA
+    would make each call through the router the replacement's again, without end."""
     global _original_sdpa
     if torch.nn.functional.scaled_dot_product_attention is _sla_sdpa:
         return
     with _install_lock:
         current = torch.nn.functional.scaled_dot_product_attention
-        if current is not _sla_sdpa:
+        if current is not _sla_sdpa and not _calls_router(current):
             _original_sdpa = current
             torch.nn.functional.scaled_dot_product_attention = _sla_sdpa
 
