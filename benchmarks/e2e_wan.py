@@ -77,30 +77,31 @@ ATTENTION_MARKS = {"self": "e2e::self_attention", "cross": "e2e::cross_attention
 
 
 @contextlib.contextmanager
-def marked_attention():
-    """Every SDPA call inside (dense, or SLA's router, which sits on the same name) runs in a profiler range named
-    after its kind: self-attention (as many keys as queries) or cross-attention. Eager models only: a compiled graph
-    keeps the function it was traced with."""
+def marked_sla_layers():
+    """Every SLA layer's forward runs in a profiler range named as self-attention: in eager mode its Triton launches
+    have no torch op of their own to be attributed by (the eager path calls the kernels directly). Eager models only:
+    a compiled graph keeps the function it was traced with (there the custom ops `diffusers_sla::*` name them)."""
     from torch.profiler import record_function
 
-    inner = torch.nn.functional.scaled_dot_product_attention
+    from diffusers_sla import SparseLinearAttention
 
-    def marked(query, key, *args, **kwargs):
-        kind = "self" if query.shape[-2] == key.shape[-2] else "cross"
-        with record_function(ATTENTION_MARKS[kind]):
-            return inner(query, key, *args, **kwargs)
+    inner = SparseLinearAttention.forward
 
-    torch.nn.functional.scaled_dot_product_attention = marked
+    def marked(self, *args, **kwargs):
+        with record_function(ATTENTION_MARKS["self"]):
+            return inner(self, *args, **kwargs)
+
+    SparseLinearAttention.forward = marked
     try:
         yield
     finally:
-        torch.nn.functional.scaled_dot_product_attention = inner
+        SparseLinearAttention.forward = inner
 
 
 def _attention_kind(event) -> str | None:
     """"self", "cross" or None (the rest of the model) for the CPU op that launched a kernel: its innermost ancestor
-    that says so. A marked range (`marked_attention`), an SLA op (`diffusers_sla::*`: self-attention), or an SDPA op,
-    self-attention when its query and key lengths agree (the compiled model, where no range is marked)."""
+    that says so. A marked range (`marked_sla_layers`), an SLA op (`diffusers_sla::*`: self-attention), or an SDPA op,
+    self-attention when its query and key lengths agree."""
     marks = {name: kind for kind, name in ATTENTION_MARKS.items()}
     while event is not None:
         name = event.name
@@ -115,6 +116,10 @@ def _attention_kind(event) -> str | None:
     return None
 
 
+# CUDA runtime stalls the profiler records as CPU events that list, again, kernels an op already owns
+RUNTIME_ANNOTATIONS = frozenset({"Command Buffer Full", "Activity Buffer Request"})
+
+
 def gpu_time_split(events) -> dict:
     """{"total", "self", "cross", "rest", "unattributed"} in ms: the GPU time of the kernels of one profiled forward,
     by the CPU op that launched each (`_attention_kind`); "unattributed": kernels on the GPU timeline that no op
@@ -122,6 +127,8 @@ def gpu_time_split(events) -> dict:
     split = {"self": 0.0, "cross": 0.0, "rest": 0.0}
     for event in events:
         if event.device_type != torch.autograd.DeviceType.CPU or not event.kernels:
+            continue
+        if event.name in RUNTIME_ANNOTATIONS:  # its kernels are its op's too: counting them would count them twice
             continue
         split[_attention_kind(event) or "rest"] += sum(k.duration for k in event.kernels) / 1e3
     claimed = sum(split.values())
@@ -133,12 +140,11 @@ def gpu_time_split(events) -> dict:
     return split
 
 
-def profile_gpu_time(fn, mark: bool = True) -> dict:
-    """`gpu_time_split` of one call of `fn` (after a warm call), with its SDPA calls marked (`marked_attention`)."""
+def profile_gpu_time(fn, mark_sla: bool = True) -> dict:
+    """`gpu_time_split` of one call of `fn` (after a warm call), with the SLA layers marked (`marked_sla_layers`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    context = marked_attention() if mark else contextlib.nullcontext()
-    with context:
+    with marked_sla_layers() if mark_sla else contextlib.nullcontext():
         fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
@@ -147,8 +153,23 @@ def profile_gpu_time(fn, mark: bool = True) -> dict:
     return gpu_time_split(prof.events())
 
 
+def self_ms(split: dict | None) -> str:
+    return "-" if split is None else f"{split['self']:.1f}"
+
+
+def safe_profile(fn, label: str, mark_sla: bool = True) -> dict | None:
+    """`profile_gpu_time`, or None with the error printed: a profiler failure costs the in-model columns, not the
+    timings of the run."""
+    try:
+        return profile_gpu_time(fn, mark_sla=mark_sla)
+    except Exception as exc:
+        print(f"  {label}: in-model profile failed: {exc!r}"[:400], flush=True)
+        return None
+
+
 def inmodel_lines(split: dict, label: str = "") -> list[str]:
     """The in-model table and, per dense backend, the bound free self-attention implies and where SLA stands."""
+    split = {name: t for name, t in split.items() if t is not None}
     lines = [f"In-model GPU time{label} (torch.profiler, one forward each: the kernels' time on the GPU, host time "
              "excluded; self/cross-attention = the attention core's kernels)",
              "| attention | GPU kernels ms | self-attention ms | cross-attention ms | rest of the model ms | "
@@ -229,7 +250,7 @@ def main() -> None:
             train = None if args.skip_train else cuda_time_ms(train_step, 1, max(2, args.repeat // 2))
             model.disable_gradient_checkpointing()
             kernels = attention_kernels(forward)
-            inmodel[name] = profile_gpu_time(forward)
+            inmodel[name] = safe_profile(forward, name)
         rows.append((name, fwd, train))
         print(f"  {name}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
               f"; attention kernels: {kernels}", flush=True)
@@ -245,7 +266,7 @@ def main() -> None:
         summary = sla_summary(model)
         densities[topk] = summary
         kernels = attention_kernels(forward)
-        inmodel[f"SLA topk={topk}"] = profile_gpu_time(forward)
+        inmodel[f"SLA topk={topk}"] = safe_profile(forward, f"SLA topk={topk}")
         disable_sla(model)
         rows.append((f"SLA topk={topk}", fwd, train))
         print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
@@ -287,7 +308,7 @@ def main() -> None:
                 ms = cuda_time_ms(forward, args.warmup, args.repeat)
                 print(f"  {label} (compiled): forward {ms:.1f} ms; attention kernels: {attention_kernels(forward)}",
                       flush=True)
-                compiled_inmodel[label] = profile_gpu_time(forward, mark=False)
+                compiled_inmodel[label] = safe_profile(forward, label, mark_sla=False)
                 train = None
                 if not args.skip_train:
                     model.enable_gradient_checkpointing()
@@ -326,7 +347,7 @@ def main() -> None:
     for name, fwd, train in rows:
         train_cells = (f"{train:.1f} | {fastest_dense_train / train:.2f}x" if train and fastest_dense_train
                        else "- | -")
-        print(f"| {name} | {fwd:.1f} | {fastest_dense_fwd / fwd:.2f}x | {train_cells} | {inmodel[name]['self']:.1f} |")
+        print(f"| {name} | {fwd:.1f} | {fastest_dense_fwd / fwd:.2f}x | {train_cells} | {self_ms(inmodel.get(name))} |")
     print()
     print("\n".join(inmodel_lines(inmodel)))
     if graphed:
