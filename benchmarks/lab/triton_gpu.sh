@@ -101,9 +101,9 @@ with() {
     shift
     if [ "$which" = new ]; then
         [ -f "$DIR/site/triton/__init__.py" ] || { echo "no carried Triton in $DIR/site: run the install step"; exit 3; }
-        PYTHONPATH=$DIR/site:$REPO "$@"
+        PYTHONPATH=$DIR/site:$REPO${PYTHONPATH:+:$PYTHONPATH} "$@"
     else
-        PYTHONPATH=$REPO "$@"
+        PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} "$@"
     fi
 }
 
@@ -140,6 +140,7 @@ run() {
         tail -n 3 "$OUT/$which/$what.txt" 2>/dev/null | sed "s/^/  [$s] /" >> "$OUT/summary.txt"
     done
     cat "$OUT/summary.txt"
+    [ -f "$OUT/base/bench.txt" ] && [ -f "$OUT/new/bench.txt" ] && with base "$PY" -m benchmarks.lab.triton_compare "$OUT"
     grep -h "^SLA ours\|^SDPA cuDNN\|kernels ('auto')\|^GPU " "$OUT"/base/bench.txt "$OUT"/new/bench.txt 2>/dev/null
 }
 

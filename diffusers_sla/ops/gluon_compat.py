@@ -28,8 +28,9 @@ import triton
 from . import tuning
 
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-# `auto` takes the Hopper kernels only on releases where they passed the GPU tests and `kernel.py check`
-GPU_CHECKED = ((3, 6),)
+# `auto` takes the Hopper kernels only on releases where they passed the GPU tests and `kernel.py check` and timed
+# like 3.6 (3.7: checked with 3.7.1, H100; benchmarks/runs/triton-3.7-h100)
+GPU_CHECKED = ((3, 6), (3, 7))
 # they compile for sm_90a on these, asynchronous and within 3.6's spills (`offline_compile.py --triton-version`)
 COMPILE_CHECKED = ((3, 6), (3, 7), (3, 8), (3, 9))
 
