@@ -145,6 +145,20 @@ def test_rest_mass_with_nothing_left_gives_the_sparse_part():
     assert torch.isfinite(q.grad).all()
 
 
+def test_rest_mass_runs_the_pytorch_path_where_no_kernel_runs(monkeypatch):
+    """Without a GPU or the Triton interpreter (and for float64 anywhere) `rest_log_mass` is this PyTorch path; the
+    kernels' side is `tests/kernels/test_rest_mass_kernels.py`."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k = torch.randn(1, 2, 70, 16), torch.randn(1, 2, 90, 16)
+    lut = select_blocks(q, k, 0.5, 32, 32)
+    assert not fusion_ops.rest_mass_kernels_run(q) and not fusion_ops.rest_mass_kernels_run(q.double())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not fusion_ops.rest_mass_kernels_run(q.double())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    out = fusion_ops.rest_log_mass(q, k, lut, 32, 32, 0.25)
+    assert torch.equal(out, fusion_ops.rest_log_mass(q, k, lut, 32, 32, 0.25, use_kernels=False))
+
+
 # ----- the default is unchanged ------------------------------------------------------------------------------------
 
 

@@ -21,11 +21,15 @@ counted twice) and "none" has no linear branch; `SLAConfig` rejects those combin
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ALLOWED_FUSIONS
+from ..utils.import_utils import is_triton_available
 from .branches import SCORE_ELEMENTS_PER_CHUNK, linear_attention_reference, pad_to_blocks, sparse_attention_reference
 from .selection import num_blocks, select_blocks
 
@@ -36,6 +40,9 @@ RATIO_BIAS_INIT = 3.0
 # Stands in for log(0) where a query block has no rest key: finite, so that logsumexp and its gradient stay finite
 # (exp(-1e30 - x) is 0), and sigmoid(lse + 1e30) is exactly 1.
 _NO_MASS = -1e30
+# the rest-mass kernels' largest head dim (`ops/rest_mass.py`; the Triton backend's too)
+REST_MASS_KERNEL_MAX_HEAD_DIM = 128
+_LOADED: dict = {}
 
 
 def fusion_parameter_shapes(fusion: str, head_dim: int) -> dict[str, tuple[int, ...]]:
@@ -62,25 +69,62 @@ def _rest_log_mass_chunk(q_blocks, mean, var, log_count, rest, scale):
     return torch.logsumexp(terms.masked_fill(~rest[..., None, :], _NO_MASS), dim=-1)
 
 
-def rest_log_mass(q, k, lut, blkq, blkk, scale):
-    """log Zhat_rest, (B, H, Lq): the estimated log softmax mass of each query row over the key blocks not in `lut`,
-    from each key block's mean and per-dimension variance (module docstring). _NO_MASS where nothing is left."""
-    B, H, Lq, D = q.shape
+def key_block_moments(k, blkk):
+    """Each key block's mean and per-dimension variance over its valid keys, (B, H, n_k, D), and log of their count,
+    (n_k,): in float32 (float64 for float64 k)."""
+    k = k.to(torch.promote_types(k.dtype, torch.float32))
     Lk = k.shape[2]
-    n_q, n_k = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
-    count = (Lk - torch.arange(n_k, device=q.device) * blkk).clamp(max=blkk).to(q.dtype)  # valid keys per block
+    n_k = num_blocks(Lk, blkk)
+    count = (Lk - torch.arange(n_k, device=k.device) * blkk).clamp(max=blkk).to(k.dtype)  # valid keys per block
     k_blocks = pad_to_blocks(k, blkk)  # padded rows are zero: sums over valid keys only
     mean = k_blocks.sum(dim=3) / count[:, None]
     var = (k_blocks.square().sum(dim=3) / count[:, None] - mean.square()).clamp_min(0.0)
-    rest = torch.ones(B, H, n_q, n_k, dtype=torch.bool, device=q.device)
-    rest.scatter_(-1, lut.long(), False)
-    q_blocks = pad_to_blocks(q, blkq)
-    chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * n_k))
+    return mean, var, count.log()
+
+
+def rest_blocks(lut, n_k):
+    """(B, H, n_q, n_k) bool: True where query block i did not select key block b."""
+    B, H, n_q, _ = lut.shape
+    rest = torch.ones(B, H, n_q, n_k, dtype=torch.bool, device=lut.device)
+    return rest.scatter_(-1, lut.long(), False)
+
+
+def rest_mass_kernels_run(q) -> bool:
+    """Whether `rest_log_mass` runs the Triton kernels (`ops/rest_mass.py`) for this q: where Triton runs them (CUDA
+    tensors, or any under TRITON_INTERPRET=1), float64 aside (the PyTorch path keeps it float64)."""
+    runs_here = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (runs_here and is_triton_available() and q.dtype != torch.float64
+            and q.shape[-1] <= REST_MASS_KERNEL_MAX_HEAD_DIM)
+
+
+def _rest_mass_kernels():
+    # imported on first use, so that `import diffusers_sla` never needs Triton (as `api._load_backend`); a dict
+    # lookup afterwards, which torch.compile traces through
+    module = _LOADED.get("rest_mass")
+    if module is None:
+        module = _LOADED["rest_mass"] = importlib.import_module("diffusers_sla.ops.rest_mass")
+    return module
+
+
+def rest_log_mass(q, k, lut, blkq, blkk, scale, use_kernels=None):
+    """log Zhat_rest, (B, H, Lq) in float32 (float64 for float64 q): the estimated log softmax mass of each query row
+    over the key blocks not in `lut`, from each key block's mean and per-dimension variance (module docstring).
+    _NO_MASS where nothing is left. `use_kernels`: None = the Triton kernels where `rest_mass_kernels_run(q)`, else
+    this PyTorch path (the reference; both give the same values to float32 rounding); True / False force either."""
+    B, H, Lq, D = q.shape
+    mean, var, log_count = key_block_moments(k, blkk)
+    rest = rest_blocks(lut, mean.shape[2])
+    if use_kernels is None:
+        use_kernels = rest_mass_kernels_run(q)
+    if use_kernels:
+        return _rest_mass_kernels().rest_log_mass(q, mean.float(), var.float(), log_count.float(), rest, scale, blkq)
+    n_q = rest.shape[2]
+    q_blocks = pad_to_blocks(q.to(mean.dtype), blkq)
+    chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * mean.shape[2]))
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     parts = []
     for start in range(0, n_q, chunk):
-        args = (q_blocks[:, :, start : start + chunk], mean, var, count.log(), rest[:, :, start : start + chunk],
-                scale)
+        args = (q_blocks[:, :, start : start + chunk], mean, var, log_count, rest[:, :, start : start + chunk], scale)
         parts.append(checkpoint(_rest_log_mass_chunk, *args, use_reentrant=False) if needs_grad
                      else _rest_log_mass_chunk(*args))
     return torch.cat(parts, dim=2).reshape(B, H, n_q * blkq)[:, :, :Lq]

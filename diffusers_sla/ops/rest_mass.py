@@ -1,0 +1,125 @@
+# Copyright 2026 The diffusers-sla authors. Licensed under the Apache License, Version 2.0.
+"""Fusion "mass"'s log Zhat_rest on the Triton kernels (`kernels/rest_mass.py`), with autograd to q and to the key
+blocks' moments. `fusion.rest_log_mass` pools k into the moments in PyTorch (so k's gradient flows through autograd)
+and calls this where the kernels run; its PyTorch path is the reference these match to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .buffers import split
+from .fusion import REST_MASS_KERNEL_MAX_HEAD_DIM as MAX_HEAD_DIM
+from .kernels import rest_mass as kernels
+from .kernels.common import is_cuda
+
+# key blocks per chunk of the online logsumexp, and the largest query tile (a tile must lie inside one query block)
+BLOCK_N = 64
+MAX_BLOCK_M = 64
+
+
+def dot_precision_default() -> str:
+    # float32 products to about float32 accuracy on the tensor cores: a plain tf32 product would move every term by
+    # ~1e-3 of its size, and the terms are logs (the interpreter computes in float32 whatever is asked)
+    return "tf32x3" if is_cuda() else "ieee"
+
+
+def block_rows(blkq: int) -> int:
+    """Rows per query tile: the largest power of two <= MAX_BLOCK_M dividing blkq (tl.dot needs >= 16)."""
+    rows = math.gcd(blkq, MAX_BLOCK_M)
+    if rows < 16:
+        raise ValueError(f"`blkq` must be a multiple of 16 for the rest-mass kernels, got {blkq!r}.")
+    return rows
+
+
+def _check(q, mean, var, log_count, rest, blkq):
+    block_rows(blkq)
+    B, H, Lq, D = q.shape
+    n_k = mean.shape[2]
+    n_q = -(-Lq // blkq)
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"the rest-mass kernels take head_dim <= {MAX_HEAD_DIM}, got q of head_dim {D}.")
+    for name, x in (("mean", mean), ("var", var)):
+        if x.shape != (B, H, n_k, D) or x.dtype != torch.float32:
+            raise ValueError(f"`{name}` must be float32 of shape {(B, H, n_k, D)}, got {x.dtype} {tuple(x.shape)}.")
+    if log_count.shape != (n_k,) or log_count.dtype != torch.float32 or log_count.requires_grad:
+        raise ValueError(f"`log_count` must be a constant float32 tensor of shape {(n_k,)} (it gets no gradient), "
+                         f"got {log_count.dtype} {tuple(log_count.shape)} requires_grad={log_count.requires_grad}.")
+    if rest.shape != (B, H, n_q, n_k) or rest.dtype != torch.bool:
+        raise ValueError(f"`rest` must be bool of shape {(B, H, n_q, n_k)}, got {rest.dtype} {tuple(rest.shape)}.")
+
+
+def _args(q, blkq, block_n, dot_precision):
+    D = q.shape[-1]
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"`block_n` must be a power of two >= 16, got {block_n!r}.")
+    consts = dict(BLKQ=blkq, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_rows(blkq),
+                  BLOCK_N=block_n, DOT_PREC=dot_precision)
+    # a 64 x 128 float32 query tile and its square stay in registers with 8 warps
+    launch = dict(num_warps=8 if consts["BLOCK_D"] >= 128 else 4, num_stages=2 if is_cuda() else 1)
+    return consts, launch
+
+
+def forward(q, mean, var, log_count, rest, scale, blkq, block_n=BLOCK_N, dot_precision=None):
+    """log_rest (B, H, Lq) float32. q (B, H, Lq, D) any float dtype and strides; mean, var (B, H, n_k, D) float32;
+    log_count (n_k,) float32; rest (B, H, n_q, n_k) bool (True: the key block counts for that query block)."""
+    B, H, Lq, D = q.shape
+    n_q, n_k = rest.shape[2], rest.shape[3]
+    consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default())
+    out = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    kernels.rest_mass_fwd[(triton.cdiv(Lq, consts["BLOCK_M"]), B * H)](
+        q, mean, var, log_count, rest, out, *q.stride(), H, Lq, n_q, n_k, float(scale), **consts, **launch)
+    return out
+
+
+def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=BLOCK_N, dot_precision=None,
+             need_dq=True, need_moments=True):
+    """Gradients of sum(g * log_rest) -> dq (q's dtype), dmean, dvar (float32); None for those not asked for."""
+    B, H, Lq, D = q.shape
+    n_q, n_k = rest.shape[2], rest.shape[3]
+    consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default())
+    g = g.to(torch.float32).contiguous()
+    common = (*q.stride(), H, Lq, n_q, n_k)
+    dq = dmean = dvar = None
+    if need_dq:
+        dq = torch.empty(B, H, Lq, D, device=q.device, dtype=torch.float32)
+        kernels.rest_mass_dq[(triton.cdiv(Lq, consts["BLOCK_M"]), B * H)](
+            q, mean, var, log_count, rest, log_rest, g, dq, *common, float(scale), **consts, **launch)
+        dq = dq.to(q.dtype)
+    if need_moments:
+        n_chunks = triton.cdiv(n_k, block_n)
+        n_split = split(triton.cdiv(Lq, consts["BLOCK_M"]), n_chunks * B * H)
+        parts = torch.empty(2, n_split, B, H, n_k, D, device=q.device, dtype=torch.float32)
+        kernels.rest_mass_dmoments[(n_chunks * n_split, B * H)](
+            q, mean, var, log_count, rest, log_rest, g, parts[0], parts[1], *common, n_split, float(scale),
+            **consts, **launch)
+        dmean, dvar = parts.sum(1).unbind(0)
+    return dq, dmean, dvar
+
+
+class _RestLogMass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision):
+        mean, var, rest = mean.contiguous(), var.contiguous(), rest.contiguous()
+        log_rest = forward(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
+        ctx.save_for_backward(q, mean, var, log_count, rest, log_rest)
+        ctx.args = (scale, blkq, block_n, dot_precision)
+        return log_rest
+
+    @staticmethod
+    def backward(ctx, g):
+        q, mean, var, log_count, rest, log_rest = ctx.saved_tensors
+        need_q, need_mean, need_var = ctx.needs_input_grad[:3]
+        dq, dmean, dvar = backward(g, q, mean, var, log_count, rest, log_rest, *ctx.args, need_dq=need_q,
+                                   need_moments=need_mean or need_var)
+        return dq, dmean, dvar, None, None, None, None, None, None
+
+
+def rest_log_mass(q, mean, var, log_count, rest, scale, blkq, *, block_n=BLOCK_N, dot_precision=None):
+    """log Zhat_rest (B, H, Lq) float32 on the kernels, differentiable in q, mean and var (`fusion.rest_log_mass`
+    holds the definition and the PyTorch reference). `kernels.NO_MASS` where a query block left no key block."""
+    _check(q, mean, var, log_count, rest, blkq)
+    return _RestLogMass.apply(q, mean, var, log_count, rest, float(scale), blkq, block_n, dot_precision)
