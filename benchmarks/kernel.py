@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusers_sla.ops import buffers, custom_ops, fused_selection, kernel_choice, linear_state, tuning
+from diffusers_sla.ops import (
+    buffers,
+    custom_ops,
+    fused_selection,
+    fusion,
+    kernel_choice,
+    linear_state,
+    rest_mass,
+    tuning,
+)
 from diffusers_sla.ops.autograd import sla_triton, sla_triton_with_lut
 from diffusers_sla.ops.backward import column_lut
 from diffusers_sla.ops.reference import sla_reference
@@ -362,6 +371,8 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
             torch.matmul(weights, hb.view(B, H, n_k, -1))
         parts["R_i, z_i (0/1 product)"] = bench_ms(rest_state)
         del hb, zkb, z_parts
+    if scope == "rest":
+        parts.update(rest_mass_parts(q, k, lut, blkq, blkk, scale))
     parts["sla_fwd (inference)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32"))
     kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=scope)
@@ -382,6 +393,39 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
             lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
     for name, ms in parts.items():
         log(f"  {name:<28s} {ms:8.3f} ms")
+    return parts
+
+
+def rest_mass_parts(q, k, lut, blkq, blkk, scale):
+    """Fusion "mass"'s rest estimate (`fusion.rest_log_mass`) on the float32 q, k the fused path passes: the PyTorch
+    path against the kernels (tf32x3 products, the default, and plain tf32), forward alone and forward + backward
+    (gradients to q and k), with the kernels' relative errors against the PyTorch path."""
+    qf, kf = (x.detach().float().requires_grad_() for x in (q, k))
+    g = torch.randn(qf.shape[:3], device=q.device, generator=torch.Generator(device=q.device).manual_seed(2))
+
+    def run(path):
+        if path == "torch":
+            return fusion.rest_log_mass(qf, kf, lut, blkq, blkk, scale, use_kernels=False)
+        mean, var, log_count = fusion.key_block_moments(kf, blkk)
+        rest = fusion.rest_blocks(lut, mean.shape[2])
+        return rest_mass.rest_log_mass(qf, mean, var, log_count, rest, scale, blkq, dot_precision=path)
+
+    def fwd_bwd(path):
+        return torch.autograd.grad(run(path), (qf, kf), g)
+
+    parts, ref = {}, None
+    for path in ("torch", "tf32x3", "tf32"):
+        with torch.no_grad():
+            parts[f"rest mass fwd ({path})"] = bench_ms(lambda path=path: run(path))
+        parts[f"rest mass fwd+bwd ({path})"] = bench_ms(lambda path=path: fwd_bwd(path))
+        out = run(path)
+        got = (out.detach(), *fwd_bwd(path))
+        if ref is None:
+            ref = got
+            continue
+        kept = ref[0] > -1e29  # rows with rest blocks (the others are the -1e30 stand-in on both sides)
+        log(f"  rest mass ({path}) vs torch: log_rest {rel_err(got[0][kept], ref[0][kept]):.2e}, "
+            f"dq {rel_err(got[1], ref[1]):.2e}, dk {rel_err(got[2], ref[2]):.2e}")
     return parts
 
 

@@ -113,3 +113,23 @@ def test_compiles_the_three_hopper_kernels_with_asynchronous_products(capsys, mo
         assert kernel in out and "SERIALISED" not in out
         stores, loads = map(int, re.search(rf"\({kernel}\) .* spills (\d+)/(\d+) B", out).groups())
         assert max(stores, loads) <= ceiling, f"{kernel} spills {stores}/{loads} B, Triton 3.6: {ceiling} B"
+
+
+# the most shared memory one block may use on an H100 (227 KB): a kernel above it compiles but cannot launch
+H100_SHARED_LIMIT = 232448
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not gluon_fwd.GLUON_AVAILABLE, reason="this Triton's Gluon lacks the names the kernels use")
+def test_compiles_the_rest_mass_kernels_within_the_shared_memory_of_an_h100(capsys, monkeypatch):
+    """Fusion "mass"'s three rest-mass kernels at the Wan shape (tf32x3 products): they compile for sm_90, their
+    products stay asynchronous, and each fits one block's shared memory (the forward's tiles are sized for it)."""
+    from diffusers_sla.ops import rest_mass
+
+    # as on a GPU machine (an earlier test may have cached "no driver"): GPU precision and stages
+    monkeypatch.setattr(rest_mass, "is_cuda", lambda: True)
+    assert offline_compile.main(["rest"]) == 0
+    out = capsys.readouterr().out
+    for kernel in ("rest_mass_fwd", "rest_mass_dq", "rest_mass_dmoments"):
+        line = re.search(rf"\({kernel}\) .*", out).group(0)
+        assert "asynchronous" in line and " 0 wgmma" not in line and int(re.search(r"shared (\d+) B", line).group(1)) <= H100_SHARED_LIMIT, line

@@ -5,6 +5,7 @@
     python -m benchmarks.lab.offline_compile fwd --scope all --store-bwd
     python -m benchmarks.lab.offline_compile --scope none  # the sparse part alone: no linear epilogue, no bias
     python -m benchmarks.lab.offline_compile --triton-version 3.6.0 3.7.1 3.8.0 3.9.0   # one table, each release
+    python -m benchmarks.lab.offline_compile rest       # fusion "mass"'s rest-mass kernels (Triton, not Gluon)
 
 For each kernel: registers, spill bytes, shared memory, and whether ptxas kept the wgmma products asynchronous.
 ptxas serialises every wgmma of a kernel (one `WARPGROUP.DEPBAR` per product instead of a handful) when a non-wgmma
@@ -34,8 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# the kernels this compiles, by the name the command line takes
-KERNELS = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ"}
+# the kernels this compiles, by the name the command line takes; without names, the Hopper ones (DEFAULT)
+KERNELS = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ", "rest": "fusion mass rest estimate"}
+DEFAULT = ("fwd", "dkdv", "dq")
 # ptxas's advisory when it serialises a kernel's wgmma products; the code (C7511, C7514, ...) names the reason
 _SERIALISED = re.compile(r"\((C\d+)\) Potential Performance Loss: wgmma\.mma_async instructions are serialized")
 
@@ -180,6 +182,9 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     w, b = (t(D, D, dtype=f32), t(D, dtype=f32)) if linear else (t(0, dtype=f32), t(0, dtype=f32))
     col_q, col_off, col_cnt = t(B * H * n_q * kept, dtype=i32), t(B * H * n_k, dtype=i32), t(B * H * n_k, dtype=i32)
     scale = D**-0.5
+    # fusion "mass": the rest estimate's forward and both backward kernels, on the float32 q the fused path passes
+    moments = (t(B, H, L, D, dtype=f32), t(B, H, n_k, D, dtype=f32), t(B, H, n_k, D, dtype=f32), t(n_k, dtype=f32),
+               t(B, H, n_q, n_k, dtype=torch.bool))
     common = dict(block_d=D, blkq=blkq, blkk=blkk, rest=rest, has_linear=linear, feature_map=0)
     return {
         "fwd": (gluon_fwd.launch,
@@ -188,7 +193,15 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
         "dkdv": (gluon_bwd.launch_dkdv,
                  (q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh, dz, scale, n_q, n_k, kept), common),
         "dq": (gluon_bwd.launch_dq, (q, k, v, do, dq, lut, lse, delta, dn, dd, r, z, scale, n_q, kept), common),
+        "rest": (_rest_mass_launches, (*moments, lse, delta, scale, blkq), {}),
     }
+
+
+def _rest_mass_launches(q, mean, var, log_count, rest, log_rest, g, scale, blkq):
+    from diffusers_sla.ops import rest_mass
+
+    rest_mass.forward(q, mean, var, log_count, rest, scale, blkq)
+    rest_mass.backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq)
 
 
 @contextlib.contextmanager
@@ -219,7 +232,7 @@ def compile_offline(launch, *args, **kwargs):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("which", nargs="*", help=f"any of {', '.join(KERNELS)} (default: all)")
+    parser.add_argument("which", nargs="*", help=f"any of {', '.join(KERNELS)} (default: {', '.join(DEFAULT)})")
     parser.add_argument("--scope", choices=["rest", "all", "none"], default="rest")
     parser.add_argument("--store-bwd", action="store_true", help="the training forward (stores o_l, den)")
     parser.add_argument("--triton-version", nargs="+", metavar="VERSION",
@@ -230,7 +243,7 @@ def main(argv=None) -> int:
                         help="where --triton-version installs each release (kept for the next run)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one JSON line a kernel (children)
     args = parser.parse_args(argv)
-    args.which = args.which or list(KERNELS)
+    args.which = args.which or list(DEFAULT)
     unknown = sorted(set(args.which) - set(KERNELS))
     if unknown:
         parser.error(f"kernels must be among {', '.join(KERNELS)} (got {', '.join(unknown)})")

@@ -16,9 +16,11 @@ from .fusion import REST_MASS_KERNEL_MAX_HEAD_DIM as MAX_HEAD_DIM
 from .kernels import rest_mass as kernels
 from .kernels.common import is_cuda
 
-# key blocks per chunk of the online logsumexp, and the largest query tile (a tile must lie inside one query block)
-BLOCK_N = 64
+# key blocks per chunk of the online logsumexp, and the largest query tile (a tile must lie inside one query block).
+# 64 x 32 tiles: with tf32x3 products the forward then fits shared memory with two stages (offline sm_90 compile).
+BLOCK_N = 32
 MAX_BLOCK_M = 64
+DOT_PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 
 def dot_precision_default() -> str:
@@ -41,7 +43,7 @@ def _check(q, mean, var, log_count, rest, blkq):
     n_k = mean.shape[2]
     n_q = -(-Lq // blkq)
     if D > MAX_HEAD_DIM:
-        raise ValueError(f"the rest-mass kernels take head_dim <= {MAX_HEAD_DIM}, got q of head_dim {D}.")
+        raise ValueError(f"`q` must have head_dim <= {MAX_HEAD_DIM} for the rest-mass kernels, got {D}.")
     for name, x in (("mean", mean), ("var", var)):
         if x.shape != (B, H, n_k, D) or x.dtype != torch.float32:
             raise ValueError(f"`{name}` must be float32 of shape {(B, H, n_k, D)}, got {x.dtype} {tuple(x.shape)}.")
@@ -52,23 +54,26 @@ def _check(q, mean, var, log_count, rest, blkq):
         raise ValueError(f"`rest` must be bool of shape {(B, H, n_q, n_k)}, got {rest.dtype} {tuple(rest.shape)}.")
 
 
-def _args(q, blkq, block_n, dot_precision):
+def _args(q, blkq, block_n, dot_precision, kernel):
     D = q.shape[-1]
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"`block_n` must be a power of two >= 16, got {block_n!r}.")
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"`dot_precision` must be one of {list(DOT_PRECISIONS)}, got {dot_precision!r}.")
     consts = dict(BLKQ=blkq, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_rows(blkq),
                   BLOCK_N=block_n, DOT_PREC=dot_precision)
-    # a 64 x 128 float32 query tile and its square stay in registers with 8 warps
-    launch = dict(num_warps=8 if consts["BLOCK_D"] >= 128 else 4, num_stages=2 if is_cuda() else 1)
+    # the backward kernels hold two float32 accumulators beside the query tile: 8 warps spill least at head dim 128
+    wide = consts["BLOCK_D"] >= 128 and kernel != "fwd"
+    launch = dict(num_warps=8 if wide else 4, num_stages=2 if is_cuda() else 1)
     return consts, launch
 
 
 def forward(q, mean, var, log_count, rest, scale, blkq, block_n=BLOCK_N, dot_precision=None):
     """log_rest (B, H, Lq) float32. q (B, H, Lq, D) any float dtype and strides; mean, var (B, H, n_k, D) float32;
     log_count (n_k,) float32; rest (B, H, n_q, n_k) bool (True: the key block counts for that query block)."""
-    B, H, Lq, D = q.shape
+    B, H, Lq, _ = q.shape
     n_q, n_k = rest.shape[2], rest.shape[3]
-    consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default())
+    consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default(), "fwd")
     out = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     kernels.rest_mass_fwd[(triton.cdiv(Lq, consts["BLOCK_M"]), B * H)](
         q, mean, var, log_count, rest, out, *q.stride(), H, Lq, n_q, n_k, float(scale), **consts, **launch)
@@ -80,7 +85,7 @@ def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=BL
     """Gradients of sum(g * log_rest) -> dq (q's dtype), dmean, dvar (float32); None for those not asked for."""
     B, H, Lq, D = q.shape
     n_q, n_k = rest.shape[2], rest.shape[3]
-    consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default())
+    consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default(), "bwd")
     g = g.to(torch.float32).contiguous()
     common = (*q.stride(), H, Lq, n_q, n_k)
     dq = dmean = dvar = None

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testing_utils import rel_err
 
 from diffusers_sla.ops import fusion, rest_mass
 from diffusers_sla.ops.autograd import sla_triton_with_lut
 from diffusers_sla.ops.branches import pad_to_blocks
 from diffusers_sla.ops.reference import sla_reference
 from diffusers_sla.ops.selection import num_blocks, select_blocks
-
-from testing_utils import rel_err
 
 
 def _inputs(device, dtype, B, H, Lq, Lk, D, seed=0):
@@ -139,6 +138,11 @@ def test_bad_arguments_are_named(device):
         rest_mass.rest_log_mass(q, mean.double(), var, log_count, rest, 0.25, 32)
     with pytest.raises(ValueError, match="`block_n` must be a power of two"):
         rest_mass.rest_log_mass(q, mean, var, log_count, rest, 0.25, 32, block_n=24)
+    with pytest.raises(ValueError, match="`dot_precision` must be one of"):
+        rest_mass.rest_log_mass(q, mean, var, log_count, rest, 0.25, 32, dot_precision="fp8")
+    wide = torch.randn(1, 1, 64, 256, device=device)
+    with pytest.raises(ValueError, match="`q` must have head_dim <= 128"):
+        rest_mass.rest_log_mass(wide, *fusion.key_block_moments(wide, 32), rest, 0.25, 32)
 
 
 def test_mass_operator_on_triton_matches_float64_pytorch_with_the_kernels(device, monkeypatch):
