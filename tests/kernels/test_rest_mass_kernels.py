@@ -77,18 +77,20 @@ def test_gpu_products_match_pytorch_in_float64(dot_precision, tol):
 
 def test_moment_gradients_match_autograd_of_the_pytorch_terms(device):
     """dmean, dvar straight from the kernels (several splits and chunks) against autograd through the PyTorch
-    path's own formula, float64, on the same moments."""
+    path's own formula, float64, on the same moments; q a (B, L, H, D) layout seen as (B, H, L, D) (strided)."""
     B, H, Lq, Lk, D, blkq, blkk = 1, 2, 180, 150, 32, 32, 32
     q, k = _inputs(device, torch.float32, B, H, Lq, Lk, D, seed=1)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
     lut = select_blocks(q, k, 0.3, blkq, blkk)
     mean, var, log_count = fusion.key_block_moments(k, blkk)
     rest = fusion.rest_blocks(lut, mean.shape[2])
     scale = D**-0.5
     grads = []
     for run in ("kernel", "torch"):
-        leaves = [x.detach().clone().to(torch.float32 if run == "kernel" else torch.float64).requires_grad_()
+        leaves = [x.detach().to(torch.float32 if run == "kernel" else torch.float64).requires_grad_()
                   for x in (q, mean, var)]
         if run == "kernel":
+            assert not leaves[0].is_contiguous()
             out = rest_mass.rest_log_mass(*leaves, log_count, rest, scale, blkq, block_n=16)
         else:
             q_blocks = pad_to_blocks(leaves[0], blkq)
