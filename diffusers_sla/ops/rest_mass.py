@@ -11,27 +11,23 @@ import math
 import torch
 import triton
 
+from . import tuning
 from .buffers import split
 from .fusion import REST_MASS_KERNEL_MAX_HEAD_DIM as MAX_HEAD_DIM
 from .kernels import rest_mass as kernels
 from .kernels.common import is_cuda
 
-# key blocks per chunk of the online logsumexp, and the largest query tile (a tile must lie inside one query block).
-# 64 x 32 tiles: with tf32x3 products the forward then fits shared memory with two stages (offline sm_90 compile).
-BLOCK_N = 32
-MAX_BLOCK_M = 64
 DOT_PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 
 def dot_precision_default() -> str:
-    # float32 products to about float32 accuracy on the tensor cores: a plain tf32 product would move every term by
-    # ~1e-3 of its size, and the terms are logs (the interpreter computes in float32 whatever is asked)
-    return "tf32x3" if is_cuda() else "ieee"
+    # the interpreter computes float32 products whatever is asked
+    return tuning.REST_MASS_PRECISION if is_cuda() else "ieee"
 
 
 def block_rows(blkq: int) -> int:
-    """Rows per query tile: the largest power of two <= MAX_BLOCK_M dividing blkq (tl.dot needs >= 16)."""
-    rows = math.gcd(blkq, MAX_BLOCK_M)
+    """Rows per query tile: the largest power of two <= tuning.REST_MASS_ROWS dividing blkq (tl.dot needs >= 16)."""
+    rows = math.gcd(blkq, tuning.REST_MASS_ROWS)
     if rows < 16:
         raise ValueError(f"`blkq` must be a multiple of 16 for the rest-mass kernels, got {blkq!r}.")
     return rows
@@ -62,29 +58,30 @@ def _args(q, blkq, block_n, dot_precision, kernel):
         raise ValueError(f"`dot_precision` must be one of {list(DOT_PRECISIONS)}, got {dot_precision!r}.")
     consts = dict(BLKQ=blkq, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_rows(blkq),
                   BLOCK_N=block_n, DOT_PREC=dot_precision)
-    # the backward kernels hold two float32 accumulators beside the query tile: 8 warps spill least at head dim 128
-    wide = consts["BLOCK_D"] >= 128 and kernel != "fwd"
-    launch = dict(num_warps=8 if wide else 4, num_stages=2 if is_cuda() else 1)
+    warps = tuning.REST_MASS_WARPS if kernel == "fwd" else tuning.REST_MASS_BWD_WARPS
+    launch = dict(num_warps=warps if consts["BLOCK_D"] >= 128 else 4, num_stages=2 if is_cuda() else 1)
     return consts, launch
 
 
-def forward(q, mean, var, log_count, rest, scale, blkq, block_n=BLOCK_N, dot_precision=None):
+def forward(q, mean, var, log_count, rest, scale, blkq, block_n=None, dot_precision=None):
     """log_rest (B, H, Lq) float32. q (B, H, Lq, D) any float dtype and strides; mean, var (B, H, n_k, D) float32;
     log_count (n_k,) float32; rest (B, H, n_q, n_k) bool (True: the key block counts for that query block)."""
     B, H, Lq, _ = q.shape
     n_q, n_k = rest.shape[2], rest.shape[3]
-    consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default(), "fwd")
+    consts, launch = _args(q, blkq, block_n or tuning.REST_MASS_BLOCK_N, dot_precision or dot_precision_default(),
+                           "fwd")
     out = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     kernels.rest_mass_fwd[(triton.cdiv(Lq, consts["BLOCK_M"]), B * H)](
         q, mean, var, log_count, rest, out, *q.stride(), H, Lq, n_q, n_k, float(scale), **consts, **launch)
     return out
 
 
-def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=BLOCK_N, dot_precision=None,
+def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=None, dot_precision=None,
              need_dq=True, need_moments=True):
     """Gradients of sum(g * log_rest) -> dq (q's dtype), dmean, dvar (float32); None for those not asked for."""
     B, H, Lq, D = q.shape
     n_q, n_k = rest.shape[2], rest.shape[3]
+    block_n = block_n or tuning.REST_MASS_BLOCK_N
     consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default(), "bwd")
     g = g.to(torch.float32).contiguous()
     common = (*q.stride(), H, Lq, n_q, n_k)
@@ -123,8 +120,9 @@ class _RestLogMass(torch.autograd.Function):
         return dq, dmean, dvar, None, None, None, None, None, None
 
 
-def rest_log_mass(q, mean, var, log_count, rest, scale, blkq, *, block_n=BLOCK_N, dot_precision=None):
+def rest_log_mass(q, mean, var, log_count, rest, scale, blkq, *, block_n=None, dot_precision=None):
     """log Zhat_rest (B, H, Lq) float32 on the kernels, differentiable in q, mean and var (`fusion.rest_log_mass`
     holds the definition and the PyTorch reference). `kernels.NO_MASS` where a query block left no key block."""
     _check(q, mean, var, log_count, rest, blkq)
+    block_n, dot_precision = block_n or tuning.REST_MASS_BLOCK_N, dot_precision or dot_precision_default()
     return _RestLogMass.apply(q, mean, var, log_count, rest, float(scale), blkq, block_n, dot_precision)

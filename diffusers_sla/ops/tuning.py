@@ -100,6 +100,21 @@ TOTALS_TARGET = 264
 LINEAR_STATE_WARPS = 0
 LINEAR_STATE_STAGES = 0
 
+# ===== Fusion "mass"'s rest estimate (kernels/rest_mass.py) =====
+
+# tensor-core products: "tf32x3" keeps float32 accuracy (the PyTorch path's values to float32 rounding); "tf32" does a
+# third of the products and moves log_rest by ~1e-4 (benchmarks/kernel.py measures both); "ieee" skips the tensor cores
+REST_MASS_PRECISION = "tf32x3"
+# key blocks per chunk: 64-row query tiles x 32 key blocks keep the tf32x3 forward in an H100's shared memory (sm_90
+# offline compile: 192 KB with 2 stages; 64 blocks need 256 KB)
+REST_MASS_BLOCK_N = 32
+# query rows per program, at most (fewer where blkq is smaller: a tile lies inside one query block)
+REST_MASS_ROWS = 64
+# warps of the forward and of the two backward kernels at head dim 128 (4 below): the backward ones hold two float32
+# accumulators beside the query tile, and spill least with 8
+REST_MASS_WARPS = 4
+REST_MASS_BWD_WARPS = 8
+
 # ===== Block selection (kernels/selection.py) =====
 
 # `top_blocks_kernel` warps (0: by row length): one warp per row of up to 512 scores keeps its reductions in shuffles
