@@ -89,12 +89,12 @@ def rest_blocks(lut, n_k):
     return rest.scatter_(-1, lut.long(), False)
 
 
-def rest_mass_kernels_run(q) -> bool:
+def rest_mass_kernels_run(q, blkq) -> bool:
     """Whether `rest_log_mass` runs the Triton kernels (`ops/rest_mass.py`) for this q: where Triton runs them (CUDA
-    tensors, or any under TRITON_INTERPRET=1), float64 aside (the PyTorch path keeps it float64)."""
+    tensors, or any under TRITON_INTERPRET=1), for the shapes they take, float64 aside (kept float64 here)."""
     runs_here = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return (runs_here and is_triton_available() and q.dtype != torch.float64
-            and q.shape[-1] <= REST_MASS_KERNEL_MAX_HEAD_DIM)
+            and q.shape[-1] <= REST_MASS_KERNEL_MAX_HEAD_DIM and blkq % 16 == 0)
 
 
 def _rest_mass_kernels():
@@ -109,13 +109,14 @@ def _rest_mass_kernels():
 def rest_log_mass(q, k, lut, blkq, blkk, scale, use_kernels=None):
     """log Zhat_rest, (B, H, Lq) in float32 (float64 for float64 q): the estimated log softmax mass of each query row
     over the key blocks not in `lut`, from each key block's mean and per-dimension variance (module docstring).
-    _NO_MASS where nothing is left. `use_kernels`: None = the Triton kernels where `rest_mass_kernels_run(q)`, else
-    this PyTorch path (the reference; both give the same values to float32 rounding); True / False force either."""
-    B, H, Lq, D = q.shape
+    _NO_MASS where nothing is left. `use_kernels`: None = the Triton kernels where `rest_mass_kernels_run(q, blkq)`,
+    else this PyTorch path (the reference; both give the same values to float32 rounding); True / False force either.
+    """
+    B, H, Lq, _ = q.shape
     mean, var, log_count = key_block_moments(k, blkk)
     rest = rest_blocks(lut, mean.shape[2])
     if use_kernels is None:
-        use_kernels = rest_mass_kernels_run(q)
+        use_kernels = rest_mass_kernels_run(q, blkq)
     if use_kernels:
         return _rest_mass_kernels().rest_log_mass(q, mean.float(), var.float(), log_count.float(), rest, scale, blkq)
     n_q = rest.shape[2]
