@@ -137,6 +137,7 @@ def _fused(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, lin
     qf, kf, vf = (x.to(torch.float32) for x in (qc, kc, vc))
     o_linear = linear_attention_reference(qf, kf, vf, lut, blkq, blkk, feature_map, linear_scope)
     if fusion == "mass":
+        # the rest's mass on the Triton kernels where they run (`fusion.rest_mass_kernels_run`)
         extra = dict(lse=lse, log_rest=fusion_ops.rest_log_mass(qf, kf, lut, blkq, blkk, scale))
     else:
         extra = dict(q=qf, ratio_weight=ratio_weight.to(torch.float32), ratio_bias=ratio_bias.to(torch.float32))

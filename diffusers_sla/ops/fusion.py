@@ -165,7 +165,8 @@ def fused_reference(q, k, v, proj_weight, proj_bias, *, topk, blkq, blkk, featur
     o_linear = linear_attention_reference(qc, kc, vc, lut, blkq, blkk, feature_map, linear_scope)
     extra = {}
     if fusion == "mass":
-        extra = dict(lse=lse, log_rest=rest_log_mass(qc, kc, lut, blkq, blkk, scale))
+        # the PyTorch operator stays PyTorch throughout, on a GPU too: it is what the kernels are checked against
+        extra = dict(lse=lse, log_rest=rest_log_mass(qc, kc, lut, blkq, blkk, scale, use_kernels=False))
     else:
         extra = dict(q=qc, ratio_weight=ratio_weight.to(compute_dtype), ratio_bias=ratio_bias.to(compute_dtype))
     o = combine(o_sparse, o_linear, proj_weight.to(compute_dtype), proj_bias.to(compute_dtype), fusion=fusion,
