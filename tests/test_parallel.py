@@ -3,7 +3,6 @@
 call, a tiny Wan under diffusers' Ulysses `enable_parallelism` against one process, and the clear error for ring."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,16 +11,11 @@ import torch.multiprocessing as mp
 
 from diffusers_sla.ops.api import sparse_linear_attention
 from diffusers_sla.integration.parallel import heads_to_sequence, sequence_to_heads, ulysses_sparse_linear_attention
+from testing_utils import exit_without_teardown, free_port
 
 # float64: the comparison then measures the collectives and the sharding, not float32 summation order.
 SETTINGS = dict(topk=0.25, blkq=32, blkk=32, backend="torch")
 B, H, L, D, WORLD = 2, 4, 256, 16, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs():
@@ -50,6 +44,7 @@ def _reference():
     return out.detach(), [t.grad for t in leaves], per_rank_proj
 
 
+@exit_without_teardown
 def _ulysses_worker(rank: int, world: int, port: int, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -74,7 +69,7 @@ def _ulysses_worker(rank: int, world: int, port: int, out_dir: str):
 
 @pytest.mark.slow
 def test_ulysses_sla_equals_single_process(tmp_path):
-    mp.spawn(_ulysses_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_ulysses_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     out, (dq, dk, dv, dweight, dbias), per_rank_proj = _reference()
     # The sparse branch keeps a quarter of the key blocks: the reference is not dense attention.
@@ -193,6 +188,7 @@ def _sla_wan(seed: int = 0):
     return model, make_inputs
 
 
+@exit_without_teardown
 def _wan_ulysses_worker(rank: int, world: int, port: int, out_dir: str, sla_first: bool):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -232,7 +228,7 @@ def _wan_ulysses_worker(rank: int, world: int, port: int, out_dir: str, sla_firs
 def test_sla_under_diffusers_ulysses_equals_one_process(tmp_path, sla_first):
     from tests.tiny_models import forward_output
 
-    mp.spawn(_wan_ulysses_worker, args=(WORLD, _free_port(), str(tmp_path), sla_first), nprocs=WORLD, join=True)
+    mp.spawn(_wan_ulysses_worker, args=(WORLD, free_port(), str(tmp_path), sla_first), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model, make_inputs = _sla_wan()
     out = forward_output(model, make_inputs())

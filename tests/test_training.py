@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from diffusers_sla import SLAConfig, enable_sla, iter_sla_layers, sla_summary
 
 from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, forward_output
+from testing_utils import exit_without_teardown, free_port
 
 SLA_CONFIG = SLAConfig(topk=0.5, **TEST_SLA_OVERRIDES)
 
@@ -165,12 +165,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # ===== DDP (gloo, two CPU processes) =====
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@exit_without_teardown
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, short_step: int | None, find_unused: bool):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -215,7 +210,7 @@ def _reference_training(short_step: int | None) -> dict[str, torch.Tensor]:
     ids=["plain-ddp", "dense-step-find-unused"],
 )
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, short_step, find_unused):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), short_step, find_unused), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), short_step, find_unused), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     initial = build_tiny_model("wan", seed=0).model.state_dict()
     reference = _reference_training(short_step)
@@ -228,6 +223,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, short_step, find
     assert not torch.equal(rank0["blocks.0.attn1.to_q.weight"], initial["blocks.0.attn1.to_q.weight"])
 
 
+@exit_without_teardown
 def _fsdp2_worker(rank: int, world_size: int, port: int, out_dir: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -257,7 +253,7 @@ def _fsdp2_worker(rank: int, world_size: int, port: int, out_dir: str):
 def test_fsdp2_shards_and_trains_sla_parameters(tmp_path):
     # FSDP2 (`fully_shard`) on two CPU processes: the SLA projections are sharded like every other parameter,
     # trained, and both ranks end with the same full weights.
-    mp.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp2_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2))
     assert len(rank0["sharded"]) == 4 and all(rank0["sharded"].values())
     for key in rank0["params"]:
@@ -267,12 +263,12 @@ def test_fsdp2_shards_and_trains_sla_parameters(tmp_path):
 
 
 @pytest.mark.xfail(
-    raises=mp.ProcessRaisedException, strict=True,
+    raises=mp.ProcessExitedException, strict=True,
     reason="A step routed dense (sequence below min_kv_blocks * blkk) leaves proj_l without a gradient; plain DDP "
     "then fails at the next step. Documented: use find_unused_parameters=True when batches can be that short.",
 )
 def test_plain_ddp_with_a_dense_routed_step(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), 1, False), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), 1, False), nprocs=2, join=True)
 
 
 # ===== accelerate checkpoints =====

@@ -4,8 +4,12 @@ Hopper cases."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -85,3 +89,32 @@ def hopper_case_inputs(name: str, seed: int = 3):
     w = torch.randn(D, D, generator=g, device="cuda") * D**-0.5
     b = torch.randn(D, generator=g, device="cuda")
     return q, k, v, w, b, do
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's `torch.distributed` rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def exit_without_teardown(worker):
+    """A `torch.multiprocessing.spawn` worker that leaves its process with `os._exit`, without running the destructors
+    of its process group: freeing a gloo process group (it goes with DDP's reducer when the worker returns) while the
+    group's thread is still dropping a finished allreduce deadlocks on the GIL (the destructor, holding it, joins the
+    thread, which waits for it), which hung about one run in seven of the two-process tests on a 2-core machine. An
+    exception is printed and exits with status 1, which `spawn` reports as `ProcessExitedException`."""
+
+    @functools.wraps(worker)  # spawn pickles the worker by its module-level name, which this keeps
+    def run(*args):
+        status = 0
+        try:
+            worker(*args)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    return run
