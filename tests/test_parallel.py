@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from diffusers_sla.ops.api import sparse_linear_attention
-from diffusers_sla.integration.parallel import heads_to_sequence, sequence_to_heads, ulysses_sparse_linear_attention
 from testing_utils import exit_without_teardown, free_port
+
+from diffusers_sla.integration.parallel import heads_to_sequence, sequence_to_heads, ulysses_sparse_linear_attention
+from diffusers_sla.ops.api import sparse_linear_attention
 
 # float64: the comparison then measures the collectives and the sharding, not float32 summation order.
 SETTINGS = dict(topk=0.25, blkq=32, blkk=32, backend="torch")

@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from testing_utils import exit_without_teardown, free_port
+from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, forward_output
 
 from diffusers_sla import SLAConfig, enable_sla, iter_sla_layers, sla_summary
-
-from tiny_models import TEST_SLA_OVERRIDES, build_tiny_model, forward_output
-from testing_utils import exit_without_teardown, free_port
 
 SLA_CONFIG = SLAConfig(topk=0.5, **TEST_SLA_OVERRIDES)
 

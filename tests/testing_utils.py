@@ -110,7 +110,7 @@ def exit_without_teardown(worker):
         status = 0
         try:
             worker(*args)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - whatever it was, the parent must see a failed worker
             traceback.print_exc()
             status = 1
         sys.stdout.flush()
