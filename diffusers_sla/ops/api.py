@@ -14,17 +14,20 @@ are handled here, once, for all of them. With `linear_scope="none"` the projecti
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 import numbers
-import os
 from typing import Callable
 
 import torch
 
 from ..config import SLAConfig
-from ..utils.import_utils import is_triton_available
+from ..utils.import_utils import (
+    is_triton_available,
+    load_on_first_use,
+    triton_interpreting,
+    triton_kernels_run_on,
+)
 from .selection import forced_block_range
 
 logger = logging.getLogger(__name__)
@@ -35,16 +38,10 @@ _BACKENDS: dict[str, str] = {
     "triton": "diffusers_sla.ops.autograd:sla_triton",
 }
 BACKEND_NAMES = ("auto", *_BACKENDS)
-_LOADED: dict[str, Callable] = {}
 
 
 def _load_backend(name: str) -> Callable:
-    # a dict lookup once loaded: torch.compile traces through it, where an import would break the graph
-    fn = _LOADED.get(name)
-    if fn is None:
-        module_name, function_name = _BACKENDS[name].split(":")
-        fn = _LOADED[name] = getattr(importlib.import_module(module_name), function_name)
-    return fn
+    return load_on_first_use(_BACKENDS[name])
 
 
 def preload_backends() -> None:
@@ -58,27 +55,15 @@ def preload_backends() -> None:
                 pass
 
 
-def triton_backend_usable(device: torch.device) -> bool:
-    """True where the Triton kernels can run: CUDA tensors with Triton installed, or any tensor under the Triton
-    interpreter (`TRITON_INTERPRET=1`, used by CI to test the real kernels on the CPU)."""
-    if not is_triton_available():
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """'auto' -> 'triton' on CUDA when Triton is installed, else 'torch'. An explicit choice that cannot run raises.
     Under the Triton interpreter bfloat16 runs the PyTorch operator ('auto') or is refused ('triton'): the
     interpreter's bfloat16 matrix products are wrong."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"`backend` must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
-    interpreted_bf16 = dtype == torch.bfloat16 and _interpreting()
+    interpreted_bf16 = dtype == torch.bfloat16 and triton_interpreting()
     if backend == "auto":
-        if device.type == "cuda" and triton_backend_usable(device) and not interpreted_bf16:
+        if device.type == "cuda" and triton_kernels_run_on(device) and not interpreted_bf16:
             return "triton"
         return "torch"
     if backend == "triton" and interpreted_bf16:
@@ -86,7 +71,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
             "backend='triton' cannot compute bfloat16 under TRITON_INTERPRET=1 (the interpreter's bfloat16 matrix "
             "products are wrong): use float16 or float32 inputs, or backend='torch'."
         )
-    if backend == "triton" and not triton_backend_usable(device):
+    if backend == "triton" and not triton_kernels_run_on(device):
         if not is_triton_available():
             raise RuntimeError("backend='triton' needs Triton: `pip install triton` (Linux) or use backend='torch'.")
         raise ValueError(

@@ -21,15 +21,12 @@ counted twice) and "none" has no linear branch; `SLAConfig` rejects those combin
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ALLOWED_FUSIONS
-from ..utils.import_utils import is_triton_available
+from ..utils.import_utils import load_on_first_use, triton_kernels_run_on
 from .branches import SCORE_ELEMENTS_PER_CHUNK, linear_attention_reference, pad_to_blocks, sparse_attention_reference
 from .selection import num_blocks, select_blocks
 
@@ -42,7 +39,6 @@ RATIO_BIAS_INIT = 3.0
 _NO_MASS = -1e30
 # the rest-mass kernels' largest head dim (`ops/rest_mass.py`; the Triton backend's too)
 REST_MASS_KERNEL_MAX_HEAD_DIM = 128
-_LOADED: dict = {}
 
 
 def fusion_parameter_shapes(fusion: str, head_dim: int) -> dict[str, tuple[int, ...]]:
@@ -92,18 +88,8 @@ def rest_blocks(lut, n_k):
 def rest_mass_kernels_run(q, blkq) -> bool:
     """Whether `rest_log_mass` runs the Triton kernels (`ops/rest_mass.py`) for this q: where Triton runs them (CUDA
     tensors, or any under TRITON_INTERPRET=1), for the shapes they take, float64 aside (kept float64 here)."""
-    runs_here = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return (runs_here and is_triton_available() and q.dtype != torch.float64
+    return (triton_kernels_run_on(q.device) and q.dtype != torch.float64
             and q.shape[-1] <= REST_MASS_KERNEL_MAX_HEAD_DIM and blkq % 16 == 0)
-
-
-def _rest_mass_kernels():
-    # imported on first use, so that `import diffusers_sla` never needs Triton (as `api._load_backend`); a dict
-    # lookup afterwards, which torch.compile traces through
-    module = _LOADED.get("rest_mass")
-    if module is None:
-        module = _LOADED["rest_mass"] = importlib.import_module("diffusers_sla.ops.rest_mass")
-    return module
 
 
 def rest_log_mass(q, k, lut, blkq, blkk, scale, use_kernels=None):
@@ -118,7 +104,7 @@ def rest_log_mass(q, k, lut, blkq, blkk, scale, use_kernels=None):
     if use_kernels is None:
         use_kernels = rest_mass_kernels_run(q, blkq)
     if use_kernels:
-        return _rest_mass_kernels().rest_log_mass(q, mean.float(), var.float(), log_count.float(), rest, scale, blkq)
+        return load_on_first_use("diffusers_sla.ops.rest_mass:rest_log_mass")(q, mean.float(), var.float(), log_count.float(), rest, scale, blkq)
     n_q = rest.shape[2]
     q_blocks = pad_to_blocks(q.to(mean.dtype), blkq)
     chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * mean.shape[2]))
