@@ -62,6 +62,17 @@ def _rest_row(REST, hz, row0, offs_n, n_ok, N_Q, N_K, BLKQ: tl.constexpr):
 
 
 @triton.jit
+def _chunk_terms(q, q2, MU, VAR, LOGC, REST, hz, row0, n0, N_Q, N_K, scale, offs_d, d_ok,
+                 BLKQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    # the terms of one query tile (rows row0 ..) against the chunk of key blocks n0 .., with that chunk's moments
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_K
+    mu, var, log_count = _moments(MU, VAR, LOGC, hz, offs_n, offs_d, n_ok, d_ok, N_K, HEAD_DIM)
+    keep = _rest_row(REST, hz, row0, offs_n, n_ok, N_Q, N_K, BLKQ)
+    return _terms(q, q2, mu, var, log_count, keep, scale, DOT_PREC), mu, var
+
+
+@triton.jit
 def rest_mass_fwd(Q, MU, VAR, LOGC, REST, OUT,  #
                   stride_qz, stride_qh, stride_qm, stride_qd,  #
                   H, LQ, N_Q, N_K, scale,  #
@@ -76,11 +87,8 @@ def rest_mass_fwd(Q, MU, VAR, LOGC, REST, OUT,  #
     m_i = tl.full([BLOCK_M], NO_MASS, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, N_K, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_K
-        mu, var, log_count = _moments(MU, VAR, LOGC, hz, offs_n, offs_d, n_ok, d_ok, N_K, HEAD_DIM)
-        keep = _rest_row(REST, hz, tile * BLOCK_M, offs_n, n_ok, N_Q, N_K, BLKQ)
-        t = _terms(q, q2, mu, var, log_count, keep, scale, DOT_PREC)
+        t, _, _ = _chunk_terms(q, q2, MU, VAR, LOGC, REST, hz, tile * BLOCK_M, n0, N_Q, N_K, scale, offs_d, d_ok,
+                               BLKQ, HEAD_DIM, BLOCK_N, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(t, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(t - m_new[:, None]), 1)
         m_i = m_new
@@ -106,11 +114,8 @@ def rest_mass_dq(Q, MU, VAR, LOGC, REST, LOG_REST, G, DQ,  #
     d_mu = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # sum_b dt_ib mu_b
     d_var = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # sum_b dt_ib var_b
     for n0 in range(0, N_K, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_K
-        mu, var, log_count = _moments(MU, VAR, LOGC, hz, offs_n, offs_d, n_ok, d_ok, N_K, HEAD_DIM)
-        keep = _rest_row(REST, hz, tile * BLOCK_M, offs_n, n_ok, N_Q, N_K, BLKQ)
-        t = _terms(q, q2, mu, var, log_count, keep, scale, DOT_PREC)
+        t, mu, var = _chunk_terms(q, q2, MU, VAR, LOGC, REST, hz, tile * BLOCK_M, n0, N_Q, N_K, scale, offs_d, d_ok,
+                                  BLKQ, HEAD_DIM, BLOCK_N, DOT_PREC)
         # t is -inf on every block that does not count, so p is 0 there, NO_MASS rows included
         dt = tl.exp(t - log_rest[:, None]) * g[:, None]
         d_mu = tl.dot(dt, mu, d_mu, input_precision=DOT_PREC)
