@@ -170,7 +170,7 @@ def _check(args):
         (1, 2, 333, 333, 128, 128, 64, 0.5, "softmax", "rest", torch.float32, False),  # fp32 computed in bf16
         (1, 1, 256, 256, 64, 64, 64, 1.0, "softmax", "rest", torch.bfloat16, False),  # empty linear branch
         (1, 2, 4096, 4096, 128, 128, 64, 0.05, "softmax", "none", torch.bfloat16, True),  # no linear branch
-        # fusions (docs/fusion.md): the kernels' sparse part and differentiable lse, the rest in PyTorch
+        # fusions (docs/fusion.md): the gate first, then the kernels mix the branches in their epilogue
         (1, 2, 1000, 777, 128, 128, 64, 0.2, "softmax", "rest", torch.bfloat16, False, "mass"),
         (1, 2, 4096, 4096, 128, 128, 64, 0.05, "softmax", "rest", torch.bfloat16, True, "mass"),
         (1, 2, 700, 700, 64, 64, 64, 0.15, "elu", "rest", torch.bfloat16, False, "ratio"),
@@ -385,6 +385,15 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
     saved = ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32")
     parts["sla_fwd (training, stores)"] = bench_ms(
         lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32"))
+    if scope == "rest":  # fusion "mass": the same kernels mixing by a gate (`forward.sla_fwd(gate=...)`)
+        gate = -fusion.rest_log_mass(q.detach(), k.detach(), lut, blkq, blkk, scale)
+        parts["sla_fwd (inference, mixed)"] = bench_ms(
+            lambda: ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, False, "tf32", gate, True))
+        mixed = ops.sla_fwd(q, k, v, w, b, lut, scale, feature_map, scope, blkq, blkk, True, "tf32", gate, True)
+        parts["sla_bwd (mixed)"] = bench_ms(
+            lambda: ops.sla_bwd(do, q, k, v, w, b, *mixed, lut, scale, feature_map, scope, blkq, blkk, "tf32", gate,
+                                True))
+        del mixed
     parts["column LUT"] = bench_ms(lambda: column_lut(lut, n_k))
     parts["sla_bwd (all kernels)"] = bench_ms(
         lambda: ops.sla_bwd(do, q, k, v, w, b, *saved, lut, scale, feature_map, scope, blkq, blkk, "tf32"))
@@ -397,10 +406,10 @@ def breakdown(B, H, L, D, topk, blkq, blkk, feature_map, scope):
 
 
 def rest_mass_parts(q, k, lut, blkq, blkk, scale):
-    """Fusion "mass"'s rest estimate (`fusion.rest_log_mass`) on the float32 q, k the fused path passes: the PyTorch
-    path against the kernels (tf32x3 products, the default, and plain tf32), forward alone and forward + backward
-    (gradients to q and k), with the kernels' relative errors against the PyTorch path."""
-    qf, kf = (x.detach().float().requires_grad_() for x in (q, k))
+    """Fusion "mass"'s rest estimate (`fusion.rest_log_mass`) on the q, k the fused path passes (the compute dtype):
+    the PyTorch path against the kernels (tf32x3 products, the default, and plain tf32), forward alone and forward +
+    backward (gradients to q and k), with the kernels' relative errors against the PyTorch path."""
+    qf, kf = (x.detach().clone().requires_grad_() for x in (q, k))
     g = torch.randn(qf.shape[:3], device=q.device, generator=torch.Generator(device=q.device).manual_seed(2))
 
     def run(path):

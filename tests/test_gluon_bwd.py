@@ -80,3 +80,30 @@ def test_hopper_backward_kernel_matches_the_portable_kernel(monkeypatch, name):
             assert torch.equal(ours, ref), what
         else:
             assert rel_err(ours, ref) <= 1e-2, f"{what}: {rel_err(ours, ref):.2e}"
+
+
+@pytest.mark.gpu
+@require_hopper
+@pytest.mark.parametrize("gate_lse", [True, False], ids=["mass", "ratio"])
+@pytest.mark.parametrize("name", ["wan_like_rest_bf16_view", "d72_padded_relu_rest"])
+def test_hopper_backward_kernel_mixes_like_the_portable_kernel(monkeypatch, name, gate_lse):
+    """The backward of a fusion's mix (the sparse kernels read dO_s = w dO): same gradients, d gate included."""
+    from benchmarks.kernel import poisoned_outputs
+    from diffusers_sla.ops import custom_ops
+
+    B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]
+    q, k, v, w, b, do = hopper_case_inputs(name)
+    scale = 0.8 * D**-0.5
+    lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+    gate = torch.randn(B, H, Lq, device="cuda") * 2 - (8.0 if gate_lse else 0.0)
+    saved = custom_ops.forward(q, k, v, w, b, lut, scale, fm, scope, blkq, blkk, True, "tf32", gate, gate_lse)
+    with poisoned_outputs():
+        grads = {}
+        for kernel in ("portable", "hopper"):
+            monkeypatch.setenv("DIFFUSERS_SLA_BWD_KERNEL", kernel)
+            grads[kernel] = custom_ops.backward(do, q, k, v, w, b, *saved, lut, scale, fm, scope, blkq, blkk, "tf32",
+                                                gate, gate_lse)
+    for what, ours, ref in zip(("dq", "dk", "dv", "d proj_weight", "d proj_bias", "d gate"), grads["hopper"],
+                               grads["portable"]):
+        assert ours.shape == ref.shape and torch.isfinite(ours).all(), what
+        assert rel_err(ours, ref) <= 1e-2, f"{what}: {rel_err(ours, ref):.2e}"

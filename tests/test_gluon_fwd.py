@@ -114,3 +114,31 @@ def test_host_descriptors_hold_what_the_checked_constructor_holds():
         ours = gluon_fwd.descriptor(x, box, bits)
         checked = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gluon_fwd.tile_layout(bits, len(box)))
         assert vars(ours) == vars(checked)
+
+
+@pytest.mark.gpu
+@require_hopper
+@pytest.mark.parametrize("gate_lse", [True, False], ids=["mass", "ratio"])
+@pytest.mark.parametrize("name", ["wan_like_rest_bf16_view", "d72_padded_relu_rest", "every_block_selected"])
+def test_hopper_kernel_mixes_like_the_portable_kernel(monkeypatch, name, gate_lse):
+    """A fusion's mix in the epilogue (`forward.sla_fwd(gate=...)`): same output and side outputs on both kernels,
+    and different from SLA's sum (a kernel that ignored the gate would fail)."""
+    from benchmarks.kernel import poisoned_outputs
+    from diffusers_sla.ops import custom_ops
+
+    B, H, Lq, Lk, D, blkq, blkk, topk, fm, scope, dtype, view = HOPPER_CASES[name]
+    q, k, v, w, b, _ = hopper_case_inputs(name)
+    lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk)
+    gate = torch.randn(B, H, Lq, device="cuda") * 2 - (8.0 if gate_lse else 0.0)
+    args = (q, k, v, w, b, lut, 0.8 * D**-0.5, fm, scope, blkq, blkk, True, "tf32")
+    with poisoned_outputs():
+        outs = {}
+        for kernel in ("portable", "hopper"):
+            monkeypatch.setenv("DIFFUSERS_SLA_FWD_KERNEL", kernel)
+            outs[kernel] = custom_ops.forward(*args, gate, gate_lse)
+        summed = custom_ops.forward(*args)[0]
+    for i, what in enumerate(("o", "lse", "den", "o_l")):
+        ours, ref = outs["hopper"][i], outs["portable"][i]
+        assert ours.shape == ref.shape and torch.isfinite(ours).all(), what
+        assert rel_err(ours, ref) <= 1e-2, f"{what}: {rel_err(ours, ref):.2e}"
+    assert rel_err(outs["portable"][0], summed) > 5e-2

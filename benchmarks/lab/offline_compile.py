@@ -3,6 +3,7 @@
 
     python -m benchmarks.lab.offline_compile            # forward, dK/dV and dQ kernels at the Wan layer shape
     python -m benchmarks.lab.offline_compile fwd --scope all --store-bwd
+    python -m benchmarks.lab.offline_compile fwd --mix          # fusion "mass"'s epilogue mix
     python -m benchmarks.lab.offline_compile --scope none  # the sparse part alone: no linear epilogue, no bias
     python -m benchmarks.lab.offline_compile --triton-version 3.6.0 3.7.1 3.8.0 3.9.0   # one table, each release
     python -m benchmarks.lab.offline_compile rest       # fusion "mass"'s rest-mass kernels (Triton, not Gluon)
@@ -154,8 +155,9 @@ def inspect(kernel) -> PtxasReport:
     return PtxasReport(log.stdout + log.stderr, sass.stdout, kernel.metadata.shared)
 
 
-def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
-    """{KERNELS key: (launch function, args, kwargs)} for the Hopper kernels at the Wan layer shape, on CPU tensors."""
+def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25, mix: bool = False):
+    """{KERNELS key: (launch function, args, kwargs)} for the Hopper kernels at the Wan layer shape, on CPU tensors.
+    mix: the forward mixes the branches by a gate (fusion "mass", `forward.sla_fwd`)."""
     import torch
 
     from diffusers_sla.ops.kernels import gluon_bwd, gluon_fwd
@@ -189,7 +191,8 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25):
     return {
         "fwd": (gluon_fwd.launch,
                 (q, k, v, lut, o, lse, den if store_bwd else t(0, dtype=f32), o_l, r, z, w, b, scale, n_q, kept),
-                dict(common, store_bwd=store_bwd, eps=LINEAR_EPS, has_proj=linear)),
+                dict(common, store_bwd=store_bwd, eps=LINEAR_EPS, has_proj=linear,
+                     gate=t(B, H, L, dtype=f32) if mix else None, gate_lse=mix)),
         "dkdv": (gluon_bwd.launch_dkdv,
                  (q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh, dz, scale, n_q, n_k, kept), common),
         "dq": (gluon_bwd.launch_dq, (q, k, v, do, dq, lut, lse, delta, dn, dd, r, z, scale, n_q, kept), common),
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("which", nargs="*", help=f"any of {', '.join(KERNELS)} (default: {', '.join(DEFAULT)})")
     parser.add_argument("--scope", choices=["rest", "all", "none"], default="rest")
     parser.add_argument("--store-bwd", action="store_true", help="the training forward (stores o_l, den)")
+    parser.add_argument("--mix", action="store_true", help="the forward mixes by a gate (fusion 'mass')")
     parser.add_argument("--triton-version", nargs="+", metavar="VERSION",
                         help="compile with each of these Triton releases (e.g. 3.6.0 3.7.1 3.8.0 3.9.0), each "
                         "installed from PyPI into its own folder under --envs and put first on PYTHONPATH of a "
@@ -265,9 +269,9 @@ def _report(args) -> int:
 
     if not args.json:
         print(f"Triton {triton.__version__}, target sm_90a, Wan layer shape, scope {args.scope}"
-              f"{', training forward' if args.store_bwd else ''}")
+              f"{', training forward' if args.store_bwd else ''}{', mixed (fusion mass)' if args.mix else ''}")
     worst = 0
-    launches = wan_launches(args.scope, args.store_bwd)
+    launches = wan_launches(args.scope, args.store_bwd, mix=args.mix)
     for key in KERNELS:
         if key not in args.which:
             continue
@@ -299,7 +303,8 @@ def _triton_env(version: str, envs: str) -> str | None:
 
 def _across_versions(args) -> int:
     rows, failed = [], False
-    child_args = [*args.which, "--scope", args.scope, "--json"] + (["--store-bwd"] if args.store_bwd else [])
+    child_args = [*args.which, "--scope", args.scope, "--json"] + (["--store-bwd"] if args.store_bwd else []) + \
+        (["--mix"] if args.mix else [])
     for version in args.triton_version:
         folder = _triton_env(version, args.envs)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -313,7 +318,8 @@ def _across_versions(args) -> int:
         rows.extend(r for r in got if "error" not in r)
     base = {r["kernel"]: r for r in rows if "error" not in r and r["triton"] == rows[0]["triton"]}
     print(f"Hopper kernels for sm_90a, Wan layer shape, scope {args.scope}"
-          f"{', training forward' if args.store_bwd else ''}; spills against Triton {rows[0]['triton']}\n")
+          f"{', training forward' if args.store_bwd else ''}{', mixed (fusion mass)' if args.mix else ''}; spills "
+          f"against Triton {rows[0]['triton']}\n")
     print("| Triton | kernel | registers | spills (stores / loads, B) | shared memory (B) | wgmma / waits | "
           "products |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -31,7 +31,7 @@ import torch
 from ..config import ALLOWED_BLOCK_SIZES, ALLOWED_LINEAR_SCOPES
 from . import custom_ops, tuning
 from . import fusion as fusion_ops
-from .reference import linear_attention_reference, sla_reference
+from .reference import sla_reference
 from .selection import select_blocks
 
 logger = logging.getLogger(__name__)
@@ -68,81 +68,54 @@ def _compute_dtype_and_precision(dtype: torch.dtype, device: torch.device) -> tu
 class _SLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk,
-                dot_precision, selection=None):
+                dot_precision, selection=None, gate=None, gate_lse=False):
         # lut None: selected here from selection = (q_sel, k_sel, topk, forced_blocks), beside the forward's first
-        # kernels
-        store_bwd = any(ctx.needs_input_grad[:5])
+        # kernels. gate (B, H, Lq) float32: a fusion's mix instead of SLA's sum (`forward.sla_fwd`).
+        store_bwd = any(ctx.needs_input_grad[:5]) or any(ctx.needs_input_grad[13:14])
         args = (scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision)
         if lut is None:
             q_sel, k_sel, topk, forced = selection
             lut, outs = custom_ops.select_and_forward(q_sel, k_sel, q, k, v, proj_weight, proj_bias, topk, *args,
                                                       forced)
         else:
-            outs = custom_ops.forward(q, k, v, proj_weight, proj_bias, lut, *args)
+            outs = custom_ops.forward(q, k, v, proj_weight, proj_bias, lut, *args, gate, gate_lse)
         o, lse, den, o_l, rb, zb, ht, zt = outs
         if store_bwd:
-            ctx.save_for_backward(q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut)
-            ctx.args = (scale, feature_map, linear_scope, blkq, blkk, dot_precision)
+            ctx.save_for_backward(q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, gate)
+            ctx.args = (scale, feature_map, linear_scope, blkq, blkk, dot_precision, gate, gate_lse)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
-        dq, dk, dv, dw, db = custom_ops.backward(
-            do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *ctx.args)
+        q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, gate = ctx.saved_tensors
+        *args, _, gate_lse = ctx.args
+        dq, dk, dv, dw, db, dgate = custom_ops.backward(
+            do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *args, gate,
+            gate_lse)
         if ctx.args[2] == "none":  # no projection in the operator: its stand-ins get no gradient
             dw = db = None
-        return dq, dk, dv, dw, db, None, None, None, None, None, None, None, None
-
-
-class _SparseWithLse(torch.autograd.Function):
-    """The sparse part alone on the kernels (scope "none"), with ln Z_sel as a second, differentiable output."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, lut, scale, blkq, blkk, dot_precision):
-        empty = q.new_empty(0, dtype=torch.float32)
-        store_bwd = any(ctx.needs_input_grad[:3])
-        o, lse, den, o_l, rb, zb, ht, zt = custom_ops.forward(q, k, v, empty, empty, lut, scale, "softmax", "none",
-                                                              blkq, blkk, store_bwd, dot_precision)
-        if store_bwd:
-            ctx.save_for_backward(q, k, v, empty, o, lse, den, o_l, rb, zb, ht, zt, lut)
-            ctx.args = (scale, blkq, blkk, dot_precision)
-        return o, lse * _LN2  # the kernels' lse is log2 Z_sel
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, empty, o, lse, den, o_l, rb, zb, ht, zt, lut = ctx.saved_tensors
-        scale, blkq, blkk, dot_precision = ctx.args
-        do = torch.zeros_like(o) if do is None else do.contiguous()
-        dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
-        dq, dk, dv, _, _ = custom_ops.backward(do, q, k, v, empty, empty, o, lse, den, o_l, rb, zb, ht, zt, lut, scale,
-                                               "softmax", "none", blkq, blkk, dot_precision, dlse)
-        return dq, dk, dv, None, None, None, None, None
-
-
-_LN2 = 0.6931471805599453
+        return (dq, dk, dv, dw, db, None, None, None, None, None, None, None, None,
+                dgate if gate is not None else None, None)
 
 
 def _fused(q, k, v, proj_weight, proj_bias, lut, *, blkq, blkk, feature_map, linear_scope, scale, fusion,
            ratio_weight, ratio_bias):
-    """Fusion "mass" / "ratio": the sparse part and ln Z_sel from the kernels, the linear branch, the rest's mass
-    and the combination in float32 PyTorch (`ops/fusion.py`). Output in q's dtype."""
+    """Fusion "mass" / "ratio" (`ops/fusion.py`) on the kernels: each row's gate first ("mass": -ln Zhat_rest on the
+    rest-mass kernels; "ratio": q . u + c), then the attention kernels mix the two branches in their epilogue.
+    Output in q's dtype."""
     fusion_ops.check_fusion(fusion, linear_scope)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute_dtype, dot_precision = _compute_dtype_and_precision(q.dtype, q.device)
     qc, kc, vc = (x.to(compute_dtype) for x in (q, k, v))
-    o_sparse, lse = _SparseWithLse.apply(qc, kc, vc, lut, float(scale), blkq, blkk, dot_precision)
-    # the branches see the same (rounded) inputs as the kernels, in float32
-    qf, kf, vf = (x.to(torch.float32) for x in (qc, kc, vc))
-    o_linear = linear_attention_reference(qf, kf, vf, lut, blkq, blkk, feature_map, linear_scope)
+    # the gate sees the same (rounded) inputs as the kernels, in float32
     if fusion == "mass":
-        # the rest's mass on the Triton kernels where they run (`fusion.rest_mass_kernels_run`)
-        extra = dict(lse=lse, log_rest=fusion_ops.rest_log_mass(qf, kf, lut, blkq, blkk, scale))
+        gate = -fusion_ops.rest_log_mass(qc, kc, lut, blkq, blkk, scale)
     else:
-        extra = dict(q=qf, ratio_weight=ratio_weight.to(torch.float32), ratio_bias=ratio_bias.to(torch.float32))
-    o = fusion_ops.combine(o_sparse.to(torch.float32), o_linear, proj_weight.to(torch.float32),
-                           proj_bias.to(torch.float32), fusion=fusion, **extra)
+        gate = qc.to(torch.float32) @ ratio_weight.to(torch.float32) + ratio_bias.to(torch.float32)
+    o = _SLATriton.apply(qc, kc, vc, proj_weight.to(torch.float32).contiguous(),
+                         proj_bias.to(torch.float32).contiguous(), lut, float(scale), feature_map, linear_scope, blkq,
+                         blkk, dot_precision, None, gate.to(torch.float32).contiguous(), fusion == "mass")
     return o.to(q.dtype)
 
 
@@ -211,8 +184,8 @@ def sla_triton(
     `forced_blocks` (start, end): key blocks every query block keeps (`selection.select_blocks`).
 
     head_dim up to 128 (any size: non-powers of two run padded inside the kernels); larger heads fall back to the
-    PyTorch operator with a warning. The fusions "mass" and "ratio" (`ops/fusion.py`) run the sparse part on the
-    kernels and the rest of the fusion in PyTorch (`_fused`)."""
+    PyTorch operator with a warning. The fusions "mass" and "ratio" (`ops/fusion.py`) mix the branches in the
+    kernels' epilogue by a per-row gate computed first (`_fused`)."""
     global _warned_fallback
     _check_args(q, topk, blkq, blkk, feature_map, linear_scope)
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -226,15 +199,13 @@ def sla_triton(
                              ratio_weight=ratio_weight, ratio_bias=ratio_bias)
     forced = (0, 0) if forced_blocks is None else tuple(forced_blocks)
     kw = dict(blkq=blkq, blkk=blkk, feature_map=feature_map, linear_scope=linear_scope, scale=scale)
-    if fusion != "sla":  # the fusions run the sparse part on a block map chosen first (`_fused`)
-        lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
-        return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw, fusion=fusion,
-                                   ratio_weight=ratio_weight, ratio_bias=ratio_bias)
-    if tuning.SELECT == "fused" and not torch.compiler.is_compiling():
-        # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`)
+    if fusion == "sla" and tuning.SELECT == "fused" and not torch.compiler.is_compiling():
+        # eager: the forward selects the blocks itself, beside its first kernels (`custom_ops.select_and_forward`);
+        # the fusions need the block map first, for their gate (`_fused`)
         return _run(q, k, v, proj_weight, proj_bias, None, (q.detach(), k.detach(), topk, forced), **kw)
     if tuning.SELECT == "fused":
-        lut = custom_ops.select_blocks_fused(q, k, topk, blkq, blkk, *forced)
+        lut = custom_ops.select_blocks_fused(q.detach(), k.detach(), topk, blkq, blkk, *forced)
     else:
         lut = select_blocks(q, k, topk, blkq, blkk, forced_blocks)
-    return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw)
+    return sla_triton_with_lut(q, k, v, proj_weight, proj_bias, lut, **kw, fusion=fusion, ratio_weight=ratio_weight,
+                               ratio_bias=ratio_bias)

@@ -10,6 +10,7 @@ import torch
 
 from . import buffers, tuning
 from .buffers import geometry, head_tiles, proj_precision, query_rows, split, strides, tma_ready
+from .forward import check_gate
 from .kernel_choice import backward_kernel
 from .kernels import gluon_bwd
 from .kernels.common import FEATURE_MAPS, is_cuda
@@ -35,15 +36,15 @@ def sla_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
     proj_bias: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, den: torch.Tensor, o_l: torch.Tensor,
     rb: torch.Tensor, zb: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor, lut: torch.Tensor, scale: float,
-    feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str, dlse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    feature_map: str, linear_scope: str, blkq: int, blkk: int, dot_precision: str, gate: torch.Tensor | None = None,
+    gate_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv (in q's dtype, contiguous), d proj_weight (D, D) and d proj_bias (D,) in float32 (both empty
-    for scope "none", whose operator has no proj_l).
+    for scope "none", whose operator has no proj_l), and d gate (B, H, Lq) float32 (empty without a gate).
 
-    dlse (B, H, Lq) float32, optional: the gradient reaching the natural-log mass of the selected blocks,
-    ln Z_sel = lse * ln 2 (the fusions of `ops/fusion.py`). d ln Z_sel / d s_ij = P_ij, so it joins the sparse
-    backward's dS = P (dP - delta) as delta - dlse."""
-    g = geometry(q, k, lut, blkq, blkk, linear_scope)
+    gate, gate_lse: the forward's mix (`forward.sla_fwd`); the sparse kernels then see dO_s = w dO, and
+    d ln Z_sel = d gate (gate_lse) joins their dS = P (dP - delta) as delta - d gate (`triton_bwd`'s docstring)."""
+    g = geometry(q, k, lut, blkq, blkk, linear_scope, mixed=gate is not None)
     B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear, proj = g
     fm = FEATURE_MAPS[feature_map]
     dev = q.device
@@ -59,15 +60,20 @@ def sla_bwd(
     drb = buffers.empty(B, H, n_qblk, block_d, block_d, device=dev, dtype=q.dtype) if has_linear \
         else q.new_empty(0)
     dzb = buffers.empty(B, H, n_qblk, block_d, device=dev, dtype=torch.float32) if has_linear else delta.new_empty(0)
+    mix = gate is not None
+    if mix:  # the sparse kernels' dO_s = w dO, and d gate
+        check_gate(gate, g)
+        dos = buffers.empty(B, H, Lq, D, device=dev, dtype=do.dtype)
+        dgate = buffers.empty(B, H, Lq, device=dev, dtype=torch.float32)
+    else:
+        dos, dgate, gate = do, delta.new_empty(0), lse  # unread stand-ins
     attn_bwd_preprocess[(n_qblk, B * H)](
-        o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb,
+        o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb, lse, gate, dos, dgate,
         *strides(o), *strides(do), *strides(q), H, Lq, n_qblk,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, HAS_PROJ=proj, FEATURE_MAP=fm,
-        DOT_PREC=dot_precision, PROJ_PREC=proj_precision(dot_precision),
+        DOT_PREC=dot_precision, PROJ_PREC=proj_precision(dot_precision), MIX=mix, GATE_LSE=gate_lse,
         num_warps=tuning.PREPROCESS_WIDE_WARPS if block_d * blkq >= 128 * 128 else warps, num_stages=1,
     )
-    if dlse is not None:
-        delta.sub_(dlse)
 
     # -- proj_l gradients: dW = sum dO^T o_l, db = sum dO ----
     if has_linear:
@@ -75,8 +81,8 @@ def sla_bwd(
         dwp = buffers.empty(n_split, block_d, block_d, device=dev, dtype=torch.float32)
         dbp = buffers.empty(n_split, block_d, device=dev, dtype=torch.float32)
         proj_grad[(n_split,)](
-            do, o_l, dwp, dbp, *strides(do), H, Lq, n_qblk, B * H * n_qblk, n_split,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision,
+            do, o_l, dwp, dbp, lse, gate, *strides(do), H, Lq, n_qblk, B * H * n_qblk, n_split,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision, MIX=mix, GATE_LSE=gate_lse,
             num_warps=warps, num_stages=stages,
         )
         dw = dwp.sum(0)[:D, :D].contiguous()
@@ -102,7 +108,7 @@ def sla_bwd(
         dht, dzt, dhb, dzbk = ht, zt, drb, dzb  # unused
 
     # -- dK, dV over the column LUT, dQ over the LUT: two launches (Gluon kernels on Hopper) ----
-    qd, kd, vd, dod = tma_ready(q), tma_ready(k), tma_ready(v), tma_ready(do)
+    qd, kd, vd, dod = tma_ready(q), tma_ready(k), tma_ready(v), tma_ready(dos)
     col_q, col_off, col_cnt = column_lut(lut, n_kblk)
     dq = buffers.empty(B, H, Lq, D, device=dev, dtype=q.dtype)
     dk = buffers.empty(B, H, Lk, D, device=dev, dtype=q.dtype)
@@ -116,7 +122,7 @@ def sla_bwd(
                               n_qblk, n_kblk, kept, block_d, blkq, blkk, rest, has_linear, fm)
         gluon_bwd.launch_dq(qd, kd, vd, dod, dq, lut, lse, delta, dn, dd, r_in, z_in, scale, n_qblk, kept, block_d,
                             blkq, blkk, rest, has_linear, fm)
-        return dq, dk, dv, dw, db
+        return dq, dk, dv, dw, db, dgate
     dkdv_rows, dq_rows = query_rows(blkq, "DKDV"), query_rows(blkq, "DQ")
     for program, n_prog, rows in ((0, n_kblk, dkdv_rows), (1, n_qblk * (blkq // dq_rows), dq_rows)):
         attn_bwd[(n_prog, B * H)](
@@ -130,4 +136,4 @@ def sla_bwd(
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, BLOCK_N=blkk, STEP_M=rows,
             REST=rest, HAS_LINEAR=has_linear, FEATURE_MAP=fm, DOT_PREC=dot_precision, PROGRAM=program,
         )
-    return dq, dk, dv, dw, db
+    return dq, dk, dv, dw, db, dgate

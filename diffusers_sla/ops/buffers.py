@@ -58,15 +58,17 @@ class Geometry(NamedTuple):
 
 
 def geometry(q: torch.Tensor, k: torch.Tensor, lut: torch.Tensor | None, blkq: int, blkk: int,
-             linear_scope: str, topk: float | None = None, forced: int = 0) -> Geometry:
+             linear_scope: str, topk: float | None = None, forced: int = 0, mixed: bool = False) -> Geometry:
     """From the block map's shape, or (lut None) from the `topk` (and `forced` block count) the map will be selected
-    with."""
+    with. mixed (a fusion's gate, scope "rest"): the linear branch is kept even where nothing is left (its o_l = 0
+    then), so that the mix still weighs in proj_l's bias."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_qblk, n_kblk = num_blocks(Lq, blkq), num_blocks(Lk, blkk)
     kept = lut.shape[-1] if lut is not None else num_kept_blocks(topk, n_kblk, forced)
     return Geometry(B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d(D), linear_scope == "rest",
-                    has_linear(linear_scope, kept, n_kblk), linear_scope != "none")
+                    has_linear(linear_scope, kept, n_kblk) or (mixed and linear_scope == "rest"),
+                    linear_scope != "none")
 
 
 def side_shapes(q, n_qblk, block_d, store_bwd, rest, has_linear):

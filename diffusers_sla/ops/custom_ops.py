@@ -42,8 +42,9 @@ sla_fwd = torch.library.custom_op("diffusers_sla::sla_fwd", mutates_args=())(_fo
 
 
 @sla_fwd.register_fake
-def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision):
-    g = geometry(q, k, lut, blkq, blkk, linear_scope)
+def _(q, k, v, proj_weight, proj_bias, lut, scale, feature_map, linear_scope, blkq, blkk, store_bwd, dot_precision,
+      gate=None, gate_lse=False):
+    g = geometry(q, k, lut, blkq, blkk, linear_scope, mixed=gate is not None)
     B, H, Lq, block_d, has_linear = g.B, g.H, g.Lq, g.block_d, g.has_linear
     s_den, s_ol, s_rb, s_zb = side_shapes(q, g.n_qblk, block_d, store_bwd, g.rest, has_linear)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -60,12 +61,13 @@ sla_bwd = torch.library.custom_op("diffusers_sla::sla_bwd", mutates_args=())(_ba
 
 @sla_bwd.register_fake
 def _(do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, scale, feature_map, linear_scope,
-      blkq, blkk, dot_precision, dlse=None):
+      blkq, blkk, dot_precision, gate=None, gate_lse=False):
     D = q.shape[-1]
     f32 = dict(device=q.device, dtype=torch.float32)
     proj = linear_scope != "none"
     return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape),
-            torch.empty((D, D) if proj else (0,), **f32), torch.empty((D,) if proj else (0,), **f32))
+            torch.empty((D, D) if proj else (0,), **f32), torch.empty((D,) if proj else (0,), **f32),
+            torch.empty(q.shape[:3] if gate is not None else (0,), **f32))
 
 
 def _eager_or_op(op, impl, name):

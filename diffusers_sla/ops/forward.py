@@ -20,26 +20,40 @@ from .linear_state import LinearState, linear_state_of, rest_weights
 def sla_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
     lut: torch.Tensor, scale: float, feature_map: str, linear_scope: str, blkq: int, blkk: int, store_bwd: bool,
-    dot_precision: str,
+    dot_precision: str, gate: torch.Tensor | None = None, gate_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """-> o (B, H, Lq, D) in q's dtype and memory layout, lse (B, H, Lq) float32 in log2 units, and what backward
     needs: the linear denominator (B, H, Lq) float32, o_l before proj_l (B, H, Lq, D), R_i and z_i per query block
-    ("rest"), the per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty."""
-    g = geometry(q, k, lut, blkq, blkk, linear_scope)
+    ("rest"), the per-head totals H and Z (empty for "rest", which reads R_i, z_i). Unused side outputs are empty.
+
+    gate (B, H, Lq) float32, scope "rest" only: the fusions' mix (`ops/fusion.py`) instead of SLA's sum,
+    o = w o_s + (1 - w) (o_l + proj_l(o_l)) with w = sigmoid(gate + ln Z_sel) if gate_lse else sigmoid(gate)."""
+    g = geometry(q, k, lut, blkq, blkk, linear_scope, mixed=gate is not None)
     buffers.use_descriptors()
     qd, kd, vd = tma_ready(q), tma_ready(k), tma_ready(v)
     state = linear_state_of(kd, vd, g, blkk, feature_map, dot_precision)
     return attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state, g, scale, feature_map, blkq, blkk, store_bwd,
-                  dot_precision)
+                  dot_precision, gate=gate, gate_lse=gate_lse)
+
+
+def check_gate(gate, g: Geometry) -> None:
+    if gate is None:
+        return
+    if not (g.rest and g.has_linear):
+        raise ValueError("`gate` (a fusion's mix) needs linear_scope 'rest' and a linear branch.")
+    if gate.shape != (g.B, g.H, g.Lq) or gate.dtype != torch.float32 or not gate.is_contiguous():
+        raise ValueError(f"`gate` must be a contiguous float32 tensor of shape {(g.B, g.H, g.Lq)}, got {gate.dtype} "
+                         f"{tuple(gate.shape)}.")
 
 
 def attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: LinearState, g: Geometry, scale, feature_map,
-           blkq, blkk, store_bwd, dot_precision, rest_weights_and_z=None):
+           blkq, blkk, store_bwd, dot_precision, rest_weights_and_z=None, gate=None, gate_lse=False):
     """The forward after the linear state: R_i, z_i ("rest"), then the attention kernel. -> `sla_fwd`'s outputs.
     rest_weights_and_z: ("rest") the 0/1 matrix and z_i when the top-k already made them
     (`fused_selection.top_blocks_and_rest`)."""
     B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear, proj = g
+    check_gate(gate, g)
     ht, zt, hb, zkb, z_parts = state
     o = buffers.empty_like_input(q)
     lse = buffers.empty(B, H, Lq, device=q.device, dtype=torch.float32)
@@ -62,16 +76,16 @@ def attend(q, qd, kd, vd, proj_weight, proj_bias, lut, state: LinearState, g: Ge
             o = buffers.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
         gluon_fwd.launch(qd, kd, vd, lut, o, lse, den, o_l, r_in, z_in, proj_weight, proj_bias, scale, n_qblk, kept,
                          block_d, blkq, blkk, rest, has_linear, FEATURE_MAPS[feature_map], store_bwd, LINEAR_EPS,
-                         has_proj=proj)
+                         has_proj=proj, gate=gate, gate_lse=gate_lse)
         return o, lse, den, o_l, rb, zb, ht, zt
     rows = query_rows(blkq, "FWD")
     attn_fwd[(n_qblk * (blkq // rows), B * H)](
-        qd, kd, vd, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias,
+        qd, kd, vd, lut, o, lse, den, o_l, rb, zb, ht, zt, proj_weight, proj_bias, lse if gate is None else gate,
         *strides(qd), *strides(kd), *strides(vd), *strides(o),
         scale, H, Lq, Lk, n_qblk, n_kblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows,
         REST=rest, HAS_LINEAR=has_linear, HAS_PROJ=proj, FEATURE_MAP=FEATURE_MAPS[feature_map], STORE_BWD=store_bwd,
         DOT_PREC=dot_precision, PROJ_PREC=proj_precision(dot_precision), EPS=LINEAR_EPS,
-        FOLD_SCALE=scale > 0,
+        FOLD_SCALE=scale > 0, MIX=gate is not None, GATE_LSE=gate_lse,
     )
     return o, lse, den, o_l, rb, zb, ht, zt

@@ -174,8 +174,18 @@ def test_torch_compile_fullgraph_and_fake_impls(scope, device):
     bwd_args = (do, q, k, v, pw, pb, *saved, lut, 32**-0.5, "elu", scope, 32, 32, "ieee")
     torch.library.opcheck(torch.ops.diffusers_sla.sla_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
-    dw, db = torch.ops.diffusers_sla.sla_bwd(*bwd_args)[3:]
+    dw, db, dgate = torch.ops.diffusers_sla.sla_bwd(*bwd_args)[3:]
     assert (dw.shape, db.shape) == (((32, 32), (32,)) if scope == "rest" else ((0,), (0,)))
+    assert dgate.shape == (0,)
+    if scope == "rest":  # a fusion's mix: the gate is one more input, d gate one more output
+        gate = torch.randn(q.shape[:3], dtype=torch.float32, device=q.device)
+        torch.library.opcheck(torch.ops.diffusers_sla.sla_fwd.default, (*args, gate, True),
+                              test_utils=("test_schema", "test_faketensor"))
+        saved = torch.ops.diffusers_sla.sla_fwd(*args, gate, True)
+        bwd_args = (do, q, k, v, pw, pb, *saved, lut, 32**-0.5, "elu", scope, 32, 32, "ieee", gate, True)
+        torch.library.opcheck(torch.ops.diffusers_sla.sla_bwd.default, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
+        assert torch.ops.diffusers_sla.sla_bwd(*bwd_args)[5].shape == gate.shape
 
 
 def test_selection_beside_the_linear_state_changes_nothing(device, monkeypatch):

@@ -175,13 +175,14 @@ if GLUON_AVAILABLE:
         return acc, s_cur, m_i, l_i, start_n
 
     @gluon.jit
-    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, desc_r, desc_w, LUT, M, Den, OL, ZB, Bias,  #
+    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, desc_r, desc_w, LUT, M, Den, OL, ZB, Bias, Gate,  #
                          sm_scale, H, N_CTX_Q, N_CTX_KV, N_QBLK, KEPT,  #
                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, REST: gl.constexpr,
                          HAS_LINEAR: gl.constexpr, FEATURE_MAP: gl.constexpr, STORE_BWD: gl.constexpr,
                          EPS: gl.constexpr, FOLD_SCALE: gl.constexpr,
-                         HAS_PROJ: gl.constexpr, num_warps: gl.constexpr):
+                         HAS_PROJ: gl.constexpr, MIX: gl.constexpr, GATE_LSE: gl.constexpr,
+                         num_warps: gl.constexpr):
         # Arguments as `attn_fwd`, except that q, k, v and out come as host-built 4-D (B, H, L, D) tensor
         # descriptors (`launch`) and the linear state as desc_r, over BLOCK_D x BLOCK_D tiles in the input dtype, one
         # per query block for "rest" (R_i), one per head for "all" (the total H), with ZB the matching z vectors
@@ -303,10 +304,26 @@ if GLUON_AVAILABLE:
             proj_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                                   instr_shape=[16, BLOCK_D, 8])
             ol_lo: gl.constexpr = 2 * OL_AT // OL_UNITS
-            acc = warpgroup_mma(ol_halves.index(ol_lo), w_halves.index(1).permute((1, 0)),
-                                gl.convert_layout(acc, proj_layout), is_async=True)
-            acc = warpgroup_mma(ol_halves.index(ol_lo + 1), w_halves.index(2).permute((1, 0)), acc, is_async=True)
-            acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(acc,)), o_layout)
+            if MIX:  # o = w o_s + (1 - w) (o_l + o_l W^T + b), the row's w from its gate (`triton_fwd.attn_fwd`)
+                lin = warpgroup_mma(ol_halves.index(ol_lo), w_halves.index(1).permute((1, 0)),
+                                    gl.convert_layout(o_l, proj_layout), is_async=True)
+                lin = warpgroup_mma(ol_halves.index(ol_lo + 1), w_halves.index(2).permute((1, 0)), lin,
+                                    is_async=True)
+                lin = gl.convert_layout(warpgroup_mma_wait(0, deps=(lin,)), o_layout)
+                offs_dm = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
+                lin += gl.load(Bias + offs_dm, mask=offs_dm < HEAD_DIM, other=0.0)[None, :]
+                rows_o = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+                logit = gl.load(Gate + off_hz.to(gl.int64) * N_CTX_Q + rows_o, mask=rows_o < N_CTX_Q, other=0.0)
+                if GATE_LSE:  # + ln Z_sel
+                    logit += gl.convert_layout((m_i + gl.log2(l_i)) * 0.6931471805599453, gl.SliceLayout(1, o_layout))
+                w = 1.0 / (1.0 + gl.exp(-logit))
+                acc = w[:, None] * acc + (1.0 - w)[:, None] * lin
+            else:
+                acc = warpgroup_mma(ol_halves.index(ol_lo), w_halves.index(1).permute((1, 0)),
+                                    gl.convert_layout(acc, proj_layout), is_async=True)
+                acc = warpgroup_mma(ol_halves.index(ol_lo + 1), w_halves.index(2).permute((1, 0)), acc,
+                                    is_async=True)
+                acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(acc,)), o_layout)
             if STORE_BWD:  # den and o_l for the backward, through a coalesced layout
                 ep_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
                 rows_ep = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ep_layout))
@@ -318,7 +335,7 @@ if GLUON_AVAILABLE:
                 o_l_ep = gl.convert_layout(o_l.to(dtype), ep_layout)
                 gl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l_ep,
                          mask=m_ok[:, None] & d_ok[None, :])
-        if HAS_PROJ:  # off for scope "none" (the sparse part alone): neither W nor the bias is read
+        if HAS_PROJ and not MIX:  # off for scope "none" (the sparse part alone): neither W nor the bias is read
             offs_do = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
             acc += gl.load(Bias + offs_do, mask=offs_do < HEAD_DIM, other=0.0)[None, :]
         # the output tile leaves through q's shared memory (no longer read) and TMA, which clips rows past N_CTX_Q
@@ -377,11 +394,12 @@ def launch_grid(n_qblk: int, blkq: int, blkk: int, batch_heads: int) -> tuple[in
 
 def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, scale: float, n_qblk: int, kept: int,
            block_d: int, blkq: int, blkk: int, rest: bool, has_linear: bool, feature_map: int, store_bwd: bool,
-           eps: float, has_proj: bool = True):
+           eps: float, has_proj: bool = True, gate=None, gate_lse: bool = False):
     """Runs `_attn_fwd_hopper` (the caller checked `supports`). q, k, v, o: (B, H, L, D) with unit inner stride and
     16-byte aligned rows (`buffers.tma_ready`); r_tiles: (n, block_d, block_d) in q's dtype, one tile per query
     block ("rest") or per head ("all"), z the matching float32 vectors; other arguments as `triton_fwd.attn_fwd`.
     has_proj False (scope "none"): no bias is added, and proj_weight / proj_bias may be empty (never read).
+    gate (B, H, Lq) float32: mix the branches by the row's gate instead of adding them (`triton_fwd.attn_fwd`).
     """
     B, H, Lq, D = q.shape
     rows, warps, stages = LAUNCH[blkk]
@@ -393,9 +411,9 @@ def launch(q, k, v, lut, o, lse, den, o_l, r_tiles, z, proj_weight, proj_bias, s
         descriptor(q, [1, 1, rows, block_d]), descriptor(k, [1, 1, blkk, block_d]),
         descriptor(v, [1, 1, blkk, block_d]), descriptor(o, [1, 1, rows, block_d]),
         descriptor(r2d, [block_d, block_d]), descriptor(w2d, [block_d, block_d // 2], 32),
-        lut, lse, den, o_l, z, proj_bias,
+        lut, lse, den, o_l, z, proj_bias, lse if gate is None else gate,
         scale, H, Lq, k.shape[2], n_qblk, kept,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, BLOCK_N=blkk, SPLIT=blkq // rows, STAGES=stages, REST=rest,
         HAS_LINEAR=has_linear, FEATURE_MAP=feature_map, STORE_BWD=store_bwd, EPS=eps, FOLD_SCALE=scale > 0,
-        HAS_PROJ=has_proj, num_warps=warps,
+        HAS_PROJ=has_proj, MIX=gate is not None, GATE_LSE=gate_lse, num_warps=warps,
     )

@@ -15,6 +15,14 @@ With o = o_s + o_l W^T + b, o_l = N / d, N = phi(q) R_i, d = phi(q) . z_i + eps,
 table, i.e. only the query blocks that selected their key block; query-block programs (dQ) walk the forward's LUT.
 Nothing scans all blocks, and no D x D matrix is touched inside either loop: dh_j and dz_j ("rest") come from a 0/1
 matrix product over the per-query-block dR_i, dz_i before the launch.
+
+With MIX (a fusion's gate, `triton_fwd.attn_fwd`): o = w o_s + (1 - w) L, L = o_l + o_l W^T + b. The preprocess
+hands the sparse kernels dO_s = w dO (stored), the linear branch g = (1 - w)(dO + dO W), and, without dividing by w,
+
+    delta = rowsum(dO_s * o_s) = rowsum(dO * o) - (1 - w) rowsum(dO * L)
+    d gate = w (1 - w) rowsum(dO * (o_s - L)) = (1 - w) (delta - w rowsum(dO * L))
+
+and with GATE_LSE (w = sigmoid(gate + ln Z_sel)) the same d gate reaches ln Z_sel: delta - d gate.
 """
 
 import triton
@@ -25,14 +33,15 @@ from .common import autotune_configs, feature_map, feature_map_bwd, head_base, p
 
 
 @triton.jit
-def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
+def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB, M, Gate, DOS, DGate,  #
                          stride_oz, stride_oh, stride_om, stride_ok,  #
                          stride_doz, stride_doh, stride_dom, stride_dok,  #
                          stride_qz, stride_qh, stride_qm, stride_qk,  #
                          H, N_CTX_Q, N_QBLK,  #
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,  #
                          HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                         PROJ_PREC: tl.constexpr, HAS_PROJ: tl.constexpr):
+                         PROJ_PREC: tl.constexpr, HAS_PROJ: tl.constexpr, MIX: tl.constexpr = False,
+                         GATE_LSE: tl.constexpr = False):
     start_m, off_hz, off_z, off_h = program_ids(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_D)
@@ -44,10 +53,10 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
     do_in = tl.load(head_base(DO, off_z, off_h, stride_doz, stride_doh) +
                     offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
     do = do_in.to(tl.float32)
-    if HAS_PROJ:  # o holds proj_l's bias; scope "none" (no proj_l) reads neither W nor the bias
+    row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
+    if HAS_PROJ and not MIX:  # o holds proj_l's bias; scope "none" (no proj_l) reads neither W nor the bias
         o -= tl.load(Bias + offs_k, mask=d_ok, other=0.0)[None, :]
     delta = tl.sum(do * o, 1)
-    row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
     if HAS_LINEAR:
         ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         den = tl.load(Den + row, mask=m_ok, other=1.0)
@@ -57,7 +66,24 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
         # dtype (faster, error unchanged at bf16 noise); float32 inputs keep float32 operands and PROJ_PREC
         g = tl.dot(do_in, w.to(do_in.dtype), input_precision=PROJ_PREC)
         gol = tl.sum(g * ol, 1)
-        delta -= gol
+        if MIX:  # the module docstring's mix: dO_s, delta, d gate, and g for o_l
+            logit = tl.load(Gate + row, mask=m_ok, other=0.0)
+            if GATE_LSE:
+                logit += tl.load(M + row, mask=m_ok, other=0.0) * 0.6931471805599453
+            mix = tl.sigmoid(logit)
+            bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
+            do_lin = tl.sum(do * ol, 1) + gol + tl.sum(do * bias[None, :], 1)  # rowsum(dO * L)
+            delta -= (1.0 - mix) * do_lin
+            dgate = (1.0 - mix) * (delta - mix * do_lin)
+            tl.store(DGate + row, dgate, mask=m_ok)
+            if GATE_LSE:
+                delta -= dgate
+            tl.store(DOS + row[:, None] * HEAD_DIM + offs_k[None, :], (mix[:, None] * do).to(DOS.dtype.element_ty),
+                     mask=mask)
+            g = (1.0 - mix)[:, None] * (do + g)
+            gol = tl.sum(g * ol, 1)
+        else:
+            delta -= gol
         dn = g / den[:, None]
         dd = -gol / den
         tl.store(DD + row, dd, mask=m_ok)
@@ -75,11 +101,13 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB,  #
 
 
 @triton.jit
-def proj_grad(DO, OL, DWP, DBP,  #
+def proj_grad(DO, OL, DWP, DBP, M, Gate,  #
                stride_doz, stride_doh, stride_dom, stride_dok,  #
                H, N_CTX_Q, N_TILES, TOTAL_TILES, SPLIT,  #
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
-    # Partial dW = sum dO^T o_l and db = sum dO over row tiles split, split + SPLIT, ...
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+               MIX: tl.constexpr = False, GATE_LSE: tl.constexpr = False):
+    # Partial dW = sum dO^T o_l and db = sum dO over row tiles split, split + SPLIT, ...; with MIX, dO is the
+    # linear term's share (1 - w) dO
     split = tl.program_id(0)
     offs_k = tl.arange(0, BLOCK_D)
     d_ok = offs_k < HEAD_DIM
@@ -96,6 +124,11 @@ def proj_grad(DO, OL, DWP, DBP,  #
                      offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
         row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
         ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0)
+        if MIX:
+            logit = tl.load(Gate + row, mask=m_ok, other=0.0)
+            if GATE_LSE:
+                logit += tl.load(M + row, mask=m_ok, other=0.0) * 0.6931471805599453
+            do = ((1.0 - tl.sigmoid(logit))[:, None] * do.to(tl.float32)).to(do.dtype)
         dw = tl.dot(tl.trans(do), ol.to(do.dtype), dw, input_precision=DOT_PREC)
         db += tl.sum(do.to(tl.float32), 0)
     tl.store(DWP + split * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], dw)

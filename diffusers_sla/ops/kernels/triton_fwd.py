@@ -11,6 +11,10 @@ phi(q) R_i / (phi(q) . z_i + eps). For scope "all", R_i, z_i are the per-head to
 Z = sum_j phi(k_j) (`linear_state.linear_state`); for "rest" they are sums of the per-key-block h_j, z_j over the
 blocks the query block did not select, formed before the launch (`ops/forward.py`: R_i as a 0/1 matrix product, z_i as
 Z minus the selected z_j), so that the attention loop holds no D x D state. Feature maps: `common.py`.
+
+With MIX (the fusions "mass" and "ratio", `ops/fusion.py`) the epilogue mixes instead of adding:
+o = w o_s + (1 - w) (o_l + o_l W^T + b), w = sigmoid(gate + ln Z_sel) (GATE_LSE, "mass": gate = -ln Zhat_rest) or
+sigmoid(gate) ("ratio": gate = q . u + c), gate a float32 value per row computed before the launch.
 """
 
 import triton
@@ -62,9 +66,9 @@ configs = autotune_configs(tuning.FWD_AUTOTUNE_WARPS, tuning.FWD_AUTOTUNE_STAGES
 
 
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "SPLIT", "KEPT", "REST",
-                               "FEATURE_MAP", "STORE_BWD"], prune_configs_by={"early_config_prune": prune_configs})
+                               "FEATURE_MAP", "STORE_BWD", "MIX"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
-def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
+def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias, Gate,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
               stride_kz, stride_kh, stride_kn, stride_kk,  #
               stride_vz, stride_vh, stride_vn, stride_vk,  #
@@ -73,7 +77,8 @@ def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
               SPLIT: tl.constexpr, REST: tl.constexpr, HAS_LINEAR: tl.constexpr, FEATURE_MAP: tl.constexpr,
               STORE_BWD: tl.constexpr, DOT_PREC: tl.constexpr, PROJ_PREC: tl.constexpr, EPS: tl.constexpr,
-              FOLD_SCALE: tl.constexpr, HAS_PROJ: tl.constexpr):
+              FOLD_SCALE: tl.constexpr, HAS_PROJ: tl.constexpr, MIX: tl.constexpr = False,
+              GATE_LSE: tl.constexpr = False):
     # BLOCK_M rows per program: a query block of SPLIT * BLOCK_M rows runs as SPLIT programs that share its LUT row
     start_m, off_hz, off_z, off_h = program_ids(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,11 +131,19 @@ def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias,  #
         o_l = num / den[:, None]
         # o_l @ W^T: W[n, k] loaded transposed
         wT = tl.load(W + offs_k[None, :] * HEAD_DIM + offs_k[:, None], mask=w_mask, other=0.0)
-        acc = tl.dot(o_l, wT, acc, input_precision=PROJ_PREC)
+        if MIX:  # the linear term o_l + proj_l(o_l), mixed with the sparse part by the row's gate
+            lin = tl.dot(o_l, wT, o_l, input_precision=PROJ_PREC) + bias[None, :]
+            logit = tl.load(Gate + row, mask=m_ok, other=0.0)
+            if GATE_LSE:
+                logit += m_i * 0.6931471805599453  # ln Z_sel (m_i holds log2 Z_sel)
+            w = tl.sigmoid(logit)
+            acc = w[:, None] * acc + (1.0 - w)[:, None] * lin
+        else:
+            acc = tl.dot(o_l, wT, acc, input_precision=PROJ_PREC)
         if STORE_BWD:
             tl.store(Den + row, den, mask=m_ok)
             tl.store(OL + row[:, None] * HEAD_DIM + offs_k[None, :], o_l.to(Out.dtype.element_ty), mask=q_mask)
-    if HAS_PROJ:
+    if HAS_PROJ and not MIX:
         acc += bias[None, :]
     O_ptrs = head_base(Out, off_z, off_h, stride_oz, stride_oh) + \
         offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
