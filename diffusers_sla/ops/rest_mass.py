@@ -102,11 +102,43 @@ def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=No
     return dq, dmean, dvar
 
 
+# `torch.library` ops, opaque to torch.compile (no graph break; Dynamo cannot trace a Triton launch inside an
+# autograd.Function), as `custom_ops.py` does for the attention kernels; eager calls skip the dispatch.
+
+
+@torch.library.custom_op("diffusers_sla::rest_mass_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor, rest: torch.Tensor,
+            scale: float, blkq: int, block_n: int, dot_precision: str) -> torch.Tensor:
+    return forward(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
+
+
+@_fwd_op.register_fake
+def _(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision):
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("diffusers_sla::rest_mass_bwd", mutates_args=())
+def _bwd_op(g: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor,
+            rest: torch.Tensor, log_rest: torch.Tensor, scale: float, blkq: int, block_n: int, dot_precision: str,
+            need_dq: bool, need_moments: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n, dot_precision, need_dq,
+                     need_moments)
+    dq, dmean, dvar = (q.new_empty(0) if x is None else x for x in grads)  # tensors only: empty for "not asked"
+    return dq, dmean, dvar.clone() if need_moments else dvar  # dmean, dvar are views of one sum: outputs may not alias
+
+
+@_bwd_op.register_fake
+def _(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n, dot_precision, need_dq, need_moments):
+    return (torch.empty_like(q) if need_dq else q.new_empty(0),
+            *(torch.empty_like(mean) if need_moments else q.new_empty(0) for _ in range(2)))
+
+
 class _RestLogMass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision):
         mean, var, rest = mean.contiguous(), var.contiguous(), rest.contiguous()
-        log_rest = forward(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
+        args = (q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
+        log_rest = _fwd_op(*args) if torch.compiler.is_compiling() else forward(*args)
         ctx.save_for_backward(q, mean, var, log_count, rest, log_rest)
         ctx.args = (scale, blkq, block_n, dot_precision)
         return log_rest
@@ -115,8 +147,12 @@ class _RestLogMass(torch.autograd.Function):
     def backward(ctx, g):
         q, mean, var, log_count, rest, log_rest = ctx.saved_tensors
         need_q, need_mean, need_var = ctx.needs_input_grad[:3]
-        dq, dmean, dvar = backward(g, q, mean, var, log_count, rest, log_rest, *ctx.args, need_dq=need_q,
-                                   need_moments=need_mean or need_var)
+        args = (g.contiguous(), q, mean, var, log_count, rest, log_rest, *ctx.args, need_q, need_mean or need_var)
+        if torch.compiler.is_compiling():
+            dq, dmean, dvar = (x if x.numel() or not need else None
+                               for x, need in zip(_bwd_op(*args), (need_q, need_mean, need_var)))
+        else:
+            dq, dmean, dvar = backward(*args)
         return dq, dmean, dvar, None, None, None, None, None, None
 
 

@@ -9,6 +9,7 @@ import torch
 
 from diffusers_sla import sparse_linear_attention
 from diffusers_sla.ops import autograd
+from diffusers_sla.ops import fusion as fusion_ops
 from diffusers_sla.ops.autograd import sla_triton_with_lut
 from diffusers_sla.ops.reference import sla_reference
 from diffusers_sla.ops.selection import select_blocks
@@ -118,3 +119,63 @@ def test_default_fusion_runs_the_sla_kernels(device, monkeypatch):
     out = sparse_linear_attention(x, x, x, torch.eye(16, device=device), torch.zeros(16, device=device), topk=0.5,
                                   blkq=32, blkk=32, backend="triton")
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fusion", ["mass", "ratio"])
+def test_fusion_compiles_to_one_graph(fusion, device):
+    """torch.compile(fullgraph=True) through the fused path: the rest-mass kernels and the attention kernels are
+    opaque ops (no graph break), with eager's output and gradients; opcheck of the rest-mass ops' fakes."""
+    from diffusers_sla.ops import rest_mass
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g).to(device) for _ in range(3))
+    w, b = (torch.randn(16, 16, generator=g) / 4).to(device), (torch.randn(16, generator=g) * 0.1).to(device)
+    u, c = (torch.randn(16, generator=g) * 0.3).to(device), torch.tensor([0.5], device=device)
+    gate = dict(ratio_weight=u, ratio_bias=c) if fusion == "ratio" else {}
+
+    def layer(q, k, v, w, b):
+        return autograd.sla_triton(q, k, v, w, b, topk=0.4, blkq=32, blkk=32, feature_map="softmax",
+                                   linear_scope="rest", fusion=fusion, **gate)
+
+    results = []
+    for fn in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, w, b)]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        results.append([out] + [x.grad for x in leaves])
+    for name, a, e in zip(("o", "q", "k", "v", "w", "b"), *results):
+        assert rel_err(a, e) <= 1e-5, f"{name}: {rel_err(a, e):.2e}"
+    if fusion == "mass":
+        mean, var, log_count = fusion_ops.key_block_moments(k, 32)
+        rest = fusion_ops.rest_blocks(select_blocks(q, k, 0.4, 32, 32), mean.shape[2])
+        args = (q, mean, var, log_count, rest, 0.25, 32, 32, "ieee")
+        torch.library.opcheck(torch.ops.diffusers_sla.rest_mass_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        log_rest = rest_mass.forward(*args)
+        bwd_args = (torch.randn_like(log_rest), q, mean, var, log_count, rest, log_rest, *args[5:], True, True)
+        torch.library.opcheck(torch.ops.diffusers_sla.rest_mass_bwd.default, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@require_cuda
+@pytest.mark.parametrize("fusion", ["mass", "ratio"])
+def test_gpu_fusion_under_torch_compile(fusion):
+    """torch.compile of a fused layer (what `transformer.compile()` does) gives eager's output and gradients."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 1000, 64, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w, b = torch.randn(64, 64, generator=g, device="cuda") / 8, torch.randn(64, generator=g, device="cuda") * 0.1
+    gate = dict(ratio_weight=torch.randn(64, generator=g, device="cuda") / 8, ratio_bias=torch.ones(1, device="cuda"))
+
+    def layer(q, k, v, w, b):
+        return sparse_linear_attention(q, k, v, w, b, topk=0.2, blkq=64, blkk=64, fusion=fusion,
+                                       **(gate if fusion == "ratio" else {}))
+
+    results = []
+    for fn in (layer, torch.compile(layer)):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, w, b)]
+        out = fn(*leaves)
+        out.float().square().sum().backward()
+        results.append([out.float()] + [x.grad.float() for x in leaves])
+    for name, a, e in zip(("o", "q", "k", "v", "w", "b"), *results):
+        assert rel_err(a, e) <= 1e-2, f"{name}: {rel_err(a, e):.2e}"
