@@ -18,6 +18,7 @@ hides behind its GPU work.)
     python -m benchmarks.e2e_wan                  # the full table
     python -m benchmarks.e2e_wan --frames 21 --topk 0.05 0.1 --skip-train
     python -m benchmarks.e2e_wan --compile        # also the forward with torch.compile, every variant
+    python -m benchmarks.e2e_wan --topk 0.05 --fusion sla mass    # SLA's sum and fusion "mass" (docs/fusion.md)
     python -m benchmarks.e2e_wan --frames 3 --cuda-graph --skip-train   # a short sequence, replayed from a CUDA graph
 
 `--compile` adds a second table (forward and train step) in which each of the 30 transformer blocks runs through
@@ -213,6 +214,8 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode for --compile (reduce-overhead: CUDA graphs, for short sequences)")
+    parser.add_argument("--fusion", nargs="+", default=["sla"], choices=["sla", "mass", "ratio"],
+                        help="SLAConfig.fusion of the SLA rows: one row per topk and fusion")
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -255,21 +258,24 @@ def main() -> None:
         print(f"  {name}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
               f"; attention kernels: {kernels}", flush=True)
 
+    # (row label, config): one SLA row per topk and fusion; SLA's own sum keeps its label
+    variants = [(f"SLA topk={topk}" + ("" if fusion == "sla" else f" fusion={fusion}"),
+                 SLAConfig(topk=topk, blkq=args.blkq, blkk=args.blkk, fusion=fusion))
+                for topk in args.topk for fusion in args.fusion]
     densities = {}
-    for topk in args.topk:
-        config = SLAConfig(topk=topk, blkq=args.blkq, blkk=args.blkk)
+    for label, config in variants:
         enable_sla(model, config)
         fwd = cuda_time_ms(forward, args.warmup, args.repeat)
         model.enable_gradient_checkpointing()
         train = None if args.skip_train else cuda_time_ms(train_step, 1, max(2, args.repeat // 2))
         model.disable_gradient_checkpointing()
         summary = sla_summary(model)
-        densities[topk] = summary
+        densities[label] = summary
         kernels = attention_kernels(forward)
-        inmodel[f"SLA topk={topk}"] = safe_profile(forward, f"SLA topk={topk}")
+        inmodel[label] = safe_profile(forward, label)
         disable_sla(model)
-        rows.append((f"SLA topk={topk}", fwd, train))
-        print(f"  SLA topk={topk}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
+        rows.append((label, fwd, train))
+        print(f"  {label}: forward {fwd:.1f} ms" + (f", train step {train:.1f} ms" if train else "") +
               f"; attention kernels: {kernels}", flush=True)
 
     graphed = {}  # name -> forward ms replayed from one CUDA graph
@@ -292,9 +298,9 @@ def main() -> None:
         for name, backend in DENSE_BACKENDS.items():
             with sdpa_kernel(backend):
                 graphed[name] = graphed_forward_ms(name)
-        for topk in args.topk:
-            enable_sla(model, SLAConfig(topk=topk, blkq=args.blkq, blkk=args.blkk))
-            graphed[f"SLA topk={topk}"] = graphed_forward_ms(f"SLA topk={topk}")
+        for label, config in variants:
+            enable_sla(model, config)
+            graphed[label] = graphed_forward_ms(label)
             disable_sla(model)
 
     compiled = {}  # name -> (forward ms, train step ms or None) with compiled blocks
@@ -331,9 +337,9 @@ def main() -> None:
             model.set_attention_backend(diffusers_backend)
             compiled[name] = compiled_forward_ms(name)
             model.reset_attention_backend()
-        for topk in args.topk:
-            enable_sla(model, SLAConfig(topk=topk, blkq=args.blkq, blkk=args.blkk))
-            compiled[f"SLA topk={topk}"] = compiled_forward_ms(f"SLA topk={topk}")
+        for label, config in variants:
+            enable_sla(model, config)
+            compiled[label] = compiled_forward_ms(label)
             disable_sla(model)
 
     fastest_dense_fwd = min(fwd for name, fwd, _ in rows if name in DENSE_BACKENDS)
@@ -373,8 +379,8 @@ def main() -> None:
             print(f"| {name} | {fwd:.1f} | {fastest / fwd:.2f}x | {train_cells} |")
         print()
         print("\n".join(inmodel_lines(compiled_inmodel, " (compiled)")))
-    for topk, summary in densities.items():
-        print(f"SLA topk={topk}: measured density {summary.mean_density:.3f} over the self-attention layers")
+    for label, summary in densities.items():
+        print(f"{label}: measured density {summary.mean_density:.3f} over the self-attention layers")
 
 
 if __name__ == "__main__":

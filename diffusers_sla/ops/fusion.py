@@ -104,7 +104,8 @@ def rest_log_mass(q, k, lut, blkq, blkk, scale, use_kernels=None):
     if use_kernels is None:
         use_kernels = rest_mass_kernels_run(q, blkq)
     if use_kernels:
-        return load_on_first_use("diffusers_sla.ops.rest_mass:rest_log_mass")(q, mean.float(), var.float(), log_count.float(), rest, scale, blkq)
+        kernels = load_on_first_use("diffusers_sla.ops.rest_mass:rest_log_mass")
+        return kernels(q, mean.float(), var.float(), log_count.float(), rest, scale, blkq)
     n_q = rest.shape[2]
     q_blocks = pad_to_blocks(q.to(mean.dtype), blkq)
     chunk = max(1, SCORE_ELEMENTS_PER_CHUNK // (B * H * blkq * mean.shape[2]))

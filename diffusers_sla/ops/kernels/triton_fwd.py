@@ -66,7 +66,8 @@ configs = autotune_configs(tuning.FWD_AUTOTUNE_WARPS, tuning.FWD_AUTOTUNE_STAGES
 
 
 @triton.autotune(configs, key=["N_CTX_Q", "N_CTX_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "SPLIT", "KEPT", "REST",
-                               "FEATURE_MAP", "STORE_BWD", "MIX"], prune_configs_by={"early_config_prune": prune_configs})
+                               "FEATURE_MAP", "STORE_BWD", "MIX"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def attn_fwd(Q, K, V, LUT, Out, M, Den, OL, RB, ZB, HT, ZT, W, Bias, Gate,  #
               stride_qz, stride_qh, stride_qm, stride_qk,  #
