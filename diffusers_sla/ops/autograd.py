@@ -82,13 +82,13 @@ class _SLATriton(torch.autograd.Function):
         o, lse, den, o_l, rb, zb, ht, zt = outs
         if store_bwd:
             ctx.save_for_backward(q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, gate)
-            ctx.args = (scale, feature_map, linear_scope, blkq, blkk, dot_precision, gate, gate_lse)
+            ctx.args = (scale, feature_map, linear_scope, blkq, blkk, dot_precision, gate_lse)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, gate = ctx.saved_tensors
-        *args, _, gate_lse = ctx.args
+        *args, gate_lse = ctx.args
         dq, dk, dv, dw, db, dgate = custom_ops.backward(
             do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut, *args, gate,
             gate_lse)
