@@ -18,7 +18,7 @@ step() {  # NAME LIMIT_S COMMAND...: one step's log in $OUT/NAME.txt, its status
     > $OUT/summary.txt 2>&1
 step fusion-tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fusion_kernels.py \
     tests/kernels/test_rest_mass_kernels.py
+step bench 170 python3 -m benchmarks.kernel bench --out $OUT/bench
 step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gluon_fwd.py tests/test_gluon_bwd.py \
     tests/kernels
-step bench 170 python3 -m benchmarks.kernel bench --out $OUT/bench
 cat $OUT/summary.txt
