@@ -108,7 +108,7 @@ def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=No
 
 @torch.library.custom_op("diffusers_sla::rest_mass_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor, rest: torch.Tensor,
-            scale: float, blkq: int, block_n: int, dot_precision: str) -> torch.Tensor:
+            scale: float, blkq: int, block_n: int, dot_precision: str | None) -> torch.Tensor:
     return forward(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
 
 
@@ -119,8 +119,8 @@ def _(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision):
 
 @torch.library.custom_op("diffusers_sla::rest_mass_bwd", mutates_args=())
 def _bwd_op(g: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor,
-            rest: torch.Tensor, log_rest: torch.Tensor, scale: float, blkq: int, block_n: int, dot_precision: str,
-            need_dq: bool, need_moments: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            rest: torch.Tensor, log_rest: torch.Tensor, scale: float, blkq: int, block_n: int,
+            dot_precision: str | None, need_dq: bool, need_moments: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n, dot_precision, need_dq,
                      need_moments)
     dq, dmean, dvar = (q.new_empty(0) if x is None else x for x in grads)  # tensors only: empty for "not asked"
@@ -160,5 +160,7 @@ def rest_log_mass(q, mean, var, log_count, rest, scale, blkq, *, block_n=None, d
     """log Zhat_rest (B, H, Lq) float32 on the kernels, differentiable in q, mean and var (`fusion.rest_log_mass`
     holds the definition and the PyTorch reference). `kernels.NO_MASS` where a query block left no key block."""
     _check(q, mean, var, log_count, rest, blkq)
-    block_n, dot_precision = block_n or tuning.REST_MASS_BLOCK_N, dot_precision or dot_precision_default()
-    return _RestLogMass.apply(q, mean, var, log_count, rest, float(scale), blkq, block_n, dot_precision)
+    # dot_precision None: `forward` / `backward` pick the default where they run (asking the driver which device
+    # that is cannot be traced by torch.compile)
+    return _RestLogMass.apply(q, mean, var, log_count, rest, float(scale), blkq, block_n or tuning.REST_MASS_BLOCK_N,
+                              dot_precision)

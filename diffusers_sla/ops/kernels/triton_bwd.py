@@ -124,13 +124,16 @@ def proj_grad(DO, OL, DWP, DBP, M, Gate,  #
                      offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=mask, other=0.0)
         row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
         ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0)
-        if MIX:
+        if MIX:  # db from the float32 share; dW's operand rounded to dO's dtype, as dO itself is
             logit = tl.load(Gate + row, mask=m_ok, other=0.0)
             if GATE_LSE:
                 logit += tl.load(M + row, mask=m_ok, other=0.0) * 0.6931471805599453
-            do = ((1.0 - tl.sigmoid(logit))[:, None] * do.to(tl.float32)).to(do.dtype)
-        dw = tl.dot(tl.trans(do), ol.to(do.dtype), dw, input_precision=DOT_PREC)
-        db += tl.sum(do.to(tl.float32), 0)
+            share = (1.0 - tl.sigmoid(logit))[:, None] * do.to(tl.float32)
+            dw = tl.dot(tl.trans(share.to(do.dtype)), ol.to(do.dtype), dw, input_precision=DOT_PREC)
+            db += tl.sum(share, 0)
+        else:
+            dw = tl.dot(tl.trans(do), ol.to(do.dtype), dw, input_precision=DOT_PREC)
+            db += tl.sum(do.to(tl.float32), 0)
     tl.store(DWP + split * BLOCK_D * BLOCK_D + offs_k[:, None] * BLOCK_D + offs_k[None, :], dw)
     tl.store(DBP + split * BLOCK_D + offs_k, db)
 
