@@ -3,7 +3,7 @@
 
     python -m benchmarks.lab.offline_compile            # forward, dK/dV and dQ kernels at the Wan layer shape
     python -m benchmarks.lab.offline_compile fwd --scope all --store-bwd
-    python -m benchmarks.lab.offline_compile fwd --mix          # fusion "mass"'s epilogue mix
+    python -m benchmarks.lab.offline_compile fwd pre --mix      # fusion "mass"'s epilogue mix and its backward
     python -m benchmarks.lab.offline_compile --scope none  # the sparse part alone: no linear epilogue, no bias
     python -m benchmarks.lab.offline_compile --triton-version 3.6.0 3.7.1 3.8.0 3.9.0   # one table, each release
     python -m benchmarks.lab.offline_compile rest       # fusion "mass"'s rest-mass kernels (Triton, not Gluon)
@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 # the kernels this compiles, by the name the command line takes; without names, the Hopper ones (DEFAULT)
-KERNELS = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ", "rest": "fusion mass rest estimate"}
+KERNELS = {"fwd": "forward", "dkdv": "backward dK/dV", "dq": "backward dQ", "rest": "fusion mass rest estimate",
+           "pre": "backward preprocess (portable, every GPU)"}
 DEFAULT = ("fwd", "dkdv", "dq")
 # ptxas's advisory when it serialises a kernel's wgmma products; the code (C7511, C7514, ...) names the reason
 _SERIALISED = re.compile(r"\((C\d+)\) Potential Performance Loss: wgmma\.mma_async instructions are serialized")
@@ -197,7 +198,24 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25, mi
                  (q, k, v, do, dk, dv, lse, delta, col_q, col_off, col_cnt, dh, dz, scale, n_q, n_k, kept), common),
         "dq": (gluon_bwd.launch_dq, (q, k, v, do, dq, lut, lse, delta, dn, dd, r, z, scale, n_q, kept), common),
         "rest": (_rest_mass_launches, (*moments, lse, delta, scale, blkq), {}),
+        "pre": (_preprocess_launch, (o, do, o_l if store_bwd else t(B, H, L, D), den, q, w, b, delta, dd, dn, r, z,
+                                     lse, t(B, H, L, dtype=f32), t(B, H, L, D), t(B, H, L, dtype=f32)),
+                dict(n_q=n_q, blkq=blkq, linear=linear, mix=mix)),
     }
+
+
+def _preprocess_launch(o, do, o_l, den, q, w, b, delta, dd, dn, drb, dzb, lse, gate, dos, dgate, n_q, blkq, linear,
+                       mix):
+    # as `backward.sla_bwd` launches it (the Wan shape's block: 128 rows, wide warps)
+    from diffusers_sla.ops import tuning
+    from diffusers_sla.ops.kernels.triton_bwd import attn_bwd_preprocess
+
+    B, H, L, D = q.shape
+    attn_bwd_preprocess[(n_q, B * H)](
+        o, do, o_l, den, q, w, b, delta, dd, dn, drb, dzb, lse, gate, dos, dgate,
+        *o.stride(), *do.stride(), *q.stride(), H, L, n_q,
+        HEAD_DIM=D, BLOCK_D=D, BLOCK_M=blkq, HAS_LINEAR=linear, HAS_PROJ=linear, FEATURE_MAP=0, DOT_PREC="tf32",
+        PROJ_PREC="tf32", MIX=mix, GATE_LSE=mix, num_warps=tuning.PREPROCESS_WIDE_WARPS, num_stages=1)
 
 
 def _rest_mass_launches(q, mean, var, log_count, rest, log_rest, g, scale, blkq):

@@ -65,24 +65,28 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB, M, 
         # dO is 16-bit for 16-bit inputs: the product runs there on 16-bit tensor cores with W rounded to dO's
         # dtype (faster, error unchanged at bf16 noise); float32 inputs keep float32 operands and PROJ_PREC
         g = tl.dot(do_in, w.to(do_in.dtype), input_precision=PROJ_PREC)
-        gol = tl.sum(g * ol, 1)
         if MIX:  # the module docstring's mix: dO_s, delta, d gate, and g for o_l
             logit = tl.load(Gate + row, mask=m_ok, other=0.0)
             if GATE_LSE:
                 logit += tl.load(M + row, mask=m_ok, other=0.0) * 0.6931471805599453
             mix = tl.sigmoid(logit)
-            bias = tl.load(Bias + offs_k, mask=d_ok, other=0.0)
-            do_lin = tl.sum(do * ol, 1) + gol + tl.sum(do * bias[None, :], 1)  # rowsum(dO * L)
+            tl.store(DOS + row[:, None] * HEAD_DIM + offs_k[None, :], (mix[:, None] * do).to(DOS.dtype.element_ty),
+                     mask=mask)
+            do_bias = tl.sum(do * tl.load(Bias + offs_k, mask=d_ok, other=0.0)[None, :], 1)
+            # dO (I + W): what reaches o_l + o_l W^T; dO's tile is not needed past here (fewer live tiles: the
+            # preprocess of a 128-row block runs at the 128-register cap)
+            g += do
+            g_ol = tl.sum(g * ol, 1)
+            do_lin = g_ol + do_bias  # rowsum(dO * L)
             delta -= (1.0 - mix) * do_lin
             dgate = (1.0 - mix) * (delta - mix * do_lin)
             tl.store(DGate + row, dgate, mask=m_ok)
             if GATE_LSE:
                 delta -= dgate
-            tl.store(DOS + row[:, None] * HEAD_DIM + offs_k[None, :], (mix[:, None] * do).to(DOS.dtype.element_ty),
-                     mask=mask)
-            g = (1.0 - mix)[:, None] * (do + g)
-            gol = tl.sum(g * ol, 1)
+            g = (1.0 - mix)[:, None] * g
+            gol = (1.0 - mix) * g_ol
         else:
+            gol = tl.sum(g * ol, 1)
             delta -= gol
         dn = g / den[:, None]
         dd = -gol / den
