@@ -33,6 +33,15 @@ from .common import autotune_configs, feature_map, feature_map_bwd, head_base, p
 
 
 @triton.jit
+def _mix_weight(Gate, M, row, m_ok, GATE_LSE: tl.constexpr):
+    # the forward's w = sigmoid(gate (+ ln Z_sel)), from the gate and the saved lse (log2 Z_sel)
+    logit = tl.load(Gate + row, mask=m_ok, other=0.0)
+    if GATE_LSE:
+        logit += tl.load(M + row, mask=m_ok, other=0.0) * 0.6931471805599453
+    return tl.sigmoid(logit)
+
+
+@triton.jit
 def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB, M, Gate, DOS, DGate,  #
                          stride_oz, stride_oh, stride_om, stride_ok,  #
                          stride_doz, stride_doh, stride_dom, stride_dok,  #
@@ -66,10 +75,7 @@ def attn_bwd_preprocess(O, DO, OL, Den, Q, W, Bias, Delta, DD, DN, DRB, DZB, M, 
         # dtype (faster, error unchanged at bf16 noise); float32 inputs keep float32 operands and PROJ_PREC
         g = tl.dot(do_in, w.to(do_in.dtype), input_precision=PROJ_PREC)
         if MIX:  # the module docstring's mix: dO_s, delta, d gate, and g for o_l
-            logit = tl.load(Gate + row, mask=m_ok, other=0.0)
-            if GATE_LSE:
-                logit += tl.load(M + row, mask=m_ok, other=0.0) * 0.6931471805599453
-            mix = tl.sigmoid(logit)
+            mix = _mix_weight(Gate, M, row, m_ok, GATE_LSE)
             tl.store(DOS + row[:, None] * HEAD_DIM + offs_k[None, :], (mix[:, None] * do).to(DOS.dtype.element_ty),
                      mask=mask)
             do_bias = tl.sum(do * tl.load(Bias + offs_k, mask=d_ok, other=0.0)[None, :], 1)
@@ -129,10 +135,7 @@ def proj_grad(DO, OL, DWP, DBP, M, Gate,  #
         row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
         ol = tl.load(OL + row[:, None] * HEAD_DIM + offs_k[None, :], mask=mask, other=0.0)
         if MIX:  # db from the float32 share; dW's operand rounded to dO's dtype, as dO itself is
-            logit = tl.load(Gate + row, mask=m_ok, other=0.0)
-            if GATE_LSE:
-                logit += tl.load(M + row, mask=m_ok, other=0.0) * 0.6931471805599453
-            share = (1.0 - tl.sigmoid(logit))[:, None] * do.to(tl.float32)
+            share = (1.0 - _mix_weight(Gate, M, row, m_ok, GATE_LSE))[:, None] * do.to(tl.float32)
             dw = tl.dot(tl.trans(share.to(do.dtype)), ol.to(do.dtype), dw, input_precision=DOT_PREC)
             db += tl.sum(share, 0)
         else:
