@@ -70,7 +70,7 @@ def _(do, q, k, v, proj_weight, proj_bias, o, lse, den, o_l, rb, zb, ht, zt, lut
             torch.empty(q.shape[:3] if gate is not None else (0,), **f32))
 
 
-def _eager_or_op(op, impl, name):
+def eager_or_op(op, impl, name):
     """`op` while torch.compile traces (an opaque node, no graph break); `impl` itself in eager mode, which skips the
     torch.library dispatch and its host time."""
 
@@ -86,9 +86,9 @@ def _eager_or_op(op, impl, name):
 
 
 # What `autograd.py` calls.
-select_blocks_fused = _eager_or_op(fast_select_blocks, select_blocks_triton, "fast_select_blocks")
-forward = _eager_or_op(sla_fwd, _forward_stage.sla_fwd, "sla_fwd")
-backward = _eager_or_op(sla_bwd, _backward_stage.sla_bwd, "sla_bwd")
+select_blocks_fused = eager_or_op(fast_select_blocks, select_blocks_triton, "fast_select_blocks")
+forward = eager_or_op(sla_fwd, _forward_stage.sla_fwd, "sla_fwd")
+backward = eager_or_op(sla_bwd, _backward_stage.sla_bwd, "sla_bwd")
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,6 +13,7 @@ import triton
 
 from . import tuning
 from .buffers import split
+from .custom_ops import eager_or_op
 from .fusion import REST_MASS_KERNEL_MAX_HEAD_DIM as MAX_HEAD_DIM
 from .kernels import rest_mass as kernels
 from .kernels.common import is_cuda
@@ -63,7 +64,8 @@ def _args(q, blkq, block_n, dot_precision, kernel):
     return consts, launch
 
 
-def forward(q, mean, var, log_count, rest, scale, blkq, block_n=None, dot_precision=None):
+def forward(q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor, rest: torch.Tensor,
+            scale: float, blkq: int, block_n: int | None = None, dot_precision: str | None = None) -> torch.Tensor:
     """log_rest (B, H, Lq) float32. q (B, H, Lq, D) any float dtype and strides; mean, var (B, H, n_k, D) float32;
     log_count (n_k,) float32; rest (B, H, n_q, n_k) bool (True: the key block counts for that query block)."""
     B, H, Lq, _ = q.shape
@@ -76,16 +78,19 @@ def forward(q, mean, var, log_count, rest, scale, blkq, block_n=None, dot_precis
     return out
 
 
-def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=None, dot_precision=None,
-             need_dq=True, need_moments=True):
-    """Gradients of sum(g * log_rest) -> dq (q's dtype), dmean, dvar (float32); None for those not asked for."""
+def backward(g: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor,
+             rest: torch.Tensor, log_rest: torch.Tensor, scale: float, blkq: int, block_n: int | None = None,
+             dot_precision: str | None = None, need_dq: bool = True, need_moments: bool = True,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum(g * log_rest) -> dq (q's dtype), dmean, dvar (float32); empty for those not asked for (an
+    op returns tensors)."""
     B, H, Lq, D = q.shape
     n_q, n_k = rest.shape[2], rest.shape[3]
     block_n = block_n or tuning.REST_MASS_BLOCK_N
     consts, launch = _args(q, blkq, block_n, dot_precision or dot_precision_default(), "bwd")
     g = g.to(torch.float32).contiguous()
     common = (*q.stride(), H, Lq, n_q, n_k)
-    dq = dmean = dvar = None
+    dq = dmean = dvar = q.new_empty(0)
     if need_dq:
         dq = torch.empty(B, H, Lq, D, device=q.device, dtype=torch.float32)
         kernels.rest_mass_dq[(triton.cdiv(Lq, consts["BLOCK_M"]), B * H)](
@@ -98,47 +103,37 @@ def backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=No
         kernels.rest_mass_dmoments[(n_chunks * n_split, B * H)](
             q, mean, var, log_count, rest, log_rest, g, parts[0], parts[1], *common, n_split, float(scale),
             **consts, **launch)
-        dmean, dvar = parts.sum(1).unbind(0)
+        dmean, dvar = parts[0].sum(0), parts[1].sum(0)  # two tensors: an op's outputs may not alias
     return dq, dmean, dvar
 
 
 # `torch.library` ops, opaque to torch.compile (no graph break; Dynamo cannot trace a Triton launch inside an
-# autograd.Function), as `custom_ops.py` does for the attention kernels; eager calls skip the dispatch.
-
-
-@torch.library.custom_op("diffusers_sla::rest_mass_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor, rest: torch.Tensor,
-            scale: float, blkq: int, block_n: int, dot_precision: str | None) -> torch.Tensor:
-    return forward(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
+# autograd.Function), called as `custom_ops.py` calls the attention kernels' ops: eager calls skip the dispatch.
+_fwd_op = torch.library.custom_op("diffusers_sla::rest_mass_fwd", mutates_args=())(forward)
+_bwd_op = torch.library.custom_op("diffusers_sla::rest_mass_bwd", mutates_args=())(backward)
 
 
 @_fwd_op.register_fake
-def _(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision):
+def _(q, mean, var, log_count, rest, scale, blkq, block_n=None, dot_precision=None):
     return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("diffusers_sla::rest_mass_bwd", mutates_args=())
-def _bwd_op(g: torch.Tensor, q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor,
-            rest: torch.Tensor, log_rest: torch.Tensor, scale: float, blkq: int, block_n: int,
-            dot_precision: str | None, need_dq: bool, need_moments: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = backward(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n, dot_precision, need_dq,
-                     need_moments)
-    dq, dmean, dvar = (q.new_empty(0) if x is None else x for x in grads)  # tensors only: empty for "not asked"
-    return dq, dmean, dvar.clone() if need_moments else dvar  # dmean, dvar are views of one sum: outputs may not alias
-
-
 @_bwd_op.register_fake
-def _(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n, dot_precision, need_dq, need_moments):
+def _(g, q, mean, var, log_count, rest, log_rest, scale, blkq, block_n=None, dot_precision=None, need_dq=True,
+      need_moments=True):
     return (torch.empty_like(q) if need_dq else q.new_empty(0),
             *(torch.empty_like(mean) if need_moments else q.new_empty(0) for _ in range(2)))
+
+
+run_forward = eager_or_op(_fwd_op, forward, "rest_mass_fwd")
+run_backward = eager_or_op(_bwd_op, backward, "rest_mass_bwd")
 
 
 class _RestLogMass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision):
         mean, var, rest = mean.contiguous(), var.contiguous(), rest.contiguous()
-        args = (q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
-        log_rest = _fwd_op(*args) if torch.compiler.is_compiling() else forward(*args)
+        log_rest = run_forward(q, mean, var, log_count, rest, scale, blkq, block_n, dot_precision)
         ctx.save_for_backward(q, mean, var, log_count, rest, log_rest)
         ctx.args = (scale, blkq, block_n, dot_precision)
         return log_rest
@@ -146,14 +141,10 @@ class _RestLogMass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, mean, var, log_count, rest, log_rest = ctx.saved_tensors
-        need_q, need_mean, need_var = ctx.needs_input_grad[:3]
-        args = (g.contiguous(), q, mean, var, log_count, rest, log_rest, *ctx.args, need_q, need_mean or need_var)
-        if torch.compiler.is_compiling():
-            dq, dmean, dvar = (x if x.numel() or not need else None
-                               for x, need in zip(_bwd_op(*args), (need_q, need_mean, need_var)))
-        else:
-            dq, dmean, dvar = backward(*args)
-        return dq, dmean, dvar, None, None, None, None, None, None
+        needs = ctx.needs_input_grad[:3]
+        grads = run_backward(g.contiguous(), q, mean, var, log_count, rest, log_rest, *ctx.args, needs[0],
+                             needs[1] or needs[2])
+        return (*(x if need else None for x, need in zip(grads, needs)), None, None, None, None, None, None)
 
 
 def rest_log_mass(q, mean, var, log_count, rest, scale, blkq, *, block_n=None, dot_precision=None):

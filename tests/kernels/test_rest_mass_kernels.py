@@ -133,8 +133,8 @@ def test_rest_log_mass_dispatches_to_the_kernels_here(device, monkeypatch):
     """Where the kernels run (this folder's sessions), `fusion.rest_log_mass` takes them for float32 and float16, and
     keeps float64 on the PyTorch path."""
     calls = []
-    launch = rest_mass.forward
-    monkeypatch.setattr(rest_mass, "forward", lambda *a, **kw: calls.append(a[0].dtype) or launch(*a, **kw))
+    launch = rest_mass.run_forward
+    monkeypatch.setattr(rest_mass, "run_forward", lambda *a, **kw: calls.append(a[0].dtype) or launch(*a, **kw))
     q, k = _inputs(device, torch.float32, 1, 1, 64, 64, 16)
     lut = select_blocks(q, k, 0.5, 32, 32)
     for dtype in (torch.float32, torch.float16, torch.float64):
@@ -166,8 +166,8 @@ def test_mass_operator_on_triton_matches_float64_pytorch_with_the_kernels(device
     """`sla_triton_with_lut(..., fusion="mass")` in float32, its rest mass on the kernels (counted), against the
     PyTorch operator in float64 (whose rest mass stays on the PyTorch path): output and the q, k, v gradients."""
     calls = []
-    launch = rest_mass.forward
-    monkeypatch.setattr(rest_mass, "forward", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    launch = rest_mass.run_forward
+    monkeypatch.setattr(rest_mass, "run_forward", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     g = torch.Generator().manual_seed(5)
     D, blk, topk = 16, 32, 0.3
     q, k, v = (torch.randn(1, 2, L, D, generator=g).to(device) for L in (130, 110, 110))
