@@ -206,16 +206,11 @@ def wan_launches(scope: str, store_bwd: bool, L: int = 32760, kept: int = 25, mi
 
 def _preprocess_launch(o, do, o_l, den, q, w, b, delta, dd, dn, drb, dzb, lse, gate, dos, dgate, n_q, blkq, linear,
                        mix):
-    # as `backward.sla_bwd` launches it (the Wan shape's block: 128 rows, wide warps)
-    from diffusers_sla.ops import tuning
-    from diffusers_sla.ops.kernels.triton_bwd import attn_bwd_preprocess
+    from diffusers_sla.ops.backward import launch_preprocess
 
-    B, H, L, D = q.shape
-    attn_bwd_preprocess[(n_q, B * H)](
-        o, do, o_l, den, q, w, b, delta, dd, dn, drb, dzb, lse, gate, dos, dgate,
-        *o.stride(), *do.stride(), *q.stride(), H, L, n_q,
-        HEAD_DIM=D, BLOCK_D=D, BLOCK_M=blkq, HAS_LINEAR=linear, HAS_PROJ=linear, FEATURE_MAP=0, DOT_PREC="tf32",
-        PROJ_PREC="tf32", MIX=mix, GATE_LSE=mix, num_warps=tuning.PREPROCESS_WIDE_WARPS, num_stages=1)
+    launch_preprocess(o, do, o_l, den, q, w, b, lse, delta, dd, dn, drb, dzb, n_qblk=n_q, blkq=blkq,
+                      block_d=q.shape[-1], has_linear=linear, proj=linear, fm=0, dot_precision="tf32",
+                      gate=gate if mix else None, gate_lse=mix, dos=dos, dgate=dgate)
 
 
 def _rest_mass_launches(q, mean, var, log_count, rest, log_rest, g, scale, blkq):

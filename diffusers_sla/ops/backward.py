@@ -32,6 +32,28 @@ def column_lut(lut: torch.Tensor, n_kblk: int):
     return col_q.contiguous(), edges[:, :-1].contiguous(), (edges[:, 1:] - edges[:, :-1]).contiguous()
 
 
+def _warps(block_d: int, blkq: int) -> int:
+    return 4 if block_d <= 64 and blkq <= 64 else 8
+
+
+def launch_preprocess(o, do, o_l, den, q, proj_weight, proj_bias, lse, delta, dd, dn, drb, dzb, *, n_qblk, blkq,
+                      block_d, has_linear, proj, fm, dot_precision, gate=None, gate_lse=False, dos=None, dgate=None):
+    """`triton_bwd.attn_bwd_preprocess` as `sla_bwd` launches it (one home, so that the offline compile builds the same
+    launch). With a gate (a fusion's mix) it also writes dos (dO_s) and dgate."""
+    B, H, Lq, D = q.shape
+    mix = gate is not None
+    if not mix:
+        gate, dos, dgate = lse, do, delta  # unread stand-ins
+    attn_bwd_preprocess[(n_qblk, B * H)](
+        o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb, lse, gate, dos, dgate,
+        *strides(o), *strides(do), *strides(q), H, Lq, n_qblk,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, HAS_PROJ=proj, FEATURE_MAP=fm,
+        DOT_PREC=dot_precision, PROJ_PREC=proj_precision(dot_precision), MIX=mix, GATE_LSE=gate_lse,
+        num_warps=tuning.PREPROCESS_WIDE_WARPS if block_d * blkq >= 128 * 128 else _warps(block_d, blkq),
+        num_stages=1,
+    )
+
+
 def sla_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
     proj_bias: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, den: torch.Tensor, o_l: torch.Tensor,
@@ -48,7 +70,7 @@ def sla_bwd(
     B, H, Lq, Lk, D, n_qblk, n_kblk, kept, block_d, rest, has_linear, proj = g
     fm = FEATURE_MAPS[feature_map]
     dev = q.device
-    warps = 4 if block_d <= 64 and blkq <= 64 else 8
+    warps = _warps(block_d, blkq)
     stages = 1 if not is_cuda() else 2
 
     # -- preprocess: delta, dN, dd, dR_i, dz_i ----
@@ -66,14 +88,10 @@ def sla_bwd(
         dos = buffers.empty(B, H, Lq, D, device=dev, dtype=do.dtype)
         dgate = buffers.empty(B, H, Lq, device=dev, dtype=torch.float32)
     else:
-        dos, dgate, gate = do, delta.new_empty(0), lse  # unread stand-ins
-    attn_bwd_preprocess[(n_qblk, B * H)](
-        o, do, o_l, den, q, proj_weight, proj_bias, delta, dd, dn, drb, dzb, lse, gate, dos, dgate,
-        *strides(o), *strides(do), *strides(q), H, Lq, n_qblk,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, HAS_LINEAR=has_linear, HAS_PROJ=proj, FEATURE_MAP=fm,
-        DOT_PREC=dot_precision, PROJ_PREC=proj_precision(dot_precision), MIX=mix, GATE_LSE=gate_lse,
-        num_warps=tuning.PREPROCESS_WIDE_WARPS if block_d * blkq >= 128 * 128 else warps, num_stages=1,
-    )
+        dos, dgate = do, delta.new_empty(0)
+    launch_preprocess(o, do, o_l, den, q, proj_weight, proj_bias, lse, delta, dd, dn, drb, dzb, n_qblk=n_qblk,
+                      blkq=blkq, block_d=block_d, has_linear=has_linear, proj=proj, fm=fm,
+                      dot_precision=dot_precision, gate=gate, gate_lse=gate_lse, dos=dos, dgate=dgate)
 
     # -- proj_l gradients: dW = sum dO^T o_l, db = sum dO ----
     if has_linear:
@@ -81,7 +99,7 @@ def sla_bwd(
         dwp = buffers.empty(n_split, block_d, block_d, device=dev, dtype=torch.float32)
         dbp = buffers.empty(n_split, block_d, device=dev, dtype=torch.float32)
         proj_grad[(n_split,)](
-            do, o_l, dwp, dbp, lse, gate, *strides(do), H, Lq, n_qblk, B * H * n_qblk, n_split,
+            do, o_l, dwp, dbp, lse, gate if mix else lse, *strides(do), H, Lq, n_qblk, B * H * n_qblk, n_split,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=blkq, DOT_PREC=dot_precision, MIX=mix, GATE_LSE=gate_lse,
             num_warps=warps, num_stages=stages,
         )
