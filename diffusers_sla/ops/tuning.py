@@ -103,7 +103,7 @@ LINEAR_STATE_STAGES = 0
 # ===== Fusion "mass"'s rest estimate (kernels/rest_mass.py) =====
 
 # tensor-core products: "tf32x3" keeps float32 accuracy (the PyTorch path's values to float32 rounding); "tf32" does a
-# third of the products and moves log_rest by ~1e-4 (benchmarks/kernel.py measures both); "ieee" skips the tensor cores
+# third of the products, at tf32's rounding (docs/kernel-design.md has both measured); "ieee" skips the tensor cores
 REST_MASS_PRECISION = "tf32x3"
 # key blocks per chunk: 64-row query tiles x 32 key blocks keep the tf32x3 forward in an H100's shared memory (sm_90
 # offline compile: 192 KB with 2 stages; 64 blocks need 256 KB)
